@@ -1,0 +1,5 @@
+"""Entry for `python -m cltune` and `accelerate launch -m cltune`."""
+
+from cltune.cli import main
+
+main()

@@ -1,0 +1,205 @@
+"""Run configuration: YAML → typed models (unknown keys rejected) → `--set` overrides → resolved YAML.
+
+Strategy settings live beside each strategy; `run_config_model()` adds one section per
+registered settings class, so `ewc: {lambda: 10}` is validated by the EWC file's own model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+
+from cltune.errors import UserError
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelSettings(Strict):
+    name: str = Field(BUNDLED_MODEL, description="bundled model name, a local HF model directory, or a cached hub id")
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code (off unless you trust it)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training precision; auto = bf16 autocast where the CPU/GPU supports it, else fp32"
+    )
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | None = Field(None, description="module names; default chosen per architecture")
+    include_mlp: bool = Field(False, description="also adapt MLP projections (Llama family)")
+    train_new_tokens: bool = Field(True, description="train the embedding rows of the added speaker/pad tokens")
+
+
+class DataSettings(Strict):
+    speaker_col: str | None = Field(None, description="speaker column; default: detected")
+    text_col: str | None = Field(None, description="text column; default: detected")
+    aliases: dict[str, str] = Field(default_factory=dict, description='speaker aliases, e.g. {"Lex": "Lex Fridman"}')
+    speaker_tokens: dict[str, str] = Field(default_factory=dict, description='token overrides, e.g. {"Lex Fridman": "<LF>"}')
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
+    max_length: int = Field(100, ge=4, description="tokens per utterance, speaker token and end token included")
+    drop_missing: bool = Field(False, description="drop rows with missing text instead of stopping with an error")
+
+    @field_validator("split")
+    @classmethod
+    def _fractions(cls, v):
+        if any(f <= 0 for f in v) or abs(sum(v) - 1) > 1e-6:
+            raise ValueError("split fractions must be positive and sum to 1")
+        return v
+
+
+class TaskSpec(Strict):
+    path: Path = Field(description="CSV or JSONL file, one utterance per row")
+    name: str | None = Field(None, description="task name; default: the file's stem")
+    speaker_col: str | None = None
+    text_col: str | None = None
+
+
+class PhaseSettings(Strict):
+    epochs: float = Field(2, gt=0, description="passes over the phase's training data")
+    max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps (overrides epochs when smaller)")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
+    batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the seed's 2 × 16)")
+    micro_batch_size: int = Field(8, ge=1, description="utterances per forward pass; a speed knob, same math")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    packing: bool = Field(False, description="pack utterances into rows with per-utterance attention and positions")
+    pack_length: int = Field(256, ge=8, description="tokens per packed row")
+    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without val improvement")
+    eval_every: int | None = Field(None, ge=1, description="validate every N steps (default: once per epoch)")
+    save_total_limit: int = Field(1, ge=1, description="step checkpoints kept on disk during a phase")
+
+
+PhaseOverride = create_model(
+    "PhaseOverride",
+    __base__=Strict,
+    **{name: (f.annotation | None, None) for name, f in PhaseSettings.model_fields.items()},
+)
+
+
+class EvalSettings(Strict):
+    attribution: bool = Field(True, description="score speaker attribution on the test split")
+    samples_per_speaker: int = Field(2, ge=0, description="sample generations per speaker after each phase")
+    max_new_tokens: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class BaseRunConfig(Strict):
+    name: str = Field("run", description="run name; outputs go to output_dir/name")
+    seed: int = 0
+    output_dir: Path = Path("checkpoints")
+    strategy: str = Field("ewc_replay", description="continual-learning strategy (see `cltune strategies`)")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    tasks: list[TaskSpec] = Field(min_length=1, description="datasets in the order they are learned")
+    train: PhaseSettings = Field(default_factory=PhaseSettings, description="defaults for every phase")
+    phases: list[PhaseOverride] = Field(default_factory=list, description="per-phase overrides; `phase2.epochs` = phases[1]")  # type: ignore[valid-type]
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+    def phase(self, index: int) -> PhaseSettings:
+        """Settings of phase `index` (0-based): the train defaults with that phase's overrides."""
+        merged = self.train.model_dump()
+        if index < len(self.phases):
+            merged.update({k: v for k, v in self.phases[index].model_dump().items() if v is not None})
+        return PhaseSettings(**merged)
+
+
+def run_config_model() -> type[BaseRunConfig]:
+    """The RunConfig class with one validated section per registered strategy settings model."""
+    from cltune.strategies import SETTINGS
+
+    sections = {name: (cls, Field(default_factory=cls)) for name, cls in SETTINGS.items()}
+    return create_model("RunConfig", __base__=BaseRunConfig, **sections)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    if keys[0].startswith("phase") and keys[0][5:].isdigit():
+        index = int(keys[0][5:]) - 1
+        if index < 0:
+            raise UserError(f"--set {dotted}: phases count from phase1")
+        phases = tree.setdefault("phases", [])
+        while len(phases) <= index:
+            phases.append({})
+        node = phases[index]
+        keys = keys[1:]
+    else:
+        node = tree
+    for key in keys[:-1]:
+        if key.isdigit() and isinstance(node, list):
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise UserError(f"--set {dotted}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set phase2.epochs=2")
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw else None))
+    return parsed
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {where}: {first['msg']}{more}; fix the config or its --set override"
+
+
+def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> BaseRunConfig:
+    tree = dict(raw)
+    for key, value in parse_overrides(overrides or []):
+        _set_path(tree, key, value)
+    try:
+        config = run_config_model().model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_format_error(err, source)) from None
+    from cltune.strategies import REGISTRY
+
+    if config.strategy not in REGISTRY:
+        raise UserError(f"{source}: strategy: unknown {config.strategy!r}; choose one of {', '.join(REGISTRY)}")
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseRunConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found; check the path") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f"line {mark.line + 1}: " if mark else ""
+        raise UserError(f"{path}: {line}invalid YAML; fix the syntax there") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: line 1: expected a mapping of settings at the top level")
+    base = path.parent
+    for task in raw.get("tasks") or []:  # task paths are relative to the config file
+        if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).is_absolute():
+            candidate = base / str(task["path"])
+            task["path"] = str(candidate if candidate.exists() or not Path(str(task["path"])).exists() else task["path"])
+    return build_config(raw, overrides, source=str(path))
+
+
+def dump_config(config: BaseRunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)

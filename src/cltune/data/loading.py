@@ -1,0 +1,208 @@
+"""Read one dialogue file (CSV or JSONL, one utterance per row) into validated utterances.
+
+Unrecoverable problems raise `UserError` with one line naming the file, the line and the fix;
+recoverable ones (blank rows, stray whitespace, BOM, CRLF, quoted newlines) are fixed and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cltune.data.speakers import normalize_speaker
+from cltune.errors import UserError
+
+SPEAKER_COLUMNS = ("speaker", "name", "role", "author")
+TEXT_COLUMNS = ("text", "utterance", "line", "content", "message")
+MISSING_MARKERS = {"nan", "na", "n/a", "null", "none"}
+
+
+@dataclass(frozen=True)
+class Utterance:
+    speaker: str
+    text: str
+    line: int  # 1-based line of the source file where this record starts
+
+
+@dataclass
+class LoadReport:
+    """Counts of the recoverable problems fixed while loading."""
+
+    blank_rows: int = 0
+    trimmed: int = 0
+    multiline: int = 0
+    missing_dropped: int = 0
+    bom: bool = False
+    crlf: bool = False
+
+    def warnings(self) -> list[str]:
+        notes = []
+        if self.blank_rows:
+            notes.append(f"skipped {self.blank_rows} blank row(s)")
+        if self.trimmed:
+            notes.append(f"trimmed stray whitespace in {self.trimmed} text(s)")
+        if self.multiline:
+            notes.append(f"kept {self.multiline} quoted multi-line text(s)")
+        if self.missing_dropped:
+            notes.append(f"dropped {self.missing_dropped} row(s) with missing text")
+        if self.bom:
+            notes.append("removed a UTF-8 byte-order mark")
+        if self.crlf:
+            notes.append("read Windows (CRLF) line endings")
+        return notes
+
+
+@dataclass
+class Dataset:
+    name: str
+    path: Path
+    utterances: list[Utterance]
+    speaker_col: str
+    text_col: str
+    report: LoadReport = field(default_factory=LoadReport)
+
+    @property
+    def speakers(self) -> list[str]:
+        """Speakers in order of first appearance."""
+        return list(dict.fromkeys(u.speaker for u in self.utterances))
+
+
+def _decode(path: Path) -> tuple[str, LoadReport]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; check the path") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a CSV/JSONL file; pass the file itself") from None
+    if not raw.strip():
+        raise UserError(f"{path}: file is empty; it needs a header row and one utterance per row")
+    report = LoadReport(bom=raw.startswith(b"\xef\xbb\xbf"), crlf=b"\r\n" in raw)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        offset = err.start
+        line = raw[:offset].count(b"\n") + 1
+        raise UserError(
+            f"{path}: line {line}: byte 0x{raw[offset]:02x} at offset {offset} is not UTF-8; "
+            "re-save the file with UTF-8 encoding"
+        ) from None
+    return text, report
+
+
+def _pick_column(path: Path, headers: list[str], wanted: str | None, known: tuple[str, ...], role: str, flag: str) -> str:
+    folded = [h.strip().casefold() for h in headers]
+    if wanted is not None:
+        if wanted.strip().casefold() not in folded:
+            raise UserError(f"{path}: line 1: no column named {wanted!r} (columns: {', '.join(headers)}); fix {flag}")
+        return headers[folded.index(wanted.strip().casefold())]
+    hits = [h for h, f in zip(headers, folded) if f in known]
+    if not hits:
+        raise UserError(
+            f"{path}: line 1: no {role} column found among ({', '.join(headers) or 'nothing'}); "
+            f"add a header row with one of {', '.join(known)} or pass {flag}"
+        )
+    if len(hits) > 1:
+        raise UserError(f"{path}: line 1: columns {' and '.join(map(repr, hits))} could each be the {role} column; pass {flag}")
+    return hits[0]
+
+
+def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: str | None) -> tuple[str, str]:
+    folded = [h.strip().casefold() for h in headers]
+    dupes = sorted({h for h in folded if folded.count(h) > 1 and h})
+    if dupes:
+        raise UserError(f"{path}: line 1: duplicate column name(s) {', '.join(dupes)}; rename them so each is unique")
+    speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker", "--speaker-col")
+    text = _pick_column(path, headers, text_col, TEXT_COLUMNS, "text", "--text-col")
+    if speaker == text:
+        raise UserError(f"{path}: line 1: speaker and text are the same column {speaker!r}; pass distinct columns")
+    return speaker, text
+
+
+def _records_csv(path: Path, text: str):
+    reader = csv.reader(io.StringIO(text, newline=""))
+    start, headers = 1, None
+    try:
+        for row in reader:
+            if headers is None:
+                if any(cell.strip() for cell in row):
+                    headers = [c.strip() for c in row]
+                    yield "header", start, headers
+            else:
+                yield "row", start, row
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({err}); check the quoting on that line") from None
+
+
+def _records_jsonl(path: Path, text: str):
+    headers = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            yield "row", number, []
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {number}: invalid JSON ({err.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}: line {number}: expected a JSON object with speaker and text keys")
+        if headers is None:
+            headers = list(obj)
+            yield "header", number, headers
+        yield "row", number, [obj.get(h) for h in headers]
+
+
+def _cell(row: list, index: int) -> str:
+    value = row[index] if index < len(row) else None
+    return "" if value is None else str(value)
+
+
+def load_dialogue(
+    path: str | Path,
+    *,
+    speaker_col: str | None = None,
+    text_col: str | None = None,
+    aliases: dict[str, str] | None = None,
+    drop_missing: bool = False,
+    name: str | None = None,
+) -> Dataset:
+    """Load and validate one dialogue file; `UserError` on anything that cannot be fixed safely."""
+    path = Path(path)
+    text, report = _decode(path)
+    is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
+    records = _records_jsonl(path, text) if is_jsonl else _records_csv(path, text)
+    utterances: list[Utterance] = []
+    s_idx = t_idx = -1
+    s_name = t_name = ""
+    for kind, line, row in records:
+        if kind == "header":
+            s_name, t_name = _columns(path, row, speaker_col, text_col)
+            s_idx, t_idx = row.index(s_name), row.index(t_name)
+            continue
+        if not any(str(c).strip() for c in row if c is not None):
+            report.blank_rows += 1
+            continue
+        speaker = normalize_speaker(_cell(row, s_idx), aliases)
+        raw_text = _cell(row, t_idx)
+        body = raw_text.strip()
+        if not speaker:
+            raise UserError(f"{path}: line {line}: empty speaker in column {s_name!r}; fill it in or delete the row")
+        if not body or body.casefold() in MISSING_MARKERS:
+            if drop_missing:
+                report.missing_dropped += 1
+                continue
+            raise UserError(
+                f"{path}: line {line}: missing text in column {t_name!r}; fill it in, delete the row, "
+                "or set data.drop_missing: true"
+            )
+        report.trimmed += body != raw_text
+        report.multiline += "\n" in body
+        utterances.append(Utterance(speaker, body, line))
+    if s_idx < 0:
+        raise UserError(f"{path}: no header row; add one such as `speaker,text`")
+    if not utterances:
+        raise UserError(f"{path}: no utterance rows after the header; add one row per utterance")
+    return Dataset(name or path.stem, path, utterances, s_name, t_name, report)

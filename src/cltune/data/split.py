@@ -1,0 +1,116 @@
+"""Deterministic, speaker-stratified train/validation/test splits, and the guard that keeps
+test utterances out of training, replay and Fisher estimation."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from enum import Enum
+
+from cltune.data.loading import Dataset
+from cltune.errors import UserError
+
+
+class Split(str, Enum):
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One utterance ready for the model: the speaker token is context, the text is the target."""
+
+    task: int
+    speaker: str
+    token: str
+    text: str
+    split: Split
+    line: int
+
+
+@dataclass
+class TaskData:
+    index: int
+    name: str
+    speakers: list[str]
+    tokens: dict[str, str]
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+
+class TestLeakError(RuntimeError):
+    """Raised when a held-out test utterance reaches code that learns from data."""
+
+
+def require_no_test(examples, where: str) -> list:
+    """Return `examples` as a list, refusing any test-split example: a bug, not a user error."""
+    examples = list(examples)
+    leaked = [e for e in examples if e.split is Split.TEST]
+    if leaked:
+        raise TestLeakError(f"{len(leaked)} test-split utterance(s) reached {where}; the test split is evaluation-only")
+    return examples
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def split_counts(n: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Train/val/test sizes of a group of n rows (val and test rounded half up, train the rest)."""
+    val, test = _round(n * fractions[1]), _round(n * fractions[2])
+    return n - val - test, val, test
+
+
+def min_rows(fractions: tuple[float, float, float]) -> int:
+    n = 1
+    while min(split_counts(n, fractions)) < 1 and n < 10_000:
+        n += 1
+    return n
+
+
+def stratified_split(speakers: list[str], fractions: tuple[float, float, float], seed: int) -> list[Split]:
+    """Assign each row a split, per speaker group, so each speaker keeps its share in every split."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(speakers):
+        groups[s].append(i)
+    rng = random.Random(seed)
+    assignment: list[Split] = [Split.TRAIN] * len(speakers)
+    for speaker in sorted(groups):
+        rows = groups[speaker][:]
+        rng.shuffle(rows)
+        _, n_val, n_test = split_counts(len(rows), fractions)
+        for i in rows[:n_test]:
+            assignment[i] = Split.TEST
+        for i in rows[n_test : n_test + n_val]:
+            assignment[i] = Split.VAL
+    return assignment
+
+
+def build_task(
+    dataset: Dataset, index: int, tokens: dict[str, str], fractions: tuple[float, float, float], seed: int
+) -> TaskData:
+    utts = dataset.utterances
+    assignment = stratified_split([u.speaker for u in utts], fractions, seed)
+    counts = {s: assignment.count(s) for s in Split}
+    if min(counts.values()) < 1:
+        pct = "/".join(f"{round(f * 100)}" for f in fractions)
+        raise UserError(
+            f"{dataset.path}: {len(utts)} utterance rows are too few for a {pct} split "
+            f"(needs at least {min_rows(fractions)}); add rows or change data.split"
+        )
+    parts: dict[Split, list[Example]] = {s: [] for s in Split}
+    for u, split in zip(utts, assignment):
+        parts[split].append(Example(index, u.speaker, tokens[u.speaker], u.text, split, u.line))
+    return TaskData(
+        index,
+        dataset.name,
+        dataset.speakers,
+        {s: tokens[s] for s in dataset.speakers},
+        parts[Split.TRAIN],
+        parts[Split.VAL],
+        parts[Split.TEST],
+    )

@@ -1,0 +1,73 @@
+"""Held-out perplexity and speaker attribution.
+
+Perplexity of a split = exp(total NLL of target tokens / number of target tokens), where the
+target tokens of an utterance are its text tokens and its end token (the speaker token is
+context only). Batched, no gradients, fp32, dropout off, deterministic order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from cltune.batching import collate, encode, length_grouped_batches
+from cltune.data.split import Example
+from cltune.scoring import TokenScorer, per_example_sums, target_nll
+
+
+@torch.no_grad()
+def example_nll(
+    accelerator: Accelerator, scorer: TokenScorer, encoded: list[list[int]], pad_id: int, batch_size: int = 32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and target count of every encoded utterance; work is split across processes."""
+    n = len(encoded)
+    batches = length_grouped_batches([len(s) for s in encoded], batch_size, seed=0, shuffle=False)
+    mine = batches[accelerator.process_index :: accelerator.num_processes]
+    was_training = scorer.training
+    scorer.eval()
+    results = []
+    for indices in mine:
+        batch = collate(encoded, indices, pad_id)
+        inputs = {k: v.to(accelerator.device) for k, v in batch.model_inputs().items()}
+        nll = target_nll(scorer(**inputs), inputs["labels"])
+        sums = per_example_sums(nll.double(), batch.target_example, n)[indices].cpu()
+        counts = per_example_sums(torch.ones_like(nll, dtype=torch.double), batch.target_example, n)[indices].cpu()
+        results.append((indices, sums.tolist(), counts.tolist()))
+    scorer.train(was_training)
+    if accelerator.num_processes > 1:
+        results = gather_object(results)
+    total = torch.zeros(n, dtype=torch.double)
+    count = torch.zeros(n, dtype=torch.double)
+    for indices, sums, counts in results:
+        total[indices] = torch.tensor(sums, dtype=torch.double)
+        count[indices] = torch.tensor(counts, dtype=torch.double)
+    return total, count
+
+
+def perplexity(accelerator, scorer, tokenizer, examples: list[Example], max_length: int, batch_size: int = 32) -> float:
+    total, count = example_nll(accelerator, scorer, encode(examples, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
+    return math.exp(total.sum().item() / count.sum().item())
+
+
+def mean_loss(accelerator, scorer, tokenizer, examples: list[Example], max_length: int, batch_size: int = 32) -> float:
+    return math.log(perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size))
+
+
+def speaker_attribution(
+    accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
+) -> float:
+    """Share of utterances whose text is most likely under their own speaker's token.
+
+    Each utterance is scored once per candidate token (the dataset's speakers); the text and end
+    tokens are the same targets in every variant, so the summed NLLs compare directly.
+    """
+    if len(tokens) < 2 or not examples:
+        return float("nan")
+    variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens]
+    total, _ = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
+    best = total.view(len(examples), len(tokens)).argmin(dim=1)
+    hits = sum(tokens[b] == e.token for b, e in zip(best.tolist(), examples))
+    return hits / len(examples)

@@ -1,0 +1,207 @@
+"""A whole continual-learning stream from one config: data → model → phases → metrics.json.
+
+Each phase writes RUN/phaseK/ (adapter, tokenizer, resolved config, train log, phase metrics);
+RUN/metrics.json holds the perplexity matrix and every derived metric, rewritten after each phase.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from cltune import metrics as cl_metrics
+from cltune.checkpoint import save_checkpoint
+from cltune.config import BaseRunConfig, dump_config
+from cltune.data import TaskData, assign_speaker_tokens, build_task, load_dialogue
+from cltune.data.eda import summarize, write_eda
+from cltune.errors import UserError
+from cltune.evaluate import perplexity, speaker_attribution
+from cltune.files import read_json, write_json
+from cltune.generate import generate_text
+from cltune.model import add_special_tokens, attach_lora, load_base, parameter_counts, resize_for
+from cltune.scoring import TokenScorer
+from cltune.strategies import Context, create_strategy
+from cltune.train import PhaseResult, train_phase
+
+log = logging.getLogger(__name__)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """A task name usable as a file name: no separators, no leading dots (no path traversal)."""
+    cleaned = _UNSAFE.sub("_", name).strip("._") or "task"
+    return cleaned[:64]
+
+
+def load_tasks(config: BaseRunConfig) -> tuple[list, list[TaskData], dict[str, str]]:
+    data = config.data
+    datasets = []
+    for spec in config.tasks:
+        datasets.append(load_dialogue(
+            spec.path, speaker_col=spec.speaker_col or data.speaker_col, text_col=spec.text_col or data.text_col,
+            aliases=data.aliases, drop_missing=data.drop_missing, name=safe_name(spec.name or Path(spec.path).stem),
+        ))
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise UserError(f"tasks: names {names} repeat; give each task a distinct `name`")
+    tokens = assign_speaker_tokens([s for d in datasets for s in d.speakers], data.speaker_tokens)
+    tasks = [build_task(d, i, tokens, data.split, config.seed) for i, d in enumerate(datasets)]
+    return datasets, tasks, tokens
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def mixed_precision(precision: str) -> str:
+    if precision == "fp32":
+        return "no"
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    return Accelerator(mixed_precision=mixed_precision(precision))
+
+
+def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: Accelerator):
+    """Base model + [PAD]/speaker tokens + LoRA, wrapped in the scorer; returns (ctx parts, counts)."""
+    model, tokenizer = load_base(config.model)
+    new_ids = add_special_tokens(tokenizer, speaker_tokens)
+    resize_for(model, tokenizer)
+    model = attach_lora(model, config.lora, new_ids)
+    scorer = TokenScorer(model).to(accelerator.device)
+    return model, tokenizer, scorer, new_ids, parameter_counts(model)
+
+
+def _row(ctx: Context, strategy, tasks: list[TaskData], config: BaseRunConfig) -> tuple[list[float], list[float]]:
+    ppl, attribution = [], []
+    for task in tasks:
+        with strategy.evaluating(task.index):
+            ppl.append(perplexity(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size))
+            attribution.append(
+                speaker_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, list(task.tokens.values()),
+                                    ctx.max_length, config.eval.batch_size)
+                if config.eval.attribution else float("nan")
+            )
+    return ppl, attribution
+
+
+def _samples(ctx: Context, strategy, tasks: list[TaskData], config: BaseRunConfig, phase: int) -> list[dict]:
+    out = []
+    for task in tasks:
+        with strategy.evaluating(task.index):
+            for speaker, token in task.tokens.items():
+                for k in range(config.eval.samples_per_speaker):
+                    text = generate_text(ctx.model, ctx.tokenizer, token, max_new_tokens=config.eval.max_new_tokens,
+                                         seed=config.seed + k)
+                    out.append({"phase": phase, "task": task.name, "speaker": speaker, "token": token, "text": text})
+    return out
+
+
+def _nan_to_none(values):
+    return [None if isinstance(v, float) and v != v else v for v in values]
+
+
+def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None) -> dict:
+    """Run the stream; returns the metrics dict also written to RUN/metrics.json."""
+    set_seed(config.seed)
+    acc = make_accelerator(config.model.precision)
+    run_dir = config.run_dir
+    datasets, tasks, tokens = load_tasks(config)
+    model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), acc)
+    ctx = Context(acc, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, run_dir, new_ids, config.lora)
+    strategy = create_strategy(config.strategy, ctx, config)
+    resolved = dump_config(config)
+
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.resolved.yaml").write_text(resolved, encoding="utf-8")
+        summaries = [summarize(d, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]), config.data.max_length)
+                     for d in datasets]
+        write_eda(summaries, run_dir / "eda", f"{config.model.name} tokenizer", config.data.max_length)
+
+    metrics: dict = {
+        "run": config.name, "strategy": config.strategy, "model": config.model.name,
+        "precision": mixed_precision(config.model.precision), "processes": acc.num_processes,
+        "tasks": [t.name for t in tasks], "speaker_tokens": tokens, "parameters": counts,
+        "split_sizes": [{"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in tasks],
+    }
+    row, attribution = _row(ctx, strategy, tasks, config)
+    ppl_rows, attribution_rows, phases, samples = [row], [_nan_to_none(attribution)], [], []
+    if console and acc.is_main_process:
+        console.print(f"[bold]{config.name}[/]: {len(tasks)} tasks, strategy {config.strategy}, "
+                      f"LoRA {counts['lora']:,} + token rows {counts['new_token_rows']:,} trainable of {counts['total']:,}")
+    for task in tasks:
+        k = task.index
+        phase_dir = run_dir / f"phase{k + 1}"
+        staging_log = run_dir / f".phase{k + 1}.train_log.jsonl"
+        staging_log.unlink(missing_ok=True)
+        strategy.before_task(task)
+        before = {"val_ppl": perplexity(acc, scorer, tokenizer, task.val, ctx.max_length), "test_ppl": ppl_rows[-1][k]}
+        if k == 0 and reuse_phase1 is not None:
+            result = _reuse_phase(reuse_phase1, model, staging_log)
+        else:
+            result = train_phase(ctx, strategy, task, config.phase(k), k, staging_log)
+        strategy.after_task(task)
+        row, attribution = _row(ctx, strategy, tasks, config)
+        ppl_rows.append(row)
+        attribution_rows.append(_nan_to_none(attribution))
+        after = {"val_ppl": perplexity(acc, scorer, tokenizer, task.val, ctx.max_length), "test_ppl": row[k]}
+        phase_record = {
+            "phase": k + 1, "task": task.name, "steps": result.steps, "target_tokens": result.target_tokens,
+            "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
+            "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
+            "train_examples": len(strategy.train_data(task)) if k or reuse_phase1 is None else None,
+            "before": before, "after": after,
+        }
+        phases.append(phase_record)
+        if acc.is_main_process:
+            samples += _samples(ctx, strategy, tasks, config, k + 1)
+            log_text = staging_log.read_text(encoding="utf-8") if staging_log.exists() else ""
+            save_checkpoint(
+                phase_dir, model, tokenizer,
+                meta={"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": tokens},
+                files={"config.resolved.yaml": resolved, "train_log.jsonl": log_text,
+                       "metrics.json": _json_text(phase_record)},
+                tensors=strategy.state() or None,
+            )
+            staging_log.unlink(missing_ok=True)
+            metrics.update({"ppl": ppl_rows, "speaker_attribution": attribution_rows, "phases": phases, "samples": samples})
+            if len(ppl_rows) == len(tasks) + 1:
+                metrics.update(cl_metrics.summary(ppl_rows))
+            write_json(run_dir / "metrics.json", metrics)
+        acc.wait_for_everyone()
+    return metrics
+
+
+def _json_text(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str) + "\n"
+
+
+def _reuse_phase(source: Path, model, staging_log: Path) -> PhaseResult:
+    """Load a finished phase-1 adapter (a sweep sharing phase-1 settings) instead of training it."""
+    state = load_file(str(source / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, state)
+    shutil.copyfile(source / "train_log.jsonl", staging_log)
+    record = read_json(source / "metrics.json")
+    return PhaseResult(steps=record["steps"], target_tokens=record["target_tokens"], wall_s=0.0,
+                       tokens_per_s=record["tokens_per_s"], best_val_loss=record["best_val_loss"])

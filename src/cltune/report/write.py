@@ -1,0 +1,140 @@
+"""report.md and a self-contained report.html (images embedded) from a run folder's data files."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+
+from cltune.errors import UserError
+from cltune.files import atomic_write_text, read_json
+from cltune.report.plots import forgetting_bars, loss_curves, ppl_heatmap
+
+
+def _read_logs(run_dir: Path) -> dict[int, list[dict]]:
+    logs = {}
+    for folder in sorted(run_dir.glob("phase*")):
+        path = folder / "train_log.jsonl"
+        if folder.is_dir() and path.exists() and folder.name[5:].isdigit():
+            logs[int(folder.name[5:])] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return logs
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def render_markdown(run_dir: Path, metrics: dict, images: dict[str, str]) -> str:
+    tasks = metrics["tasks"]
+    lines = [f"# cltune report — {metrics['run']}", "",
+             f"Strategy **{metrics['strategy']}** on model `{metrics['model']}` ({metrics.get('precision', '?')} training, "
+             f"{metrics.get('processes', 1)} process(es)). Trainable: {metrics['parameters']['lora']:,} LoRA + "
+             f"{metrics['parameters']['new_token_rows']:,} new-token parameters.", ""]
+    eda_path = run_dir / "eda" / "eda.json"
+    if eda_path.exists():
+        eda = read_json(eda_path)
+        lines += ["## Data", ""] + _table(
+            ["dataset", "utterances", "speakers", "mean tokens", f"≤ {eda['max_len']} tokens", "vocabulary"],
+            [[d["name"], d["utterances"], ", ".join(f"{s} ({100 * v:.0f}%)" for s, v in d["speaker_share"].items()),
+              d["tokens"]["mean"], f"{100 * d['tokens']['share_within_max_len']:.1f}%", d["vocabulary_total"]]
+             for d in eda["datasets"]]) + ["", f"Full EDA: [eda/eda.md](eda/eda.md)", ""]
+    if "ppl" in metrics:
+        lines += ["## Test perplexity matrix", "", "Row = after phase i (row 0 before training), column = dataset.", ""]
+        lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + r for i, r in enumerate(metrics["ppl"])])
+        lines += ["", f"![perplexity matrix]({images['heatmap']})", ""]
+    if metrics.get("forgetting_pct"):
+        lines += ["## Forgetting", ""] + _table(["dataset", "forgetting %"], [[t, f"{f:+.2f}%"] for t, f in zip(tasks, metrics["forgetting_pct"])])
+        lines += ["", f"Max forgetting {metrics['max_forgetting_pct']:+.2f}% · BWT {metrics['bwt']:+.4f} · FWT {metrics['fwt']:+.4f} "
+                  f"(log-PPL) · average final PPL {metrics['avg_final_ppl']:.2f}", "", f"![forgetting]({images['forgetting']})", ""]
+    if metrics.get("speaker_attribution"):
+        lines += ["## Speaker attribution", "", "Share of test utterances most likely under their true speaker token.", ""]
+        lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + [None if v is None else round(100 * v, 1) for v in r]
+                                             for i, r in enumerate(metrics["speaker_attribution"])])
+        lines.append("")
+    if metrics.get("phases"):
+        lines += ["## Training", ""] + _table(
+            ["phase", "dataset", "steps", "target tokens", "wall s", "tokens/s", "best val loss"],
+            [[p["phase"], p["task"], p["steps"], p["target_tokens"], p["wall_s"], p["tokens_per_s"], p["best_val_loss"]]
+             for p in metrics["phases"]]) + ["", f"![loss curves]({images['loss']})", ""]
+    if metrics.get("samples"):
+        lines += ["## Sample generations", ""] + _table(
+            ["phase", "speaker", "text"],
+            [[s["phase"], f"{s['speaker']} `{s['token']}`", s["text"].replace("|", "\\|").replace("\n", " ")[:160]] for s in metrics["samples"]])
+        lines.append("")
+    config = run_dir / "config.resolved.yaml"
+    if config.exists():
+        lines += ["## Resolved config", "", "```yaml", config.read_text(encoding="utf-8").rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _html(markdown: str, run_dir: Path) -> str:
+    """A small Markdown → HTML rendering (tables, headings, images inlined as base64, code)."""
+    out, in_code, in_table = [], False, False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            out.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            out.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            if set(line) <= set("|-"):
+                continue
+            tag = "th" if not in_table else "td"
+            out.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+            in_table = True
+            continue
+        if in_table:
+            out.append("</table>")
+            in_table = False
+        image = re.fullmatch(r"!\[(.*)\]\((.*)\)", line)
+        if image:
+            data = base64.b64encode((run_dir / image.group(2)).read_bytes()).decode()
+            out.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{_inline(line.lstrip('# '))}</h{level}>")
+        elif line:
+            out.append(f"<p>{_inline(line)}</p>")
+    if in_table:
+        out.append("</table>")
+    style = "body{font-family:sans-serif;max-width:960px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>cltune report</title><style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    return re.sub(r"\[(.+?)\]\((.+?)\)", r'<a href="\2">\1</a>', text)
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").exists():
+        raise UserError(f"{run_dir}: no metrics.json; point at a run folder (e.g. checkpoints/demo)")
+    metrics = read_json(run_dir / "metrics.json")
+    assets = run_dir / "report_assets"
+    assets.mkdir(exist_ok=True)
+    images = {"loss": "report_assets/loss.png", "heatmap": "report_assets/ppl.png", "forgetting": "report_assets/forgetting.png"}
+    loss_curves(_read_logs(run_dir), run_dir / images["loss"])
+    if "ppl" in metrics:
+        ppl_heatmap(metrics, run_dir / images["heatmap"])
+    if metrics.get("forgetting_pct"):
+        forgetting_bars(metrics, run_dir / images["forgetting"])
+    markdown = render_markdown(run_dir, metrics, images)
+    atomic_write_text(run_dir / "report.md", markdown)
+    atomic_write_text(run_dir / "report.html", _html(markdown, run_dir))
+    return run_dir / "report.md", run_dir / "report.html"

@@ -1,0 +1,121 @@
+"""`ewc`: Elastic Weight Consolidation on the trainable (LoRA and new-token) parameters.
+
+After each phase the diagonal empirical Fisher is estimated on that task's replay sample (the
+seed's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
+add  λ · Σ_tasks Σ_i F_i (θ_i − θ*_i)²  — no ½ factor. `mode: separate` keeps one (F, θ*) per
+earlier task and sums their penalties; `mode: online` keeps one running F ← γ·F + F_new with
+θ* the latest weights.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal
+
+import torch
+from pydantic import Field
+
+from cltune.batching import collate
+from cltune.config import Strict
+from cltune.data.split import Example, TaskData, require_no_test
+from cltune.scoring import target_nll
+from cltune.strategies.base import Context, Strategy
+from cltune.strategies.replay import replay_sample
+
+Tensors = dict[str, torch.Tensor]
+
+
+class EWCSettings(Strict):
+    lambda_: float = Field(10.0, alias="lambda", ge=0, description="penalty strength λ")
+    fisher_data: Literal["replay", "train"] = Field("replay", description="Fisher on the replay sample or the whole train split")
+    mode: Literal["separate", "online"] = Field("separate", description="one penalty per earlier task, or one running Fisher")
+    gamma: float = Field(1.0, ge=0, le=1, description="decay of the running Fisher in online mode")
+
+
+def fisher_diagonal(per_example_grads: Iterable[Tensors]) -> Tensors:
+    """Mean over examples of the squared gradient, parameter by parameter."""
+    total: Tensors = {}
+    n = 0
+    for grads in per_example_grads:
+        n += 1
+        for name, g in grads.items():
+            sq = g.detach().double() ** 2
+            total[name] = total[name] + sq if name in total else sq
+    if n == 0:
+        raise ValueError("fisher_diagonal needs at least one example")
+    return {name: (v / n).float() for name, v in total.items()}
+
+
+def ewc_penalty(params: Tensors, anchors: list[tuple[Tensors, Tensors]], lam: float) -> torch.Tensor:
+    """λ · Σ over anchors (θ*, F) of Σ_i F_i (θ_i − θ*_i)²."""
+    device = next(iter(params.values())).device
+    penalty = torch.zeros((), device=device)
+    for theta_star, fisher in anchors:
+        for name, f in fisher.items():
+            penalty = penalty + (f * (params[name] - theta_star[name]) ** 2).sum()
+    return lam * penalty
+
+
+def per_example_grads(ctx: Context, examples: list[Example]) -> Iterable[Tensors]:
+    """Gradient of each utterance's mean token NLL w.r.t. the trainable parameters (dropout off)."""
+    examples = require_no_test(examples, "Fisher estimation")
+    params = ctx.trainable()
+    encoded = ctx.encode(examples)
+    was_training = ctx.scorer.training
+    ctx.scorer.eval()
+    try:
+        for i in range(len(encoded)):
+            batch = collate(encoded, [i], ctx.tokenizer.pad_token_id)
+            inputs = {k: v.to(ctx.accelerator.device) for k, v in batch.model_inputs().items()}
+            loss = target_nll(ctx.scorer(**inputs), inputs["labels"]).mean()
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            yield {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), grads)}
+    finally:
+        ctx.scorer.train(was_training)
+
+
+class EWC(Strategy):
+    name = "ewc"
+    summary = "Elastic Weight Consolidation: quadratic penalty weighted by the diagonal Fisher of earlier tasks"
+    sections = ("ewc", "replay")
+
+    def __init__(self, ctx, settings):
+        super().__init__(ctx, settings)
+        self.cfg: EWCSettings = settings["ewc"]
+        self.anchors: list[tuple[Tensors, Tensors]] = []
+
+    def fisher_examples(self, task: TaskData) -> list[Example]:
+        if self.cfg.fisher_data == "train":
+            return task.train
+        replay = self.settings["replay"]
+        return replay_sample(task.train, replay.ratio or 0.1, self.ctx.seed + task.index, replay.max_per_task)
+
+    def after_task(self, task: TaskData) -> None:
+        fisher = fisher_diagonal(per_example_grads(self.ctx, self.fisher_examples(task)))
+        theta = {n: p.detach().clone() for n, p in self.ctx.trainable().items()}
+        if self.cfg.mode == "online" and self.anchors:
+            old = self.anchors[0][1]
+            fisher = {n: self.cfg.gamma * old[n] + f for n, f in fisher.items()}
+            self.anchors = []
+        self.anchors.append((theta, fisher))
+
+    def extra_loss(self, batch, logits):
+        if not self.anchors or self.cfg.lambda_ == 0:
+            return None
+        return ewc_penalty(self.ctx.trainable(), self.anchors, self.cfg.lambda_)
+
+    def state(self):
+        out = {}
+        for k, (theta, fisher) in enumerate(self.anchors):
+            out.update({f"{k}.theta.{n}": t for n, t in theta.items()})
+            out.update({f"{k}.fisher.{n}": t for n, t in fisher.items()})
+        return out
+
+    def load_state(self, state):
+        count = len({k.split(".", 1)[0] for k in state})
+        self.anchors = []
+        for k in range(count):
+            theta = {n[len(f"{k}.theta."):]: t for n, t in state.items() if n.startswith(f"{k}.theta.")}
+            fisher = {n[len(f"{k}.fisher."):]: t for n, t in state.items() if n.startswith(f"{k}.fisher.")}
+            self.anchors.append((theta, fisher))
+
+

@@ -1,0 +1,13 @@
+"""`ewc_replay`: the seed's method — replay of earlier utterances plus the EWC penalty, with the
+Fisher estimated on the very utterances that are replayed."""
+
+from cltune.strategies.base import Composite
+from cltune.strategies.ewc import EWC
+from cltune.strategies.replay import Replay
+
+
+class EWCReplay(Composite):
+    name = "ewc_replay"
+    summary = "replay (10% of earlier data) + EWC (λ=10) with the Fisher on the replayed utterances (the seed's method)"
+    sections = ("ewc", "replay")
+    parts = (Replay, EWC)

@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny tokenizer trained on the fly, a tiny Llama saved as a local model
+folder, and small two-speaker dialogue CSVs. Nothing touches the network."""
+
+from __future__ import annotations
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = {
+    "Host": "so tell me what do you think about that question today".split(),
+    "Guest A": "i really love pizza and music and long walks outside".split(),
+    "Guest B": "quantum fields particles energy universe theory experiment".split(),
+}
+
+
+def write_dialogue(path: Path, guest: str, rows: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["speaker", "text"])
+        for i in range(rows):
+            speaker = "Host" if i % 2 == 0 else guest
+            writer.writerow([speaker, " ".join(rng.choices(WORDS[speaker], k=rng.randint(3, 9)))])
+    return path
+
+
+def train_tiny_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [" ".join(words) for words in WORDS.values()] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide Llama with a 300-token BPE tokenizer, saved as a local HF model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = train_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def two_tasks(tmp_path) -> list[Path]:
+    return [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 60, 1),
+            write_dialogue(tmp_path / "guest_b.csv", "Guest B", 40, 2)]
+
+
+def tiny_run_config(model_dir: Path, csvs: list[Path], out: Path, strategy: str = "naive", **extra) -> dict:
+    """A run config dict small enough for a unit test (seconds on a CPU)."""
+    config = {
+        "name": "tiny",
+        "seed": 0,
+        "output_dir": str(out),
+        "strategy": strategy,
+        "model": {"name": str(model_dir), "precision": "fp32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"max_length": 24},
+        "tasks": [{"path": str(p), "name": p.stem} for p in csvs],
+        "train": {"epochs": 1, "lr": 5e-3, "batch_size": 8, "micro_batch_size": 4, "pack_length": 64},
+        "eval": {"samples_per_speaker": 1, "max_new_tokens": 4, "batch_size": 16},
+    }
+    config.update(extra)
+    return config
+
+
+@pytest.fixture()
+def tiny_config(tiny_model_dir, two_tasks, tmp_path):
+    """Factory: tiny_config(strategy, **overrides) → a validated RunConfig."""
+    from cltune.config import build_config
+
+    def make(strategy: str = "naive", sets: list[str] | None = None, **extra):
+        return build_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", strategy, **extra), sets)
+
+    return make
