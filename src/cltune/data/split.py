@@ -42,7 +42,7 @@ class TaskData:
     test: list[Example]
 
 
-class TestLeakError(RuntimeError):
+class HeldOutLeakError(RuntimeError):
     """Raised when a held-out test utterance reaches code that learns from data."""
 
 
@@ -51,7 +51,7 @@ def require_no_test(examples, where: str) -> list:
     examples = list(examples)
     leaked = [e for e in examples if e.split is Split.TEST]
     if leaked:
-        raise TestLeakError(f"{len(leaked)} test-split utterance(s) reached {where}; the test split is evaluation-only")
+        raise HeldOutLeakError(f"{len(leaked)} test-split utterance(s) reached {where}; the test split is evaluation-only")
     return examples
 
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 from cltune.strategies.base import Composite, Context, Strategy
 from cltune.strategies.ewc import EWC, EWCSettings
 from cltune.strategies.ewc_replay import EWCReplay
+from cltune.strategies.gen_replay import GenReplay, GenReplaySettings
 from cltune.strategies.joint import Joint
 from cltune.strategies.naive import Naive
 from cltune.strategies.replay import Replay, ReplaySettings
+from cltune.strategies.reptile import Reptile, ReptileSettings
 
 # Settings models by config section name (e.g. `ewc: {lambda: 10}` in a run config).
 SETTINGS = {
     "replay": ReplaySettings,
     "ewc": EWCSettings,
+    "gen_replay": GenReplaySettings,
+    "reptile": ReptileSettings,
 }
 
 STRATEGIES: list[type[Strategy]] = [
@@ -21,6 +25,8 @@ STRATEGIES: list[type[Strategy]] = [
     EWC,
     EWCReplay,
     Joint,
+    GenReplay,
+    Reptile,
 ]
 
 REGISTRY: dict[str, type[Strategy]] = {cls.name: cls for cls in STRATEGIES}

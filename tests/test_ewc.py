@@ -1,0 +1,45 @@
+"""EWC math against hand-computed values, and a huge λ pinning the weights to θ*."""
+
+import pytest
+import torch
+
+import cltune.pipeline as pipeline
+from cltune.strategies.ewc import ewc_penalty, fisher_diagonal
+
+
+def test_fisher_diagonal_is_the_mean_squared_gradient():
+    grads = [{"a": torch.tensor([1.0, 2.0])}, {"a": torch.tensor([3.0, 0.0])}]
+    torch.testing.assert_close(fisher_diagonal(grads)["a"], torch.tensor([5.0, 2.0]))
+    with pytest.raises(ValueError):
+        fisher_diagonal([])
+
+
+def test_penalty_sums_over_tasks_without_a_half():
+    params = {"a": torch.tensor([1.0, 1.0])}
+    task1 = ({"a": torch.tensor([0.0, 2.0])}, {"a": torch.tensor([5.0, 2.0])})  # 5·1 + 2·1 = 7
+    task2 = ({"a": torch.tensor([1.0, 3.0])}, {"a": torch.tensor([1.0, 0.5])})  # 0 + 0.5·4 = 2
+    assert ewc_penalty(params, [task1], 10.0).item() == pytest.approx(70.0)
+    assert ewc_penalty(params, [task1, task2], 10.0).item() == pytest.approx(90.0)
+
+
+def _weighted_drift(tiny_config, monkeypatch, lam: float) -> float:
+    captured = {}
+    original = pipeline.create_strategy
+
+    def capture(name, ctx, config):
+        captured["s"] = original(name, ctx, config)
+        return captured["s"]
+
+    monkeypatch.setattr(pipeline, "create_strategy", capture)
+    pipeline.run(tiny_config("ewc", sets=[f"ewc.lambda={lam}", "train.epochs=2"]))
+    strategy = captured["s"]
+    theta_star, fisher = strategy.anchors[0]
+    params = strategy.ctx.trainable()
+    return sum((fisher[n] * (params[n].detach() - theta_star[n]) ** 2).sum().item() for n in fisher)
+
+
+def test_huge_lambda_keeps_trainable_weights_at_theta_star(tiny_config, monkeypatch):
+    free = _weighted_drift(tiny_config, monkeypatch, 0.0)
+    pinned = _weighted_drift(tiny_config, monkeypatch, 1e6)
+    assert free > 0
+    assert pinned < 0.05 * free

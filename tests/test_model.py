@@ -1,0 +1,135 @@
+"""LoRA parameter counts, trainable new-token rows, perplexity on a hand-checkable case, packing
+equivalence, and checkpoint round-trips — all on models built from a config."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from cltune.batching import collate, encode
+from cltune.checkpoint import load_checkpoint, save_checkpoint, verify
+from cltune.config import LoraSettings, ModelSettings
+from cltune.data.split import Example, Split
+from cltune.errors import UserError
+from cltune.evaluate import example_nll, perplexity
+from cltune.model import add_special_tokens, attach_lora, load_base, lora_targets, parameter_counts, resize_for
+from cltune.pipeline import make_accelerator
+from cltune.scoring import TokenScorer, target_nll
+
+
+def test_distilgpt2_shape_has_the_seeds_811008_lora_parameters():
+    config = GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=512, n_positions=128)
+    model = attach_lora(GPT2LMHeadModel(config), LoraSettings(), new_token_ids=[])
+    assert lora_targets(model.get_base_model(), LoraSettings()) == ["c_attn", "c_proj"]
+    assert parameter_counts(model)["lora"] == 811_008
+
+
+def test_llama_targets_attention_and_optionally_mlp(tiny_model_dir):
+    model, _ = load_base(ModelSettings(name=str(tiny_model_dir)))
+    assert lora_targets(model, LoraSettings()) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert lora_targets(model, LoraSettings(include_mlp=True))[-3:] == ["gate_proj", "up_proj", "down_proj"]
+
+
+def prepared(tiny_model_dir, tokens=("<HOST>", "<GUEST_A>"), r=4):
+    model, tokenizer = load_base(ModelSettings(name=str(tiny_model_dir)))
+    new_ids = add_special_tokens(tokenizer, list(tokens))
+    resize_for(model, tokenizer)
+    return attach_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0), new_ids), tokenizer, new_ids
+
+
+def examples(texts, token="<HOST>"):
+    return [Example(0, "Host", token, t, Split.TRAIN, i + 2) for i, t in enumerate(texts)]
+
+
+def test_new_token_rows_train_while_frozen_weights_stay(tiny_model_dir):
+    model, tokenizer, new_ids = prepared(tiny_model_dir)
+    embed = lambda: model.get_input_embeddings()(torch.arange(len(tokenizer))).detach().clone()  # noqa: E731
+    before = embed()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    scorer = TokenScorer(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    enc = encode(examples(["so tell me", "what do you think"]), tokenizer, 24)
+    for _ in range(2):
+        batch = collate(enc, [0, 1], tokenizer.pad_token_id)
+        target_nll(scorer(**batch.model_inputs()), batch.labels).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = embed()
+    host = tokenizer.convert_tokens_to_ids("<HOST>")
+    old = [i for i in range(len(tokenizer)) if i not in new_ids]
+    assert (after[host] - before[host]).abs().max() > 1e-4
+    assert torch.equal(after[old], before[old])
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_perplexity_of_a_uniform_model_equals_vocabulary_size(tiny_model_dir):
+    model, tokenizer, _ = prepared(tiny_model_dir)
+    with torch.no_grad():
+        # tied embeddings and the new-token rows all zero: every logit is 0, the distribution uniform
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:  # the base rows and the trainable delta rows
+                p.zero_()
+    data = examples(["so tell me what", "pizza", "i really love music and long walks"])
+    assert perplexity(make_accelerator("fp32"), TokenScorer(model), tokenizer, data, 24) == pytest.approx(len(tokenizer), rel=1e-5)
+    # targets = text tokens + end token; the speaker token is context only
+    _, counts = example_nll(make_accelerator("fp32"), TokenScorer(model), encode(data, tokenizer, 24), tokenizer.pad_token_id)
+    hand = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in ["so tell me what", "pizza", "i really love music and long walks"]]
+    assert counts.tolist() == hand
+
+
+def test_packed_rows_score_each_utterance_as_if_alone(tiny_model_dir):
+    model, tokenizer, _ = prepared(tiny_model_dir)
+    model.eval()
+    enc = encode(examples(["so tell me what", "pizza and music", "i really love long walks outside today", "ok"]), tokenizer, 24)
+    scorer = TokenScorer(model)
+
+    def sums(pack):
+        batch = collate(enc, [0, 1, 2, 3], tokenizer.pad_token_id, pack)
+        with torch.no_grad():
+            nll = target_nll(scorer(**batch.model_inputs()), batch.labels)
+        return torch.zeros(4).index_add_(0, batch.target_example, nll), batch.input_ids.shape[0]
+
+    alone, rows_alone = sums(None)
+    packed, rows_packed = sums(64)
+    assert rows_alone == 4 and rows_packed == 1
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_reloads_to_the_same_logits(tiny_model_dir, tmp_path):
+    model, tokenizer, _ = prepared(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # LoRA B starts at 0; make the adapter matter
+    model.eval()
+    ids = torch.tensor([[tokenizer.convert_tokens_to_ids("<GUEST_A>"), 5, 9, 12]])
+    expected = model(input_ids=ids).logits
+    meta = {"model": ModelSettings(name=str(tiny_model_dir)).model_dump(), "speaker_tokens": {"Host": "<HOST>"}}
+    folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer, meta)
+    assert (folder / "adapter_model.safetensors").stat().st_size < 200_000  # adapter + token rows, not the embeddings
+    reloaded, tok2, meta2 = load_checkpoint(folder)
+    assert len(tok2) == len(tokenizer) and meta2["speaker_tokens"] == {"Host": "<HOST>"}
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_corrupted_checkpoint_is_refused(tiny_model_dir, tmp_path):
+    model, tokenizer, _ = prepared(tiny_model_dir)
+    folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer, {"model": ModelSettings(name=str(tiny_model_dir)).model_dump()})
+    verify(folder)
+    blob = folder / "adapter_model.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="adapter_model.safetensors is missing or corrupted"):
+        load_checkpoint(folder)
+
+
+def test_missing_model_lists_what_was_tried(tmp_path):
+    with pytest.raises(UserError, match="tried the bundled model names .* a local directory .* Hugging Face cache"):
+        load_base(ModelSettings(name=str(tmp_path / "nope")))
+
+
