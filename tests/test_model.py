@@ -133,3 +133,25 @@ def test_missing_model_lists_what_was_tried(tmp_path):
         load_base(ModelSettings(name=str(tmp_path / "nope")))
 
 
+
+
+def test_fast_new_token_path_matches_peft_forward_and_gradients(tiny_model_dir):
+    model, tokenizer, new_ids = prepared(tiny_model_dir)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p))  # new rows differ from their initial copy
+    model.eval()
+    enc = encode(examples(["so tell me what", "pizza"], token="<GUEST_A>"), tokenizer, 24)
+    batch = collate(enc, [0, 1], tokenizer.pad_token_id)
+    delta = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
+
+    fast = target_nll(TokenScorer(model)(**batch.model_inputs()), batch.labels)
+    (fast_grad,) = torch.autograd.grad(fast.sum(), delta)
+    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[:, :-1]
+    reference = torch.nn.functional.cross_entropy(logits[batch.labels[:, 1:] != -100], batch.labels[:, 1:][batch.labels[:, 1:] != -100], reduction="none")
+    (ref_grad,) = torch.autograd.grad(reference.sum(), delta)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert fast_grad.abs().sum() > 0

@@ -1,0 +1,52 @@
+"""The config reference (Markdown), generated from the config models so the docs cannot drift."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic import BaseModel
+
+from cltune.config import BaseRunConfig, DataSettings, EvalSettings, LoraSettings, ModelSettings, PhaseSettings
+
+
+def _type(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+    text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
+    return text.replace(" | ", " or ").replace("|", "or")  # a bare | would split the Markdown table
+
+
+def _default(field) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "{}" if value == {} else "[]" if value == [] else "see below" if isinstance(value, BaseModel) else repr(value)
+    if field.is_required():
+        return "required"
+    return str(field.default) if hasattr(field.default, "as_posix") else repr(field.default)
+
+
+def section(title: str, model: type[BaseModel]) -> list[str]:
+    lines = [f"**`{title}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        lines.append(f"| `{key}` | {_type(field.annotation)} | `{_default(field)}` | {field.description or ''} |")
+    return lines + [""]
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def config_reference() -> str:
+    from cltune.strategies import SETTINGS
+
+    top = {k: v for k, v in BaseRunConfig.model_fields.items()}
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for name, field in top.items():
+        lines.append(f"| `{name}` | `{_default(field)}` | {field.description or ''} |")
+    lines.append("")
+    for title, model in (("model", ModelSettings), ("lora", LoraSettings), ("data", DataSettings),
+                         ("train / phases[i] (phaseK.* in --set)", PhaseSettings), ("eval", EvalSettings)):
+        lines += section(title, model)
+    lines += ["`tasks[i]`: `path` (required), `name`, `speaker_col`, `text_col`.", ""]
+    for name, model in SETTINGS.items():
+        lines += section(name, model)
+    return "\n".join(lines)
