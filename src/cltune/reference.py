@@ -50,3 +50,9 @@ def config_reference() -> str:
     for name, model in SETTINGS.items():
         lines += section(name, model)
     return "\n".join(lines)
+
+
+def readme_with_reference(readme: str) -> str:
+    """The README text with its config-reference block regenerated."""
+    a, b = readme.index(START) + len(START), readme.index(END)
+    return readme[:a] + "\n" + config_reference().rstrip() + "\n" + readme[b:]
