@@ -14,6 +14,7 @@ WORDS = {
     "Guest A": "i really love pizza and music and long walks outside".split(),
     "Guest B": "quantum fields particles energy universe theory experiment".split(),
 }
+TOKENIZER_CORPUS = [" ".join(words) for words in WORDS.values()] * 20
 
 
 def write_dialogue(path: Path, guest: str, rows: int, seed: int = 0) -> Path:
@@ -28,36 +29,17 @@ def write_dialogue(path: Path, guest: str, rows: int, seed: int = 0) -> Path:
 
 
 def train_tiny_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from cltune.tiny import train_tiny_tokenizer as train
 
-    corpus = [" ".join(words) for words in WORDS.values()] * 20
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
-    fast.save_pretrained(folder)
-    return fast
+    return train(folder, TOKENIZER_CORPUS)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide Llama with a 300-token BPE tokenizer, saved as a local HF model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from cltune.tiny import write_tiny_model
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = train_tiny_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TOKENIZER_CORPUS)
 
 
 @pytest.fixture()

@@ -81,15 +81,17 @@ def _config(config: Optional[Path], sets: list[str], base: dict | None = None):
 @app.command()
 def run(config: Path = typer.Argument(..., help="run config (YAML)"),
         set_: list[str] = typer.Option([], "--set", help="override a key, e.g. --set phase2.epochs=2 --set ewc.lambda=20"),
-        overwrite: bool = typer.Option(False, help="replace an existing run folder")) -> None:
-    """Run a whole continual-learning stream from a config."""
+        overwrite: bool = typer.Option(False, help="replace an existing run folder"),
+        resume: bool = typer.Option(False, help="continue the run in the run folder from its last complete checkpoint "
+                                    "(same config and data; finished phases are not retrained)")) -> None:
+    """Run a whole continual-learning stream from a config (or continue one with --resume)."""
     from cltune.report import print_summary, write_report
 
     cfg = _config(config, set_)
-    _check_run_dir(cfg.run_dir, overwrite)
+    _check_run_dir(cfg.run_dir, overwrite, resume=resume)
     from cltune.pipeline import run as run_stream
 
-    metrics = run_stream(cfg, console=console)
+    metrics = run_stream(cfg, console=console, resume=resume)
     if _is_main():
         write_report(cfg.run_dir)
         print_summary(console, metrics)
@@ -102,9 +104,11 @@ def _is_main() -> bool:
     return PartialState().is_main_process
 
 
-def _check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if (run_dir / "metrics.json").exists() and not overwrite:
-        raise UserError(f"{run_dir}: already holds a run; pass --overwrite to replace it or choose another name/output_dir")
+def _check_run_dir(run_dir: Path, overwrite: bool, resume: bool | None = None) -> None:
+    """A folder holding a run is replaced only with --overwrite (`resume=None`: the command has no --resume)."""
+    from cltune.resume import check_run_dir
+
+    check_run_dir(run_dir, overwrite, resume=bool(resume), resumable=resume is not None)
 
 
 @app.command()
@@ -149,6 +153,12 @@ def generate(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. c
     token = speaker if speaker in tokens.values() else by_key.get(speaker_key(speaker))
     if token is None:
         raise UserError(f"{checkpoint}: unknown speaker {speaker!r}; known: {', '.join(f'{k} {v}' for k, v in tokens.items())}")
+    from cltune.checkpoint import load_strategy_state
+    from cltune.strategies.adapters import adapter_for_token
+
+    routed = adapter_for_token(load_strategy_state(checkpoint), tokenizer.convert_tokens_to_ids(token))
+    if routed:  # per-task adapters: the speaker's own task adapter speaks
+        model.set_adapter(routed)
     console.print(generate_text(model, tokenizer, token, prompt, max_new_tokens=max_new_tokens,
                                 temperature=temperature, top_p=top_p, seed=seed))
 
@@ -160,6 +170,18 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder holding metric
 
     md, html = write_report(run_dir)
     console.print(f"wrote {md} and {html}")
+
+
+@app.command("config-reference")
+def config_reference(readme: Optional[Path] = typer.Option(None, help="rewrite this README's reference block instead")) -> None:
+    """Print the config reference (Markdown) generated from the config models."""
+    from cltune.files import atomic_write_text
+    from cltune.reference import config_reference as reference, readme_with_reference
+
+    if readme is None:
+        print(reference())
+    else:
+        atomic_write_text(readme, readme_with_reference(readme.read_text(encoding="utf-8")))
 
 
 @app.command()

@@ -6,6 +6,7 @@ registered settings class, so `ewc: {lambda: 10}` is validated by the EWC file's
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,12 +71,15 @@ class PhaseSettings(Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
     batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the seed's 2 × 16)")
     micro_batch_size: int = Field(8, ge=1, description="utterances per forward pass; a speed knob, same math")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     packing: bool = Field(False, description="pack utterances into rows with per-utterance attention and positions")
     pack_length: int = Field(256, ge=8, description="tokens per packed row")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without val improvement")
     eval_every: int | None = Field(None, ge=1, description="validate every N steps (default: once per epoch)")
+    checkpoint_every: int | None = Field(25, ge=1, description="save a resumable step checkpoint (weights, optimizer, "
+                                         "scheduler, strategy state, data position) every N optimizer steps; null: only at the "
+                                         "end of training; `cltune run --resume` continues from the latest")
     save_total_limit: int = Field(1, ge=1, description="step checkpoints kept on disk during a phase")
 
 
@@ -89,22 +93,22 @@ PhaseOverride = create_model(
 class EvalSettings(Strict):
     attribution: bool = Field(True, description="score speaker attribution on the test split")
     samples_per_speaker: int = Field(2, ge=0, description="sample generations per speaker after each phase")
-    max_new_tokens: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(30, ge=1, description="length of each sample generation")
+    batch_size: int = Field(32, ge=1, description="utterances per evaluation forward pass")
 
 
 class BaseRunConfig(Strict):
     name: str = Field("run", description="run name; outputs go to output_dir/name")
-    seed: int = 0
-    output_dir: Path = Path("checkpoints")
+    seed: int = Field(0, description="seed for splits, sampling, data order and initialization")
+    output_dir: Path = Field(Path("checkpoints"), description="parent folder of run folders")
     strategy: str = Field("ewc_replay", description="continual-learning strategy (see `cltune strategies`)")
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings, description="base model (section below)")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter (section below)")
+    data: DataSettings = Field(default_factory=DataSettings, description="reading and splitting the datasets")
     tasks: list[TaskSpec] = Field(min_length=1, description="datasets in the order they are learned")
     train: PhaseSettings = Field(default_factory=PhaseSettings, description="defaults for every phase")
     phases: list[PhaseOverride] = Field(default_factory=list, description="per-phase overrides; `phase2.epochs` = phases[1]")  # type: ignore[valid-type]
-    eval: EvalSettings = Field(default_factory=EvalSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="evaluation after each phase")
 
     @property
     def run_dir(self) -> Path:
@@ -122,7 +126,13 @@ def run_config_model() -> type[BaseRunConfig]:
     """The RunConfig class with one validated section per registered strategy settings model."""
     from cltune.strategies import SETTINGS
 
-    sections = {name: (cls, Field(default_factory=cls)) for name, cls in SETTINGS.items()}
+    return _run_config_model(tuple(SETTINGS.items()))
+
+
+@functools.lru_cache(maxsize=8)
+def _run_config_model(settings: tuple[tuple[str, type[BaseModel]], ...]) -> type[BaseRunConfig]:
+    # Building the model takes a tenth of a second; keyed by the registry's contents, it is built once.
+    sections = {name: (cls, Field(default_factory=cls)) for name, cls in settings}
     return create_model("RunConfig", __base__=BaseRunConfig, **sections)
 
 
@@ -133,20 +143,36 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
         if index < 0:
             raise UserError(f"--set {dotted}: phases count from phase1")
         phases = tree.setdefault("phases", [])
+        if not isinstance(phases, list):
+            raise UserError(f"--set {dotted!r}: `phases` must be a list of per-phase settings, not {type(phases).__name__}")
         while len(phases) <= index:
             phases.append({})
         node = phases[index]
+        if not isinstance(node, dict):
+            raise UserError(f"--set {dotted!r}: phases[{index}] must be a mapping of settings, not {type(node).__name__}")
         keys = keys[1:]
     else:
         node = tree
+    if not keys:
+        raise UserError(f"--set {dotted!r}: name a setting of the phase, e.g. --set {dotted}.epochs=2")
     for key in keys[:-1]:
-        if key.isdigit() and isinstance(node, list):
-            node = node[int(key)]
-            continue
-        node = node.setdefault(key, {})
+        node = _child(node, key, dotted)
         if not isinstance(node, (dict, list)):
-            raise UserError(f"--set {dotted}: {key!r} is not a section")
-    node[keys[-1]] = value
+            raise UserError(f"--set {dotted!r}: {key!r} is not a section")
+    if isinstance(node, list):
+        _child(node, keys[-1], dotted)  # the item must exist: a list is replaced item by item, never extended
+        node[int(keys[-1])] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _child(node: dict | list, key: str, dotted: str):
+    """The section `key` of `node`; a list takes an existing item number only."""
+    if isinstance(node, dict):
+        return node.setdefault(key, {})
+    if not key.isdigit() or int(key) >= len(node):
+        raise UserError(f"--set {dotted!r}: {key!r} is not an item of that list (it has {len(node)})")
+    return node[int(key)]
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
@@ -155,7 +181,11 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set phase2.epochs=2")
-        parsed.append((key.strip(), yaml.safe_load(raw) if raw else None))
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError:
+            raise UserError(f"--set {pair!r}: the value is not valid YAML; quote it, e.g. --set name='my run'") from None
+        parsed.append((key.strip(), value))
     return parsed
 
 
@@ -163,7 +193,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {where}: {first['msg']}{more}; fix the config or its --set override"
+    message = f"{source}: {where}: {first['msg']}{more}; fix the config or its --set override"
+    return " ".join(message.split())  # keys come from the user: one line whatever they hold
 
 
 def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> BaseRunConfig:
@@ -174,6 +205,11 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
         config = run_config_model().model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_error(err, source)) from None
+    for k in range(len(config.phases)):  # overrides carry no bounds of their own: check each merged phase now
+        try:
+            config.phase(k)
+        except ValidationError as err:
+            raise UserError(_format_error(err, f"{source}: phase{k + 1}")) from None
     from cltune.strategies import REGISTRY
 
     if config.strategy not in REGISTRY:
@@ -187,6 +223,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseRun
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise UserError(f"{path}: config file not found; check the path") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: byte {err.start} is not UTF-8; save the config as UTF-8 text") from None
+    except (OSError, ValueError) as err:  # a folder, no permission, a NUL in the name
+        raise UserError(f"{path}: cannot read the config ({type(err).__name__}); pass a readable YAML file") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML nested too deeply; the config is a flat mapping of sections") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f"line {mark.line + 1}: " if mark else ""
@@ -194,7 +236,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseRun
     if not isinstance(raw, dict):
         raise UserError(f"{path}: line 1: expected a mapping of settings at the top level")
     base = path.parent
-    for task in raw.get("tasks") or []:  # task paths are relative to the config file
+    tasks = raw.get("tasks")
+    for task in tasks if isinstance(tasks, list) else []:  # task paths are relative to the config file
         if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).is_absolute():
             candidate = base / str(task["path"])
             task["path"] = str(candidate if candidate.exists() or not Path(str(task["path"])).exists() else task["path"])

@@ -2,14 +2,17 @@
 
 Each phase writes RUN/phaseK/ (adapter, tokenizer, resolved config, train log, phase metrics);
 RUN/metrics.json holds the perplexity matrix and every derived metric, rewritten after each phase.
+During a phase RUN/steps/phaseK/ holds its latest step checkpoints. `resume=True` skips the
+phases that metrics.json records, restores the last one's checkpoint and strategy state, and
+continues the next phase from its latest step checkpoint; the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -19,7 +22,8 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from cltune import metrics as cl_metrics
-from cltune.checkpoint import save_checkpoint
+from cltune import resume as resuming
+from cltune.checkpoint import save_checkpoint, verify
 from cltune.config import BaseRunConfig, dump_config
 from cltune.data import TaskData, assign_speaker_tokens, build_task, load_dialogue
 from cltune.data.eda import summarize, write_eda
@@ -77,7 +81,11 @@ def mixed_precision(precision: str) -> str:
 
 
 def make_accelerator(precision: str) -> Accelerator:
-    return Accelerator(mixed_precision=mixed_precision(precision))
+    # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without
+    # CUDA: Accelerate only forms the gloo process group when told to use the CPU; otherwise each
+    # process would run the whole stream alone and all would write the same files.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision(precision), cpu=several and not torch.cuda.is_available())
 
 
 def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: Accelerator):
@@ -119,23 +127,40 @@ def _nan_to_none(values):
     return [None if isinstance(v, float) and v != v else v for v in values]
 
 
-def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None) -> dict:
-    """Run the stream; returns the metrics dict also written to RUN/metrics.json."""
+def _prepare_run_dir(config: BaseRunConfig, resolved: str, datasets, tokenizer, inputs: list[dict], fresh: bool) -> None:
+    """Main process: the resolved config and EDA; a fresh run also forgets an earlier run's progress."""
+    run_dir = config.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        resuming.start_fresh(run_dir, inputs)
+    (run_dir / "config.resolved.yaml").write_text(resolved, encoding="utf-8")
+    summaries = [summarize(d, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]), config.data.max_length)
+                 for d in datasets]
+    write_eda(summaries, run_dir / "eda", f"{config.model.name} tokenizer", config.data.max_length)
+
+
+def _phase_record(k: int, task: TaskData, result: PhaseResult, train_examples, before: dict, after: dict) -> dict:
+    return {
+        "phase": k + 1, "task": task.name, "steps": result.steps, "target_tokens": result.target_tokens,
+        "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
+        "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
+        "train_examples": train_examples, "before": before, "after": after,
+    }
+
+
+def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None, resume: bool = False) -> dict:
+    """Run the stream (or, with `resume`, continue it); returns the metrics dict also written to RUN/metrics.json."""
     set_seed(config.seed)
     acc = make_accelerator(config.model.precision)
     run_dir = config.run_dir
     datasets, tasks, tokens = load_tasks(config)
+    resolved, inputs = dump_config(config), resuming.input_hashes(config)
+    saved = resuming.saved_progress(run_dir, resolved, inputs) if resume else {}
     model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), acc)
     ctx = Context(acc, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, run_dir, new_ids, config.lora)
     strategy = create_strategy(config.strategy, ctx, config)
-    resolved = dump_config(config)
-
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.resolved.yaml").write_text(resolved, encoding="utf-8")
-        summaries = [summarize(d, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]), config.data.max_length)
-                     for d in datasets]
-        write_eda(summaries, run_dir / "eda", f"{config.model.name} tokenizer", config.data.max_length)
+        _prepare_run_dir(config, resolved, datasets, tokenizer, inputs, fresh=not resume)
 
     metrics: dict = {
         "run": config.name, "strategy": config.strategy, "model": config.model.name,
@@ -143,51 +168,63 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
         "tasks": [t.name for t in tasks], "speaker_tokens": tokens, "parameters": counts,
         "split_sizes": [{"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in tasks],
     }
-    row, attribution = _row(ctx, strategy, tasks, config)
-    ppl_rows, attribution_rows, phases, samples = [row], [_nan_to_none(attribution)], [], []
+    phases = saved.get("phases", [])
+    if phases:  # finished phases are not retrained: their rows come from metrics.json
+        ppl_rows, attribution_rows, samples = saved["ppl"], saved["speaker_attribution"], saved["samples"]
+        resuming.restore_phase(ctx, strategy, run_dir / f"phase{len(phases)}")
+    else:
+        row, attribution = _row(ctx, strategy, tasks, config)
+        ppl_rows, attribution_rows, samples = [row], [_nan_to_none(attribution)], []
     if console and acc.is_main_process:
         console.print(f"[bold]{config.name}[/]: {len(tasks)} tasks, strategy {config.strategy}, "
-                      f"LoRA {counts['lora']:,} + token rows {counts['new_token_rows']:,} trainable of {counts['total']:,}")
-    for task in tasks:
+                      f"LoRA {counts['lora']:,} + token rows {counts['new_token_rows']:,} trainable of {counts['total']:,}"
+                      + (f"; resuming after phase {len(phases)}" if resume and phases else ""))
+    first = len(phases)
+    for task in tasks[first:]:
         k = task.index
         phase_dir = run_dir / f"phase{k + 1}"
         staging_log = run_dir / f".phase{k + 1}.train_log.jsonl"
-        staging_log.unlink(missing_ok=True)
+        if acc.is_main_process:  # the one writer of the log; another process must not unlink it under it
+            staging_log.unlink(missing_ok=True)
+        set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
         strategy.before_task(task)
         before = {"val_ppl": perplexity(acc, scorer, tokenizer, task.val, ctx.max_length), "test_ppl": ppl_rows[-1][k]}
+        meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": tokens}
         if k == 0 and reuse_phase1 is not None:
-            result = _reuse_phase(reuse_phase1, model, staging_log)
+            result = _reuse_phase(reuse_phase1, model, staging_log if acc.is_main_process else None)
         else:
-            result = train_phase(ctx, strategy, task, config.phase(k), k, staging_log)
+            settings = config.phase(k)
+            checkpoints = resuming.StepCheckpoints(resuming.steps_folder(run_dir, k), settings.checkpoint_every,
+                                                   settings.save_total_limit, meta, resume=resume and k == first)
+            result = train_phase(ctx, strategy, task, settings, k, staging_log, checkpoints)
         strategy.after_task(task)
         row, attribution = _row(ctx, strategy, tasks, config)
         ppl_rows.append(row)
         attribution_rows.append(_nan_to_none(attribution))
         after = {"val_ppl": perplexity(acc, scorer, tokenizer, task.val, ctx.max_length), "test_ppl": row[k]}
-        phase_record = {
-            "phase": k + 1, "task": task.name, "steps": result.steps, "target_tokens": result.target_tokens,
-            "wall_s": round(result.wall_s, 2), "tokens_per_s": round(result.tokens_per_s, 1),
-            "best_val_loss": result.best_val_loss, "stopped_early": result.stopped_early,
-            "train_examples": len(strategy.train_data(task)) if k or reuse_phase1 is None else None,
-            "before": before, "after": after,
-        }
+        train_examples = len(strategy.train_data(task)) if k or reuse_phase1 is None else None
+        phase_record = _phase_record(k, task, result, train_examples, before, after)
         phases.append(phase_record)
         if acc.is_main_process:
             samples += _samples(ctx, strategy, tasks, config, k + 1)
             log_text = staging_log.read_text(encoding="utf-8") if staging_log.exists() else ""
             save_checkpoint(
-                phase_dir, model, tokenizer,
-                meta={"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": tokens},
+                phase_dir, model, tokenizer, meta=meta,
                 files={"config.resolved.yaml": resolved, "train_log.jsonl": log_text,
                        "metrics.json": _json_text(phase_record)},
                 tensors=strategy.state() or None,
             )
             staging_log.unlink(missing_ok=True)
-            metrics.update({"ppl": ppl_rows, "speaker_attribution": attribution_rows, "phases": phases, "samples": samples})
-            if len(ppl_rows) == len(tasks) + 1:
-                metrics.update(cl_metrics.summary(ppl_rows))
-            write_json(run_dir / "metrics.json", metrics)
+            write_json(run_dir / "metrics.json", _with_results(metrics, ppl_rows, attribution_rows, phases, samples))
+            resuming.finish_phase(run_dir, k)  # only now are its step checkpoints superseded
         acc.wait_for_everyone()
+    return _with_results(metrics, ppl_rows, attribution_rows, phases, samples)
+
+
+def _with_results(metrics: dict, ppl_rows, attribution_rows, phases, samples) -> dict:
+    metrics.update({"ppl": ppl_rows, "speaker_attribution": attribution_rows, "phases": phases, "samples": samples})
+    if len(ppl_rows) == len(metrics["tasks"]) + 1:
+        metrics.update(cl_metrics.summary(ppl_rows))
     return metrics
 
 
@@ -197,11 +234,13 @@ def _json_text(obj) -> str:
     return json.dumps(obj, indent=2, default=str) + "\n"
 
 
-def _reuse_phase(source: Path, model, staging_log: Path) -> PhaseResult:
+def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:
     """Load a finished phase-1 adapter (a sweep sharing phase-1 settings) instead of training it."""
+    verify(source)
     state = load_file(str(source / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, state)
-    shutil.copyfile(source / "train_log.jsonl", staging_log)
+    if staging_log:
+        shutil.copyfile(source / "train_log.jsonl", staging_log)
     record = read_json(source / "metrics.json")
     return PhaseResult(steps=record["steps"], target_tokens=record["target_tokens"], wall_s=0.0,
                        tokens_per_s=record["tokens_per_s"], best_val_loss=record["best_val_loss"])

@@ -1,27 +1,39 @@
 """The training loop: one phase of LoRA fine-tuning on Accelerate, with strategy hooks.
 
-Runs unchanged on CPU, one GPU, or several processes under `accelerate launch`.
+Runs unchanged on CPU, one GPU, or several processes under `accelerate launch`: every process
+walks the same step plan and takes its share of each step's micro-batches, so an optimizer step
+sees the same data (and, up to summation order, the same gradient) on 1 or N processes. Saves
+step checkpoints as it goes and can continue from one exactly (see `cltune.resume`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from transformers import get_scheduler
 
 from cltune.batching import collate, length_grouped_batches
 from cltune.config import PhaseSettings
 from cltune.data.split import TaskData, require_no_test
+from cltune.errors import UserError
 from cltune.evaluate import mean_loss
+from cltune.resume import StepCheckpoints, derived_seed, fingerprint
 from cltune.scoring import target_nll
-from cltune.strategies.base import Context, Strategy
+
+if TYPE_CHECKING:  # strategies import DivergedError from here; a runtime import would be circular
+    from cltune.strategies.base import Context, Strategy
+
+logger = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
@@ -77,16 +89,119 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
+@dataclass
+class _Loop:
+    """Everything the loop carries from step to step; what a step checkpoint saves and restores."""
+
+    result: PhaseResult
+    best_state: dict[str, torch.Tensor]
+    since_best: int = 0
+    step: int = 0  # optimizer steps done
+    elapsed_s: float = 0.0  # training time before this process started (a resumed run adds its own)
+
+    def to_json(self, plan_sha: str, data_sha: str, epoch: int) -> dict:
+        return {"step": self.step, "epoch": epoch, "since_best": self.since_best, "elapsed_s": self.elapsed_s,
+                "plan_sha256": plan_sha, "data_sha256": data_sha, "result": asdict(self.result),
+                "rng": "reseeded every step from (seed, phase, step, process): cltune.resume.derived_seed"}
+
+
+def my_share(micro_batches: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:
+    """This process's micro-batches of one step, each with its loss weight.
+
+    A process left without one (fewer micro-batches than processes) runs the first at weight 0,
+    so that DDP's gradient all-reduce still finds every process.
+    """
+    mine = micro_batches[rank::world]
+    return [(mb, 1.0) for mb in mine] or [(micro_batches[0], 0.0)]
+
+
+def _sum_over_processes(acc, values: list[float]) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=acc.device)
+    return (acc.reduce(totals, "sum") if acc.num_processes > 1 else totals).tolist()
+
+
+def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, scheduler, params, batches, step_targets: int,
+                    settings: PhaseSettings, where: str) -> float:
+    """One optimizer step over this process's share; returns the step's mean target NLL over all processes.
+
+    Token-weighted: every target token of the step weighs the same, so micro_batch_size and the
+    number of processes change speed only, never the math. DDP averages gradients over
+    processes, so each loss is scaled by their number to make that average a sum.
+    """
+    acc = ctx.accelerator
+    nll_sum = nonfinite = 0.0
+    for i, (batch, weight) in enumerate(batches):
+        inputs = {k: v.to(acc.device) for k, v in batch.model_inputs().items()}
+        with nullcontext() if i == len(batches) - 1 else acc.no_sync(scorer):  # DDP syncs on the last one
+            with acc.autocast():
+                logits = scorer(**inputs)
+                nll = target_nll(logits, inputs["labels"]).sum()
+                loss = nll / step_targets
+                extra = strategy.extra_loss(batch, logits)
+                if extra is not None:
+                    loss = loss + extra * (batch.n_targets / step_targets)
+            nonfinite += float(not torch.isfinite(loss))
+            acc.backward(loss * (weight * acc.num_processes))
+        nll_sum += weight * nll.item()
+    nll_sum, nonfinite = _sum_over_processes(acc, [nll_sum, nonfinite])  # one decision for all processes
+    if nonfinite:
+        raise DivergedError(f"{where}: loss is not finite; lower the learning rate (the last good weights were kept)")
+    strategy.after_backward()
+    grad_norm = acc.clip_grad_norm_(params, settings.max_grad_norm)
+    if not torch.isfinite(torch.as_tensor(grad_norm)):
+        raise DivergedError(f"{where}: gradient norm is {float(grad_norm)}; lower the learning rate (the last good weights were kept)")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    strategy.after_step()
+    return nll_sum / step_targets
+
+
+def _targets(encoded: list[list[int]], micro_batches: list[list[int]]) -> int:
+    """Target tokens of a step: every token of an utterance but its first (the speaker token)."""
+    return sum(len(encoded[i]) - 1 for mb in micro_batches for i in mb)
+
+
+def _resume(checkpoints: StepCheckpoints, ctx: Context, strategy, optimizer, scheduler, log_path, plan_sha: str,
+            data_sha: str) -> _Loop | None:
+    """The loop state of the latest step checkpoint, loaded into the live objects (None: start fresh)."""
+    folder = checkpoints.latest() if checkpoints.resume else None
+    if folder is None:
+        return None
+    state, best, log_text = checkpoints.restore(folder, ctx.model, strategy, optimizer, scheduler, ctx.accelerator.device)
+    if state["plan_sha256"] != plan_sha:
+        raise UserError(f"{folder}: this phase's step plan differs from the checkpoint's (its training data or settings "
+                        "changed); resume with the same config and data, or pass --overwrite")
+    if state["data_sha256"] != data_sha:
+        logger.warning("%s: the phase's training utterances differ from the checkpoint's; continuing at step %d",
+                       folder, state["step"])
+    if log_path and ctx.accelerator.is_main_process:
+        log_path.write_text(log_text, encoding="utf-8")
+    return _Loop(PhaseResult(**state["result"]), best, state["since_best"], state["step"], state["elapsed_s"])
+
+
+def _require_finite(model, where: str, best_state: dict[str, torch.Tensor]) -> None:
+    """Before a checkpoint: never save non-finite weights over a good checkpoint."""
+    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
+        _restore(model, best_state)
+        raise DivergedError(f"{where}: weights are not finite; lower the learning rate (the last good checkpoint was kept)")
+
+
 def train_phase(
-    ctx: Context, strategy: Strategy, task: TaskData, settings: PhaseSettings, phase: int, log_path: Path | None
+    ctx: Context, strategy: Strategy, task: TaskData, settings: PhaseSettings, phase: int, log_path: Path | None,
+    checkpoints: StepCheckpoints | None = None,
 ) -> PhaseResult:
-    """Train on `strategy.train_data(task)`; returns throughput and validation figures."""
+    """Train on `strategy.train_data(task)`; returns throughput and validation figures.
+
+    With `checkpoints`, saves step checkpoints as it goes and, when its `resume` is set, first
+    continues from the latest one.
+    """
     acc = ctx.accelerator
     examples = require_no_test(strategy.train_data(task), "training")
     encoded = ctx.encode(examples)
     pad_id = ctx.tokenizer.pad_token_id
     plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase)
-    plan = plan[acc.process_index :: acc.num_processes][: len(plan) // acc.num_processes or 1]
+    plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 
     params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -97,52 +212,38 @@ def train_phase(
     scorer, optimizer = acc.prepare(ctx.scorer, optimizer)
     val_every = settings.eval_every or max(1, math.ceil(len(plan) / math.ceil(settings.epochs)))
 
-    result = PhaseResult()
-    best_state, since_best = _trainable_snapshot(ctx.model), 0
+    loop = None
+    if checkpoints:
+        loop = _resume(checkpoints, ctx, strategy, optimizer, scheduler, log_path, plan_sha, data_sha)
+    loop = loop or _Loop(PhaseResult(), _trainable_snapshot(ctx.model))
+    result = loop.result
     log = log_path.open("a", encoding="utf-8") if (log_path and acc.is_main_process) else None
-    start = time.perf_counter()
+    start = time.perf_counter() - loop.elapsed_s
     scorer.train()
     with _progress(acc.is_main_process) as progress:
-        bar = progress.add_task(f"phase {phase + 1} · {task.name}", total=len(plan), loss=float("nan"), tps=0.0)
-        for step, (epoch, micro_batches) in enumerate(plan, start=1):
-            batches = [collate(encoded, mb, pad_id, pack) for mb in micro_batches]
-            step_targets = sum(b.n_targets for b in batches)
-            step_loss = 0.0
-            for i, batch in enumerate(batches):
-                # Token-weighted accumulation: every target token of the step weighs the same, so
-                # micro_batch_size changes speed only, never the math. DDP syncs on the last one.
-                sync = i == len(batches) - 1
-                inputs = {k: v.to(acc.device) for k, v in batch.model_inputs().items()}
-                with nullcontext() if sync else acc.no_sync(scorer), acc.autocast():
-                    logits = scorer(**inputs)
-                    nll = target_nll(logits, inputs["labels"]).sum()
-                    loss = nll / step_targets
-                    extra = strategy.extra_loss(batch, logits)
-                    if extra is not None:
-                        loss = loss + extra * (batch.n_targets / step_targets)
-                    if not torch.isfinite(loss):
-                        _restore(ctx.model, best_state)
-                        raise DivergedError(
-                            f"phase {phase + 1}, step {step}: loss is {loss.item()}; lower the learning rate "
-                            "(the last good weights were kept)"
-                        )
-                    acc.backward(loss)
-                step_loss += nll.item() / step_targets
-            strategy.after_backward()
-            grad_norm = acc.clip_grad_norm_(params, settings.max_grad_norm)
-            if not torch.isfinite(torch.as_tensor(grad_norm)):
+        bar = progress.add_task(f"phase {phase + 1} · {task.name}", total=len(plan), completed=loop.step,
+                                loss=float("nan"), tps=0.0)
+        for step in range(loop.step + 1, len(plan) + 1):
+            if result.stopped_early:
+                break
+            epoch, micro_batches = plan[step - 1]
+            where = f"phase {phase + 1}, step {step}"
+            set_seed(derived_seed(ctx.seed, phase, step, acc.process_index))  # dropout: same draws after a resume
+            batches = [(collate(encoded, mb, pad_id, pack), w) for mb, w in my_share(micro_batches, acc.process_index,
+                                                                                      acc.num_processes)]
+            step_targets = _targets(encoded, micro_batches)
+            try:
+                step_loss = _optimizer_step(ctx, strategy, scorer, optimizer, scheduler, params, batches, step_targets,
+                                            settings, where)
+            except DivergedError:
                 optimizer.zero_grad(set_to_none=True)
-                _restore(ctx.model, best_state)
-                raise DivergedError(f"phase {phase + 1}, step {step}: gradient norm is {grad_norm}; lower the learning rate")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            strategy.after_step()
+                _restore(ctx.model, loop.best_state)
+                raise
 
-            result.steps = step
+            loop.step = result.steps = step
             result.target_tokens += step_targets
             elapsed = time.perf_counter() - start
-            tps = result.target_tokens * acc.num_processes / elapsed
+            tps = result.target_tokens / elapsed
             progress.update(bar, advance=1, loss=step_loss, tps=tps)
             if log:
                 row = {"phase": phase + 1, "task": task.name, "epoch": epoch + 1, "step": step, "loss": round(step_loss, 5),
@@ -157,19 +258,27 @@ def train_phase(
                 if log:
                     log.write(json.dumps({"phase": phase + 1, "task": task.name, "step": step, "val_loss": round(val, 5)}) + "\n")
                 if result.best_val_loss is None or val < result.best_val_loss:
-                    result.best_val_loss, best_state, since_best = val, _trainable_snapshot(ctx.model), 0
+                    result.best_val_loss, loop.best_state, loop.since_best = val, _trainable_snapshot(ctx.model), 0
                 else:
-                    since_best += 1
-                    if settings.early_stopping_patience and since_best >= settings.early_stopping_patience:
-                        result.stopped_early = True
-                        break
+                    loop.since_best += 1
+                    result.stopped_early = bool(settings.early_stopping_patience
+                                                and loop.since_best >= settings.early_stopping_patience)
+            if checkpoints and checkpoints.due(step, len(plan), result.stopped_early):
+                _require_finite(ctx.model, where, loop.best_state)
+                loop.elapsed_s = time.perf_counter() - start
+                if log:
+                    log.flush()
+                if acc.is_main_process:
+                    checkpoints.save(step, ctx.model, ctx.tokenizer, strategy.state(), optimizer, scheduler,
+                                     loop.to_json(plan_sha, data_sha, epoch), loop.best_state,
+                                     log_path.read_text(encoding="utf-8") if log_path and log_path.exists() else "")
     if log:
         log.close()
     if settings.early_stopping_patience:
-        _restore(ctx.model, best_state)  # keep the best validated weights, as early stopping promises
+        _restore(ctx.model, loop.best_state)  # keep the best validated weights, as early stopping promises
     acc.unwrap_model(scorer, keep_fp32_wrapper=False)  # evaluation after training runs in fp32
     acc.free_memory()
     scorer.eval()
     result.wall_s = time.perf_counter() - start
-    result.tokens_per_s = result.target_tokens * acc.num_processes / max(result.wall_s, 1e-9)
+    result.tokens_per_s = result.target_tokens / max(result.wall_s, 1e-9)
     return result

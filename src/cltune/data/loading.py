@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cltune.data.speakers import normalize_speaker
+from cltune.data.speakers import normalize_speaker, speaker_key
 from cltune.errors import UserError
 
 SPEAKER_COLUMNS = ("speaker", "name", "role", "author")
@@ -77,6 +77,8 @@ def _decode(path: Path) -> tuple[str, LoadReport]:
         raise UserError(f"{path}: file not found; check the path") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not a CSV/JSONL file; pass the file itself") from None
+    except (OSError, ValueError) as err:  # no permission, a name too long, a NUL in the name
+        raise UserError(f"{path}: cannot read the file ({type(err).__name__}); check the path and its permissions") from None
     if not raw.strip():
         raise UserError(f"{path}: file is empty; it needs a header row and one utterance per row")
     report = LoadReport(bom=raw.startswith(b"\xef\xbb\xbf"), crlf=b"\r\n" in raw)
@@ -92,20 +94,27 @@ def _decode(path: Path) -> tuple[str, LoadReport]:
     return text, report
 
 
+def _names(names, limit: int = 12) -> str:
+    """Column names for a one-line message: odd or long ones quoted and cut, at most `limit` of them."""
+    shown = [n if n.isprintable() and len(n) <= 40 else repr(n[:40]) + ("..." if len(n) > 40 else "") for n in names]
+    more = f" (+{len(shown) - limit} more)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more
+
+
 def _pick_column(path: Path, headers: list[str], wanted: str | None, known: tuple[str, ...], role: str, flag: str) -> str:
     folded = [h.strip().casefold() for h in headers]
     if wanted is not None:
         if wanted.strip().casefold() not in folded:
-            raise UserError(f"{path}: line 1: no column named {wanted!r} (columns: {', '.join(headers)}); fix {flag}")
+            raise UserError(f"{path}: line 1: no column named {_names([wanted])} (columns: {_names(headers)}); fix {flag}")
         return headers[folded.index(wanted.strip().casefold())]
     hits = [h for h, f in zip(headers, folded) if f in known]
     if not hits:
         raise UserError(
-            f"{path}: line 1: no {role} column found among ({', '.join(headers) or 'nothing'}); "
+            f"{path}: line 1: no {role} column found among ({_names(headers) or 'nothing'}); "
             f"add a header row with one of {', '.join(known)} or pass {flag}"
         )
     if len(hits) > 1:
-        raise UserError(f"{path}: line 1: columns {' and '.join(map(repr, hits))} could each be the {role} column; pass {flag}")
+        raise UserError(f"{path}: line 1: columns {_names(map(repr, hits))} could each be the {role} column; pass {flag}")
     return hits[0]
 
 
@@ -113,11 +122,11 @@ def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: 
     folded = [h.strip().casefold() for h in headers]
     dupes = sorted({h for h in folded if folded.count(h) > 1 and h})
     if dupes:
-        raise UserError(f"{path}: line 1: duplicate column name(s) {', '.join(dupes)}; rename them so each is unique")
+        raise UserError(f"{path}: line 1: duplicate column name(s) {_names(dupes)}; rename them so each is unique")
     speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker", "--speaker-col")
     text = _pick_column(path, headers, text_col, TEXT_COLUMNS, "text", "--text-col")
     if speaker == text:
-        raise UserError(f"{path}: line 1: speaker and text are the same column {speaker!r}; pass distinct columns")
+        raise UserError(f"{path}: line 1: speaker and text are the same column {_names([repr(speaker)])}; pass distinct columns")
     return speaker, text
 
 
@@ -147,6 +156,8 @@ def _records_jsonl(path: Path, text: str):
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: line {number}: invalid JSON ({err.msg}); each line must be one JSON object") from None
+        except (ValueError, RecursionError):  # a number too long to convert, arrays nested too deep
+            raise UserError(f"{path}: line {number}: JSON too large or too deeply nested; each line must be one flat JSON object") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}: line {number}: expected a JSON object with speaker and text keys")
         if headers is None:
@@ -177,6 +188,7 @@ def load_dialogue(
     utterances: list[Utterance] = []
     s_idx = t_idx = -1
     s_name = t_name = ""
+    spellings: dict[str, str] = {}  # "Guest A" and "guest  a" are one speaker: the first spelling names it
     for kind, line, row in records:
         if kind == "header":
             s_name, t_name = _columns(path, row, speaker_col, text_col)
@@ -186,6 +198,7 @@ def load_dialogue(
             report.blank_rows += 1
             continue
         speaker = normalize_speaker(_cell(row, s_idx), aliases)
+        speaker = spellings.setdefault(speaker_key(speaker), speaker)
         raw_text = _cell(row, t_idx)
         body = raw_text.strip()
         if not speaker:

@@ -52,4 +52,5 @@ def assign_speaker_tokens(names: list[str], overrides: dict[str, str] | None = N
                 token, n = f"{base[:-1]}_{n}>", n + 1
             tokens[name] = token
             taken.add(token)
-    return tokens
+    by_key = {speaker_key(n): t for n, t in tokens.items()}
+    return {**tokens, **{n: by_key[speaker_key(n)] for n in names}}  # every spelling of a speaker (across files) gets its token

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import torch
 from pydantic import Field
 
 from cltune.config import Strict
@@ -57,3 +58,18 @@ class Replay(Strategy):
 
     def after_task(self, task: TaskData) -> None:
         self.buffer.add(task)
+
+    def state(self):
+        # The buffer as positions in each task's training split, so `cltune run --resume` replays the same utterances.
+        return {f"buffer.{i}": torch.tensor(positions(self.ctx.tasks[i].train, kept), dtype=torch.long)
+                for i, kept in self.buffer.samples.items()}
+
+    def load_state(self, state):
+        self.buffer.samples = {int(k.split(".")[1]): [self.ctx.tasks[int(k.split(".")[1])].train[j] for j in v.tolist()]
+                               for k, v in state.items() if k.startswith("buffer.")}
+
+
+def positions(examples: list[Example], chosen: list[Example]) -> list[int]:
+    """Where each chosen example sits in `examples` (examples are distinct: each has its own line)."""
+    index = {e: i for i, e in enumerate(examples)}
+    return [index[e] for e in chosen]

@@ -1,0 +1,192 @@
+"""Strategy benchmark: every registered strategy, same budget and seed, on two streams.
+
+- demo stream: host with guests A, B, C (chat after chat: a mild shift);
+- hard stream: host with guest A, then paragraphs of the Python reference documentation that
+  ships with every Python (`pydoc_data.topics`, one speaker "Python Docs"), then guest B.
+
+Each run is a `cltune run` subprocess (so wall time and peak RSS are its own); the script writes
+docs/benchmarks/strategies.md and one forgetting-vs-plasticity plot per stream.
+
+    .venv/bin/python bench/strategies.py                      # the committed figures
+    .venv/bin/python bench/strategies.py --strategies naive,ewc_replay --streams hard   # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import platform
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from cltune.data.demo import write_demo_corpus  # noqa: E402
+from cltune.report.plots import tradeoff_scatter  # noqa: E402
+from cltune.strategies import REGISTRY  # noqa: E402
+
+
+def python_docs_csv(path: Path, rows: int, seed: int) -> Path:
+    """A one-speaker dataset of paragraphs from the Python reference docs bundled with Python."""
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for key in sorted(topics):
+        for block in re.split(r"\n\s*\n", topics[key]):
+            text = " ".join(block.split())
+            if len(text) >= 80 and not text.startswith((">>>", "...")):
+                paragraphs.append(text)
+    chosen = random.Random(seed).sample(paragraphs, rows)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["speaker", "text"])
+        writer.writerows(("Python Docs", p) for p in chosen)
+    return path
+
+
+def streams(data: Path, rows: int, seed: int) -> dict[str, list[dict]]:
+    a, b, c = write_demo_corpus(data, sizes={"A": rows, "B": rows, "C": rows}, seed=seed)
+    docs = python_docs_csv(data / "python_docs.csv", rows, seed)
+    return {
+        "demo": [{"name": "guest_a", "path": str(a)}, {"name": "guest_b", "path": str(b)}, {"name": "guest_c", "path": str(c)}],
+        "hard": [{"name": "guest_a", "path": str(a)}, {"name": "python_docs", "path": str(docs)}, {"name": "guest_b", "path": str(b)}],
+    }
+
+
+def budget(args) -> dict:
+    """The shared budget: every strategy trains with exactly these settings."""
+    return {
+        "seed": args.seed,
+        "data": {"max_length": args.max_length},
+        "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "micro_batch_size": 8,
+                  "schedule": "constant", "warmup_ratio": 0.0},
+        "eval": {"samples_per_speaker": 0},
+        # Reptile's meta-training is capped so its cost stays comparable; the README documents the default cost.
+        "reptile": {"meta_iterations": args.reptile_iterations},
+    }
+
+
+def run_one(name: str, stream: str, tasks: list[dict], args, out: Path) -> dict:
+    config = {"name": f"{stream}-{name}", "output_dir": str(out / "runs"), "strategy": name, "tasks": tasks,
+              "model": {"name": args.model}, **budget(args)}
+    path = out / "configs" / f"{stream}-{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    start = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "cltune", "run", str(path), "--overwrite"],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        return {"strategy": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+    (out / "runs" / f"{stream}-{name}" / "bench.json").write_text(json.dumps({"wall_s": wall, "peak_rss_gb": rss_kb / 1e6}))
+    return collect_one(name, stream, out)
+
+
+def collect_one(name: str, stream: str, out: Path) -> dict:
+    """A finished run's figures from its folder (metrics.json, and bench.json when this script ran it)."""
+    folder = out / "runs" / f"{stream}-{name}"
+    if not (folder / "metrics.json").exists() or "forgetting_pct" not in json.loads((folder / "metrics.json").read_text()):
+        return {"strategy": name, "error": "not run (out of time in this session)"}
+    metrics = json.loads((folder / "metrics.json").read_text())
+    extra = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").exists() else {}
+    wall = extra.get("wall_s", sum(p["wall_s"] for p in metrics["phases"]))
+    return {"strategy": name, "metrics": metrics, "wall_s": wall, "peak_rss_gb": extra.get("peak_rss_gb")}
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def table(results: list[dict]) -> list[str]:
+    ok = [r for r in results if "metrics" in r]
+    naive = next((r for r in ok if r["strategy"] == "naive"), None)
+    tasks = ok[0]["metrics"]["tasks"] if ok else []
+    header = ["strategy", *(f"final PPL {t}" for t in tasks), *(f"forgetting {t}" for t in tasks[:-1]),
+              "new-task PPL vs naive", "attribution (final, mean)", "wall s", "peak RSS GB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        if "metrics" not in r:
+            lines.append(f"| {r['strategy']} | failed: {r['error']} |")
+            continue
+        m = r["metrics"]
+        rel = m["ppl"][-1][-1] / naive["metrics"]["ppl"][-1][-1] if naive else None
+        cells = [r["strategy"], *(f"{v:.1f}" for v in m["ppl"][-1]), *(f"{f:+.1f}%" for f in m["forgetting_pct"]),
+                 f"{rel:.3f}" if rel else "–", f"{100 * _mean(m['speaker_attribution'][-1]):.0f}%" if _mean(m["speaker_attribution"][-1]) is not None else "–",
+                 f"{r['wall_s']:.0f}", f"{r['peak_rss_gb']:.2f}" if r["peak_rss_gb"] else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategies", default=",".join(REGISTRY))
+    parser.add_argument("--streams", default="demo,hard")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rows", type=int, default=150, help="utterances per dataset (80/10/10 split)")
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=48)
+    parser.add_argument("--reptile-iterations", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "bench-strategies")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks" / "strategies.md")
+    parser.add_argument("--collect", action="store_true", help="only rebuild the doc from finished runs in --out")
+    args = parser.parse_args()
+
+    names = [s for s in args.strategies.split(",") if s]
+    all_streams = streams(args.out / "data", args.rows, args.seed)
+    sections, total_wall = [], 0.0
+    for stream in args.streams.split(","):
+        results = []
+        for name in names:
+            print(f"[{stream}] {name} …", flush=True)
+            run = collect_one if args.collect else lambda n, s, o: run_one(n, s, all_streams[s], args, o)
+            results.append(run(name, stream, args.out))
+            r = results[-1]
+            print("   ", r.get("error") or f"final {r['metrics']['ppl'][-1]} forgetting {r['metrics']['forgetting_pct']} ({r['wall_s']:.0f} s)", flush=True)
+        ok = [r for r in results if "metrics" in r]
+        total_wall += sum(r["wall_s"] for r in ok)
+        if not ok:
+            sections += [f"## {stream} stream", "", "Not run in this session (out of time).", ""]
+            continue
+        plot = args.doc.parent / f"strategies_{stream}.png"
+        tradeoff_scatter([{"label": r["strategy"], "forgetting": r["metrics"]["forgetting_pct"][0],
+                           "new_ppl": r["metrics"]["ppl"][-1][-1]} for r in ok], plot, f"{stream} stream")
+        tasks = " → ".join(t["name"] for t in all_streams[stream])
+        sections += [f"## {stream} stream: {tasks}", "", *table(results), "", f"![{stream}]({plot.name})", ""]
+    cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+    command = "python bench/strategies.py " + " ".join(sys.argv[1:])
+    head = [
+        "# Strategy benchmark", "",
+        f"Command: `{command.strip()}` · {datetime.date.today()} · {cpu or platform.processor()}, "
+        f"{len(__import__('os').sched_getaffinity(0))} cores, CPU only · sum of run wall times {total_wall / 60:.0f} min "
+        "(measured while other jobs shared the 2 cores: times are inflated, ratios between strategies less so).", "",
+        f"Budget (the same for every strategy, reduced to fit a laptop CPU): model `{args.model}`; {args.rows} utterances "
+        f"per dataset (80/10/10 split, so {round(args.rows * 0.1)} test utterances per dataset — PPL differences under ~2% are noise); "
+        f"{args.epochs:g} epochs per phase, constant LR {args.lr:g}, {args.batch_size} utterances per step, max length "
+        f"{args.max_length} tokens; seed {args.seed}; strategy settings at their defaults except Reptile "
+        f"(`meta_iterations: {args.reptile_iterations}`).", "",
+        "Columns: the final row of the test-PPL matrix; forgetting % of each earlier task "
+        "(100·(final − right after learning it)/right after learning it); the last task's final PPL relative to `naive` "
+        "(plasticity, < 1 = better); speaker attribution after the last phase averaged over datasets with ≥ 2 speakers; "
+        "wall time and peak RSS of the whole `cltune run` process.", "",
+    ]
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
+    args.doc.write_text("\n".join(head + sections), encoding="utf-8")
+    print(f"wrote {args.doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`adapters`: one LoRA adapter per task (parameter isolation, the seed's "progressive networks").
+
+Task 1 trains PEFT's "default" adapter; task k ≥ 2 adds `task{k}` (same LoRA settings, its own
+trainable speaker-token rows) and trains only it. Earlier adapters are never touched, so an earlier
+task evaluated with its own adapter scores exactly as it did when its phase ended.
+
+Routing: every task is evaluated with its own adapter; a task not yet learned, and a speaker token
+at generation time, go to the adapter of the latest learned task that has that speaker (see
+`adapter_for_token`, which reads the table saved in the checkpoint's strategy state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from pydantic import Field
+
+from cltune.config import Strict
+from cltune.model import lora_config
+from cltune.strategies.base import Context, Strategy
+
+ROUTES_KEY = "speaker_routes"
+
+
+class AdaptersSettings(Strict):
+    warm_start: bool = Field(
+        False, description="start each new adapter as a copy of the previous task's (forward transfer) instead of fresh"
+    )
+
+
+def adapter_name(task_index: int) -> str:
+    """Task 1 keeps "default": its files stay at the checkpoint's top level and phase-1 reuse still works."""
+    return "default" if task_index == 0 else f"task{task_index + 1}"
+
+
+def add_task_adapter(ctx: Context, name: str, token_rows: bool = True) -> None:
+    """A fresh LoRA adapter with the run's settings; `token_rows` gives it its own new-token rows.
+
+    PEFT starts new token rows from the base embedding's rows (not from another adapter's), so
+    adapters never share those rows either.
+    """
+    base = ctx.model.get_base_model()
+    ctx.model.add_adapter(name, lora_config(base, ctx.lora, ctx.new_token_ids if token_rows else []))
+
+
+def copy_adapter(model, source: str, target: str) -> None:
+    """Copy every weight of adapter `source` (LoRA and token rows) into `target` of the same shape."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in params.items():
+            parts = name.split(".")
+            if source in parts:
+                params[".".join(target if part == source else part for part in parts)].copy_(value)
+
+
+def token_rows(model, adapter: str) -> torch.nn.Parameter | None:
+    """The adapter's trainable new-token rows (shared with a tied LM head), or None when it has none."""
+    layer = getattr(model.get_base_model().get_input_embeddings(), "token_adapter", None)
+    return layer.trainable_tokens_delta[adapter] if layer is not None and adapter in layer.trainable_tokens_delta else None
+
+
+def original_token_rows(model, adapter: str) -> torch.Tensor:
+    """The base embedding's values of the new-token rows, as PEFT kept them for `adapter`."""
+    return model.get_base_model().get_input_embeddings().token_adapter.trainable_tokens_original[adapter]
+
+
+@contextmanager
+def using_adapter(model, adapter: str | None) -> Iterator[None]:
+    """Run with `adapter` active (None: the base model alone), then restore the active adapter and
+    exactly which parameters were trainable (PEFT's set_adapter also flips requires_grad)."""
+    previous = model.active_adapter
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    try:
+        if adapter is None:
+            with model.disable_adapter():
+                yield
+        else:
+            model.set_adapter(adapter)
+            yield
+    finally:
+        if adapter is not None:
+            model.set_adapter(previous)
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+
+def speaker_routes(task_tokens: Sequence[Iterable[str]]) -> dict[str, int]:
+    """Speaker token → index of the latest task (in stream order) whose speakers include it."""
+    routes: dict[str, int] = {}
+    for index, tokens in enumerate(task_tokens):
+        routes.update({token: index for token in tokens})
+    return routes
+
+
+def adapter_for_token(state: dict[str, torch.Tensor], token_id: int) -> str | None:
+    """The adapter a speaker token routes to, from a checkpoint's strategy state; None: no routing
+    table (another strategy) or a speaker no learned task has (use the checkpoint's active adapter)."""
+    table = state.get(ROUTES_KEY)
+    if table is None:
+        return None
+    hits = table[table[:, 0] == token_id]
+    return adapter_name(int(hits[0, 1])) if len(hits) else None
+
+
+class Adapters(Strategy):
+    name = "adapters"
+    summary = "one LoRA adapter per task; earlier adapters frozen; each task evaluated with its own adapter"
+    sections = ("adapters",)
+
+    def __init__(self, ctx, settings):
+        super().__init__(ctx, settings)
+        self.cfg: AdaptersSettings = settings[self.sections[0]]
+
+    @property
+    def learned(self) -> int:
+        """How many task adapters exist (derived from the model, so a reloaded checkpoint agrees)."""
+        return sum(adapter_name(i) in self.ctx.model.peft_config for i in range(len(self.ctx.tasks)))
+
+    def before_task(self, task):
+        name = adapter_name(task.index)
+        if name not in self.ctx.model.peft_config:
+            add_task_adapter(self.ctx, name)
+            if self.cfg.warm_start:
+                copy_adapter(self.ctx.model, adapter_name(task.index - 1), name)
+        self.ctx.model.set_adapter(name)  # PEFT: this adapter trains, every other adapter is frozen
+
+    def routes(self) -> dict[str, int]:
+        return speaker_routes([t.tokens.values() for t in self.ctx.tasks[: self.learned]])
+
+    def adapter_for_task(self, task_index: int) -> str | None:
+        """The task's own adapter; else the latest one that knows one of its speakers; else None (base model)."""
+        if task_index < self.learned:
+            return adapter_name(task_index)
+        routes = self.routes()
+        known = [routes[t] for t in self.ctx.tasks[task_index].tokens.values() if t in routes]
+        return adapter_name(max(known)) if known else None
+
+    def evaluating(self, task_index):
+        return using_adapter(self.ctx.model, self.adapter_for_task(task_index))
+
+    def state(self):
+        # Saved so that generation from a checkpoint can route a speaker token without the run config.
+        ids = self.ctx.tokenizer.convert_tokens_to_ids
+        rows = [[ids(token), index] for token, index in sorted(self.routes().items())]
+        return {ROUTES_KEY: torch.tensor(rows, dtype=torch.long).reshape(-1, 2)}

@@ -1,0 +1,135 @@
+"""`adapters`: routing as pure functions, adapter bookkeeping on a tiny PEFT model, and an
+end-to-end stream in which task 1's perplexity and weights must not move at all in phase 2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cltune.batching import collate
+from cltune.checkpoint import load_checkpoint, load_strategy_state
+from cltune.pipeline import build_model, load_tasks, make_accelerator, run
+from cltune.strategies import create_strategy
+from cltune.strategies.adapters import (
+    ROUTES_KEY, adapter_for_token, adapter_name, original_token_rows, speaker_routes, token_rows, using_adapter,
+)
+from cltune.strategies.base import Context
+
+
+# End-to-end tests here check perplexities and files: skip attribution scoring and samples (speed).
+PPL_ONLY = ["eval.attribution=false", "eval.samples_per_speaker=0"]
+
+
+def strategy_context(config) -> Context:
+    """The Context `pipeline.run` builds, without running the stream (shared by the adapter tests)."""
+    acc = make_accelerator("fp32")
+    _, tasks, tokens = load_tasks(config)
+    model, tokenizer, scorer, new_ids, _ = build_model(config, sorted(set(tokens.values())), acc)
+    return Context(acc, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, None, new_ids, config.lora)
+
+
+def logits_of(ctx: Context, examples) -> torch.Tensor:
+    batch = collate(ctx.encode(examples), list(range(len(examples))), ctx.tokenizer.pad_token_id)
+    with torch.no_grad():
+        return ctx.scorer.eval()(**batch.model_inputs())
+
+
+def adapter_params(model, adapter: str) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if adapter in n.split(".")}
+
+
+def test_adapter_names_keep_default_for_task_one():
+    assert [adapter_name(i) for i in range(3)] == ["default", "task2", "task3"]
+
+
+def test_speaker_routes_pick_the_latest_task_with_that_speaker():
+    routes = speaker_routes([["<H>", "<A>"], ["<H>", "<B>"], ["<C>"]])
+    assert routes == {"<H>": 1, "<A>": 0, "<B>": 1, "<C>": 2}
+
+
+def test_adapter_for_token_reads_the_saved_table():
+    state = {ROUTES_KEY: torch.tensor([[300, 1], [301, 0], [302, 2]])}
+    assert adapter_for_token(state, 300) == "task2"
+    assert adapter_for_token(state, 301) == "default"
+    assert adapter_for_token(state, 302) == "task3"
+    assert adapter_for_token(state, 999) is None
+    assert adapter_for_token({}, 300) is None  # a checkpoint of a strategy without routing
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_before_task_adds_an_isolated_trainable_adapter(tiny_config, warm_start):
+    config = tiny_config("adapters", [f"adapters.warm_start={str(warm_start).lower()}"])
+    ctx = strategy_context(config)
+    strategy = create_strategy("adapters", ctx, config)
+    with torch.no_grad():  # stand-in for phase 1 training, so a copy is distinguishable from a fresh adapter
+        for n, p in ctx.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    default = adapter_params(ctx.model, "default")
+    strategy.before_task(ctx.tasks[1])
+    new = adapter_params(ctx.model, "task2")
+    trainable = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
+    assert trainable == set(new) and trainable  # only the new adapter trains
+    renamed = {n.replace(".default", ".task2"): v for n, v in default.items()}
+    if warm_start:
+        assert all(torch.equal(new[n], v) for n, v in renamed.items())
+    else:
+        assert all(torch.count_nonzero(v) == 0 for n, v in new.items() if "lora_B" in n)  # LoRA starts as a no-op
+        assert torch.equal(token_rows(ctx.model, "task2"), original_token_rows(ctx.model, "default"))
+        assert not torch.equal(token_rows(ctx.model, "task2"), token_rows(ctx.model, "default"))
+
+
+def test_using_adapter_restores_the_active_adapter_and_what_trains(tiny_config):
+    config = tiny_config("adapters")
+    ctx = strategy_context(config)
+    strategy = create_strategy("adapters", ctx, config)
+    with torch.no_grad():  # stand-in for phase 1 training
+        for p in ctx.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    strategy.before_task(ctx.tasks[1])
+    before = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
+    fresh = logits_of(ctx, ctx.tasks[1].test)  # a new adapter is a no-op: LoRA B = 0, base token rows
+    with using_adapter(ctx.model, "default"):
+        assert ctx.model.active_adapter == "default"
+        assert not torch.allclose(logits_of(ctx, ctx.tasks[1].test), fresh)
+    with using_adapter(ctx.model, None):  # the base model alone, token rows included
+        assert torch.allclose(logits_of(ctx, ctx.tasks[1].test), fresh, atol=1e-6)  # same up to summation order
+    assert ctx.model.active_adapter == "task2"
+    assert {n for n, p in ctx.model.named_parameters() if p.requires_grad} == before
+
+
+def test_an_unlearned_task_is_routed_by_its_speakers(tiny_config):
+    config = tiny_config("adapters")
+    ctx = strategy_context(config)
+    strategy = create_strategy("adapters", ctx, config)
+    # before phase 2 only "default" exists; task 2 shares the host with task 1
+    assert strategy.adapter_for_task(0) == "default"
+    assert strategy.adapter_for_task(1) == "default"
+    strategy.before_task(ctx.tasks[1])
+    assert strategy.adapter_for_task(1) == "task2"
+
+
+def test_stream_leaves_earlier_tasks_exactly_unchanged(tiny_config):
+    config = tiny_config("adapters", PPL_ONLY)
+    metrics = run(config)
+    ppl = metrics["ppl"]
+    assert ppl[2][0] == ppl[1][0]  # bit-exact: task 1 still runs on its own, untouched adapter
+    assert metrics["forgetting_pct"] == [0.0]
+    assert ppl[2][1] < ppl[1][1] and math.isfinite(ppl[2][1])  # task 2's own adapter learned task 2
+
+    phase1, phase2 = config.run_dir / "phase1", config.run_dir / "phase2"
+    first, second = load_file(phase1 / "adapter_model.safetensors"), load_file(phase2 / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and any("trainable_tokens_delta" in k for k in first)
+    assert all(torch.equal(first[k], second[k]) for k in first)  # LoRA and token rows of task 1
+    assert (phase2 / "task2" / "adapter_model.safetensors").exists()
+
+    model, tokenizer, meta = load_checkpoint(phase2)
+    assert meta["adapters"] == ["default", "task2"] and model.active_adapter == "task2"
+    state = load_strategy_state(phase2)
+    tokens = metrics["speaker_tokens"]
+    route = {speaker: adapter_for_token(state, tokenizer.convert_tokens_to_ids(t)) for speaker, t in tokens.items()}
+    assert route == {"Host": "task2", "Guest A": "default", "Guest B": "task2"}

@@ -1,0 +1,439 @@
+"""Reliability on the tiny model: resume after kill -9, atomic and verified checkpoints, guards
+against divergence, a full disk and overwriting, determinism, and safe loading.
+
+Each test can fail: resumed and repeated runs must give a metrics.json equal to an
+uninterrupted run's (wall times aside), damaged files must be refused with exit code 2.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import tiny_run_config, write_dialogue
+
+from cltune import resume as resuming
+from cltune.checkpoint import verify
+from cltune.config import build_config
+from cltune.errors import UserError
+from cltune.model import attach_lora
+from cltune.pipeline import run, safe_name
+from cltune.strategies import REGISTRY
+from cltune.train import DivergedError
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "cltune"
+
+
+class SimulatedCrash(BaseException):
+    """Raised from inside a run to stop it the way a crash would: nothing catches it."""
+
+
+def raw_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", **train) -> dict:
+    """The tiny stream with dropout on (resume must reproduce random draws) and frequent step checkpoints."""
+    csvs = [folder / "guest_a.csv", folder / "guest_b.csv"]
+    if not csvs[0].exists():
+        write_dialogue(csvs[0], "Guest A", 60, 1)
+        write_dialogue(csvs[1], "Guest B", 40, 2)
+    raw = tiny_run_config(model_dir, csvs, folder / "runs", strategy, name=name)
+    raw["lora"]["dropout"] = 0.1
+    raw["train"].update({"checkpoint_every": 2, **train})
+    if strategy == "reptile":  # its default meta-training is a hundred extra steps
+        raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
+    return raw
+
+
+def deterministic(metrics: dict) -> dict:
+    """metrics.json without what legitimately differs between equal runs: the name and wall times."""
+    out = {k: v for k, v in metrics.items() if k != "run"}
+    out["phases"] = [{k: v for k, v in p.items() if k not in ("wall_s", "tokens_per_s")} for p in metrics["phases"]]
+    return out
+
+
+def max_relative_ppl_difference(a: dict, b: dict) -> float:
+    return max(abs(x - y) / y for ra, rb in zip(a["ppl"], b["ppl"]) for x, y in zip(ra, rb))
+
+
+def crash_after_saves(monkeypatch, count: int) -> None:
+    """Make the `count`-th step checkpoint the last thing the run does."""
+    original, calls = resuming.StepCheckpoints.save, []
+
+    def save(self, *args, **kwargs):
+        path = original(self, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == count:
+            raise SimulatedCrash(path)
+        return path
+
+    monkeypatch.setattr(resuming.StepCheckpoints, "save", save)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_runs():
+    """One intra-op thread here and in the CLI subprocesses: the tiny model's ops take microseconds,
+    while thread barriers on a busy 2-core machine take milliseconds; equal thread counts also keep
+    float results comparable across processes. In-process runs skip the EDA plots (a second each)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cltune.pipeline.write_eda", lambda *args, **kwargs: None)
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stream")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, stream) -> dict:
+    """An uninterrupted in-process run of the tiny stream (ewc_replay: replay buffer and Fisher state)."""
+    return run(build_config(raw_config(tiny_model_dir, stream, name="reference")))
+
+
+# --- resume ------------------------------------------------------------------------------------
+
+
+def _cli(*args, code: str | None = None) -> list[str]:
+    return [sys.executable, *(["-c", code] if code else ["-m", "cltune"]), *map(str, args)]
+
+
+SLOW_STEPS = ("import sys, time, cltune.resume as r; save = r.StepCheckpoints.save; "
+              "r.StepCheckpoints.save = lambda self, *a, **k: (save(self, *a, **k), time.sleep(0.5))[0]; "
+              "from cltune.cli import main; main()")
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tiny_model_dir, stream) -> dict:
+    """Through the CLI: an uninterrupted run, and a run killed with SIGKILL in phase 2 then resumed."""
+    configs = {}
+    for name in ("cli_reference", "killed"):
+        configs[name] = stream / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump(raw_config(tiny_model_dir, stream, name=name)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as `fast_runs`: the determinism test compares across processes
+    reference_proc = subprocess.Popen(_cli("run", configs["cli_reference"]), env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+    # Steps pause 0.5 s after each checkpoint so the kill lands inside phase 2, not after the run.
+    victim = subprocess.Popen(_cli("run", configs["killed"], code=SLOW_STEPS), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    phase2_steps = stream / "runs" / "killed" / "steps" / "phase2"
+    deadline = time.monotonic() + 300
+    while not any(phase2_steps.glob("step-*")) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_dir = stream / "runs" / "killed"
+    phases_before = len(json.loads((killed_dir / "metrics.json").read_text())["phases"])
+    left = sorted(p.name for p in (killed_dir / "steps").rglob("step-*"))
+    resumed = subprocess.run(_cli("run", configs["killed"], "--resume"), env=env, capture_output=True, text=True)
+    reference_err = reference_proc.communicate()[1]
+    assert reference_proc.returncode == 0, reference_err
+    assert resumed.returncode == 0, resumed.stderr
+    return {"killed_at": (phases_before, left, victim.returncode), "dirs": {n: stream / "runs" / n for n in configs},
+            "metrics": {n: json.loads((stream / "runs" / n / "metrics.json").read_text()) for n in configs}}
+
+
+def test_kill_9_mid_phase_then_resume_equals_an_uninterrupted_run(cli_runs):
+    phases_before, left, code = cli_runs["killed_at"]
+    assert code == -signal.SIGKILL and phases_before == 1 and left, cli_runs["killed_at"]  # killed inside phase 2
+    killed, reference = cli_runs["metrics"]["killed"], cli_runs["metrics"]["cli_reference"]
+    assert max_relative_ppl_difference(killed, reference) == 0.0  # exact on CPU (the promise is 0.5%)
+    assert deterministic(killed) == deterministic(reference)
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
+             for line in (d / "phase2" / "train_log.jsonl").read_text().splitlines()] for d in cli_runs["dirs"].values()]
+    assert logs[0] == logs[1]  # same data order, losses and learning rates, step by step, no step twice
+    assert not (cli_runs["dirs"]["killed"] / "steps").exists()  # superseded by the phase checkpoints
+
+
+@pytest.mark.parametrize("crash", ["mid phase 1", "before metrics.json"])
+def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_dir, stream, reference, monkeypatch, crash):
+    config = build_config(raw_config(tiny_model_dir, stream, name=f"crash {crash}".replace(" ", "_")))
+    with monkeypatch.context() as patch:
+        if crash == "mid phase 1":
+            crash_after_saves(patch, 2)
+        else:  # phase 1's checkpoint is written, metrics.json is not: phase 1 resumes from its last step checkpoint
+            patch.setattr("cltune.pipeline.write_json", lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
+        with pytest.raises(SimulatedCrash):
+            run(config)
+    assert not (config.run_dir / "metrics.json").exists()
+    assert deterministic(run(config, resume=True)) == deterministic(reference)
+
+
+@pytest.mark.parametrize("strategy", sorted(REGISTRY))
+def test_every_strategy_resumes_mid_phase_2_exactly(tiny_model_dir, tmp_path, monkeypatch, strategy):
+    """Phase 1's checkpoint and strategy state, then phase 2's step checkpoint: equal to not stopping."""
+    raw = raw_config(tiny_model_dir, tmp_path, strategy, checkpoint_every=1, max_steps=3)
+    raw["eval"] = {"samples_per_speaker": 0, "attribution": False, "batch_size": 16}
+    uninterrupted = run(build_config({**raw, "name": "uninterrupted"}))
+    config = build_config({**raw, "name": "resumed"})
+    with monkeypatch.context() as patch:
+        crash_after_saves(patch, 5)  # phase 1 saves steps 1-3, phase 2 steps 1-2
+        with pytest.raises(SimulatedCrash):
+            run(config)
+    assert deterministic(run(config, resume=True)) == deterministic(uninterrupted)
+
+
+# --- atomic writes and verification --------------------------------------------------------------
+
+
+def _flip_byte(path: Path, at: int = -10) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _main(monkeypatch, capsys, *argv) -> tuple[int, str]:
+    from cltune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cltune", *map(str, argv)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exited:
+        code = exited.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["adapter byte", "manifest byte", "missing tokenizer"])
+def test_generate_refuses_a_damaged_checkpoint(reference, stream, tmp_path, monkeypatch, capsys, damage):
+    import shutil
+
+    phase = shutil.copytree(stream / "runs" / "reference" / "phase2", tmp_path / "phase2")
+    if damage == "adapter byte":
+        _flip_byte(phase / "adapter_model.safetensors")
+    elif damage == "manifest byte":
+        _flip_byte(phase / "manifest.json", at=5)
+    else:
+        (phase / "tokenizer.json").unlink()
+    code, err = _main(monkeypatch, capsys, "generate", phase, "--speaker", "Host", "--max-new-tokens", "2")
+    assert code == 2 and err.startswith(f"error: {phase}") and err.count("\n") == 1, err
+    assert "corrupted" in err or "damaged" in err or "unreadable" in err
+
+
+@pytest.fixture()
+def crashed_in_phase_1(tiny_model_dir, stream, tmp_path, monkeypatch):
+    """A run stopped right after its first step checkpoint (phase 1, step 2)."""
+    config = build_config(raw_config(tiny_model_dir, stream, name="crashed") | {"output_dir": str(tmp_path)})
+    with monkeypatch.context() as patch:
+        crash_after_saves(patch, 1)
+        with pytest.raises(SimulatedCrash):
+            run(config)
+    return config, resuming.steps_folder(config.run_dir, 0) / "step-000002"
+
+
+def test_resume_refuses_a_corrupted_step_checkpoint(crashed_in_phase_1):
+    config, step = crashed_in_phase_1
+    _flip_byte(step / "optimizer.pt")
+    with pytest.raises(UserError, match=r"optimizer\.pt is missing or corrupted"):
+        run(config, resume=True)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_resume_refuses_pickled_objects_even_with_a_matching_manifest(crashed_in_phase_1):
+    """weights_only loading: a forged optimizer.pt (manifest rewritten to match) is still not unpickled."""
+    import pickle
+
+    from cltune.checkpoint import _write_manifest
+
+    config, step = crashed_in_phase_1
+    (step / "optimizer.pt").write_bytes(pickle.dumps(os.system))  # would be a callable if unpickled
+    (step / "manifest.json").unlink()
+    _write_manifest(step)
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        run(config, resume=True)
+
+
+def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(crashed_in_phase_1, reference):
+    config, step = crashed_in_phase_1
+    half = step.parent / ".step-000004.abcd.tmp"  # what a kill during a save leaves behind
+    half.mkdir()
+    (half / "adapter_model.safetensors").write_bytes(b"half")
+    assert resuming.StepCheckpoints(step.parent, 2, 1, {}).latest() == step
+    resumed = run(config, resume=True)
+    assert deterministic(resumed)["ppl"] == reference["ppl"] and not half.exists()
+
+
+# --- guards --------------------------------------------------------------------------------------
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_during_a_step_checkpoint_keeps_the_previous_one(tiny_model_dir, stream, tmp_path, monkeypatch):
+    config = build_config(raw_config(tiny_model_dir, stream, name="full") | {"output_dir": str(tmp_path)})
+    original, calls = resuming._torch_save, []
+
+    def fill_up(obj, path):
+        calls.append(path)
+        return _disk_full() if len(calls) > 2 else original(obj, path)  # the 2nd step checkpoint runs out
+
+    monkeypatch.setattr(resuming, "_torch_save", fill_up)
+    with pytest.raises(UserError, match="no space left on device.*previous checkpoint is unchanged"):
+        run(config)
+    steps = resuming.steps_folder(config.run_dir, 0)
+    assert sorted(p.name for p in steps.iterdir()) == ["step-000002"]  # no half-written folder left
+    verify(steps / "step-000002")
+
+
+def test_disk_full_during_a_phase_checkpoint_keeps_the_previous_phase(tiny_model_dir, stream, tmp_path, monkeypatch):
+    config = build_config(raw_config(tiny_model_dir, stream, "naive", name="full") | {"output_dir": str(tmp_path)})
+    from cltune import checkpoint
+
+    original = checkpoint.write_json
+
+    def fill_up(path, obj):
+        if Path(path).name == "checkpoint.json" and obj.get("phase") == 2 and "step" not in obj:
+            _disk_full()
+        return original(path, obj)
+
+    monkeypatch.setattr("cltune.checkpoint.write_json", fill_up)
+    with pytest.raises(UserError, match="no space left"):
+        run(config)
+    verify(config.run_dir / "phase1")
+    assert not (config.run_dir / "phase2").exists()
+    assert len(json.loads((config.run_dir / "metrics.json").read_text())["phases"]) == 1
+
+
+def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch):
+    from cltune import files
+
+    files.write_json(tmp_path / "metrics.json", {"ppl": [[1.0]]})
+    monkeypatch.setattr(files.os, "fsync", _disk_full)
+    with pytest.raises(OSError):
+        files.write_json(tmp_path / "metrics.json", {"ppl": [[2.0]]})
+    assert files.read_json(tmp_path / "metrics.json") == {"ppl": [[1.0]]}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoints(tiny_model_dir, stream, tmp_path,
+                                                                          monkeypatch, capsys):
+    raw = raw_config(tiny_model_dir, stream, "naive", name="diverge", checkpoint_every=1)
+    raw.update({"output_dir": str(tmp_path), "phases": [{}, {"lr": 1e6}]})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    code, err = _main(monkeypatch, capsys, "run", tmp_path / "run.yaml")
+    assert code == 3 and err.startswith("error: phase 2, step ") and "lower the learning rate" in err, err
+    run_dir = tmp_path / "diverge"
+    verify(run_dir / "phase1")
+    assert len(json.loads((run_dir / "metrics.json").read_text())["phases"]) == 1
+    from safetensors.torch import load_file
+
+    for step in resuming.steps_folder(run_dir, 1).glob("step-*"):  # what was saved before the blow-up is finite
+        verify(step)
+        assert all(torch.isfinite(t).all() for t in load_file(str(step / "adapter_model.safetensors")).values())
+
+
+def test_a_strategy_returning_nan_stops_the_phase_with_the_weights_restored(tiny_model_dir, stream, tmp_path,
+                                                                            monkeypatch):
+    from cltune.strategies.naive import Naive
+
+    config = build_config(raw_config(tiny_model_dir, stream, "naive", name="nan") | {"output_dir": str(tmp_path)})
+    calls = []
+
+    def nan_from_step_3(self, batch, logits):  # two micro-batches per step: the 5th call is step 3's
+        calls.append(1)
+        return torch.tensor(float("nan")) if len(calls) >= 5 else None
+
+    monkeypatch.setattr(Naive, "extra_loss", nan_from_step_3, raising=False)
+    models = []
+    monkeypatch.setattr("cltune.pipeline.attach_lora", lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
+    with pytest.raises(DivergedError, match="phase 1, step 3: loss is not finite"):
+        run(config)
+    lora_b = [p for n, p in models[0].named_parameters() if "lora_B" in n]
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # back to the phase's start (B = 0), not step 2
+
+
+def test_a_folder_holding_a_run_is_only_replaced_or_resumed_on_request(reference, stream, tiny_model_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    config = tmp_path / "reference.yaml"
+    config.write_text(yaml.safe_dump(raw_config(tiny_model_dir, stream, name="reference")))
+    code, err = _main(monkeypatch, capsys, "run", config)
+    assert code == 2 and "already holds a run; pass --overwrite to replace it, --resume to continue it" in err
+    code, err = _main(monkeypatch, capsys, "run", config, "--resume", "--overwrite")
+    assert code == 2 and "contradict" in err
+    code, err = _main(monkeypatch, capsys, "run", config, "--resume", "--set", "train.lr=0.01")
+    assert code == 2 and "holds a different run (config differs at train.lr (saved 0.005, now 0.01))" in err, err
+    before = (stream / "runs" / "reference" / "metrics.json").read_bytes()
+    code, err = _main(monkeypatch, capsys, "run", config, "--resume", "--set", "train.checkpoint_every=7")
+    assert code == 0, err  # checkpoint frequency changes no result: still the same run
+    assert (stream / "runs" / "reference" / "metrics.json").read_bytes() == before  # finished: nothing retrained
+
+
+# --- determinism and safety ----------------------------------------------------------------------
+
+
+def test_same_config_and_seed_give_identical_metrics_across_processes(reference, cli_runs):
+    assert deterministic(reference) == deterministic(cli_runs["metrics"]["cli_reference"])
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.text(max_size=80))
+def test_task_names_become_safe_file_names(name):
+    cleaned = safe_name(name)
+    assert cleaned and len(cleaned) <= 64 and cleaned not in {".", ".."}
+    assert Path(cleaned).name == cleaned and "/" not in cleaned and "\\" not in cleaned and not cleaned.startswith(".")
+
+
+def test_a_traversing_task_name_stays_inside_the_run_folder(tiny_model_dir, stream, tmp_path):
+    from cltune.data.eda import summarize, write_eda
+    from cltune.pipeline import load_tasks
+
+    raw = raw_config(tiny_model_dir, stream, "naive")
+    raw["tasks"] = [{"path": t["path"], "name": n} for t, n in zip(raw["tasks"], ["../../escape", "/etc/passwd"])]
+    datasets, tasks, _ = load_tasks(build_config(raw))
+    assert [t.name for t in tasks] == ["escape", "etc_passwd"]
+    out = tmp_path / "run" / "eda"
+    write_eda([summarize(d, None, 24) for d in datasets], out, "words", 24)
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_only_safe_loaders_in_the_source():
+    """Weights via safetensors; anything else via torch.load(weights_only=True); no remote code by default."""
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = ast.unparse(node.func.value)
+                keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if node.func.attr == "load" and owner == "torch":
+                    assert keywords.get("weights_only") == "True", f"{path}:{node.lineno}"
+                assert not (owner in {"pickle", "dill", "joblib"} and node.func.attr.startswith("load")), f"{path}:{node.lineno}"
+                assert keywords.get("trust_remote_code") not in {"True"}, f"{path}:{node.lineno}"
+                assert keywords.get("safe_serialization") not in {"False"}, f"{path}:{node.lineno}"
+
+
+def test_checkpoints_hold_no_pickled_weights(reference, stream, crashed_in_phase_1):
+    config, step = crashed_in_phase_1
+    for folder in [stream / "runs" / "reference" / "phase1", stream / "runs" / "reference" / "phase2", step]:
+        suffixes = {p.suffix for p in folder.rglob("*") if p.is_file()}
+        assert not suffixes & {".bin", ".pkl", ".pickle", ".ckpt", ".pth"}, folder
+    assert sorted(p.name for p in step.glob("*.pt")) == ["optimizer.pt", "scheduler.pt"]
+    assert torch.load(step / "optimizer.pt", weights_only=True)["state"]  # plain tensors and values
+
+
+def test_remote_code_is_off_unless_the_config_allows_it(tiny_model_dir, monkeypatch):
+    from cltune import model as modeling
+    from cltune.config import ModelSettings
+
+    seen = []
+    for loader in (modeling.AutoModelForCausalLM, modeling.AutoTokenizer):
+        original = loader.from_pretrained
+        monkeypatch.setattr(loader, "from_pretrained",
+                            lambda *a, _o=original, **k: (seen.append(k["trust_remote_code"]), _o(*a, **k))[1])
+    modeling.load_base(ModelSettings(name=str(tiny_model_dir)))
+    assert seen == [False, False]
+    modeling.load_base(ModelSettings(name=str(tiny_model_dir), trust_remote_code=True))
+    assert seen[2:] == [True, True]
