@@ -117,7 +117,7 @@ def table(results: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         if "metrics" not in r:
-            lines.append(f"| {r['strategy']} | failed: {r['error']} |")
+            lines.append(f"| {r['strategy']} | {r['error']} |")
             continue
         m = r["metrics"]
         rel = m["ppl"][-1][-1] / naive["metrics"]["ppl"][-1][-1] if naive else None

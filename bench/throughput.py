@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="baseline optimizer steps per run (each is 32 utterances padded to 100: ~1 min on 2 cores)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved baseline/cltune rounds after the warm-up")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--model", default=None, help="model.name for both sides (default: the config's bundled model), e.g. a "
+                                                   "folder with SmolLM2's config and random weights on a GPU machine")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="cltune micro-batch (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="cltune utterances per optimizer step (default: the config's)")
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
     machine = describe_machine()
     print(machine_line(machine), flush=True)
 
-    stream = demo_stream()
+    stream = demo_stream(overrides=[f"model.name={args.model}"] if args.model else None)
     config, ctx = stream.config, stream.ctx
     task = with_small_val(stream.tasks[0])
     strategy = create_strategy("naive", ctx, config)

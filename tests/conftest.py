@@ -4,10 +4,15 @@ folder, and small two-speaker dialogue CSVs. Nothing touches the network."""
 from __future__ import annotations
 
 import csv
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs
+# make each step many times slower; subprocesses (CLI tests) inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 WORDS = {
     "Host": "so tell me what do you think about that question today".split(),

@@ -21,6 +21,10 @@ err_console = Console(stderr=True)
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers`", category=UserWarning)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -50,8 +50,7 @@ class LoadReport:
             notes.append(f"dropped {self.missing_dropped} row(s) with missing text")
         if self.bom:
             notes.append("removed a UTF-8 byte-order mark")
-        if self.crlf:
-            notes.append("read Windows (CRLF) line endings")
+        # CRLF line endings are standard CSV (Python's csv module writes them): counted, not warned about.
         return notes
 
 
