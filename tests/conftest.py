@@ -80,3 +80,19 @@ def tiny_config(tiny_model_dir, two_tasks, tmp_path):
         return build_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", strategy, **extra), sets)
 
     return make
+
+
+@pytest.fixture()
+def captured(monkeypatch):
+    """The strategies `pipeline.run` builds, kept for inspection after the run."""
+    import cltune.pipeline as pipeline
+    from cltune.strategies import create_strategy
+
+    made = []
+
+    def create(name, ctx, config):
+        made.append(create_strategy(name, ctx, config))
+        return made[-1]
+
+    monkeypatch.setattr(pipeline, "create_strategy", create)
+    return made

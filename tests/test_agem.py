@@ -14,7 +14,6 @@ from cltune import pipeline
 from cltune.batching import collate
 from cltune.data.split import Split
 from cltune.scoring import target_nll
-from cltune.strategies import create_strategy
 from cltune.strategies.agem import AGEM, agem_project, flatten
 from cltune.strategies.replay import replay_sample
 
@@ -37,17 +36,6 @@ def test_agreeing_or_orthogonal_gradient_is_returned_untouched():
     assert agem_project(orthogonal, torch.tensor([0.0, 1.0])) is orthogonal
 
 
-@pytest.fixture()
-def captured(monkeypatch):
-    """The strategy pipeline.run builds, kept for inspection after the run."""
-    made = []
-
-    def create(name, ctx, config):
-        made.append(create_strategy(name, ctx, config))
-        return made[-1]
-
-    monkeypatch.setattr(pipeline, "create_strategy", create)
-    return made
 
 
 def test_hook_projects_the_step_gradient_against_the_memory_gradient(tiny_config, captured):

@@ -10,7 +10,6 @@ import torch
 from cltune import pipeline
 from cltune.batching import collate
 from cltune.checkpoint import load_strategy_state
-from cltune.strategies import create_strategy
 from cltune.strategies.lwf import LwF, distillation_kl, lwf_loss
 
 QUIET_EVAL = {"attribution": False, "samples_per_speaker": 0, "max_new_tokens": 4, "batch_size": 16}
@@ -29,17 +28,6 @@ def test_kl_matches_hand_computed_values():
     assert lwf_loss(student, teacher, 2.0, 0.5).item() == pytest.approx(0.143841, abs=1e-6)
 
 
-@pytest.fixture()
-def captured(monkeypatch):
-    """The strategy pipeline.run builds, kept for inspection after the run."""
-    made = []
-
-    def create(name, ctx, config):
-        made.append(create_strategy(name, ctx, config))
-        return made[-1]
-
-    monkeypatch.setattr(pipeline, "create_strategy", create)
-    return made
 
 
 def test_teacher_pass_is_the_frozen_model_and_leaves_the_student_alone(tiny_config, captured):
