@@ -124,7 +124,6 @@ def train(data: Path = typer.Option(..., help="dialogue CSV/JSONL"),
           overwrite: bool = typer.Option(False, help="replace an existing checkpoint folder")) -> None:
     """Phase 1 alone: LoRA fine-tuning on one dataset, with before/after perplexity."""
     from cltune.config import build_config, load_config
-    import yaml
 
     sets = [*set_, f"tasks=[{{path: '{data}'}}]", "strategy=naive", f"output_dir='{out.parent}'", f"name='{out.name}'"]
     if model:
@@ -137,7 +136,6 @@ def train(data: Path = typer.Option(..., help="dialogue CSV/JSONL"),
     phase = metrics["phases"][0]
     console.print(f"test PPL {phase['before']['test_ppl']:.2f} → {phase['after']['test_ppl']:.2f} "
                   f"({phase['wall_s']:.0f} s, {phase['tokens_per_s']:.0f} tok/s); checkpoint: {out / 'phase1'}")
-    del yaml
 
 
 @app.command()
