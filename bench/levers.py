@@ -8,7 +8,7 @@ rotated order, so drifting load from other jobs spreads over all of them.
 
 Two levers are timed as bare micro-steps (forward + backward of the same 4 micro-batches) rather
 than whole phases: bf16 autocast (`--bf16`, very slow without bf16 hardware) and torch.compile of
-the scorer (`--compile`, minutes of compiling on 2 cores).
+the scorer (`--compile`, minutes of compiling on 2 cores). `--profile` prints where a step's time goes.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/levers.py --steps 3 --rounds 3 --bf16
     .venv/bin/python bench/levers.py --variants default,mb16 --steps 2 --rounds 1
@@ -72,6 +72,7 @@ def variants(pack_length: int) -> dict:
         "mb16": ({"micro_batch_size": 16}, nullcontext),
         "mb32": ({"micro_batch_size": 32}, nullcontext),
         "pack-mb8": ({"packing": True, "pack_length": pack_length}, nullcontext),
+        "pack-mb16": ({"packing": True, "pack_length": pack_length, "micro_batch_size": 16}, nullcontext),
         "pack-mb32": ({"packing": True, "pack_length": pack_length, "micro_batch_size": 32}, nullcontext),
         "threads1": ({}, lambda: threads(1)),
         "full-logits": ({}, lambda: patched(TokenScorer, "forward", full_logits_forward)),
@@ -116,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pack-length", type=int, default=256)
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast on one micro-batch (fp32 beside it)")
     p.add_argument("--compile", action="store_true", help="also try torch.compile of the scorer (slow to compile)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's op table for forward + backward of 8 micro-batches of 8")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -162,6 +165,17 @@ def main(argv=None) -> int:
     payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine, "settings": vars(args),
                "results": {n: [vars(t) for t in ts] for n, ts in results.items()}}
 
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        batches = micro_batches(stream, n=8)
+        micro_step(stream, stream.ctx.scorer.train(), batches)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            seconds, targets = micro_step(stream, stream.ctx.scorer, batches)
+        positions = sum(b.input_ids.numel() for b in batches)
+        print(f"\nprofile: 8 micro-batches, {positions} positions ({100 * (1 - sum(b.n_tokens for b in batches) / positions):.1f}% "
+              f"pads), {targets} targets, {seconds:.2f} s under the profiler, load {load1()}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.bf16 or args.compile:
         batches = micro_batches(stream)
         scorer = stream.ctx.scorer.train()

@@ -70,7 +70,7 @@ class PhaseSettings(Strict):
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
     batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the seed's 2 × 16)")
-    micro_batch_size: int = Field(8, ge=1, description="utterances per forward pass; a speed knob, same math")
+    micro_batch_size: int = Field(8, ge=1, description="utterances per forward pass (speed and memory); the loss is token-weighted over the whole step, but the length-grouped order depends on it")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     packing: bool = Field(False, description="pack utterances into rows with per-utterance attention and positions")
