@@ -7,9 +7,10 @@ import json
 
 from cltune import pipeline
 from cltune.data.split import Example, Split, TaskData
+from cltune.generate import sample_utterances
 from cltune.strategies import create_strategy
 from cltune.strategies.gen_replay import (
-    GENERATED_LINE, Draw, GenReplay, draw_seed, plan_draws, sample_utterances, speaker_quotas, task_quota,
+    GENERATED_LINE, Draw, GenReplay, draw_seed, plan_draws, speaker_quotas, task_quota,
 )
 
 

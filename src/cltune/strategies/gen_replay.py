@@ -18,13 +18,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 from accelerate.utils import broadcast_object_list
 from pydantic import Field
 
 from cltune.config import Strict
 from cltune.data.split import Example, Split, TaskData
 from cltune.files import atomic_write_text
+from cltune.generate import sample_utterances
 from cltune.strategies.base import Strategy
 
 GENERATED_LINE = -1  # Example.line of a generated utterance: it comes from no file row
@@ -88,38 +88,6 @@ def plan_draws(earlier: list[TaskData], ratio: float, per_task: int | None) -> l
 def draw_seed(seed: int, phase: int, draw: Draw) -> int:
     """A seed per (run seed, phase, dataset, speaker): a draw does not shift when another changes."""
     return random.Random(f"{seed}|{phase}|{draw.task}|{draw.speaker}").randrange(2**31)
-
-
-@torch.no_grad()
-def sample_utterances(
-    model, tokenizer, speaker_token: str, n: int, *, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, batch_size: int,
-) -> list[str]:
-    """`n` continuations of the speaker token alone, decoded and stripped (empty ones included).
-
-    The batched counterpart of `generate_text` with an empty prompt: every row starts with the
-    same single token, so rows need no padding and `batch_size` of them share a forward pass.
-    Each chunk reseeds, so the samples depend on `seed` and `batch_size`, not on earlier draws.
-    """
-    token_id = tokenizer.convert_tokens_to_ids(speaker_token)
-    device = next(model.parameters()).device
-    sampling = temperature > 0
-    was_training = model.training
-    model.eval()
-    texts: list[str] = []
-    try:
-        for start in range(0, n, batch_size):
-            inputs = torch.full((min(batch_size, n - start), 1), token_id, dtype=torch.long, device=device)
-            torch.manual_seed(seed + start)
-            out = model.generate(
-                input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            )
-            texts += [t.strip() for t in tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
-    finally:
-        model.train(was_training)
-    return texts
 
 
 class GenReplay(Strategy):
