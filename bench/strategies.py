@@ -17,6 +17,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import platform
 import random
 import re
@@ -81,14 +82,18 @@ def run_one(name: str, stream: str, tasks: list[dict], args, out: Path) -> dict:
     path = out / "configs" / f"{stream}-{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+    # Idle OpenMP threads yield instead of spinning: on a shared CPU spinning costs up to 5x.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "cltune", "run", str(path), "--overwrite"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         return {"strategy": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    (out / "runs" / f"{stream}-{name}" / "bench.json").write_text(json.dumps({"wall_s": wall, "peak_rss_gb": rss_kb / 1e6}))
+    (out / "runs" / f"{stream}-{name}" / "bench.json").write_text(json.dumps(
+        {"wall_s": wall, "peak_rss_gb": rss_kb / 1e6, "load_avg": [load_before, os.getloadavg()[0]]}))
     return collect_one(name, stream, out)
 
 
@@ -100,7 +105,18 @@ def collect_one(name: str, stream: str, out: Path) -> dict:
     metrics = json.loads((folder / "metrics.json").read_text())
     extra = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").exists() else {}
     wall = extra.get("wall_s", sum(p["wall_s"] for p in metrics["phases"]))
-    return {"strategy": name, "metrics": metrics, "wall_s": wall, "peak_rss_gb": extra.get("peak_rss_gb")}
+    return {"strategy": name, "metrics": metrics, "wall_s": wall, "peak_rss_gb": extra.get("peak_rss_gb"),
+            "load_avg": extra.get("load_avg")}
+
+
+def peak_forgetting(ppl: list[list[float]]) -> list[float]:
+    """Per earlier task, the worst rise (%) of its PPL at any later phase over its PPL right after learning it.
+
+    `ppl` rows: before training, then after each phase; task t is learnt in phase t+1 (row t+1). Final-row
+    forgetting hides a dip that a later, similar task repairs; this is the dip.
+    """
+    tasks = len(ppl[0])
+    return [max(100 * (ppl[r][t] / ppl[t + 1][t] - 1) for r in range(t + 2, tasks + 1)) for t in range(tasks - 1)]
 
 
 def _mean(values):
@@ -113,7 +129,7 @@ def table(results: list[dict]) -> list[str]:
     naive = next((r for r in ok if r["strategy"] == "naive"), None)
     tasks = ok[0]["metrics"]["tasks"] if ok else []
     header = ["strategy", *(f"final PPL {t}" for t in tasks), *(f"forgetting {t}" for t in tasks[:-1]),
-              "new-task PPL vs naive", "attribution (final, mean)", "wall s", "peak RSS GB"]
+              *(f"peak forgetting {t}" for t in tasks[:-1]), "new-task PPL vs naive", "attribution (final, mean)", "wall s", "peak RSS GB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         if "metrics" not in r:
@@ -122,6 +138,7 @@ def table(results: list[dict]) -> list[str]:
         m = r["metrics"]
         rel = m["ppl"][-1][-1] / naive["metrics"]["ppl"][-1][-1] if naive else None
         cells = [r["strategy"], *(f"{v:.1f}" for v in m["ppl"][-1]), *(f"{f:+.1f}%" for f in m["forgetting_pct"]),
+                 *(f"{f:+.1f}%" for f in peak_forgetting(m["ppl"])),
                  f"{rel:.3f}" if rel else "–", f"{100 * _mean(m['speaker_attribution'][-1]):.0f}%" if _mean(m["speaker_attribution"][-1]) is not None else "–",
                  f"{r['wall_s']:.0f}", f"{r['peak_rss_gb']:.2f}" if r["peak_rss_gb"] else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -131,7 +148,7 @@ def table(results: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=",".join(REGISTRY))
-    parser.add_argument("--streams", default="demo,hard")
+    parser.add_argument("--streams", default="hard,demo")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rows", type=int, default=150, help="utterances per dataset (80/10/10 split)")
     parser.add_argument("--epochs", type=float, default=2)
@@ -147,7 +164,7 @@ def main() -> None:
 
     names = [s for s in args.strategies.split(",") if s]
     all_streams = streams(args.out / "data", args.rows, args.seed)
-    sections, total_wall = [], 0.0
+    sections, total_wall, loads = [], 0.0, []
     for stream in args.streams.split(","):
         results = []
         for name in names:
@@ -158,21 +175,32 @@ def main() -> None:
             print("   ", r.get("error") or f"final {r['metrics']['ppl'][-1]} forgetting {r['metrics']['forgetting_pct']} ({r['wall_s']:.0f} s)", flush=True)
         ok = [r for r in results if "metrics" in r]
         total_wall += sum(r["wall_s"] for r in ok)
+        loads += [x for r in ok for x in (r["load_avg"] or [])]
         if not ok:
             sections += [f"## {stream} stream", "", "Not run in this session (out of time).", ""]
             continue
         plot = args.doc.parent / f"strategies_{stream}.png"
-        tradeoff_scatter([{"label": r["strategy"], "forgetting": r["metrics"]["forgetting_pct"][0],
-                           "new_ppl": r["metrics"]["ppl"][-1][-1]} for r in ok], plot, f"{stream} stream")
+        tradeoff_scatter([{"label": r["strategy"], "forgetting": _mean(r["metrics"]["forgetting_pct"]),
+                           "new_ppl": r["metrics"]["ppl"][-1][-1]} for r in ok], plot, f"{stream} stream",
+                         xlabel="final forgetting, mean over earlier tasks (%)")
         tasks = " → ".join(t["name"] for t in all_streams[stream])
-        sections += [f"## {stream} stream: {tasks}", "", *table(results), "", f"![{stream}]({plot.name})", ""]
+        sections += [f"## {stream} stream: {tasks}", ""]
+        naive = next((r for r in ok if r["strategy"] == "naive"), None)
+        if naive:
+            m = naive["metrics"]
+            sections += [f"`naive` on this stream: task 1 ({m['tasks'][0]}) PPL {m['ppl'][1][0]:.1f} right after learning it, "
+                         f"worst {max(row[0] for row in m['ppl'][2:]):.1f} later (peak forgetting "
+                         f"{peak_forgetting(m['ppl'])[0]:+.1f}%), {m['ppl'][-1][0]:.1f} at the end "
+                         f"(final forgetting {m['forgetting_pct'][0]:+.1f}%).", ""]
+        sections += [*table(results), "", f"![{stream}]({plot.name})", ""]
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     command = "python bench/strategies.py " + " ".join(sys.argv[1:])
     head = [
         "# Strategy benchmark", "",
         f"Command: `{command.strip()}` · {datetime.date.today()} · {cpu or platform.processor()}, "
-        f"{len(__import__('os').sched_getaffinity(0))} cores, CPU only · sum of run wall times {total_wall / 60:.0f} min "
-        "(measured while other jobs shared the 2 cores: times are inflated, ratios between strategies less so).", "",
+        f"{len(os.sched_getaffinity(0))} cores, CPU only · sum of run wall times {total_wall / 60:.0f} min · "
+        + (f"1-minute load average {min(loads):.1f}–{max(loads):.1f} at the runs' starts and ends "
+           "(above 2 other jobs shared the cores and inflated the times)." if loads else "load not recorded."), "",
         f"Budget (the same for every strategy, reduced to fit a laptop CPU): model `{args.model}`; {args.rows} utterances "
         f"per dataset (80/10/10 split, so {round(args.rows * 0.1)} test utterances per dataset — PPL differences under ~2% are noise); "
         f"{args.epochs:g} epochs per phase, constant LR {args.lr:g}, {args.batch_size} utterances per step, max length "
@@ -180,7 +208,8 @@ def main() -> None:
         f"(`meta_iterations: {args.reptile_iterations}`).", "",
         "Columns: the final row of the test-PPL matrix; forgetting % of each earlier task "
         "(100·(final − right after learning it)/right after learning it); the last task's final PPL relative to `naive` "
-        "(plasticity, < 1 = better); speaker attribution after the last phase averaged over datasets with ≥ 2 speakers; "
+        "(plasticity, < 1 = better); peak forgetting: the worst rise at any later phase, which final-row forgetting "
+        "hides when a later, similar task repairs the damage; speaker attribution after the last phase averaged over datasets with ≥ 2 speakers; "
         "wall time and peak RSS of the whole `cltune run` process.", "",
     ]
     args.doc.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -73,6 +73,10 @@ class PhaseSettings(Strict):
     micro_batch_size: int = Field(8, ge=1, description="utterances per forward pass (speed and memory); the loss is token-weighted over the whole step, but the length-grouped order depends on it")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    max_micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="split a micro-batch whose padded size (utterances × longest) exceeds this many token "
+        "positions, so a few long utterances cannot set the peak memory; the step's math stays the same; auto: 400 on "
+        "a CPU, no limit on a GPU; null: never split")
     packing: bool = Field(False, description="pack utterances into rows with per-utterance attention and positions")
     pack_length: int = Field(256, ge=8, description="tokens per packed row")
     early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without val improvement")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 import typing
 
 from pydantic import BaseModel
@@ -10,9 +11,19 @@ from cltune.config import BaseRunConfig, DataSettings, EvalSettings, LoraSetting
 
 
 def _type(annotation) -> str:
-    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
-    text = text or str(annotation).replace("typing.", "").replace("pathlib.", "")
-    return text.replace(" | ", " or ").replace("|", "or")  # a bare | would split the Markdown table
+    """`int or 'auto' or None`: readable, and free of the bare | that would split a Markdown table."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type(args[0])
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type(a) for a in args)
+    if annotation is type(None):
+        return "None"
+    if args:
+        return str(annotation).replace("typing.", "").replace("pathlib.", "").replace("|", "or")
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _default(field) -> str:

@@ -51,10 +51,36 @@ class PhaseResult:
     stopped_early: bool = False
 
 
-def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int) -> list[tuple[int, list[list[int]]]]:
+def split_wide(micro_batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
+    """`micro_batch` halved until each part's padded size (rows × longest) fits `max_tokens`.
+
+    A single utterance is never split. Only a step's tokens enter the loss, so the parts give the
+    step the same gradient as the whole; they only lower the peak memory of one forward pass.
+    """
+    width = max(lengths[i] for i in micro_batch)
+    if max_tokens is None or len(micro_batch) == 1 or len(micro_batch) * width <= max_tokens:
+        return [micro_batch]
+    half = (len(micro_batch) + 1) // 2
+    return split_wide(micro_batch[:half], lengths, max_tokens) + split_wide(micro_batch[half:], lengths, max_tokens)
+
+
+CPU_MICRO_BATCH_TOKENS = 400  # what `max_micro_batch_tokens: auto` means on a CPU: ~1.5 GB of activations at 135M
+
+
+def token_budget(settings: PhaseSettings, device: torch.device) -> int | None:
+    """The phase's `max_micro_batch_tokens` with `auto` resolved for `device`."""
+    if settings.max_micro_batch_tokens == "auto":
+        return CPU_MICRO_BATCH_TOKENS if device.type == "cpu" else None
+    return settings.max_micro_batch_tokens
+
+
+def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int,
+               max_tokens: int | None = None) -> list[tuple[int, list[list[int]]]]:
     """(epoch, micro-batches) per optimizer step, for all epochs, capped by max_steps.
 
-    Fractional epochs take the first part of the last epoch's seeded order.
+    Fractional epochs take the first part of the last epoch's seeded order. Steps are formed
+    before micro-batches wider than `max_tokens` are split, so the split never changes which
+    utterances share a step.
     """
     per_step = math.ceil(settings.batch_size / settings.micro_batch_size)
     steps: list[tuple[int, list[list[int]]]] = []
@@ -62,7 +88,9 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int) -> list[t
         micro = length_grouped_batches(lengths, settings.micro_batch_size, seed=seed * 1_000 + epoch)
         share = min(1.0, settings.epochs - epoch)
         micro = micro[: max(1, round(share * len(micro)))]
-        steps += [(epoch, micro[i : i + per_step]) for i in range(0, len(micro), per_step)]
+        steps += [(epoch, [part for mb in micro[i : i + per_step]
+                           for part in split_wide(mb, lengths, max_tokens)])
+                  for i in range(0, len(micro), per_step)]
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
@@ -200,7 +228,7 @@ def train_phase(
     examples = require_no_test(strategy.train_data(task), "training")
     encoded = ctx.encode(examples)
     pad_id = ctx.tokenizer.pad_token_id
-    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase)
+    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, token_budget(settings, acc.device))
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 

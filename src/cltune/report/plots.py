@@ -59,13 +59,13 @@ def forgetting_bars(metrics: dict, path: Path) -> Path:
     return path
 
 
-def tradeoff_scatter(points: list[dict], path: Path, title: str = "") -> Path:
+def tradeoff_scatter(points: list[dict], path: Path, title: str = "", xlabel: str = "forgetting of task 1 (%)") -> Path:
     """Forgetting (x) vs new-task PPL (y); each point a dict with label, forgetting, new_ppl."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in points:
         ax.scatter(p["forgetting"], p["new_ppl"])
         ax.annotate(p["label"], (p["forgetting"], p["new_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("forgetting of task 1 (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("new-task test PPL (plasticity; lower is better)")
     if title:
         ax.set_title(title)
