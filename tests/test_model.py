@@ -14,7 +14,7 @@ from cltune.checkpoint import load_checkpoint, save_checkpoint, verify
 from cltune.config import LoraSettings, ModelSettings
 from cltune.data.split import Example, Split
 from cltune.errors import UserError
-from cltune.evaluate import example_nll, perplexity
+from cltune.evaluate import example_nll, perplexity, perplexity_and_attribution
 from cltune.model import add_special_tokens, attach_lora, load_base, lora_targets, parameter_counts, resize_for
 from cltune.pipeline import make_accelerator
 from cltune.scoring import TokenScorer, target_nll
@@ -155,3 +155,26 @@ def test_fast_new_token_path_matches_peft_forward_and_gradients(tiny_model_dir):
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-6)
     assert fast_grad.abs().sum() > 0
+
+
+def test_one_scoring_pass_gives_perplexity_and_attribution(tiny_model_dir):
+    model, tokenizer, new_ids = prepared(tiny_model_dir)
+    with torch.no_grad():  # distinct speaker rows, so the candidate tokens score differently
+        torch.manual_seed(0)
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.normal_(0, 1.0)
+    acc, scorer, tokens = make_accelerator("fp32"), TokenScorer(model), ["<HOST>", "<GUEST_A>"]
+    texts = ["so tell me what", "pizza and music", "i really love long walks", "ok", "what do you think about that",
+             "music outside today"]
+    data = [Example(0, "Host" if i % 2 else "Guest A", tokens[i % 2], t, Split.TEST, i + 2) for i, t in enumerate(texts)]
+    ppl, attribution = perplexity_and_attribution(acc, scorer, tokenizer, data, tokens, 24, batch_size=4)
+    assert ppl == pytest.approx(perplexity(acc, scorer, tokenizer, data, 24), rel=1e-6)
+    # by hand: each utterance alone under each token, then the share won by its own token
+    nll = [[example_nll(acc, scorer, encode([Example(0, e.speaker, t, e.text, e.split, e.line)], tokenizer, 24),
+                        tokenizer.pad_token_id)[0].item() for t in tokens] for e in data]
+    hand = sum(tokens[min(range(2), key=row.__getitem__)] == e.token for row, e in zip(nll, data)) / len(data)
+    assert attribution == pytest.approx(hand)
+    assert all(abs(a - b) > 1e-4 for a, b in nll)  # the distinct rows make the candidates score differently
+    single = perplexity_and_attribution(acc, scorer, tokenizer, data, tokens[:1], 24)
+    assert single[0] == pytest.approx(ppl, rel=1e-6) and math.isnan(single[1])

@@ -59,15 +59,26 @@ def mean_loss(accelerator, scorer, tokenizer, examples: list[Example], max_lengt
 def speaker_attribution(
     accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
 ) -> float:
-    """Share of utterances whose text is most likely under their own speaker's token.
+    """Share of utterances whose text is most likely under their own speaker's token (NaN under 2 speakers)."""
+    return perplexity_and_attribution(accelerator, scorer, tokenizer, examples, tokens, max_length, batch_size)[1]
+
+
+def perplexity_and_attribution(
+    accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
+) -> tuple[float, float]:
+    """Perplexity of `examples` and their speaker attribution, from one scoring of every utterance per token.
 
     Each utterance is scored once per candidate token (the dataset's speakers); the text and end
-    tokens are the same targets in every variant, so the summed NLLs compare directly.
+    tokens are the same targets in every variant, so the summed NLLs compare directly, and the
+    variant with the utterance's own token is exactly what perplexity scores. With fewer than two
+    candidates there is nothing to attribute: perplexity alone, attribution NaN.
     """
     if len(tokens) < 2 or not examples:
-        return float("nan")
+        return perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size), float("nan")
     variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens]
-    total, _ = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
-    best = total.view(len(examples), len(tokens)).argmin(dim=1)
-    hits = sum(tokens[b] == e.token for b, e in zip(best.tolist(), examples))
-    return hits / len(examples)
+    total, count = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
+    total, count = total.view(len(examples), len(tokens)), count.view(len(examples), len(tokens))
+    own = torch.tensor([tokens.index(e.token) for e in examples])
+    rows = torch.arange(len(examples))
+    ppl = math.exp(total[rows, own].sum().item() / count[rows, own].sum().item())
+    return ppl, (total.argmin(dim=1) == own).double().mean().item()

@@ -28,7 +28,7 @@ from cltune.config import BaseRunConfig, dump_config
 from cltune.data import TaskData, assign_speaker_tokens, build_task, load_dialogue
 from cltune.data.eda import summarize, write_eda
 from cltune.errors import UserError
-from cltune.evaluate import perplexity, speaker_attribution
+from cltune.evaluate import perplexity, perplexity_and_attribution
 from cltune.files import read_json, write_json
 from cltune.generate import generate_text
 from cltune.model import add_special_tokens, attach_lora, load_base, parameter_counts, resize_for
@@ -101,13 +101,12 @@ def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: A
 def _row(ctx: Context, strategy, tasks: list[TaskData], config: BaseRunConfig) -> tuple[list[float], list[float]]:
     ppl, attribution = [], []
     for task in tasks:
+        candidates = list(task.tokens.values()) if config.eval.attribution else []
         with strategy.evaluating(task.index):
-            ppl.append(perplexity(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size))
-            attribution.append(
-                speaker_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, list(task.tokens.values()),
-                                    ctx.max_length, config.eval.batch_size)
-                if config.eval.attribution else float("nan")
-            )
+            scores = perplexity_and_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates,
+                                                ctx.max_length, config.eval.batch_size)
+        ppl.append(scores[0])
+        attribution.append(scores[1])
     return ppl, attribution
 
 
