@@ -23,6 +23,9 @@ def test_every_strategy_runs_a_two_task_stream(tiny_config, strategy):
     # training on task 1 must lower its held-out perplexity on this easy synthetic data
     assert metrics["ppl"][1][0] < metrics["ppl"][0][0]
     assert len(metrics["forgetting_pct"]) == 1
+    for record in metrics["phases"]:  # the strategy's own work is timed apart from training
+        assert set(record["strategy"]["hooks_s"]) == {"before_task", "after_task"}
+        assert all(t >= 0 for t in record["strategy"]["hooks_s"].values())
     for phase in ("phase1", "phase2"):
         files = {p.name for p in (run_dir / phase).iterdir()}
         assert {"adapter_model.safetensors", "config.resolved.yaml", "train_log.jsonl", "metrics.json",

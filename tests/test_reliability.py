@@ -59,6 +59,8 @@ def deterministic(metrics: dict) -> dict:
     """metrics.json without what legitimately differs between equal runs: the name and wall times."""
     out = {k: v for k, v in metrics.items() if k != "run"}
     out["phases"] = [{k: v for k, v in p.items() if k not in ("wall_s", "tokens_per_s")} for p in metrics["phases"]]
+    for p in out["phases"]:
+        p["strategy"] = {k: v for k, v in p["strategy"].items() if k != "hooks_s" and not k.endswith("wall_s")}
     return out
 
 

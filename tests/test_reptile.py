@@ -95,9 +95,13 @@ def test_meta_training_equals_the_reptile_formula(tiny_config):
 def test_stream_meta_trains_before_phase_one_only(tiny_config, monkeypatch):
     made: list[Reptile] = []
     monkeypatch.setattr(pipeline, "create_strategy", lambda *a: made.append(create_strategy(*a)) or made[-1])
-    pipeline.run(tiny_config("reptile", ["reptile.meta_iterations=3", "reptile.inner_steps=2"]))
+    metrics = pipeline.run(tiny_config("reptile", ["reptile.meta_iterations=3", "reptile.inner_steps=2"]))
     assert list(made[0].costs) == [1]
     cost = made[0].costs[1]
     assert cost["meta_iterations"] == 3 and cost["inner_steps"] == 6
     assert cost["meta_target_tokens"] > 0 and cost["meta_wall_s"] >= 0
+    # the cost is reported with phase 1, and the meta-training is inside its before_task time
+    first, second = (p["strategy"] for p in metrics["phases"])
+    assert first["meta_target_tokens"] == cost["meta_target_tokens"] and "meta_wall_s" not in second
+    assert first["hooks_s"]["before_task"] >= cost["meta_wall_s"] - 0.01
     assert not Reptile.phase1_neutral

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -186,7 +187,9 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
         if acc.is_main_process:  # the one writer of the log; another process must not unlink it under it
             staging_log.unlink(missing_ok=True)
         set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
+        hook_start = time.perf_counter()
         strategy.before_task(task)
+        hooks_s = {"before_task": round(time.perf_counter() - hook_start, 2)}
         before = {"val_ppl": perplexity(acc, scorer, tokenizer, task.val, ctx.max_length), "test_ppl": ppl_rows[-1][k]}
         meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": tokens}
         if k == 0 and reuse_phase1 is not None:
@@ -196,13 +199,16 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
             checkpoints = resuming.StepCheckpoints(resuming.steps_folder(run_dir, k), settings.checkpoint_every,
                                                    settings.save_total_limit, meta, resume=resume and k == first)
             result = train_phase(ctx, strategy, task, settings, k, staging_log, checkpoints)
+        hook_start = time.perf_counter()
         strategy.after_task(task)
+        hooks_s["after_task"] = round(time.perf_counter() - hook_start, 2)
         row, attribution = _row(ctx, strategy, tasks, config)
         ppl_rows.append(row)
         attribution_rows.append(_nan_to_none(attribution))
         after = {"val_ppl": perplexity(acc, scorer, tokenizer, task.val, ctx.max_length), "test_ppl": row[k]}
         train_examples = len(strategy.train_data(task)) if k or reuse_phase1 is None else None
         phase_record = _phase_record(k, task, result, train_examples, before, after)
+        phase_record["strategy"] = {"hooks_s": hooks_s, **strategy.costs.get(k + 1, {})}
         phases.append(phase_record)
         if acc.is_main_process:
             samples += _samples(ctx, strategy, tasks, config, k + 1)

@@ -28,6 +28,12 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _hooks(phase: dict) -> str:
+    """The strategy's own work around a phase (e.g. Fisher, sampling, meta-training), in seconds."""
+    hooks = phase.get("strategy", {}).get("hooks_s")  # absent in runs written before it was recorded
+    return f"{hooks['before_task']:.1f} / {hooks['after_task']:.1f}" if hooks else "–"
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
@@ -63,9 +69,10 @@ def render_markdown(run_dir: Path, metrics: dict, images: dict[str, str]) -> str
         lines.append("")
     if metrics.get("phases"):
         lines += ["## Training", ""] + _table(
-            ["phase", "dataset", "steps", "target tokens", "wall s", "tokens/s", "best val loss"],
-            [[p["phase"], p["task"], p["steps"], p["target_tokens"], p["wall_s"], p["tokens_per_s"], p["best_val_loss"]]
-             for p in metrics["phases"]]) + ["", f"![loss curves]({images['loss']})", ""]
+            ["phase", "dataset", "steps", "target tokens", "wall s", "tokens/s", "best val loss",
+             "strategy before / after phase s"],
+            [[p["phase"], p["task"], p["steps"], p["target_tokens"], p["wall_s"], p["tokens_per_s"], p["best_val_loss"],
+              _hooks(p)] for p in metrics["phases"]]) + ["", f"![loss curves]({images['loss']})", ""]
     if metrics.get("samples"):
         lines += ["## Sample generations", ""] + _table(
             ["phase", "speaker", "text"],

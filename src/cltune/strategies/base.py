@@ -51,6 +51,7 @@ class Strategy:
     def __init__(self, ctx: Context, settings: dict[str, BaseModel]):
         self.ctx = ctx
         self.settings = settings
+        self.costs: dict[int, dict] = {}  # by phase number: extra work worth reporting (metrics.json shows it)
 
     def before_task(self, task: TaskData) -> None:
         """Called before training on `task` (e.g. add an adapter, sample pseudo-data)."""

@@ -99,7 +99,6 @@ class GenReplay(Strategy):
         super().__init__(ctx, settings)
         self.cfg: GenReplaySettings = settings["gen_replay"]
         self.pseudo: list[Example] = []
-        self.costs: dict[int, dict] = {}  # by phase number: generation wall time and counts
 
     def before_task(self, task: TaskData) -> None:
         # Regenerated from the current model before every later phase (the samples are a

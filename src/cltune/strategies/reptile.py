@@ -100,7 +100,6 @@ class Reptile(Strategy):
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
         self.cfg: ReptileSettings = settings["reptile"]
-        self.costs: dict[int, dict] = {}  # by phase number: the meta-training's wall time and tokens
 
     def episodes(self, task: TaskData) -> list[list[Example]]:
         """Every episode of the meta-training, drawn up front from one seeded generator."""
