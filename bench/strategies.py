@@ -194,7 +194,10 @@ def main() -> None:
                          f"(final forgetting {m['forgetting_pct'][0]:+.1f}%).", ""]
         sections += [*table(results), "", f"![{stream}]({plot.name})", ""]
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
-    command = "python bench/strategies.py " + " ".join(sys.argv[1:])
+    # The command that produced the figures: where files go, and rebuilding the doc, do not change them.
+    budget_args = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+                   for k, v in vars(args).items() if k not in ("out", "doc", "collect") and v != parser.get_default(k)]
+    command = "python bench/strategies.py " + " ".join(budget_args)
     head = [
         "# Strategy benchmark", "",
         f"Command: `{command.strip()}` · {datetime.date.today()} · {cpu or platform.processor()}, "

@@ -53,3 +53,33 @@ def test_split_micro_batches_train_to_the_same_model(tiny_config):
     assert whole[1][0] != whole[0][0]  # training moved the model
     for row_a, row_b in zip(whole, split):
         assert row_a == pytest.approx(row_b, rel=1e-4)
+
+
+def test_token_rows_get_their_own_learning_rate(tiny_model_dir):
+    from cltune.config import LoraSettings, ModelSettings
+    from cltune.model import add_special_tokens, attach_lora, load_base, resize_for
+    from cltune.train import param_groups
+
+    model, tokenizer = load_base(ModelSettings(name=str(tiny_model_dir)))
+    new_ids = add_special_tokens(tokenizer, ["<HOST>", "<GUEST_A>"])
+    resize_for(model, tokenizer)
+    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0), new_ids)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    rows = {n for n in trainable if "trainable_tokens_delta" in n}
+    assert rows and len(rows) < len(trainable)
+
+    same = param_groups(model, PhaseSettings())
+    assert len(same) == 1 and len(same[0]["params"]) == len(trainable) and "lr" not in same[0]
+    apart = param_groups(model, PhaseSettings(lr=1e-3, token_lr=5e-2))
+    assert [len(g["params"]) for g in apart] == [len(trainable) - len(rows), len(rows)]
+    assert {id(p) for p in apart[1]["params"]} == {id(trainable[n]) for n in rows} and apart[1]["lr"] == 5e-2
+
+    # one AdamW step moves each parameter by about its group's rate
+    optimizer = torch.optim.AdamW(apart, lr=1e-3, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    for p in trainable.values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    moved = {n: (trainable[n] - before[n]).abs().max().item() for n in trainable}
+    assert all(m == pytest.approx(5e-2, rel=1e-3) for n, m in moved.items() if n in rows)
+    assert all(m == pytest.approx(1e-3, rel=1e-3) for n, m in moved.items() if n not in rows)

@@ -67,6 +67,8 @@ class PhaseSettings(Strict):
     epochs: float = Field(2, gt=0, description="passes over the phase's training data")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps (overrides epochs when smaller)")
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
+    token_lr: float | None = Field(None, gt=0, description="learning rate of the new token rows (speaker tokens, "
+                                   "[PAD]); null: `lr`")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
     batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the seed's 2 × 16)")

@@ -94,6 +94,16 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int,
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
+def param_groups(model, settings: PhaseSettings) -> list[dict]:
+    """The optimizer's parameter groups: the new token rows apart when `token_lr` sets their own rate."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rows = [p for n, p in trainable if "trainable_tokens_delta" in n]
+    if settings.token_lr is None or not rows:
+        return [{"params": [p for _, p in trainable]}]
+    rest = [p for n, p in trainable if "trainable_tokens_delta" not in n]
+    return [g for g in ({"params": rest}, {"params": rows, "lr": settings.token_lr}) if g["params"]]
+
+
 def _trainable_snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -233,7 +243,7 @@ def train_phase(
     pack = settings.pack_length if settings.packing else None
 
     params = [p for p in ctx.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(ctx.model, settings), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
         settings.schedule, optimizer, num_warmup_steps=round(settings.warmup_ratio * len(plan)), num_training_steps=len(plan)
     )
