@@ -76,32 +76,49 @@ def budget(args) -> dict:
     }
 
 
-def run_one(name: str, stream: str, tasks: list[dict], args, out: Path) -> dict:
-    config = {"name": f"{stream}-{name}", "output_dir": str(out / "runs"), "strategy": name, "tasks": tasks,
+def entries(args) -> list[tuple[str, str, list[str]]]:
+    """(label, strategy, --set overrides): every strategy at its defaults, then the --variant runs."""
+    out = [(name, name, []) for name in args.strategies.split(",") if name]
+    for variant in args.variant:
+        strategy, *sets = variant.split(":")
+        if strategy not in REGISTRY or not sets or not all("=" in x for x in sets):
+            raise SystemExit(f"--variant {variant!r}: expected STRATEGY:KEY=VALUE[:KEY=VALUE…], e.g. ewc:ewc.lambda=1000")
+        out.append((f"{strategy} ({', '.join(sets)})", strategy, sets))
+    return out
+
+
+def folder_name(stream: str, label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stream}-{label}").strip("_")
+
+
+def run_one(label: str, name: str, sets: list[str], stream: str, tasks: list[dict], args, out: Path) -> dict:
+    run_name = folder_name(stream, label)
+    config = {"name": run_name, "output_dir": str(out / "runs"), "strategy": name, "tasks": tasks,
               "model": {"name": args.model}, **budget(args)}
-    path = out / "configs" / f"{stream}-{name}.yaml"
+    path = out / "configs" / f"{run_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     # Idle OpenMP threads yield instead of spinning: on a shared CPU spinning costs up to 5x.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "cltune", "run", str(path), "--overwrite"],
+    overrides = [x for pair in sets for x in ("--set", pair)]
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-m", "cltune", "run", str(path), "--overwrite", *overrides],
                           capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        return {"strategy": name, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+        return {"strategy": label, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-    (out / "runs" / f"{stream}-{name}" / "bench.json").write_text(json.dumps(
+    (out / "runs" / run_name / "bench.json").write_text(json.dumps(
         {"wall_s": wall, "peak_rss_gb": rss_kb / 1e6, "load_avg": [load_before, os.getloadavg()[0]]}))
-    return collect_one(name, stream, out)
+    return collect_one(label, stream, out)
 
 
 def collect_one(name: str, stream: str, out: Path) -> dict:
     """A finished run's figures from its folder (metrics.json, and bench.json when this script ran it)."""
-    folder = out / "runs" / f"{stream}-{name}"
+    folder = out / "runs" / folder_name(stream, name)
     if not (folder / "metrics.json").exists() or "forgetting_pct" not in json.loads((folder / "metrics.json").read_text()):
-        return {"strategy": name, "error": "not run (out of time in this session)"}
+        return {"strategy": name, "error": "not run"}
     metrics = json.loads((folder / "metrics.json").read_text())
     extra = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").exists() else {}
     wall = extra.get("wall_s", sum(p["wall_s"] for p in metrics["phases"]))
@@ -149,6 +166,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=",".join(REGISTRY))
     parser.add_argument("--streams", default="hard,demo")
+    parser.add_argument("--variant", action="append", default=[], metavar="STRATEGY:KEY=VALUE[:KEY=VALUE…]",
+                        help="also run a strategy with changed settings, e.g. ewc:ewc.lambda=1000 (repeatable)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--rows", type=int, default=150, help="utterances per dataset (80/10/10 split)")
     parser.add_argument("--epochs", type=float, default=2)
@@ -162,22 +181,22 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true", help="only rebuild the doc from finished runs in --out")
     args = parser.parse_args()
 
-    names = [s for s in args.strategies.split(",") if s]
+    runs = entries(args)
     all_streams = streams(args.out / "data", args.rows, args.seed)
     sections, total_wall, loads = [], 0.0, []
     for stream in args.streams.split(","):
         results = []
-        for name in names:
-            print(f"[{stream}] {name} …", flush=True)
-            run = collect_one if args.collect else lambda n, s, o: run_one(n, s, all_streams[s], args, o)
-            results.append(run(name, stream, args.out))
+        for label, name, sets in runs:
+            print(f"[{stream}] {label} …", flush=True)
+            results.append(collect_one(label, stream, args.out) if args.collect
+                           else run_one(label, name, sets, stream, all_streams[stream], args, args.out))
             r = results[-1]
             print("   ", r.get("error") or f"final {r['metrics']['ppl'][-1]} forgetting {r['metrics']['forgetting_pct']} ({r['wall_s']:.0f} s)", flush=True)
         ok = [r for r in results if "metrics" in r]
         total_wall += sum(r["wall_s"] for r in ok)
         loads += [x for r in ok for x in (r["load_avg"] or [])]
         if not ok:
-            sections += [f"## {stream} stream", "", "Not run in this session (out of time).", ""]
+            sections += [f"## {stream} stream", "", "Not run.", ""]
             continue
         plot = args.doc.parent / f"strategies_{stream}.png"
         tradeoff_scatter([{"label": r["strategy"], "forgetting": _mean(r["metrics"]["forgetting_pct"]),
@@ -195,8 +214,12 @@ def main() -> None:
         sections += [*table(results), "", f"![{stream}]({plot.name})", ""]
     cpu = subprocess.run(["sh", "-c", "lscpu | grep 'Model name' | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     # The command that produced the figures: where files go, and rebuilding the doc, do not change them.
-    budget_args = [f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-                   for k, v in vars(args).items() if k not in ("out", "doc", "collect") and v != parser.get_default(k)]
+    budget_args = []
+    for key, value in vars(args).items():
+        if key in ("out", "doc", "collect") or value == parser.get_default(key):
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            budget_args.append(f"--{key.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{key.replace('_', '-')} {v}")
     command = "python bench/strategies.py " + " ".join(budget_args)
     head = [
         "# Strategy benchmark", "",
