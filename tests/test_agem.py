@@ -39,14 +39,16 @@ def test_agreeing_or_orthogonal_gradient_is_returned_untouched():
 
 
 def test_hook_projects_the_step_gradient_against_the_memory_gradient(tiny_config, captured):
-    # memory_batch above the memory's size: the reference is the whole memory's gradient.
+    # memory_batch above the memory's size: the reference is the whole memory's gradient, computed
+    # in length-sorted passes of 8 (half of 48 + 32 training utterances: 5 passes) and checked against one.
     # LoRA dropout 0.5 so that "dropout off in the reference pass" is observable.
-    config = tiny_config("agem", eval=QUIET_EVAL, agem={"memory_batch": 1000}, lora={"r": 4, "alpha": 8, "dropout": 0.5})
+    config = tiny_config("agem", eval=QUIET_EVAL, agem={"memory_batch": 1000, "memory_ratio": 0.5},
+                         lora={"r": 4, "alpha": 8, "dropout": 0.5})
     pipeline.run(config)
     strategy: AGEM = captured[0]
     ctx = strategy.ctx
     for task in ctx.tasks:  # the seeded 10% training sample of each finished dataset, nothing else
-        assert strategy.memory.samples[task.index] == replay_sample(task.train, 0.1, ctx.seed + task.index)
+        assert strategy.memory.samples[task.index] == replay_sample(task.train, 0.5, ctx.seed + task.index)
     assert all(e.split is Split.TRAIN for e in strategy.memory.examples())
 
     params = ctx.trainable()

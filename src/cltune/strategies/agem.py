@@ -29,6 +29,7 @@ from cltune.strategies.base import Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 
 log = logging.getLogger(__name__)
+MEMORY_MICRO_BATCH = 8  # memory utterances per forward pass of the reference gradient
 
 
 class AGEMSettings(Strict):
@@ -85,18 +86,25 @@ class AGEM(Strategy):
         # Seeded by (run seed, phase, step): every process draws the same batch, and so does a resumed run.
         rng = random.Random(derived_seed(self.ctx.seed, "agem", self.phase, self.steps))
         picked = rng.sample(range(len(self.encoded)), min(self.cfg.memory_batch, len(self.encoded)))
-        batch = collate(self.encoded, picked, self.ctx.tokenizer.pad_token_id)
-        inputs = {k: v.to(acc.device) for k, v in batch.model_inputs().items()}
+        # Length-sorted forward passes of MEMORY_MICRO_BATCH: one batch of random lengths would be
+        # mostly padding. The summed gradients are the gradient of the whole batch's mean.
+        order = sorted(picked, key=lambda i: len(self.encoded[i]))
+        batches = [collate(self.encoded, order[k : k + MEMORY_MICRO_BATCH], self.ctx.tokenizer.pad_token_id)
+                   for k in range(0, len(order), MEMORY_MICRO_BATCH)]
+        targets = sum(b.n_targets for b in batches)
         was_training = scorer.training
         scorer.eval()
+        total = torch.zeros(sum(p.numel() for p in params.values()), device=acc.device)
         try:
-            with acc.autocast():
-                loss = target_nll(scorer(**inputs), inputs["labels"]).mean()
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            for batch in batches:
+                inputs = {k: v.to(acc.device) for k, v in batch.model_inputs().items()}
+                with acc.autocast():
+                    loss = target_nll(scorer(**inputs), inputs["labels"]).sum() / targets
+                total += flatten(torch.autograd.grad(loss, list(params.values()), allow_unused=True), params)
         finally:
             scorer.train(was_training)
         # The same batch on every process; averaging removes numeric differences so replicas stay equal.
-        return acc.reduce(flatten(grads, params), "mean")
+        return acc.reduce(total, "mean")
 
     def after_backward(self) -> None:
         if not self.encoded:
