@@ -162,6 +162,17 @@ def table(results: list[dict]) -> list[str]:
     return lines
 
 
+NOTES = ("<!-- notes:start -->", "<!-- notes:end -->")
+
+
+def kept_notes(doc: Path) -> list[str]:
+    """The hand-written reading of the results in an existing doc (between the NOTES markers), kept on rewrite."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    if NOTES[0] not in text or NOTES[1] not in text:
+        return [NOTES[0], NOTES[1], ""]
+    return [text[text.index(NOTES[0]) : text.index(NOTES[1]) + len(NOTES[1])], ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=",".join(REGISTRY))
@@ -239,7 +250,7 @@ def main() -> None:
         "wall time and peak RSS of the whole `cltune run` process.", "",
     ]
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("\n".join(head + sections), encoding="utf-8")
+    args.doc.write_text("\n".join(head + kept_notes(args.doc) + sections), encoding="utf-8")
     print(f"wrote {args.doc}")
 
 
