@@ -64,7 +64,15 @@ def tradeoff_scatter(points: list[dict], path: Path, title: str = "", xlabel: st
     fig, ax = plt.subplots(figsize=(6, 4))
     for p in points:
         ax.scatter(p["forgetting"], p["new_ppl"])
-        ax.annotate(p["label"], (p["forgetting"], p["new_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    fig.canvas.draw()  # fixes the axis limits, so label positions can be compared in points
+    placed: list[tuple[float, float]] = []
+    for p in points:
+        x, y = ax.transData.transform((p["forgetting"], p["new_ppl"])) * 72 / fig.dpi
+        # the first offset whose label does not sit on an earlier one (labels ~9 pt tall, ~50 pt wide)
+        dy = next((d for d in (3, -10, 12, -19, 21, -28, 30) if all(abs(x - px) > 50 or abs(y + d - py) > 8
+                                                                    for px, py in placed)), 3)
+        placed.append((x, y + dy))
+        ax.annotate(p["label"], (p["forgetting"], p["new_ppl"]), fontsize=7, xytext=(3, dy), textcoords="offset points")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("new-task test PPL (plasticity; lower is better)")
     if title:
