@@ -237,7 +237,7 @@ def main() -> None:
         f"Command: `{command.strip()}` · {datetime.date.today()} · {cpu or platform.processor()}, "
         f"{len(os.sched_getaffinity(0))} cores, CPU only · sum of run wall times {total_wall / 60:.0f} min · "
         + (f"1-minute load average {min(loads):.1f}–{max(loads):.1f} at the runs' starts and ends "
-           "(above 2 other jobs shared the cores and inflated the times)." if loads else "load not recorded."), "",
+           "(above 2, other jobs shared the two cores and inflated those runs' times)." if loads else "load not recorded."), "",
         f"Budget (the same for every strategy, reduced to fit a laptop CPU): model `{args.model}`; {args.rows} utterances "
         f"per dataset (80/10/10 split, so {round(args.rows * 0.1)} test utterances per dataset — PPL differences under ~2% are noise); "
         f"{args.epochs:g} epochs per phase, constant LR {args.lr:g}, {args.batch_size} utterances per step, max length "
