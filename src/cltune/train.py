@@ -54,8 +54,9 @@ class PhaseResult:
 def split_wide(micro_batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
     """`micro_batch` halved until each part's padded size (rows × longest) fits `max_tokens`.
 
-    A single utterance is never split. Only a step's tokens enter the loss, so the parts give the
-    step the same gradient as the whole; they only lower the peak memory of one forward pass.
+    A single utterance is never split. The loop weighs every target token of a step equally, so the
+    parts give the step the same gradient as the whole; they only lower the peak memory of one
+    forward pass. With packing the budget still counts unpacked positions.
     """
     width = max(lengths[i] for i in micro_batch)
     if max_tokens is None or len(micro_batch) == 1 or len(micro_batch) * width <= max_tokens:
