@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cltune import pipeline
 from cltune.data.split import Example, Split, TaskData
-from cltune.generate import sample_utterances
+from cltune.generate import sample_continuations, sample_utterances
 from cltune.strategies import create_strategy
 from cltune.strategies.gen_replay import (
     GENERATED_LINE, Draw, GenReplay, draw_seed, plan_draws, speaker_quotas, task_quota,
@@ -65,6 +67,20 @@ def test_sampling_is_seeded(tiny_config):
     assert len(first) == 6 and len(set(first)) > 1  # sampled, not greedy
     assert sample_utterances(model, tokenizer, "<HOST>", 6, seed=3, **kwargs) == first
     assert sample_utterances(model, tokenizer, "<HOST>", 6, seed=4, **kwargs) != first
+
+
+def test_a_batch_of_prompts_decodes_each_as_if_alone(tiny_config):
+    config = tiny_config("naive")
+    _, tasks, tokens = pipeline.load_tasks(config)
+    model, tokenizer, *_ = pipeline.build_model(config, sorted(set(tokens.values())), pipeline.make_accelerator("fp32"))
+    words = [tokenizer(w, add_special_tokens=False)["input_ids"][:1] for w in ("pizza", "quantum", "music", "so")]
+    prompts = [[tokenizer.convert_tokens_to_ids(t)] + w for t in sorted(set(tokens.values())) for w in words]
+    greedy = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    batched = sample_continuations(model, tokenizer, prompts, batch_size=len(prompts), **greedy)
+    alone = [sample_continuations(model, tokenizer, [p], batch_size=1, **greedy)[0] for p in prompts]
+    assert batched == alone and len(set(alone)) > 1
+    with pytest.raises(ValueError, match="different lengths"):
+        sample_continuations(model, tokenizer, [[1], [1, 2]], batch_size=2, **greedy)
 
 
 def test_stream_saves_samples_and_trains_on_them(tiny_config, monkeypatch):

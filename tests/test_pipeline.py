@@ -23,6 +23,11 @@ def test_every_strategy_runs_a_two_task_stream(tiny_config, strategy):
     # training on task 1 must lower its held-out perplexity on this easy synthetic data
     assert metrics["ppl"][1][0] < metrics["ppl"][0][0]
     assert len(metrics["forgetting_pct"]) == 1
+    # one sample per speaker of every task after every phase (samples_per_speaker 1), tagged with its speaker
+    expected = [(phase, s["task"], s["speaker"]) for phase in (1, 2) for s in
+                [{"task": t, "speaker": sp} for t, speakers in (("guest_a", ("Host", "Guest A")), ("guest_b", ("Host", "Guest B")))
+                 for sp in speakers]]
+    assert [(s["phase"], s["task"], s["speaker"]) for s in metrics["samples"]] == expected
     for record in metrics["phases"]:  # the strategy's own work is timed apart from training
         assert set(record["strategy"]["hooks_s"]) == {"before_task", "after_task"}
         assert all(t >= 0 for t in record["strategy"]["hooks_s"].values())

@@ -4,33 +4,37 @@ from __future__ import annotations
 
 import torch
 
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations, and `cltune generate`'s defaults
+
 
 @torch.no_grad()
 def sample_continuations(
-    model, tokenizer, ids: list[int], n: int, *, max_new_tokens: int, temperature: float, top_p: float,
+    model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
     seed: int, batch_size: int,
 ) -> list[str]:
-    """`n` sampled continuations of the token ids `ids`, decoded and stripped (empty ones included).
+    """One sampled continuation per prompt (token ids), decoded and stripped (empty ones included).
 
-    Every row starts with the same ids, so rows need no padding and `batch_size` of them share a
-    forward pass. Each chunk reseeds with seed + its first row, so samples depend on `seed` and
+    The prompts must all have one length, so rows need no padding and `batch_size` of them share
+    a forward pass. Each chunk reseeds with seed + its first row, so samples depend on `seed` and
     `batch_size`, not on earlier calls. Temperature 0 is greedy decoding.
     """
+    if len({len(p) for p in prompts}) > 1:
+        raise ValueError("sample_continuations: prompts of different lengths would need padding")
     device = next(model.parameters()).device
     sampling = temperature > 0
     was_training = model.training
     model.eval()
     texts: list[str] = []
     try:
-        for start in range(0, n, batch_size):
-            inputs = torch.tensor([ids] * min(batch_size, n - start), dtype=torch.long, device=device)
+        for start in range(0, len(prompts), batch_size):
+            inputs = torch.tensor(prompts[start : start + batch_size], dtype=torch.long, device=device)
             torch.manual_seed(seed + start)
             out = model.generate(
                 input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                 do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                 top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )
-            texts += [t.strip() for t in tokenizer.batch_decode(out[:, len(ids):], skip_special_tokens=True)]
+            texts += [t.strip() for t in tokenizer.batch_decode(out[:, inputs.shape[1]:], skip_special_tokens=True)]
     finally:
         model.train(was_training)
     return texts
@@ -38,11 +42,11 @@ def sample_continuations(
 
 def generate_text(
     model, tokenizer, speaker_token: str, prompt: str = "", *, max_new_tokens: int = 40,
-    temperature: float = 0.8, top_p: float = 0.95, seed: int = 0,
+    temperature: float = SAMPLE_TEMPERATURE, top_p: float = SAMPLE_TOP_P, seed: int = 0,
 ) -> str:
     """One continuation of `<SPEAKER> prompt`."""
     ids = [tokenizer.convert_tokens_to_ids(speaker_token)] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return sample_continuations(model, tokenizer, ids, 1, max_new_tokens=max_new_tokens, temperature=temperature,
+    return sample_continuations(model, tokenizer, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seed, batch_size=1)[0]
 
 
@@ -51,6 +55,6 @@ def sample_utterances(
     seed: int, batch_size: int,
 ) -> list[str]:
     """`n` utterances prompted by the speaker token alone (generative replay's pseudo-data)."""
-    return sample_continuations(model, tokenizer, [tokenizer.convert_tokens_to_ids(speaker_token)], n,
+    return sample_continuations(model, tokenizer, [[tokenizer.convert_tokens_to_ids(speaker_token)]] * n,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, batch_size=batch_size)

@@ -31,7 +31,7 @@ from cltune.data.eda import summarize, write_eda
 from cltune.errors import UserError
 from cltune.evaluate import perplexity, perplexity_and_attribution
 from cltune.files import read_json, write_json
-from cltune.generate import generate_text
+from cltune.generate import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, sample_continuations
 from cltune.model import add_special_tokens, attach_lora, load_base, parameter_counts, resize_for
 from cltune.scoring import TokenScorer
 from cltune.strategies import Context, create_strategy
@@ -112,14 +112,19 @@ def _row(ctx: Context, strategy, tasks: list[TaskData], config: BaseRunConfig) -
 
 
 def _samples(ctx: Context, strategy, tasks: list[TaskData], config: BaseRunConfig, phase: int) -> list[dict]:
+    """`samples_per_speaker` generations per speaker of each task, one batch per task (seeded)."""
     out = []
     for task in tasks:
+        rows = [(speaker, token) for speaker, token in task.tokens.items() for _ in range(config.eval.samples_per_speaker)]
+        if not rows:
+            continue
+        prompts = [[ctx.tokenizer.convert_tokens_to_ids(token)] for _, token in rows]
         with strategy.evaluating(task.index):
-            for speaker, token in task.tokens.items():
-                for k in range(config.eval.samples_per_speaker):
-                    text = generate_text(ctx.model, ctx.tokenizer, token, max_new_tokens=config.eval.max_new_tokens,
-                                         seed=config.seed + k)
-                    out.append({"phase": phase, "task": task.name, "speaker": speaker, "token": token, "text": text})
+            texts = sample_continuations(ctx.model, ctx.tokenizer, prompts, max_new_tokens=config.eval.max_new_tokens,
+                                         temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=config.seed,
+                                         batch_size=len(prompts))
+        out += [{"phase": phase, "task": task.name, "speaker": speaker, "token": token, "text": text}
+                for (speaker, token), text in zip(rows, texts)]
     return out
 
 
