@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cltune.data.demo import write_demo_corpus  # noqa: E402
+from cltune.pipeline import safe_name  # noqa: E402
 from cltune.report.plots import tradeoff_scatter  # noqa: E402
 from cltune.strategies import REGISTRY  # noqa: E402
 
@@ -88,7 +89,7 @@ def entries(args) -> list[tuple[str, str, list[str]]]:
 
 
 def folder_name(stream: str, label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stream}-{label}").strip("_")
+    return safe_name(f"{stream}-{label}")
 
 
 def run_one(label: str, name: str, sets: list[str], stream: str, tasks: list[dict], args, out: Path) -> dict:

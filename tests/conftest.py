@@ -47,6 +47,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TOKENIZER_CORPUS)
 
 
+def prepared(model_dir: Path, tokens=("<HOST>", "<GUEST_A>"), r: int = 4):
+    """(LoRA model with trainable speaker rows, tokenizer, new token ids) from a local model folder."""
+    from cltune.config import LoraSettings, ModelSettings
+    from cltune.model import add_special_tokens, attach_lora, load_base, resize_for
+
+    model, tokenizer = load_base(ModelSettings(name=str(model_dir)))
+    new_ids = add_special_tokens(tokenizer, list(tokens))
+    resize_for(model, tokenizer)
+    return attach_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0), new_ids), tokenizer, new_ids
+
+
 @pytest.fixture()
 def two_tasks(tmp_path) -> list[Path]:
     return [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 60, 1),

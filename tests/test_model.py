@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import prepared
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cltune.batching import collate, encode
@@ -15,7 +16,7 @@ from cltune.config import LoraSettings, ModelSettings
 from cltune.data.split import Example, Split
 from cltune.errors import UserError
 from cltune.evaluate import example_nll, perplexity, perplexity_and_attribution
-from cltune.model import add_special_tokens, attach_lora, load_base, lora_targets, parameter_counts, resize_for
+from cltune.model import attach_lora, load_base, lora_targets, parameter_counts
 from cltune.pipeline import make_accelerator
 from cltune.scoring import TokenScorer, target_nll
 
@@ -31,13 +32,6 @@ def test_llama_targets_attention_and_optionally_mlp(tiny_model_dir):
     model, _ = load_base(ModelSettings(name=str(tiny_model_dir)))
     assert lora_targets(model, LoraSettings()) == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert lora_targets(model, LoraSettings(include_mlp=True))[-3:] == ["gate_proj", "up_proj", "down_proj"]
-
-
-def prepared(tiny_model_dir, tokens=("<HOST>", "<GUEST_A>"), r=4):
-    model, tokenizer = load_base(ModelSettings(name=str(tiny_model_dir)))
-    new_ids = add_special_tokens(tokenizer, list(tokens))
-    resize_for(model, tokenizer)
-    return attach_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0), new_ids), tokenizer, new_ids
 
 
 def examples(texts, token="<HOST>"):

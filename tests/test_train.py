@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import prepared
 
 from cltune import pipeline
 from cltune.config import PhaseSettings
@@ -56,14 +57,9 @@ def test_split_micro_batches_train_to_the_same_model(tiny_config):
 
 
 def test_token_rows_get_their_own_learning_rate(tiny_model_dir):
-    from cltune.config import LoraSettings, ModelSettings
-    from cltune.model import add_special_tokens, attach_lora, load_base, resize_for
     from cltune.train import param_groups
 
-    model, tokenizer = load_base(ModelSettings(name=str(tiny_model_dir)))
-    new_ids = add_special_tokens(tokenizer, ["<HOST>", "<GUEST_A>"])
-    resize_for(model, tokenizer)
-    model = attach_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0), new_ids)
+    model, _, _ = prepared(tiny_model_dir)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     rows = {n for n in trainable if "trainable_tokens_delta" in n}
     assert rows and len(rows) < len(trainable)

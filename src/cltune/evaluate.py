@@ -56,13 +56,6 @@ def mean_loss(accelerator, scorer, tokenizer, examples: list[Example], max_lengt
     return math.log(perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size))
 
 
-def speaker_attribution(
-    accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
-) -> float:
-    """Share of utterances whose text is most likely under their own speaker's token (NaN under 2 speakers)."""
-    return perplexity_and_attribution(accelerator, scorer, tokenizer, examples, tokens, max_length, batch_size)[1]
-
-
 def perplexity_and_attribution(
     accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
 ) -> tuple[float, float]:

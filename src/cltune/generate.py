@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations, and `cltune generate`'s defaults
+SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations and generate_text's defaults
 
 
 @torch.no_grad()
