@@ -203,9 +203,15 @@ def _format_error(err: ValidationError, source: str) -> str:
     return " ".join(message.split())  # keys come from the user: one line whatever they hold
 
 
-def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config") -> BaseRunConfig:
+def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config",
+                 fixed: dict[str, Any] | None = None) -> BaseRunConfig:
+    """Validate `raw` after the `--set KEY=VALUE` `overrides` (values parsed as YAML), then `fixed`.
+
+    `fixed` maps dotted keys to values taken as they are, never parsed: what a command sets from
+    its own arguments (a file path with a quote in it stays that path).
+    """
     tree = dict(raw)
-    for key, value in parse_overrides(overrides or []):
+    for key, value in [*parse_overrides(overrides or []), *(fixed or {}).items()]:
         _set_path(tree, key, value)
     try:
         config = run_config_model().model_validate(tree)
@@ -223,7 +229,7 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
     return config
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseRunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, fixed: dict[str, Any] | None = None) -> BaseRunConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -247,7 +253,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BaseRun
         if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).is_absolute():
             candidate = base / str(task["path"])
             task["path"] = str(candidate if candidate.exists() or not Path(str(task["path"])).exists() else task["path"])
-    return build_config(raw, overrides, source=str(path))
+    return build_config(raw, overrides, source=str(path), fixed=fixed)
 
 
 def dump_config(config: BaseRunConfig) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -64,6 +65,7 @@ def load_tasks(config: BaseRunConfig) -> tuple[list, list[TaskData], dict[str, s
 
 
 def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 matmul units (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -72,6 +74,7 @@ def cpu_supports_bf16() -> bool:
 
 
 def mixed_precision(precision: str) -> str:
+    """Accelerate's mixed-precision mode for a `model.precision` setting: 'no', 'bf16' or 'fp16'."""
     if precision == "fp32":
         return "no"
     if precision != "auto":
@@ -82,6 +85,14 @@ def mixed_precision(precision: str) -> str:
 
 
 def make_accelerator(precision: str) -> Accelerator:
+    """A fresh Accelerator for one run at `precision` (a `model.precision` setting or an Accelerate mode).
+
+    Accelerate keeps its settings in process-wide state and refuses a second Accelerator with
+    another precision. A run owns its precision, so several runs in one process (a notebook, a
+    sweep, the tests) must not inherit the previous one's: the accelerator settings are cleared
+    first. The process-level state (device, process group under `accelerate launch`) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
     # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without
     # CUDA: Accelerate only forms the gloo process group when told to use the CPU; otherwise each
     # process would run the whole stream alone and all would write the same files.
@@ -156,7 +167,8 @@ def _phase_record(k: int, task: TaskData, result: PhaseResult, train_examples, b
 def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None, resume: bool = False) -> dict:
     """Run the stream (or, with `resume`, continue it); returns the metrics dict also written to RUN/metrics.json."""
     set_seed(config.seed)
-    acc = make_accelerator(config.model.precision)
+    precision = mixed_precision(config.model.precision)  # chosen once per run, recorded in metrics.json
+    acc = make_accelerator(precision)
     run_dir = config.run_dir
     datasets, tasks, tokens = load_tasks(config)
     resolved, inputs = dump_config(config), resuming.input_hashes(config)
@@ -169,7 +181,7 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
 
     metrics: dict = {
         "run": config.name, "strategy": config.strategy, "model": config.model.name,
-        "precision": mixed_precision(config.model.precision), "processes": acc.num_processes,
+        "precision": "fp32" if precision == "no" else precision, "processes": acc.num_processes,
         "tasks": [t.name for t in tasks], "speaker_tokens": tokens, "parameters": counts,
         "split_sizes": [{"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in tasks],
     }
