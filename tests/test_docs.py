@@ -18,3 +18,61 @@ def test_readme_documents_every_registered_strategy():
     block = text[text.index("<!-- strategies:start -->"): text.index("<!-- strategies:end -->")]
     missing = [name for name in REGISTRY if f"**`{name}`**" not in block]
     assert not missing, f"README lacks a paragraph for {missing}"
+
+
+def _cltune_invocations(text: str) -> list[list[str]]:
+    """The argument lists after `cltune` in the README's fenced bash blocks and inline `cltune …` spans."""
+    import re
+    import shlex
+
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    lines = [line for block in blocks for line in block.splitlines()]
+    lines += re.findall(r"`((?:\.venv/bin/)?cltune [^`]+)`", text)
+    out = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        starts = [i for i, w in enumerate(words) if w == "cltune" or w.endswith("/cltune")]
+        if starts:
+            out.append(words[starts[0] + 1:])
+    return out
+
+
+def _unknown_commands_and_flags(text: str) -> list[str]:
+    from typer.main import get_command
+
+    from cltune.cli import app
+
+    commands = get_command(app).commands
+    problems = []
+    for args in _cltune_invocations(text):
+        name = args[0] if args else ""
+        if name not in commands:
+            problems.append(f"cltune {' '.join(args)}: no command {name!r}")
+            continue
+        flags = {opt for param in commands[name].params for opt in param.opts + param.secondary_opts}
+        problems += [f"cltune {' '.join(args)}: {name} has no {flag}"
+                     for flag in (a.split("=")[0] for a in args[1:] if a.startswith("--")) if flag not in flags]
+    return problems
+
+
+def test_readme_commands_and_flags_exist_in_the_cli():
+    text = README.read_text(encoding="utf-8")
+    assert len(_cltune_invocations(text)) >= 8  # the parser finds the README's commands
+    assert not _unknown_commands_and_flags(text)
+
+
+def test_the_readme_check_catches_made_up_commands_and_flags():
+    text = ("```bash\n.venv/bin/cltune run my.yaml --sett x=1  # a typo\ncltune trian --data a.csv\n"
+            "accelerate launch --multi_gpu -m cltune sweep c.yaml --grid a=1,2\n```\nsee `cltune run x.yaml --resume`")
+    assert _unknown_commands_and_flags(text) == ["cltune run my.yaml --sett x=1: run has no --sett",
+                                                 "cltune trian --data a.csv: no command 'trian'"]
+
+
+def test_readme_make_targets_exist():
+    import re
+
+    makefile = (README.parent / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([a-z-]+):", makefile, flags=re.M))
+    blocks = "".join(re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S))
+    used = set(re.findall(r"^make ([a-z-]+)", blocks, flags=re.M))
+    assert used and used <= targets, used - targets

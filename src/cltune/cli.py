@@ -16,8 +16,8 @@ from cltune.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual LoRA fine-tuning of causal LMs on a sequence of dialogue styles.")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # paths stay whole when the output is piped or captured
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

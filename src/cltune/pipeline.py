@@ -64,13 +64,16 @@ def load_tasks(config: BaseRunConfig) -> tuple[list, list[TaskData], dict[str, s
     return datasets, tasks, tokens
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matmul units (AVX-512 BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (or the `/proc/cpuinfo` text given) has native bf16 matmul units: AVX-512 BF16 or
+    AMX. Elsewhere bf16 is emulated and slow."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def mixed_precision(precision: str) -> str:
