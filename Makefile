@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/cltune demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -78,24 +78,19 @@ class Stream:
 
 
 def demo_stream(config_path: Path = DEMO_CONFIG, precision: str | None = None, overrides: list[str] | None = None) -> Stream:
-    """Accelerator, tasks, model and Context exactly as `cltune.pipeline.run` builds them."""
+    """Accelerator, tasks, model and Context exactly as `cltune.pipeline.run` builds them (`build_session`)."""
     from accelerate.utils import set_seed
 
-    from cltune.config import load_config
-    from cltune.pipeline import build_model, load_tasks, make_accelerator
-    from cltune.strategies import Context
+    from cltune.api import read_config
+    from cltune.session import build_session
 
     ensure_demo_data(config_path)
-    config = load_config(config_path, overrides or [])
-    if precision:
-        config.model.precision = precision
+    config = read_config(config_path, [*(overrides or []), *([f"model.precision={precision}"] if precision else [])])
     set_seed(config.seed)
-    acc = make_accelerator(config.model.precision)
-    _, tasks, tokens = load_tasks(config)
-    speaker_tokens = sorted(set(tokens.values()))
-    model, tokenizer, scorer, new_ids, counts = build_model(config, speaker_tokens, acc)
-    ctx = Context(acc, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, None, new_ids, config.lora)
-    return Stream(config, ctx, tasks, speaker_tokens, counts["total"] - counts["trainable"])
+    session = build_session(config)
+    counts = session.counts
+    return Stream(config, session.ctx, session.tasks, sorted(set(session.speaker_tokens.values())),
+                  counts["total"] - counts["trainable"])
 
 
 def with_small_val(task, keep: int = 8):
@@ -138,7 +133,7 @@ def run_cltune(stream: Stream, strategy, task, settings, phase: int = 0) -> Time
 
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "train_log.jsonl"
-        train_phase(stream.ctx, strategy, task, settings, phase, log_path, None)
+        train_phase(stream.ctx, strategy, task, strategy.train_data(task), settings, phase, log_path, None)
         rows = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines()]
     # elapsed_s counts from the loop's start (after the optimizer is built), as the baseline's clock does.
     points = [(0.0, 0)] + [(r["elapsed_s"], r["target_tokens"]) for r in rows if "target_tokens" in r]

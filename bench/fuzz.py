@@ -25,7 +25,8 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from cltune.config import build_config, dump_config, load_config
+from cltune.api import make_config, read_config
+from cltune.config import dump_config
 from cltune.data import assign_speaker_tokens, build_task, load_dialogue
 from cltune.data.split import Split
 from cltune.errors import UserError
@@ -193,14 +194,14 @@ def check_config_case(case, folder: Path) -> str:
         if via_file:
             path = folder / "run.yaml"
             path.write_bytes(yaml.safe_dump(raw, allow_unicode=True).encode("utf-8", "surrogatepass"))
-            config = load_config(path, sets)
+            config = read_config(path, sets)
         else:
-            config = build_config(raw, sets)
+            config = make_config(raw, sets)
     except UserError as err:
         return "config: " + check_message(err)
     for k in range(len(config.tasks) + 1):
         config.phase(k)
-    again = build_config(yaml.safe_load(dump_config(config)))  # the resolved YAML must rebuild the same config
+    again = make_config(yaml.safe_load(dump_config(config)))  # the resolved YAML must rebuild the same config
     assert again.model_dump() == config.model_dump(), "config.resolved.yaml does not round-trip"
     return "valid config"
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from cltune.data.demo import write_demo_corpus  # noqa: E402
-from cltune.pipeline import safe_name  # noqa: E402
+from cltune.session import safe_name  # noqa: E402
 from cltune.report.plots import tradeoff_scatter  # noqa: E402
 from cltune.strategies import REGISTRY  # noqa: E402
 

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     from benchlib import demo_stream, describe_machine, machine_line, median, phase_settings, run_cltune, table, \
         with_small_val, write_json
     from cltune.batching import encode
-    from cltune.pipeline import mixed_precision
+    from cltune.session import mixed_precision
     from cltune.strategies import create_strategy
 
     if args.threads:

@@ -34,7 +34,7 @@ def write_dialogue(path: Path, guest: str, rows: int, seed: int = 0) -> Path:
 
 
 def train_tiny_tokenizer(folder: Path):
-    from cltune.tiny import train_tiny_tokenizer as train
+    from tiny import train_tiny_tokenizer as train
 
     return train(folder, TOKENIZER_CORPUS)
 
@@ -42,7 +42,7 @@ def train_tiny_tokenizer(folder: Path):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide Llama with a 300-token BPE tokenizer, saved as a local HF model folder."""
-    from cltune.tiny import write_tiny_model
+    from tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TOKENIZER_CORPUS)
 
@@ -85,25 +85,24 @@ def tiny_run_config(model_dir: Path, csvs: list[Path], out: Path, strategy: str 
 @pytest.fixture()
 def tiny_config(tiny_model_dir, two_tasks, tmp_path):
     """Factory: tiny_config(strategy, **overrides) → a validated RunConfig."""
-    from cltune.config import build_config
+    from cltune.api import make_config
 
     def make(strategy: str = "naive", sets: list[str] | None = None, **extra):
-        return build_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", strategy, **extra), sets)
+        return make_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", strategy, **extra), sets)
 
     return make
 
 
 @pytest.fixture()
 def captured(monkeypatch):
-    """The strategies `pipeline.run` builds, kept for inspection after the run."""
-    import cltune.pipeline as pipeline
-    from cltune.strategies import create_strategy
+    """The strategies the runs of a test build (through the registry), kept for inspection after the run."""
+    from cltune.strategies import REGISTRY
 
-    made = []
+    made, create = [], REGISTRY.create
 
-    def create(name, ctx, config):
-        made.append(create_strategy(name, ctx, config))
+    def capture(name, ctx, config):
+        made.append(create(name, ctx, config))
         return made[-1]
 
-    monkeypatch.setattr(pipeline, "create_strategy", create)
+    monkeypatch.setattr(REGISTRY, "create", capture)
     return made

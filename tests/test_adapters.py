@@ -10,25 +10,18 @@ import torch
 from safetensors.torch import load_file
 
 from cltune.batching import collate
-from cltune.checkpoint import load_checkpoint, load_strategy_state
-from cltune.pipeline import build_model, load_tasks, make_accelerator, run
-from cltune.strategies import create_strategy
+from cltune.checkpoint import load_checkpoint
+from cltune.pipeline import run
+from cltune.routing import load_router
+from cltune.session import build_session
 from cltune.strategies.adapters import (
-    ROUTES_KEY, adapter_for_token, adapter_name, original_token_rows, speaker_routes, token_rows, using_adapter,
+    AdapterRouter, original_token_rows, speaker_routes, token_rows, using_adapter,
 )
 from cltune.strategies.base import Context
 
 
 # End-to-end tests here check perplexities and files: skip attribution scoring and samples (speed).
 PPL_ONLY = ["eval.attribution=false", "eval.samples_per_speaker=0"]
-
-
-def strategy_context(config) -> Context:
-    """The Context `pipeline.run` builds, without running the stream (shared by the adapter tests)."""
-    acc = make_accelerator("fp32")
-    _, tasks, tokens = load_tasks(config)
-    model, tokenizer, scorer, new_ids, _ = build_model(config, sorted(set(tokens.values())), acc)
-    return Context(acc, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, None, new_ids, config.lora)
 
 
 def logits_of(ctx: Context, examples) -> torch.Tensor:
@@ -41,31 +34,36 @@ def adapter_params(model, adapter: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if adapter in n.split(".")}
 
 
-def test_adapter_names_keep_default_for_task_one():
-    assert [adapter_name(i) for i in range(3)] == ["default", "task2", "task3"]
-
-
 def test_speaker_routes_pick_the_latest_task_with_that_speaker():
     routes = speaker_routes([["<H>", "<A>"], ["<H>", "<B>"], ["<C>"]])
     assert routes == {"<H>": 1, "<A>": 0, "<B>": 1, "<C>": 2}
 
 
-def test_adapter_for_token_reads_the_saved_table():
-    state = {ROUTES_KEY: torch.tensor([[300, 1], [301, 0], [302, 2]])}
-    assert adapter_for_token(state, 300) == "task2"
-    assert adapter_for_token(state, 301) == "default"
-    assert adapter_for_token(state, 302) == "task3"
-    assert adapter_for_token(state, 999) is None
-    assert adapter_for_token({}, 300) is None  # a checkpoint of a strategy without routing
+def test_the_router_routes_by_task_or_speaker_and_survives_json(tiny_config):
+    session = build_session(tiny_config("adapters"))
+    model = session.model
+    session.strategy.before_task(session.tasks[1])  # adds and activates task2
+    router = AdapterRouter(model, ["default", "task2"], {"<HOST>": "task2", "<GUEST_A>": "default"})
+    again = AdapterRouter.from_json(router.to_json(), model)
+    for r in (router, again):
+        with r.oracle(0):
+            assert model.active_adapter == "default"
+        with r.agnostic("<HOST>"):
+            assert model.active_adapter == "task2"
+        with r.agnostic("<GUEST_A>"):
+            assert model.active_adapter == "default"
+        with r.agnostic("<NOBODY>"):  # a speaker no task has: the model as it is
+            assert model.active_adapter == "task2"
+        assert model.active_adapter == "task2" and r.needs_task_id
 
 
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_before_task_adds_an_isolated_trainable_adapter(tiny_config, warm_start):
     config = tiny_config("adapters", [f"adapters.warm_start={str(warm_start).lower()}"])
-    ctx = strategy_context(config)
-    strategy = create_strategy("adapters", ctx, config)
+    session = build_session(config)
+    ctx, strategy = session.ctx, session.strategy
     with torch.no_grad():  # stand-in for phase 1 training, so a copy is distinguishable from a fresh adapter
-        for n, p in ctx.model.named_parameters():
+        for p in ctx.model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p))
     default = adapter_params(ctx.model, "default")
@@ -84,8 +82,8 @@ def test_before_task_adds_an_isolated_trainable_adapter(tiny_config, warm_start)
 
 def test_using_adapter_restores_the_active_adapter_and_what_trains(tiny_config):
     config = tiny_config("adapters")
-    ctx = strategy_context(config)
-    strategy = create_strategy("adapters", ctx, config)
+    session = build_session(config)
+    ctx, strategy = session.ctx, session.strategy
     with torch.no_grad():  # stand-in for phase 1 training
         for p in ctx.model.parameters():
             if p.requires_grad:
@@ -104,8 +102,8 @@ def test_using_adapter_restores_the_active_adapter_and_what_trains(tiny_config):
 
 def test_an_unlearned_task_is_routed_by_its_speakers(tiny_config):
     config = tiny_config("adapters")
-    ctx = strategy_context(config)
-    strategy = create_strategy("adapters", ctx, config)
+    session = build_session(config)
+    ctx, strategy = session.ctx, session.strategy
     # before phase 2 only "default" exists; task 2 shares the host with task 1
     assert strategy.adapter_for_task(0) == "default"
     assert strategy.adapter_for_task(1) == "default"
@@ -116,9 +114,9 @@ def test_an_unlearned_task_is_routed_by_its_speakers(tiny_config):
 def test_stream_leaves_earlier_tasks_exactly_unchanged(tiny_config):
     config = tiny_config("adapters", PPL_ONLY)
     metrics = run(config)
-    ppl = metrics["ppl"]
+    ppl = metrics.ppl
     assert ppl[2][0] == ppl[1][0]  # bit-exact: task 1 still runs on its own, untouched adapter
-    assert metrics["forgetting_pct"] == [0.0]
+    assert metrics.forgetting_pct == [0.0]
     assert ppl[2][1] < ppl[1][1] and math.isfinite(ppl[2][1])  # task 2's own adapter learned task 2
 
     phase1, phase2 = config.run_dir / "phase1", config.run_dir / "phase2"
@@ -129,7 +127,6 @@ def test_stream_leaves_earlier_tasks_exactly_unchanged(tiny_config):
 
     model, tokenizer, meta = load_checkpoint(phase2)
     assert meta["adapters"] == ["default", "task2"] and model.active_adapter == "task2"
-    state = load_strategy_state(phase2)
-    tokens = metrics["speaker_tokens"]
-    route = {speaker: adapter_for_token(state, tokenizer.convert_tokens_to_ids(t)) for speaker, t in tokens.items()}
-    assert route == {"Host": "task2", "Guest A": "default", "Guest B": "task2"}
+    router = load_router(phase2, model)  # what `cltune generate` routes with
+    assert router.to_json()["routes"] == {"<HOST>": "task2", "<GUEST_A>": "default", "<GUEST_B>": "task2"}
+    assert router.to_json()["tasks"] == ["default", "task2"]

@@ -7,7 +7,6 @@ import logging
 import random
 import re
 
-import pytest
 import torch
 
 from cltune import pipeline
@@ -15,9 +14,11 @@ from cltune.batching import collate
 from cltune.data.split import Split
 from cltune.scoring import target_nll
 from cltune.strategies.agem import AGEM, agem_project, flatten
+from cltune.strategies.base import StepInfo
 from cltune.strategies.replay import replay_sample
 
 QUIET_EVAL = {"attribution": False, "samples_per_speaker": 0, "max_new_tokens": 4, "batch_size": 16}
+STEP = StepInfo(phase=2, step=1, steps=1, epoch=0)  # a step of a third phase, after both tasks are in memory
 
 
 def test_conflicting_gradient_loses_exactly_its_component_along_the_reference():
@@ -58,7 +59,7 @@ def test_hook_projects_the_step_gradient_against_the_memory_gradient(tiny_config
     loss = target_nll(ctx.scorer(**batch.model_inputs()), batch.labels).mean()
     reference = flatten(torch.autograd.grad(loss, list(params.values())), params)
     ctx.scorer.train()
-    assert torch.allclose(strategy.reference_gradient(params), reference, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(strategy.reference_gradient(params, STEP), reference, rtol=1e-4, atol=1e-7)
     assert ctx.scorer.training
 
     torch.manual_seed(0)
@@ -76,11 +77,11 @@ def test_hook_projects_the_step_gradient_against_the_memory_gradient(tiny_config
 
     steps, projected = strategy.steps, strategy.projected
     grads = set_grads(orthogonal - reference)  # g·g_ref = −|g_ref|² < 0
-    strategy.after_backward()
+    strategy.after_backward(STEP)
     assert torch.allclose(step_gradient(), orthogonal, atol=1e-5)  # the conflicting part gone, the rest kept
     assert all(p.grad is g for p, g in zip(params.values(), grads))  # written in place (DDP buckets)
     set_grads(orthogonal + reference)
-    strategy.after_backward()
+    strategy.after_backward(STEP)
     assert torch.equal(step_gradient(), orthogonal + reference)
     assert (strategy.steps, strategy.projected) == (steps + 2, projected + 1)
 
@@ -112,5 +113,5 @@ def test_projection_is_active_when_the_new_task_contradicts_the_memory(tiny_conf
     # phase 1 has no memory, so no reference pass and no line; phase 2 has one pass per optimizer step
     assert len(lines) == 1 and lines[0].startswith("agem, physics: projected ")
     projected, steps = map(int, re.fullmatch(r"agem, physics: projected (\d+) of (\d+) steps", lines[0]).groups())
-    assert steps == metrics["phases"][1]["steps"]
+    assert steps == metrics.phases[1].steps
     assert projected >= 1  # the same speaker token now continues differently: some steps conflict

@@ -210,10 +210,10 @@ def test_run_resume_continues_after_a_crash_in_phase_2(monkeypatch, capsys, run_
     class Crash(BaseException):
         pass
 
-    def crash_in_phase_2(ctx, strategy, task, settings, phase, *args):
-        if phase == 1:
+    def crash_in_phase_2(ctx, strategy, task, *args):
+        if task.index == 1:
             raise Crash
-        return real_train(ctx, strategy, task, settings, phase, *args)
+        return real_train(ctx, strategy, task, *args)
 
     monkeypatch.setattr(pipeline, "train_phase", crash_in_phase_2)
     with pytest.raises(Crash):

@@ -22,24 +22,16 @@ def test_penalty_sums_over_tasks_without_a_half():
     assert ewc_penalty(params, [task1, task2], 10.0).item() == pytest.approx(90.0)
 
 
-def _weighted_drift(tiny_config, monkeypatch, lam: float) -> float:
-    captured = {}
-    original = pipeline.create_strategy
-
-    def capture(name, ctx, config):
-        captured["s"] = original(name, ctx, config)
-        return captured["s"]
-
-    monkeypatch.setattr(pipeline, "create_strategy", capture)
+def _weighted_drift(tiny_config, captured, lam: float) -> float:
     pipeline.run(tiny_config("ewc", sets=[f"ewc.lambda={lam}", "train.epochs=2"]))
-    strategy = captured["s"]
+    strategy = captured[-1]
     theta_star, fisher = strategy.anchors[0]
     params = strategy.ctx.trainable()
     return sum((fisher[n] * (params[n].detach() - theta_star[n]) ** 2).sum().item() for n in fisher)
 
 
-def test_huge_lambda_keeps_trainable_weights_at_theta_star(tiny_config, monkeypatch):
-    free = _weighted_drift(tiny_config, monkeypatch, 0.0)
-    pinned = _weighted_drift(tiny_config, monkeypatch, 1e6)
+def test_huge_lambda_keeps_trainable_weights_at_theta_star(tiny_config, captured):
+    free = _weighted_drift(tiny_config, captured, 0.0)
+    pinned = _weighted_drift(tiny_config, captured, 1e6)
     assert free > 0
     assert pinned < 0.05 * free

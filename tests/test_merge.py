@@ -9,14 +9,14 @@ import pytest
 import torch
 from peft.utils.merge_utils import ties
 from safetensors.torch import load_file
-from test_adapters import PPL_ONLY, strategy_context
+from test_adapters import PPL_ONLY
 
 from cltune.checkpoint import load_checkpoint
 from cltune.errors import UserError
 from cltune.evaluate import perplexity
-from cltune.pipeline import load_tasks, make_accelerator, run
+from cltune.pipeline import run
+from cltune.session import build_session, load_tasks, make_accelerator
 from cltune.scoring import TokenScorer
-from cltune.strategies import create_strategy
 from cltune.strategies.adapters import original_token_rows, token_rows
 from cltune.strategies.merge import MERGED, merge_shares, merge_token_rows, peft_weights
 
@@ -43,7 +43,7 @@ def test_merge_token_rows_is_the_weighted_average_of_the_deltas():
 def test_weights_must_match_the_task_count(tiny_config):
     config = tiny_config("merge", ["merge.weights=[1, 2, 3]"])
     with pytest.raises(UserError, match="3 weights for 2 tasks"):
-        create_strategy("merge", strategy_context(config), config)
+        build_session(config)
 
 
 def _lora_factors(model, adapter: str):
@@ -53,8 +53,8 @@ def _lora_factors(model, adapter: str):
 
 def test_ties_merge_gets_count_scaled_weights_and_averaged_rows(tiny_config):
     config = tiny_config("merge", ["merge.combination_type=ties", "merge.weights=[1, 3]", "merge.density=0.5"])
-    ctx = strategy_context(config)
-    strategy = create_strategy("merge", ctx, config)
+    session = build_session(config)
+    ctx, strategy = session.ctx, session.strategy
     strategy.before_task(ctx.tasks[1])
     with torch.no_grad():  # both adapters "trained": distinct, nonzero factors and token rows
         for n, p in ctx.model.named_parameters():
@@ -78,7 +78,7 @@ def test_ties_merge_gets_count_scaled_weights_and_averaged_rows(tiny_config):
 def test_stream_evaluates_every_task_with_the_linear_merge(tiny_config):
     config = tiny_config("merge", PPL_ONLY)
     metrics = run(config)
-    ppl = metrics["ppl"]
+    ppl = metrics.ppl
     assert all(math.isfinite(v) for row in ppl for v in row)
 
     phase2 = config.run_dir / "phase2"

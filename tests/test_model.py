@@ -17,7 +17,7 @@ from cltune.data.split import Example, Split
 from cltune.errors import UserError
 from cltune.evaluate import example_nll, perplexity, perplexity_and_attribution
 from cltune.model import attach_lora, load_base, lora_targets, parameter_counts
-from cltune.pipeline import make_accelerator
+from cltune.session import make_accelerator
 from cltune.scoring import TokenScorer, target_nll
 
 
@@ -96,7 +96,7 @@ def test_checkpoint_reloads_to_the_same_logits(tiny_model_dir, tmp_path):
     model, tokenizer, _ = prepared(tiny_model_dir)
     torch.manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))  # LoRA B starts at 0; make the adapter matter
     model.eval()

@@ -11,13 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_run_config, write_dialogue
-from test_adapters import PPL_ONLY, logits_of, strategy_context
+from test_adapters import PPL_ONLY, logits_of
 from cltune.checkpoint import load_checkpoint
-from cltune.config import build_config
+from cltune.api import make_config
 from cltune.evaluate import perplexity
-from cltune.pipeline import load_tasks, make_accelerator, run
+from cltune.pipeline import run
+from cltune.session import build_session, load_tasks, make_accelerator
 from cltune.scoring import TokenScorer
-from cltune.strategies import create_strategy, olora
+from cltune.strategies import olora
 from cltune.strategies.adapters import token_rows
 from cltune.strategies.olora import SUMMED, OLoRA, l2_loss, orthogonality_loss
 
@@ -51,19 +52,19 @@ def _train_stand_in(model, adapter: str) -> None:
 @pytest.fixture()
 def three_task_config(tiny_model_dir, two_tasks, tmp_path):
     third = write_dialogue(tmp_path / "guest_a_again.csv", "Guest A", 40, 3)
-    return build_config(tiny_run_config(tiny_model_dir, [*two_tasks, third], tmp_path / "runs", "olora"))
+    return make_config(tiny_run_config(tiny_model_dir, [*two_tasks, third], tmp_path / "runs", "olora"))
 
 
 def test_folds_keep_the_model_and_stack_the_subspaces(three_task_config):
     config = three_task_config
-    ctx = strategy_context(config)
-    strategy = create_strategy("olora", ctx, config)
+    session = build_session(config)
+    ctx, strategy = session.ctx, session.strategy
     task1, task2, task3 = ctx.tasks
     q = ctx.model.get_base_model().model.layers[0].self_attn.q_proj
     s, r = config.lora.alpha / config.lora.r, config.lora.r
 
     strategy.before_task(task1)
-    assert strategy.extra_loss(None, None) is None  # λ2 = 0 and no past subspace: plain LoRA
+    assert strategy.step_penalty(None) is None  # λ2 = 0 and no past subspace: plain LoRA
     _train_stand_in(ctx.model, "default")
     strategy.after_task(task1)
     assert list(ctx.model.peft_config) == ["default"]  # one adapter needs no sum
@@ -78,7 +79,7 @@ def test_folds_keep_the_model_and_stack_the_subspaces(three_task_config):
     assert q.active_adapters == ["default", "task2"]
     assert torch.equal(strategy.pairs[0][0], q.lora_A["default"].weight)
     # a random new A is not orthogonal to the past: λ1 · Σ |A_past A_newᵀ|
-    assert strategy.extra_loss(None, None).item() == pytest.approx(
+    assert strategy.step_penalty(None).item() == pytest.approx(
         0.5 * sum((past @ new.T).abs().sum().item() for past, new in strategy.pairs))
     _train_stand_in(ctx.model, "task2")
     before = logits_of(ctx, task2.test)
@@ -88,7 +89,7 @@ def test_folds_keep_the_model_and_stack_the_subspaces(three_task_config):
     assert ctx.model.peft_config[SUMMED].r == 2 * r
     assert torch.allclose(q.lora_A[SUMMED].weight, s * torch.cat([q.lora_A["default"].weight, q.lora_A["task2"].weight]))
     assert torch.allclose(logits_of(ctx, task2.test), before, atol=1e-5)  # the fold is exact
-    assert strategy.extra_loss(None, None) is None  # nothing trains at rest
+    assert strategy.step_penalty(None) is None  # nothing trains at rest
 
     strategy.before_task(task3)  # the speakers of task 3 are all known: no token row trains
     assert not strategy.row_mask.any() and not token_rows(ctx.model, "task3").requires_grad
@@ -114,7 +115,7 @@ def test_stream_lowers_the_orthogonality_loss_and_freezes_the_past(tiny_config, 
     config = tiny_config("olora", ["phase2.epochs=3", *PPL_ONLY])
     metrics = run(config)
     assert seen and seen[-1] < 0.5 * seen[0], (seen[0], seen[-1])  # the new subspace turned away from the past
-    assert all(math.isfinite(v) for row in metrics["ppl"] for v in row)
+    assert all(math.isfinite(v) for row in metrics.ppl for v in row)
 
     phase1, phase2 = config.run_dir / "phase1", config.run_dir / "phase2"
     first = load_file(phase1 / "adapter_model.safetensors")
@@ -130,16 +131,16 @@ def test_stream_lowers_the_orthogonality_loss_and_freezes_the_past(tiny_config, 
 
     model, tokenizer, meta = load_checkpoint(phase2)
     rows_key = next(k for k in first if "trainable_tokens_delta" in k)
-    ids = tokenizer.convert_tokens_to_ids(["[PAD]", *sorted(metrics["speaker_tokens"].values())])
+    ids = tokenizer.convert_tokens_to_ids(["[PAD]", *sorted(metrics.speaker_tokens.values())])
     changed = (first[rows_key] != new[rows_key]).any(dim=1).tolist()
-    guest_b = ids.index(tokenizer.convert_tokens_to_ids(metrics["speaker_tokens"]["Guest B"]))
+    guest_b = ids.index(tokenizer.convert_tokens_to_ids(metrics.speaker_tokens["Guest B"]))
     assert changed == [i == guest_b for i in range(len(ids))]  # only the new speaker's row trained
     assert torch.equal(summed[rows_key], new[rows_key])
 
     assert meta["active_adapter"] == SUMMED and model.active_adapter == SUMMED
     task1 = load_tasks(config)[1][0]
     reloaded = perplexity(make_accelerator("fp32"), TokenScorer(model), tokenizer, task1.test, config.data.max_length)
-    assert reloaded == pytest.approx(metrics["ppl"][2][0], rel=1e-5)
+    assert reloaded == pytest.approx(metrics.ppl[2][0], rel=1e-5)
 
 
 class _Killed(Exception):
@@ -147,10 +148,10 @@ class _Killed(Exception):
 
 
 def test_a_stream_resumed_mid_phase_equals_an_uninterrupted_one(tiny_config, monkeypatch):
-    uninterrupted = run(tiny_config("olora", PPL_ONLY, name="whole"))["ppl"]
+    uninterrupted = run(tiny_config("olora", PPL_ONLY, name="whole")).ppl
     steps = {"done": 0}
 
-    def killed_in_phase2(self):
+    def killed_in_phase2(self, step):
         steps["done"] += 1
         if steps["done"] == 8:  # phase 1 takes 6 steps: killed 2 steps into phase 2
             raise _Killed
@@ -161,4 +162,4 @@ def test_a_stream_resumed_mid_phase_equals_an_uninterrupted_one(tiny_config, mon
         with pytest.raises(_Killed):
             run(config)
     assert list((config.run_dir / "steps" / "phase2").glob("step-*"))  # it resumes inside phase 2
-    assert run(config, resume=True)["ppl"] == uninterrupted
+    assert run(config, resume=True).ppl == uninterrupted

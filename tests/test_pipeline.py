@@ -9,6 +9,7 @@ import pytest
 
 from cltune.pipeline import run
 from cltune.report import write_report
+from cltune.results import RunMetrics
 from cltune.strategies import REGISTRY
 
 
@@ -17,25 +18,45 @@ def test_every_strategy_runs_a_two_task_stream(tiny_config, strategy):
     config = tiny_config(strategy)
     metrics = run(config)
     run_dir = config.run_dir
-    assert metrics["tasks"] == ["guest_a", "guest_b"]
-    assert len(metrics["ppl"]) == 3 and all(len(r) == 2 for r in metrics["ppl"])
-    assert all(math.isfinite(v) and v > 1 for r in metrics["ppl"] for v in r)
+    assert metrics.tasks == ["guest_a", "guest_b"]
+    assert len(metrics.ppl) == 3 and all(len(r) == 2 for r in metrics.ppl)
+    assert all(math.isfinite(v) and v > 1 for r in metrics.ppl for v in r)
     # training on task 1 must lower its held-out perplexity on this easy synthetic data
-    assert metrics["ppl"][1][0] < metrics["ppl"][0][0]
-    assert len(metrics["forgetting_pct"]) == 1
+    assert metrics.ppl[1][0] < metrics.ppl[0][0]
+    assert len(metrics.forgetting_pct) == 1
     # one sample per speaker of every task after every phase (samples_per_speaker 1), tagged with its speaker
     expected = [(phase, s["task"], s["speaker"]) for phase in (1, 2) for s in
                 [{"task": t, "speaker": sp} for t, speakers in (("guest_a", ("Host", "Guest A")), ("guest_b", ("Host", "Guest B")))
                  for sp in speakers]]
-    assert [(s["phase"], s["task"], s["speaker"]) for s in metrics["samples"]] == expected
-    for record in metrics["phases"]:  # the strategy's own work is timed apart from training
-        assert set(record["strategy"]["hooks_s"]) == {"before_task", "after_task"}
-        assert all(t >= 0 for t in record["strategy"]["hooks_s"].values())
+    assert [(s.phase, s.task, s.speaker) for s in metrics.samples] == expected
+    assert all(set(record.strategy["hooks_s"]) == {"before_task", "after_task"} for record in metrics.phases)
     for phase in ("phase1", "phase2"):
         files = {p.name for p in (run_dir / phase).iterdir()}
         assert {"adapter_model.safetensors", "config.resolved.yaml", "train_log.jsonl", "metrics.json",
                 "manifest.json", "tokenizer.json"} <= files
     saved = json.loads((run_dir / "metrics.json").read_text())
-    assert saved["ppl"] == metrics["ppl"]
+    assert saved == metrics.to_json() and saved["schema_version"] == 2
+    assert RunMetrics.read(run_dir / "metrics.json") == metrics
     md, html = write_report(run_dir)
     assert "Test perplexity matrix" in md.read_text() and "data:image/png;base64" in html.read_text()
+
+
+def test_strategy_hooks_are_timed_apart_from_training(tiny_config, monkeypatch):
+    """A before_task that takes 0.3 s shows in hooks_s, not in the phase's training wall time."""
+    import time
+
+    from cltune.strategies.naive import Naive
+
+    monkeypatch.setattr(Naive, "before_task", lambda self, task: time.sleep(0.3), raising=False)
+    metrics = run(tiny_config("naive", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
+    for record in metrics.phases:
+        assert 0.3 <= record.strategy["hooks_s"]["before_task"] < 0.6
+        assert record.strategy["hooks_s"]["after_task"] < 0.3
+        assert record.wall_s < 0.3 + record.strategy["hooks_s"]["before_task"]
+
+
+def test_train_examples_counts_what_the_phase_trained_on(tiny_config):
+    """Replay's phase 2 trains on task 2 plus 10% of task 1 (counted before after_task grows the buffer)."""
+    metrics = run(tiny_config("replay", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
+    train = [sizes["train"] for sizes in metrics.split_sizes]
+    assert [p.train_examples for p in metrics.phases] == [train[0], train[1] + round(0.1 * train[0])]

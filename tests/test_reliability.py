@@ -27,10 +27,11 @@ from conftest import tiny_run_config, write_dialogue
 
 from cltune import resume as resuming
 from cltune.checkpoint import verify
-from cltune.config import build_config
+from cltune.api import make_config
 from cltune.errors import UserError
 from cltune.model import attach_lora
-from cltune.pipeline import run, safe_name
+from cltune.pipeline import run
+from cltune.session import safe_name
 from cltune.strategies import REGISTRY
 from cltune.train import DivergedError
 
@@ -55,8 +56,10 @@ def raw_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name
     return raw
 
 
-def deterministic(metrics: dict) -> dict:
-    """metrics.json without what legitimately differs between equal runs: the name and wall times."""
+def deterministic(metrics) -> dict:
+    """metrics.json (or the RunMetrics a run returns) without what legitimately differs between equal runs:
+    the name and wall times."""
+    metrics = metrics if isinstance(metrics, dict) else metrics.to_json()
     out = {k: v for k, v in metrics.items() if k != "run"}
     out["phases"] = [{k: v for k, v in p.items() if k not in ("wall_s", "tokens_per_s")} for p in metrics["phases"]]
     for p in out["phases"]:
@@ -64,8 +67,8 @@ def deterministic(metrics: dict) -> dict:
     return out
 
 
-def max_relative_ppl_difference(a: dict, b: dict) -> float:
-    return max(abs(x - y) / y for ra, rb in zip(a["ppl"], b["ppl"]) for x, y in zip(ra, rb))
+def max_relative_ppl_difference(a, b) -> float:
+    return max(abs(x - y) / y for ra, rb in zip(deterministic(a)["ppl"], deterministic(b)["ppl"]) for x, y in zip(ra, rb))
 
 
 def crash_after_saves(monkeypatch, count: int) -> None:
@@ -103,7 +106,7 @@ def stream(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, stream) -> dict:
     """An uninterrupted in-process run of the tiny stream (ewc_replay: replay buffer and Fisher state)."""
-    return run(build_config(raw_config(tiny_model_dir, stream, name="reference")))
+    return run(make_config(raw_config(tiny_model_dir, stream, name="reference")))
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -162,12 +165,12 @@ def test_kill_9_mid_phase_then_resume_equals_an_uninterrupted_run(cli_runs):
 
 @pytest.mark.parametrize("crash", ["mid phase 1", "before metrics.json"])
 def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_dir, stream, reference, monkeypatch, crash):
-    config = build_config(raw_config(tiny_model_dir, stream, name=f"crash {crash}".replace(" ", "_")))
+    config = make_config(raw_config(tiny_model_dir, stream, name=f"crash {crash}".replace(" ", "_")))
     with monkeypatch.context() as patch:
         if crash == "mid phase 1":
             crash_after_saves(patch, 2)
         else:  # phase 1's checkpoint is written, metrics.json is not: phase 1 resumes from its last step checkpoint
-            patch.setattr("cltune.pipeline.write_json", lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
+            patch.setattr("cltune.results.write_json", lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
         with pytest.raises(SimulatedCrash):
             run(config)
     assert not (config.run_dir / "metrics.json").exists()
@@ -179,8 +182,8 @@ def test_every_strategy_resumes_mid_phase_2_exactly(tiny_model_dir, tmp_path, mo
     """Phase 1's checkpoint and strategy state, then phase 2's step checkpoint: equal to not stopping."""
     raw = raw_config(tiny_model_dir, tmp_path, strategy, checkpoint_every=1, max_steps=3)
     raw["eval"] = {"samples_per_speaker": 0, "attribution": False, "batch_size": 16}
-    uninterrupted = run(build_config({**raw, "name": "uninterrupted"}))
-    config = build_config({**raw, "name": "resumed"})
+    uninterrupted = run(make_config({**raw, "name": "uninterrupted"}))
+    config = make_config({**raw, "name": "resumed"})
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 5)  # phase 1 saves steps 1-3, phase 2 steps 1-2
         with pytest.raises(SimulatedCrash):
@@ -228,7 +231,7 @@ def test_generate_refuses_a_damaged_checkpoint(reference, stream, tmp_path, monk
 @pytest.fixture()
 def crashed_in_phase_1(tiny_model_dir, stream, tmp_path, monkeypatch):
     """A run stopped right after its first step checkpoint (phase 1, step 2)."""
-    config = build_config(raw_config(tiny_model_dir, stream, name="crashed") | {"output_dir": str(tmp_path)})
+    config = make_config(raw_config(tiny_model_dir, stream, name="crashed") | {"output_dir": str(tmp_path)})
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 1)
         with pytest.raises(SimulatedCrash):
@@ -248,7 +251,7 @@ def test_resume_refuses_pickled_objects_even_with_a_matching_manifest(crashed_in
     """weights_only loading: a forged optimizer.pt (manifest rewritten to match) is still not unpickled."""
     import pickle
 
-    from cltune.checkpoint import _write_manifest
+    from cltune.verified import _write_manifest
 
     config, step = crashed_in_phase_1
     (step / "optimizer.pt").write_bytes(pickle.dumps(os.system))  # would be a callable if unpickled
@@ -265,7 +268,7 @@ def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(crashed_in_phase_1,
     (half / "adapter_model.safetensors").write_bytes(b"half")
     assert resuming.StepCheckpoints(step.parent, 2, 1, {}).latest() == step
     resumed = run(config, resume=True)
-    assert deterministic(resumed)["ppl"] == reference["ppl"] and not half.exists()
+    assert deterministic(resumed)["ppl"] == reference.ppl and not half.exists()
 
 
 # --- guards --------------------------------------------------------------------------------------
@@ -276,7 +279,7 @@ def _disk_full(*args, **kwargs):
 
 
 def test_disk_full_during_a_step_checkpoint_keeps_the_previous_one(tiny_model_dir, stream, tmp_path, monkeypatch):
-    config = build_config(raw_config(tiny_model_dir, stream, name="full") | {"output_dir": str(tmp_path)})
+    config = make_config(raw_config(tiny_model_dir, stream, name="full") | {"output_dir": str(tmp_path)})
     original, calls = resuming._torch_save, []
 
     def fill_up(obj, path):
@@ -292,7 +295,7 @@ def test_disk_full_during_a_step_checkpoint_keeps_the_previous_one(tiny_model_di
 
 
 def test_disk_full_during_a_phase_checkpoint_keeps_the_previous_phase(tiny_model_dir, stream, tmp_path, monkeypatch):
-    config = build_config(raw_config(tiny_model_dir, stream, "naive", name="full") | {"output_dir": str(tmp_path)})
+    config = make_config(raw_config(tiny_model_dir, stream, "naive", name="full") | {"output_dir": str(tmp_path)})
     from cltune import checkpoint
 
     original = checkpoint.write_json
@@ -349,16 +352,16 @@ def test_a_strategy_returning_nan_stops_the_phase_with_the_weights_restored(tiny
                                                                             monkeypatch):
     from cltune.strategies.naive import Naive
 
-    config = build_config(raw_config(tiny_model_dir, stream, "naive", name="nan") | {"output_dir": str(tmp_path)})
+    config = make_config(raw_config(tiny_model_dir, stream, "naive", name="nan") | {"output_dir": str(tmp_path)})
     calls = []
 
-    def nan_from_step_3(self, batch, logits):  # two micro-batches per step: the 5th call is step 3's
-        calls.append(1)
-        return torch.tensor(float("nan")) if len(calls) >= 5 else None
+    def nan_from_step_3(self, batch, outputs, step):
+        calls.append(step.step)
+        return torch.tensor(float("nan")) if step.step == 3 else None
 
-    monkeypatch.setattr(Naive, "extra_loss", nan_from_step_3, raising=False)
+    monkeypatch.setattr(Naive, "batch_loss", nan_from_step_3, raising=False)
     models = []
-    monkeypatch.setattr("cltune.pipeline.attach_lora", lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
+    monkeypatch.setattr("cltune.session.attach_lora", lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
     with pytest.raises(DivergedError, match="phase 1, step 3: loss is not finite"):
         run(config)
     lora_b = [p for n, p in models[0].named_parameters() if "lora_B" in n]
@@ -398,11 +401,11 @@ def test_task_names_become_safe_file_names(name):
 
 def test_a_traversing_task_name_stays_inside_the_run_folder(tiny_model_dir, stream, tmp_path):
     from cltune.data.eda import summarize, write_eda
-    from cltune.pipeline import load_tasks
+    from cltune.session import load_tasks
 
     raw = raw_config(tiny_model_dir, stream, "naive")
     raw["tasks"] = [{"path": t["path"], "name": n} for t, n in zip(raw["tasks"], ["../../escape", "/etc/passwd"])]
-    datasets, tasks, _ = load_tasks(build_config(raw))
+    datasets, tasks, _ = load_tasks(make_config(raw))
     assert [t.name for t in tasks] == ["escape", "etc_passwd"]
     out = tmp_path / "run" / "eda"
     write_eda([summarize(d, None, 24) for d in datasets], out, "words", 24)

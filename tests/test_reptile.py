@@ -4,14 +4,15 @@ meta-training reproduced step by step on a tiny model, and its wiring into a str
 from __future__ import annotations
 
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cltune import pipeline
+from cltune import pipeline, session
+from cltune.strategies import reptile
 from cltune.data.split import Example, Split, TaskData, HeldOutLeakError
-from cltune.strategies import create_strategy
 from cltune.strategies.base import Context
 from cltune.strategies.reptile import (
     Reptile, ReptileSettings, adapt, meta_step_size, reptile_interpolate, sample_episode,
@@ -61,11 +62,8 @@ def test_meta_training_equals_the_reptile_formula(tiny_config):
     """Two meta-iterations (ε = 0.5, then 0.25) reproduced by hand from the same episodes."""
     config = tiny_config("reptile", ["reptile.meta_iterations=2", "reptile.meta_lr=0.5", "reptile.inner_steps=3",
                                      "reptile.episode_size=4", "reptile.inner_lr=0.01"])
-    _, tasks, tokens = pipeline.load_tasks(config)
-    acc = pipeline.make_accelerator("fp32")
-    model, tokenizer, scorer, new_ids, _ = pipeline.build_model(config, sorted(set(tokens.values())), acc)
-    ctx = Context(acc, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, None, new_ids, config.lora)
-    strategy = create_strategy("reptile", ctx, config)
+    built = session.build_session(config)
+    ctx, strategy, tasks = built.ctx, built.strategy, built.tasks
     theta0 = _snapshot(ctx)
     strategy.before_task(tasks[0])
     meta = _snapshot(ctx)
@@ -92,16 +90,17 @@ def test_meta_training_equals_the_reptile_formula(tiny_config):
     assert strategy.costs[1]["inner_steps"] == 6
 
 
-def test_stream_meta_trains_before_phase_one_only(tiny_config, monkeypatch):
-    made: list[Reptile] = []
-    monkeypatch.setattr(pipeline, "create_strategy", lambda *a: made.append(create_strategy(*a)) or made[-1])
+def test_stream_meta_trains_before_phase_one_only(tiny_config, captured, monkeypatch):
+    made: list[Reptile] = captured
+    real_adapt = reptile.adapt
+    monkeypatch.setattr(reptile, "adapt", lambda *a: time.sleep(0.1) or real_adapt(*a))  # 0.1 s per episode
     metrics = pipeline.run(tiny_config("reptile", ["reptile.meta_iterations=3", "reptile.inner_steps=2"]))
     assert list(made[0].costs) == [1]
     cost = made[0].costs[1]
     assert cost["meta_iterations"] == 3 and cost["inner_steps"] == 6
-    assert cost["meta_target_tokens"] > 0 and cost["meta_wall_s"] >= 0
+    assert cost["meta_target_tokens"] > 0 and cost["meta_wall_s"] >= 0.3
     # the cost is reported with phase 1, and the meta-training is inside its before_task time
-    first, second = (p["strategy"] for p in metrics["phases"])
+    first, second = (p.strategy for p in metrics.phases)
     assert first["meta_target_tokens"] == cost["meta_target_tokens"] and "meta_wall_s" not in second
-    assert first["hooks_s"]["before_task"] >= cost["meta_wall_s"] - 0.01
+    assert first["hooks_s"]["before_task"] >= cost["meta_wall_s"] - 0.01 and second["hooks_s"]["before_task"] < 0.1
     assert not Reptile.phase1_neutral

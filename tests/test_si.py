@@ -56,10 +56,10 @@ def test_hooks_accumulate_the_task_gradient_and_consolidate():
 
     def step(grad, new_value):
         w.grad = scale * t(grad).reshape(1, 2)
-        si.after_backward()
+        si.after_backward(None)
         with torch.no_grad():
             w.copy_(t(new_value).reshape(1, 2))
-        si.after_step()
+        si.after_step(None)
 
     with torch.no_grad():
         w.copy_(t(1.0, 1.0).reshape(1, 2))
@@ -69,12 +69,12 @@ def test_hooks_accumulate_the_task_gradient_and_consolidate():
     # Ω = ω / (Δθ² + ξ) = (0.2 / 0.02, 0.2 / 0.05) = (10, 4); θ* = (0.9, 1.2)
     assert si.importance["weight"].flatten().tolist() == pytest.approx([10.0, 4.0])
     assert si.anchor["weight"].flatten().tolist() == pytest.approx([0.9, 1.2])
-    assert si.extra_loss(None, None).item() == pytest.approx(0.0)
+    assert si.step_penalty(None).item() == pytest.approx(0.0)
 
     si.before_task(SimpleNamespace(index=1, name="b"))
     step((1.0, 1.0), (1.0, 1.0))  # at θ*: no penalty gradient; ω = −(1, 1)·(0.1, −0.2) = (−0.1, 0.2)
     # penalty at (1, 1): 0.1 · (10·0.1² + 4·0.2²) = 0.026; its gradient 2c·Ω·(θ − θ*) = (0.2, −0.16)
-    assert si.extra_loss(None, None).item() == pytest.approx(0.026)
+    assert si.step_penalty(None).item() == pytest.approx(0.026)
     step((1.0 + 0.2, 1.0 - 0.16), (0.8, 1.1))  # task gradient (1, 1) + penalty gradient; Δθ = (−0.2, 0.1)
     # only the task gradient counts: ω = (−0.1, 0.2) − (1, 1)·(−0.2, 0.1) = (0.1, 0.1)
     # (counting the penalty's too would give (0.14, 0.116))
@@ -95,10 +95,10 @@ def test_mid_phase_state_carries_the_running_path_integral():
     si = SI(ctx, {"si": SISettings()})
     si.before_task(SimpleNamespace(index=0, name="a"))
     model.weight.grad = torch.ones_like(model.weight)
-    si.after_backward()
+    si.after_backward(None)
     with torch.no_grad():
         model.weight.sub_(0.5)
-    si.after_step()
+    si.after_step(None)
     resumed = SI(ctx, {"si": SISettings()})
     resumed.before_task(SimpleNamespace(index=0, name="a"))  # the pipeline calls it before restoring
     resumed.load_state(si.state())
@@ -110,7 +110,7 @@ def test_penalty_holds_important_weights_in_phase2(tiny_config):
     def drift(c: float) -> tuple[float, list]:
         """Σ Ω₁ (θ₂ − θ₁)²: how far phase 2 moved the weights phase 1 found important."""
         config = tiny_config("si", eval=QUIET_EVAL, name=f"si-{c}", si={"c": c})
-        ppl = pipeline.run(config)["ppl"]
+        ppl = pipeline.run(config).ppl
         end1, end2 = load_strategy_state(config.run_dir / "phase1"), load_strategy_state(config.run_dir / "phase2")
         importance = {k[len("importance."):]: v for k, v in end1.items() if k.startswith("importance.")}
         assert importance and all(bool((v >= 0).all()) for v in importance.values())

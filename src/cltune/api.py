@@ -9,9 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cltune.config import BaseRunConfig, build_config, load_config
 from cltune.errors import UserError
+
+if TYPE_CHECKING:
+    from cltune.results import RunMetrics
+
+
+def _catalog():
+    from cltune.strategies import REGISTRY
+
+    return REGISTRY.catalog()
+
+
+def make_config(raw: dict, sets: Sequence[str] = (), *, source: str = "config", fixed: dict | None = None) -> BaseRunConfig:
+    """A validated run config from a dict, `--set` overrides and `fixed` values, with every registered strategy."""
+    return build_config(raw, list(sets or ()), source=source, catalog=_catalog(), fixed=fixed)
+
+
+def read_config(path: Path | str, sets: Sequence[str] = (), *, fixed: dict | None = None) -> BaseRunConfig:
+    """A validated run config from a YAML file (task paths relative to it), overrides and `fixed` values."""
+    return load_config(path, list(sets or ()), catalog=_catalog(), fixed=fixed)
 
 
 def _is_main() -> bool:
@@ -21,11 +41,11 @@ def _is_main() -> bool:
 
 
 def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool = False, console=None,
-               report: bool = True) -> dict:
+               report: bool = True) -> RunMetrics:
     """Run (or with `resume`, continue) the stream `config` describes; writes the report; returns the metrics."""
     from cltune.pipeline import run
     from cltune.report import print_summary, write_report
-    from cltune.resume import check_run_dir
+    from cltune.rundir import check_run_dir
 
     check_run_dir(config.run_dir, overwrite, resume=resume)
     metrics = run(config, console=console, resume=resume)
@@ -40,15 +60,15 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
 def config_from(config_path: Path | None, sets: Sequence[str] = (), fixed: dict | None = None) -> BaseRunConfig:
     """A validated config from a YAML file (or defaults when None), `--set` overrides, then `fixed` values."""
     if config_path is not None:
-        return load_config(config_path, list(sets), fixed=fixed)
-    return build_config({}, list(sets), source="command line", fixed=fixed)
+        return read_config(config_path, sets, fixed=fixed)
+    return make_config({}, sets, source="command line", fixed=fixed)
 
 
 def train_single(data: Path, out: Path, *, model: str | None = None, config_path: Path | None = None,
-                 sets: Sequence[str] = (), overwrite: bool = False, console=None) -> dict:
+                 sets: Sequence[str] = (), overwrite: bool = False, console=None) -> RunMetrics:
     """Phase 1 alone: LoRA fine-tuning on one dataset; the checkpoint goes to `out/phase1`."""
     from cltune.pipeline import run
-    from cltune.resume import check_run_dir
+    from cltune.rundir import check_run_dir
 
     # User values go in as values, never pasted into YAML text: a path like O'Brien.csv stays a path.
     fixed = {"tasks": [{"path": str(data)}], "strategy": "naive", "output_dir": str(out.parent), "name": out.name}
@@ -61,7 +81,7 @@ def train_single(data: Path, out: Path, *, model: str | None = None, config_path
 
 def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = ()) -> BaseRunConfig:
     """The demo config with its task files read from `data` (by file name) and its run under `out`."""
-    config = load_config(config_path, list(sets), fixed={"output_dir": str(out)})
+    config = read_config(config_path, sets, fixed={"output_dir": str(out)})
     tasks = []
     for spec in config.tasks:
         path = data / spec.path.name
@@ -72,7 +92,7 @@ def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = 
     return config.model_copy(update={"tasks": tasks})
 
 
-def run_demo(out: Path, data: Path, config_path: Path, sets: Sequence[str] = (), console=None) -> dict:
+def run_demo(out: Path, data: Path, config_path: Path, sets: Sequence[str] = (), console=None) -> RunMetrics:
     """The main job: write the demo corpus to `data`, then run the demo config (replacing an earlier demo run)."""
     from cltune.data.demo import write_demo_corpus
 
@@ -98,18 +118,17 @@ def speaker_token(tokens: dict[str, str], speaker: str, where: Path) -> str:
 
 def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, max_new_tokens: int = 40,
                   temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> str:
-    """A continuation of `prompt` in `speaker`'s voice from a saved phase checkpoint (the prompt not repeated)."""
-    from cltune.checkpoint import load_checkpoint, load_strategy_state
+    """A continuation of `prompt` in `speaker`'s voice from a saved phase checkpoint (the prompt not repeated),
+    from the weights the checkpoint's router gives that speaker (as the run's evaluation and samples did)."""
+    from cltune.checkpoint import load_checkpoint
     from cltune.generate import generate_text
-    from cltune.strategies.adapters import adapter_for_token
+    from cltune.routing import load_router
 
     model, tokenizer, meta = load_checkpoint(checkpoint)
     token = speaker_token(meta.get("speaker_tokens", {}), speaker, checkpoint)
-    routed = adapter_for_token(load_strategy_state(checkpoint), tokenizer.convert_tokens_to_ids(token))
-    if routed:  # per-task adapters: the speaker's own task adapter speaks
-        model.set_adapter(routed)
-    return generate_text(model, tokenizer, token, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_p=top_p, seed=seed)
+    with load_router(checkpoint, model).agnostic(token):
+        return generate_text(model, tokenizer, token, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed)
 
 
 def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str | None = None,

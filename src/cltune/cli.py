@@ -6,13 +6,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
 from cltune import api
-from cltune.errors import UserError
+from cltune.errors import DivergedError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual LoRA fine-tuning of causal LMs on a sequence of dialogue styles.")
@@ -47,9 +46,9 @@ def demo_data(out: Path = typer.Option(Path("data"), help="folder for host_guest
 def eda(files: list[Path] = typer.Argument(..., help="CSV/JSONL dialogue files"),
         out: Path = typer.Option(Path("eda"), help="output folder"),
         max_len: int = typer.Option(100, help="token length to report the share under"),
-        model: Optional[str] = typer.Option(None, help="tokenizer for token lengths (default: the bundled model's)"),
+        model: str | None = typer.Option(None, help="tokenizer for token lengths (default: the bundled model's)"),
         whitespace: bool = typer.Option(False, help="count whitespace words instead of model tokens"),
-        speaker_col: Optional[str] = typer.Option(None), text_col: Optional[str] = typer.Option(None)) -> None:
+        speaker_col: str | None = typer.Option(None), text_col: str | None = typer.Option(None)) -> None:
     """Explore datasets: counts, speaker balance, lengths, missing values, vocabulary."""
     from cltune.report.tables import eda_table
 
@@ -75,16 +74,16 @@ def run(config: Path = typer.Argument(..., help="run config (YAML)"),
 @app.command()
 def train(data: Path = typer.Option(..., help="dialogue CSV/JSONL"),
           out: Path = typer.Option(..., help="checkpoint folder to write"),
-          model: Optional[str] = typer.Option(None, help="bundled name, local model folder or cached hub id"),
-          config: Optional[Path] = typer.Option(None, help="YAML with model/lora/data/train settings"),
+          model: str | None = typer.Option(None, help="bundled name, local model folder or cached hub id"),
+          config: Path | None = typer.Option(None, help="YAML with model/lora/data/train settings"),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           overwrite: bool = typer.Option(False, help="replace an existing checkpoint folder")) -> None:
     """Phase 1 alone: LoRA fine-tuning on one dataset, with before/after perplexity."""
     metrics = api.train_single(data, out, model=model, config_path=config, sets=set_, overwrite=overwrite,
                                console=console)
-    phase = metrics["phases"][0]
-    console.print(f"test PPL {phase['before']['test_ppl']:.2f} → {phase['after']['test_ppl']:.2f} "
-                  f"({phase['wall_s']:.0f} s, {phase['tokens_per_s']:.0f} tok/s); checkpoint: {out / 'phase1'}")
+    phase = metrics.phases[0]
+    console.print(f"test PPL {phase.before['test_ppl']:.2f} → {phase.after['test_ppl']:.2f} "
+                  f"({phase.wall_s:.0f} s, {phase.tokens_per_s:.0f} tok/s); checkpoint: {out / 'phase1'}")
 
 
 @app.command()
@@ -108,10 +107,11 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder holding metric
 
 
 @app.command("config-reference")
-def config_reference(readme: Optional[Path] = typer.Option(None, help="rewrite this README's reference block instead")) -> None:
+def config_reference(readme: Path | None = typer.Option(None, help="rewrite this README's reference block instead")) -> None:
     """Print the config reference (Markdown) generated from the config models."""
     from cltune.files import atomic_write_text
-    from cltune.reference import config_reference as reference, readme_with_reference
+    from cltune.reference import config_reference as reference
+    from cltune.reference import readme_with_reference
 
     if readme is None:
         print(reference())
@@ -132,7 +132,7 @@ def strategies() -> None:
 def sweep(config: Path = typer.Argument(..., help="run config (YAML)"),
           grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid ewc.lambda=0,10,20"),
           set_: list[str] = typer.Option([], "--set", help="fixed override for every point"),
-          out: Optional[Path] = typer.Option(None, help="sweep folder (default: output_dir/name-sweep)")) -> None:
+          out: Path | None = typer.Option(None, help="sweep folder (default: output_dir/name-sweep)")) -> None:
     """Run a grid of configs (the seed's ablations), reusing phase-1 checkpoints where settings allow."""
     from cltune.sweep import run_sweep
 
@@ -164,8 +164,6 @@ def main() -> None:
             sys.exit(err.exit_code)
         if isinstance(err, click.exceptions.Abort):
             sys.exit(130)
-        from cltune.train import DivergedError
-
         if isinstance(err, DivergedError):
             err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
             sys.exit(3)

@@ -1,17 +1,27 @@
 """Run configuration: YAML → typed models (unknown keys rejected) → `--set` overrides → resolved YAML.
 
-Strategy settings live beside each strategy; `run_config_model()` adds one section per
-registered settings class, so `ewc: {lambda: 10}` is validated by the EWC file's own model.
+A leaf module: it imports no other part of cltune but its errors, and no torch. Strategy settings
+live beside each strategy; the caller passes a `Catalog` of the registered strategies (their
+names and settings sections, `cltune.strategies.REGISTRY.catalog()`), and `run_config_model`
+adds one section per settings class, so `ewc: {lambda: 10}` is validated by the EWC file's model.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
 from cltune.errors import UserError
 
@@ -128,18 +138,20 @@ class BaseRunConfig(Strict):
         return PhaseSettings(**merged)
 
 
-def run_config_model() -> type[BaseRunConfig]:
-    """The RunConfig class with one validated section per registered strategy settings model."""
-    from cltune.strategies import SETTINGS
+@dataclass(frozen=True)
+class Catalog:
+    """What validation needs to know of the strategies: their names and their settings sections."""
 
-    return _run_config_model(tuple(SETTINGS.items()))
+    names: tuple[str, ...]
+    sections: tuple[tuple[str, type[BaseModel]], ...]  # (config section, settings model), e.g. ("ewc", EWCSettings)
 
 
 @functools.lru_cache(maxsize=8)
-def _run_config_model(settings: tuple[tuple[str, type[BaseModel]], ...]) -> type[BaseRunConfig]:
-    # Building the model takes a tenth of a second; keyed by the registry's contents, it is built once.
-    sections = {name: (cls, Field(default_factory=cls)) for name, cls in settings}
-    return create_model("RunConfig", __base__=BaseRunConfig, **sections)
+def run_config_model(catalog: Catalog) -> type[BaseRunConfig]:
+    """The RunConfig class with one validated section per strategy settings model of `catalog`."""
+    # Building the model takes a tenth of a second; keyed by the catalog, it is built once.
+    fields = {name: (cls, Field(default_factory=cls)) for name, cls in catalog.sections}
+    return create_model("RunConfig", __base__=BaseRunConfig, **fields)
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -203,7 +215,7 @@ def _format_error(err: ValidationError, source: str) -> str:
     return " ".join(message.split())  # keys come from the user: one line whatever they hold
 
 
-def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config",
+def build_config(raw: dict, overrides: list[str] | None = None, source: str = "config", *, catalog: Catalog,
                  fixed: dict[str, Any] | None = None) -> BaseRunConfig:
     """Validate `raw` after the `--set KEY=VALUE` `overrides` (values parsed as YAML), then `fixed`.
 
@@ -214,7 +226,7 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
     for key, value in [*parse_overrides(overrides or []), *(fixed or {}).items()]:
         _set_path(tree, key, value)
     try:
-        config = run_config_model().model_validate(tree)
+        config = run_config_model(catalog).model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_error(err, source)) from None
     for k in range(len(config.phases)):  # overrides carry no bounds of their own: check each merged phase now
@@ -222,14 +234,13 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
             config.phase(k)
         except ValidationError as err:
             raise UserError(_format_error(err, f"{source}: phase{k + 1}")) from None
-    from cltune.strategies import REGISTRY
-
-    if config.strategy not in REGISTRY:
-        raise UserError(f"{source}: strategy: unknown {config.strategy!r}; choose one of {', '.join(REGISTRY)}")
+    if config.strategy not in catalog.names:
+        raise UserError(f"{source}: strategy: unknown {config.strategy!r}; choose one of {', '.join(catalog.names)}")
     return config
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, fixed: dict[str, Any] | None = None) -> BaseRunConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, *, catalog: Catalog,
+                fixed: dict[str, Any] | None = None) -> BaseRunConfig:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -253,7 +264,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, fixed: dic
         if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).is_absolute():
             candidate = base / str(task["path"])
             task["path"] = str(candidate if candidate.exists() or not Path(str(task["path"])).exists() else task["path"])
-    return build_config(raw, overrides, source=str(path), fixed=fixed)
+    return build_config(raw, overrides, source=str(path), catalog=catalog, fixed=fixed)
 
 
 def dump_config(config: BaseRunConfig) -> str:

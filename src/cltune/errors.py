@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """A problem with the user's input or setup: says what is wrong, where, and the fix."""
+
+
+class DivergedError(RuntimeError):
+    """Loss or gradients became NaN/inf: the phase stops and its last good weights are kept (exit code 3)."""

@@ -75,3 +75,17 @@ def perplexity_and_attribution(
     rows = torch.arange(len(examples))
     ppl = math.exp(total[rows, own].sum().item() / count[rows, own].sum().item())
     return ppl, (total.argmin(dim=1) == own).double().mean().item()
+
+
+def test_row(ctx, router, tasks, settings) -> tuple[list[float], list[float | None]]:
+    """One row of the matrix: each task's test perplexity and speaker attribution (None: fewer than two
+    speakers), each task served by the weights `router.oracle` gives it."""
+    ppl, attribution = [], []
+    for task in tasks:
+        candidates = list(task.tokens.values()) if settings.attribution else []
+        with router.oracle(task.index):
+            value, share = perplexity_and_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates,
+                                                      ctx.max_length, settings.batch_size)
+        ppl.append(value)
+        attribution.append(None if math.isnan(share) else share)
+    return ppl, attribution

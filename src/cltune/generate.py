@@ -58,3 +58,21 @@ def sample_utterances(
     return sample_continuations(model, tokenizer, [[tokenizer.convert_tokens_to_ids(speaker_token)]] * n,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, batch_size=batch_size)
+
+
+def sample_rows(ctx, router, tasks, settings, phase: int, seed: int) -> list[dict]:
+    """`settings.samples_per_speaker` generations per speaker of each task (one seeded batch per task),
+    each task served by the weights `router.oracle` gives it; the report's sample table."""
+    out = []
+    for task in tasks:
+        rows = [(speaker, token) for speaker, token in task.tokens.items() for _ in range(settings.samples_per_speaker)]
+        if not rows:
+            continue
+        prompts = [[ctx.tokenizer.convert_tokens_to_ids(token)] for _, token in rows]
+        with router.oracle(task.index):
+            texts = sample_continuations(ctx.model, ctx.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
+                                         temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed,
+                                         batch_size=len(prompts))
+        out += [{"phase": phase, "task": task.name, "speaker": speaker, "token": token, "text": text}
+                for (speaker, token), text in zip(rows, texts)]
+    return out

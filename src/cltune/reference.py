@@ -7,7 +7,14 @@ import typing
 
 from pydantic import BaseModel
 
-from cltune.config import BaseRunConfig, DataSettings, EvalSettings, LoraSettings, ModelSettings, PhaseSettings
+from cltune.config import (
+    BaseRunConfig,
+    DataSettings,
+    EvalSettings,
+    LoraSettings,
+    ModelSettings,
+    PhaseSettings,
+)
 
 
 def _type(annotation) -> str:
@@ -47,7 +54,7 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
 def config_reference() -> str:
-    from cltune.strategies import SETTINGS
+    from cltune.strategies import REGISTRY
 
     top = {k: v for k, v in BaseRunConfig.model_fields.items()}
     lines = ["| key | default | meaning |", "|---|---|---|"]
@@ -58,7 +65,7 @@ def config_reference() -> str:
                          ("train / phases[i] (phaseK.* in --set)", PhaseSettings), ("eval", EvalSettings)):
         lines += section(title, model)
     lines += ["`tasks[i]`: `path` (required), `name`, `speaker_col`, `text_col`.", ""]
-    for name, model in SETTINGS.items():
+    for name, model in REGISTRY.sections().items():
         lines += section(name, model)
     return "\n".join(lines)
 

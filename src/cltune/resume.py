@@ -1,4 +1,4 @@
-"""Resuming a stream after a crash: step checkpoints inside a phase, and which run a folder holds.
+"""Resuming a stream after a crash: step checkpoints inside a phase (which run a folder holds: `rundir`).
 
 A step checkpoint is a phase-style checkpoint (adapters, tokenizer, manifest) plus what the loop
 needs to continue exactly: optimizer and scheduler (`torch.save`, read back with
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
-from cltune.checkpoint import load_adapter_weights, load_strategy_state, remove_temp_leftovers, save_checkpoint
+from cltune.checkpoint import load_adapter_weights, load_strategy_state, save_checkpoint
 from cltune.errors import UserError
 from cltune.files import read_json, write_json
+from cltune.verified import remove_temp_leftovers
 
 log = logging.getLogger(__name__)
 STEPS_DIR = "steps"
@@ -34,10 +34,6 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 BEST_WEIGHTS = "best_weights.safetensors"
 TRAIN_LOG = "train_log.jsonl"
-INPUTS = "inputs.json"
-RESOLVED = "config.resolved.yaml"
-# Settings that change where and how often checkpoints go, never a result: a resume may differ in them.
-_NO_EFFECT = ("checkpoint_every", "save_total_limit")
 
 
 def derived_seed(*parts) -> int:
@@ -106,7 +102,7 @@ class StepCheckpoints:
     def restore(self, folder: Path, model, strategy, optimizer, scheduler, device) -> tuple[dict, dict, str]:
         """Load a verified step checkpoint into the live objects; returns (loop state, best weights, log)."""
         load_adapter_weights(model, folder)  # verifies the manifest first
-        strategy.load_state({k: v.to(device) for k, v in load_strategy_state(folder).items()})
+        strategy.load_full_state({k: v.to(device) for k, v in load_strategy_state(folder).items()})
         optimizer.load_state_dict(_torch_load(folder / OPTIMIZER))
         scheduler.load_state_dict(_torch_load(folder / SCHEDULER))
         best = {k: v.to(device) for k, v in load_file(str(folder / BEST_WEIGHTS)).items()}
@@ -121,85 +117,4 @@ def steps_folder(run_dir: Path, phase: int) -> Path:
 def restore_phase(ctx, strategy, folder: Path) -> None:
     """Put the model and strategy where the uninterrupted run was at the end of that phase."""
     load_adapter_weights(ctx.model, folder)
-    strategy.load_state({k: v.to(ctx.accelerator.device) for k, v in load_strategy_state(folder).items()})
-
-
-# --- which run a folder holds -------------------------------------------------------------------
-
-
-def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "metrics.json").exists() or (run_dir / RESOLVED).exists()
-
-
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, resumable: bool = True) -> None:
-    """Refuse to start over a folder that holds a run unless told to replace or continue it."""
-    if overwrite and resume:
-        raise UserError("--overwrite and --resume contradict each other; pass one of them")
-    if overwrite or resume or not holds_run(run_dir):
-        return
-    resume_hint = ", --resume to continue it," if resumable else ""
-    raise UserError(f"{run_dir}: already holds a run; pass --overwrite to replace it{resume_hint} or choose another name/output_dir")
-
-
-def input_hashes(config) -> list[dict]:
-    """SHA-256 of every task file, so a resume can tell that the data changed under it."""
-    out = []
-    for spec in config.tasks:
-        try:
-            digest = hashlib.sha256(Path(spec.path).read_bytes()).hexdigest()
-        except OSError:
-            digest = None  # loading reports a missing file with its own message
-        out.append({"path": str(spec.path), "sha256": digest})
-    return out
-
-
-def _comparable(resolved: str) -> dict:
-    tree = yaml.safe_load(resolved) or {}
-    for section in [tree.get("train") or {}, *(tree.get("phases") or [])]:
-        for key in _NO_EFFECT:
-            section.pop(key, None)
-    return tree
-
-
-def _first_difference(a, b, where: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in [*a, *(k for k in b if k not in a)]:
-            found = _first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
-            if found:
-                return found
-        return None
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := _first_difference(x, y, f"{where}.{i}"))), None)
-    return None if a == b else f"{where or '(top level)'} (saved {a!r}, now {b!r})"
-
-
-def saved_progress(run_dir: Path, resolved: str, inputs: list[dict]) -> dict:
-    """The metrics saved so far by the run in `run_dir` ({} when it has none), after checking that
-    it is the same run: same config (checkpoint frequency aside) and same data files."""
-    if not (run_dir / RESOLVED).exists():
-        return {}
-    diff = _first_difference(_comparable((run_dir / RESOLVED).read_text(encoding="utf-8")), _comparable(resolved))
-    if diff:
-        raise UserError(f"{run_dir}: holds a different run (config differs at {diff}); resume with the same config, "
-                        "or pass --overwrite to replace it")
-    saved_inputs = read_json(run_dir / INPUTS) if (run_dir / INPUTS).exists() else inputs
-    for old, new in zip(saved_inputs, inputs):
-        if old["sha256"] != new["sha256"]:
-            raise UserError(f"{new['path']}: changed since the run in {run_dir} started; resume needs the same data, "
-                            "or pass --overwrite to start over")
-    return read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
-
-
-def start_fresh(run_dir: Path, inputs: list[dict]) -> None:
-    """Forget an earlier run's progress (its step checkpoints and metrics) and record the inputs."""
-    shutil.rmtree(run_dir / STEPS_DIR, ignore_errors=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    write_json(run_dir / INPUTS, inputs)
-
-
-def finish_phase(run_dir: Path, phase: int) -> None:
-    """A phase's step checkpoints are superseded once its phase checkpoint and metrics are written."""
-    shutil.rmtree(steps_folder(run_dir, phase), ignore_errors=True)
-    if (run_dir / STEPS_DIR).is_dir() and not any((run_dir / STEPS_DIR).iterdir()):
-        (run_dir / STEPS_DIR).rmdir()
-    remove_temp_leftovers(run_dir)
+    strategy.load_full_state({k: v.to(ctx.accelerator.device) for k, v in load_strategy_state(folder).items()})

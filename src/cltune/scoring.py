@@ -64,15 +64,19 @@ class TokenScorer(nn.Module):
     def _base(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Logits at target positions, shape (targets, vocab), row-major over the batch."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits at target positions, shape (targets, vocab), row-major over the batch; with
+        `return_hidden`, also the last hidden states there, shape (targets, width)."""
         base = self._base()
         decoder = base.get_decoder()
         embeds = _embed(base.get_input_embeddings(), input_ids)
         inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
         hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
         mask = labels[:, 1:] != IGNORE
-        return _head(base.get_output_embeddings(), hidden[:, :-1][mask])
+        at_targets = hidden[:, :-1][mask]
+        logits = _head(base.get_output_embeddings(), at_targets)
+        return (logits, at_targets) if return_hidden else logits
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,11 @@ import itertools
 import json
 from pathlib import Path
 
-from cltune.config import BaseRunConfig, load_config
+from cltune.api import read_config
+from cltune.config import BaseRunConfig
 from cltune.errors import UserError
 from cltune.files import atomic_write_text
+from cltune.results import RunMetrics
 from cltune.strategies import REGISTRY
 
 
@@ -45,16 +47,16 @@ def phase1_fingerprint(config: BaseRunConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _row(point: dict, metrics: dict, reused: bool) -> dict:
-    ppl = metrics["ppl"]
+def _row(point: dict, metrics: RunMetrics, reused: bool) -> dict:
+    ppl = metrics.ppl
     return {
         **point,
         "phase1_task1_ppl": round(ppl[1][0], 3),
         "final_task1_ppl": round(ppl[-1][0], 3),
-        "forgetting_pct": round(metrics["forgetting_pct"][0], 3) if metrics.get("forgetting_pct") else None,
+        "forgetting_pct": round(metrics.forgetting_pct[0], 3) if metrics.forgetting_pct else None,
         "new_task_ppl": round(ppl[-1][-1], 3),
-        "avg_final_ppl": round(metrics["avg_final_ppl"], 3),
-        "wall_s": round(sum(p["wall_s"] for p in metrics["phases"]), 1),
+        "avg_final_ppl": round(metrics.avg_final_ppl, 3),
+        "wall_s": round(sum(p.wall_s for p in metrics.phases), 1),
         "reused_phase1": reused,
     }
 
@@ -74,14 +76,14 @@ def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | N
     from cltune.report.plots import tradeoff_scatter
 
     points = expand_grid(grid)
-    base = load_config(config_path, sets)
+    base = read_config(config_path, sets)
     out = out or base.output_dir / f"{base.name}-sweep"
     phase1_dirs: dict[str, Path] = {}
     rows = []
     for i, point in enumerate(points):
         name = f"point{i:02d}"
-        overrides = [*sets, *(f"{k}={v}" for k, v in point.items()), f"name={name}", f"output_dir='{out}'"]
-        config = load_config(config_path, overrides)
+        overrides = [*sets, *(f"{k}={v}" for k, v in point.items())]
+        config = read_config(config_path, overrides, fixed={"name": name, "output_dir": str(out)})
         fingerprint = phase1_fingerprint(config)
         reuse = phase1_dirs.get(fingerprint)
         if console:

@@ -15,29 +15,28 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import set_seed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from transformers import get_scheduler
 
 from cltune.batching import collate, length_grouped_batches
 from cltune.config import PhaseSettings
-from cltune.data.split import TaskData, require_no_test
-from cltune.errors import UserError
+from cltune.data.split import Example, TaskData, require_no_test
+from cltune.errors import DivergedError, UserError
 from cltune.evaluate import mean_loss
 from cltune.resume import StepCheckpoints, derived_seed, fingerprint
 from cltune.scoring import target_nll
-
-if TYPE_CHECKING:  # strategies import DivergedError from here; a runtime import would be circular
-    from cltune.strategies.base import Context, Strategy
+from cltune.strategies.base import Context, Outputs, StepInfo, Strategy
 
 logger = logging.getLogger(__name__)
-
-
-class DivergedError(RuntimeError):
-    """Loss or gradients became NaN/inf: the phase stops and its last good weights are kept."""
 
 
 @dataclass
@@ -95,9 +94,13 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int,
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
-def param_groups(model, settings: PhaseSettings) -> list[dict]:
-    """The optimizer's parameter groups: the new token rows apart when `token_lr` sets their own rate."""
+def param_groups(model, settings: PhaseSettings, extra: dict[str, torch.nn.Module] | None = None) -> list[dict]:
+    """The optimizer's parameter groups: the new token rows apart when `token_lr` sets their own rate.
+
+    `extra` modules (a strategy's own, e.g. a fusion gate) train at `lr` with the LoRA weights.
+    """
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable += [(f"{k}.{n}", p) for k, m in (extra or {}).items() for n, p in m.named_parameters() if p.requires_grad]
     rows = [p for n, p in trainable if "trainable_tokens_delta" in n]
     if settings.token_lr is None or not rows:
         return [{"params": [p for _, p in trainable]}]
@@ -160,40 +163,58 @@ def _sum_over_processes(acc, values: list[float]) -> list[float]:
 
 
 def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, scheduler, params, batches, step_targets: int,
-                    settings: PhaseSettings, where: str) -> float:
+                    settings: PhaseSettings, info: StepInfo, where: str) -> float:
     """One optimizer step over this process's share; returns the step's mean target NLL over all processes.
 
     Token-weighted: every target token of the step weighs the same, so micro_batch_size and the
     number of processes change speed only, never the math. DDP averages gradients over
-    processes, so each loss is scaled by their number to make that average a sum.
+    processes, so each loss is scaled by their number to make that average a sum. The strategy's
+    step penalty enters once, with the last micro-batch (the one DDP synchronizes), unscaled: its
+    average over processes is itself.
     """
     acc = ctx.accelerator
+    hidden = strategy.wants_hidden_states
     nll_sum = nonfinite = 0.0
     for i, (batch, weight) in enumerate(batches):
+        last = i == len(batches) - 1
         inputs = {k: v.to(acc.device) for k, v in batch.model_inputs().items()}
-        with nullcontext() if i == len(batches) - 1 else acc.no_sync(scorer):  # DDP syncs on the last one
+        with nullcontext() if last else acc.no_sync(scorer):  # DDP syncs on the last one
             with acc.autocast():
-                logits = scorer(**inputs)
-                nll = target_nll(logits, inputs["labels"]).sum()
+                outputs = Outputs(*scorer(**inputs, return_hidden=True)) if hidden else Outputs(scorer(**inputs))
+                nll = target_nll(outputs.logits, inputs["labels"]).sum()
                 loss = nll / step_targets
-                extra = strategy.extra_loss(batch, logits)
+                extra = strategy.batch_loss(batch, outputs, info)
                 if extra is not None:
                     loss = loss + extra * (batch.n_targets / step_targets)
+            loss = loss * (weight * acc.num_processes)
+            if last and (penalty := strategy.step_penalty(info)) is not None:
+                loss = loss + penalty
             nonfinite += float(not torch.isfinite(loss))
-            acc.backward(loss * (weight * acc.num_processes))
+            acc.backward(loss)
         nll_sum += weight * nll.item()
     nll_sum, nonfinite = _sum_over_processes(acc, [nll_sum, nonfinite])  # one decision for all processes
     if nonfinite:
         raise DivergedError(f"{where}: loss is not finite; lower the learning rate (the last good weights were kept)")
-    strategy.after_backward()
+    _average_module_grads(acc, strategy)
+    strategy.after_backward(info)
     grad_norm = acc.clip_grad_norm_(params, settings.max_grad_norm)
     if not torch.isfinite(torch.as_tensor(grad_norm)):
         raise DivergedError(f"{where}: gradient norm is {float(grad_norm)}; lower the learning rate (the last good weights were kept)")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    strategy.after_step()
+    strategy.after_step(info)
     return nll_sum / step_targets
+
+
+def _average_module_grads(acc, strategy: Strategy) -> None:
+    """A strategy's own modules sit outside the DDP-wrapped model: average their gradients here."""
+    if acc.num_processes == 1:
+        return
+    for module in strategy.modules().values():
+        for p in module.parameters():
+            if p.grad is not None:
+                p.grad.copy_(acc.reduce(p.grad, "mean"))
 
 
 def _targets(encoded: list[list[int]], micro_batches: list[list[int]]) -> int:
@@ -227,24 +248,25 @@ def _require_finite(model, where: str, best_state: dict[str, torch.Tensor]) -> N
 
 
 def train_phase(
-    ctx: Context, strategy: Strategy, task: TaskData, settings: PhaseSettings, phase: int, log_path: Path | None,
-    checkpoints: StepCheckpoints | None = None,
+    ctx: Context, strategy: Strategy, task: TaskData, examples: list[Example], settings: PhaseSettings, phase: int,
+    log_path: Path | None, checkpoints: StepCheckpoints | None = None,
 ) -> PhaseResult:
-    """Train on `strategy.train_data(task)`; returns throughput and validation figures.
+    """Train on `examples` (the strategy's `train_data(task)`); returns throughput and validation figures.
 
     With `checkpoints`, saves step checkpoints as it goes and, when its `resume` is set, first
     continues from the latest one.
     """
     acc = ctx.accelerator
-    examples = require_no_test(strategy.train_data(task), "training")
+    examples = require_no_test(examples, "training")
     encoded = ctx.encode(examples)
     pad_id = ctx.tokenizer.pad_token_id
     plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, token_budget(settings, acc.device))
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(ctx.model, settings), lr=settings.lr, weight_decay=settings.weight_decay)
+    groups = param_groups(ctx.model, settings, strategy.modules())
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
         settings.schedule, optimizer, num_warmup_steps=round(settings.warmup_ratio * len(plan)), num_training_steps=len(plan)
     )
@@ -271,9 +293,10 @@ def train_phase(
             batches = [(collate(encoded, mb, pad_id, pack), w) for mb, w in my_share(micro_batches, acc.process_index,
                                                                                       acc.num_processes)]
             step_targets = _targets(encoded, micro_batches)
+            info = StepInfo(phase=phase, step=step, steps=len(plan), epoch=epoch)
             try:
                 step_loss = _optimizer_step(ctx, strategy, scorer, optimizer, scheduler, params, batches, step_targets,
-                                            settings, where)
+                                            settings, info, where)
             except DivergedError:
                 optimizer.zero_grad(set_to_none=True)
                 _restore(ctx.model, loop.best_state)
@@ -308,7 +331,7 @@ def train_phase(
                 if log:
                     log.flush()
                 if acc.is_main_process:
-                    checkpoints.save(step, ctx.model, ctx.tokenizer, strategy.state(), optimizer, scheduler,
+                    checkpoints.save(step, ctx.model, ctx.tokenizer, strategy.full_state(), optimizer, scheduler,
                                      loop.to_json(plan_sha, data_sha, epoch), loop.best_state,
                                      log_path.read_text(encoding="utf-8") if log_path and log_path.exists() else "")
     if log:

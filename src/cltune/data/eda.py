@@ -10,8 +10,8 @@ import json
 import re
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cltune.data.loading import Dataset
 from cltune.files import atomic_write_text

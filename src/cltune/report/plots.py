@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def loss_curves(logs: dict[int, list[dict]], path: Path) -> Path:
@@ -30,11 +30,10 @@ def loss_curves(logs: dict[int, list[dict]], path: Path) -> Path:
     return path
 
 
-def ppl_heatmap(metrics: dict, path: Path) -> Path:
-    ppl = metrics["ppl"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(metrics["tasks"]), 0.9 + 0.6 * len(ppl)))
+def ppl_heatmap(ppl: list[list[float]], tasks: list[str], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(tasks), 0.9 + 0.6 * len(ppl)))
     im = ax.imshow(ppl, cmap="viridis_r", aspect="auto")
-    ax.set_xticks(range(len(metrics["tasks"])), metrics["tasks"])
+    ax.set_xticks(range(len(tasks)), tasks)
     ax.set_yticks(range(len(ppl)), ["before"] + [f"after phase {i}" for i in range(1, len(ppl))])
     for i, row in enumerate(ppl):
         for j, v in enumerate(row):
@@ -46,9 +45,8 @@ def ppl_heatmap(metrics: dict, path: Path) -> Path:
     return path
 
 
-def forgetting_bars(metrics: dict, path: Path) -> Path:
-    values = metrics.get("forgetting_pct") or []
-    names = metrics["tasks"][: len(values)]
+def forgetting_bars(values: list[float], tasks: list[str], path: Path) -> Path:
+    names = tasks[: len(values)]
     fig, ax = plt.subplots(figsize=(1.5 + 1.2 * max(1, len(values)), 3))
     ax.bar(names, values, color=["#c44e52" if v > 0 else "#55a868" for v in values])
     ax.axhline(0, color="black", linewidth=0.8)

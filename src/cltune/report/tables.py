@@ -1,8 +1,10 @@
-"""Rich tables for the terminal, built from EDA summaries and metrics dicts."""
+"""Rich tables for the terminal, built from EDA summaries and run metrics."""
 
 from __future__ import annotations
 
 from rich.table import Table
+
+from cltune.results import RunMetrics
 
 
 def eda_table(summary: dict) -> Table:
@@ -16,18 +18,18 @@ def eda_table(summary: dict) -> Table:
     return table
 
 
-def ppl_table(metrics: dict) -> Table:
-    table = Table(title=f"Test perplexity — {metrics['run']} ({metrics['strategy']})")
+def ppl_table(metrics: RunMetrics) -> Table:
+    table = Table(title=f"Test perplexity — {metrics.run} ({metrics.strategy})")
     table.add_column("after")
-    for name in metrics["tasks"]:
+    for name in metrics.tasks:
         table.add_column(name, justify="right")
-    for i, row in enumerate(metrics.get("ppl", [])):
+    for i, row in enumerate(metrics.ppl):
         table.add_row("no training" if i == 0 else f"phase {i}", *(f"{v:.2f}" for v in row))
     return table
 
 
-def print_summary(console, metrics: dict) -> None:
+def print_summary(console, metrics: RunMetrics) -> None:
     console.print(ppl_table(metrics))
-    if metrics.get("forgetting_pct"):
-        parts = ", ".join(f"{t} {f:+.1f}%" for t, f in zip(metrics["tasks"], metrics["forgetting_pct"]))
-        console.print(f"forgetting: {parts}; BWT {metrics['bwt']:+.4f}, FWT {metrics['fwt']:+.4f} (log-PPL)")
+    if metrics.forgetting_pct:
+        parts = ", ".join(f"{t} {f:+.1f}%" for t, f in zip(metrics.tasks, metrics.forgetting_pct))
+        console.print(f"forgetting: {parts}; BWT {metrics.bwt:+.4f}, FWT {metrics.fwt:+.4f} (log-PPL)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from cltune.errors import UserError
 from cltune.files import atomic_write_text, read_json
 from cltune.report.plots import forgetting_bars, loss_curves, ppl_heatmap
+from cltune.results import RunMetrics
 
 
 def _read_logs(run_dir: Path) -> dict[int, list[dict]]:
@@ -28,9 +29,9 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def _hooks(phase: dict) -> str:
+def _hooks(strategy: dict) -> str:
     """The strategy's own work around a phase (e.g. Fisher, sampling, meta-training), in seconds."""
-    hooks = phase.get("strategy", {}).get("hooks_s")  # absent in runs written before it was recorded
+    hooks = strategy.get("hooks_s")  # absent in runs written before it was recorded
     return f"{hooks['before_task']:.1f} / {hooks['after_task']:.1f}" if hooks else "–"
 
 
@@ -40,12 +41,12 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
-def render_markdown(run_dir: Path, metrics: dict, images: dict[str, str]) -> str:
-    tasks = metrics["tasks"]
-    lines = [f"# cltune report — {metrics['run']}", "",
-             f"Strategy **{metrics['strategy']}** on model `{metrics['model']}` ({metrics.get('precision', '?')} training, "
-             f"{metrics.get('processes', 1)} process(es)). Trainable: {metrics['parameters']['lora']:,} LoRA + "
-             f"{metrics['parameters']['new_token_rows']:,} new-token parameters.", ""]
+def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str]) -> str:
+    tasks = metrics.tasks
+    lines = [f"# cltune report — {metrics.run}", "",
+             f"Strategy **{metrics.strategy}** on model `{metrics.model}` ({metrics.precision} training, "
+             f"{metrics.processes} process(es)). Trainable: {metrics.parameters['lora']:,} LoRA + "
+             f"{metrics.parameters['new_token_rows']:,} new-token parameters.", ""]
     eda_path = run_dir / "eda" / "eda.json"
     if eda_path.exists():
         eda = read_json(eda_path)
@@ -53,30 +54,30 @@ def render_markdown(run_dir: Path, metrics: dict, images: dict[str, str]) -> str
             ["dataset", "utterances", "speakers", "mean tokens", f"≤ {eda['max_len']} tokens", "vocabulary"],
             [[d["name"], d["utterances"], ", ".join(f"{s} ({100 * v:.0f}%)" for s, v in d["speaker_share"].items()),
               d["tokens"]["mean"], f"{100 * d['tokens']['share_within_max_len']:.1f}%", d["vocabulary_total"]]
-             for d in eda["datasets"]]) + ["", f"Full EDA: [eda/eda.md](eda/eda.md)", ""]
-    if "ppl" in metrics:
+             for d in eda["datasets"]]) + ["", "Full EDA: [eda/eda.md](eda/eda.md)", ""]
+    if metrics.ppl:
         lines += ["## Test perplexity matrix", "", "Row = after phase i (row 0 before training), column = dataset.", ""]
-        lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + r for i, r in enumerate(metrics["ppl"])])
+        lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + r for i, r in enumerate(metrics.ppl)])
         lines += ["", f"![perplexity matrix]({images['heatmap']})", ""]
-    if metrics.get("forgetting_pct"):
-        lines += ["## Forgetting", ""] + _table(["dataset", "forgetting %"], [[t, f"{f:+.2f}%"] for t, f in zip(tasks, metrics["forgetting_pct"])])
-        lines += ["", f"Max forgetting {metrics['max_forgetting_pct']:+.2f}% · BWT {metrics['bwt']:+.4f} · FWT {metrics['fwt']:+.4f} "
-                  f"(log-PPL) · average final PPL {metrics['avg_final_ppl']:.2f}", "", f"![forgetting]({images['forgetting']})", ""]
-    if metrics.get("speaker_attribution"):
+    if metrics.forgetting_pct:
+        lines += ["## Forgetting", ""] + _table(["dataset", "forgetting %"], [[t, f"{f:+.2f}%"] for t, f in zip(tasks, metrics.forgetting_pct)])
+        lines += ["", f"Max forgetting {metrics.max_forgetting_pct:+.2f}% · BWT {metrics.bwt:+.4f} · FWT {metrics.fwt:+.4f} "
+                  f"(log-PPL) · average final PPL {metrics.avg_final_ppl:.2f}", "", f"![forgetting]({images['forgetting']})", ""]
+    if metrics.speaker_attribution:
         lines += ["## Speaker attribution", "", "Share of test utterances most likely under their true speaker token.", ""]
         lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + [None if v is None else round(100 * v, 1) for v in r]
-                                             for i, r in enumerate(metrics["speaker_attribution"])])
+                                             for i, r in enumerate(metrics.speaker_attribution)])
         lines.append("")
-    if metrics.get("phases"):
+    if metrics.phases:
         lines += ["## Training", ""] + _table(
             ["phase", "dataset", "steps", "target tokens", "wall s", "tokens/s", "best val loss",
              "strategy before / after phase s"],
-            [[p["phase"], p["task"], p["steps"], p["target_tokens"], p["wall_s"], p["tokens_per_s"], p["best_val_loss"],
-              _hooks(p)] for p in metrics["phases"]]) + ["", f"![loss curves]({images['loss']})", ""]
-    if metrics.get("samples"):
+            [[p.phase, p.task, p.steps, p.target_tokens, p.wall_s, p.tokens_per_s, p.best_val_loss, _hooks(p.strategy)]
+             for p in metrics.phases]) + ["", f"![loss curves]({images['loss']})", ""]
+    if metrics.samples:
         lines += ["## Sample generations", ""] + _table(
             ["phase", "speaker", "text"],
-            [[s["phase"], f"{s['speaker']} `{s['token']}`", s["text"].replace("|", "\\|").replace("\n", " ")[:160]] for s in metrics["samples"]])
+            [[s.phase, f"{s.speaker} `{s.token}`", s.text.replace("|", "\\|").replace("\n", " ")[:160]] for s in metrics.samples])
         lines.append("")
     config = run_dir / "config.resolved.yaml"
     if config.exists():
@@ -132,15 +133,15 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.json").exists():
         raise UserError(f"{run_dir}: no metrics.json; point at a run folder (e.g. checkpoints/demo)")
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = RunMetrics.read(run_dir / "metrics.json")
     assets = run_dir / "report_assets"
     assets.mkdir(exist_ok=True)
     images = {"loss": "report_assets/loss.png", "heatmap": "report_assets/ppl.png", "forgetting": "report_assets/forgetting.png"}
     loss_curves(_read_logs(run_dir), run_dir / images["loss"])
-    if "ppl" in metrics:
-        ppl_heatmap(metrics, run_dir / images["heatmap"])
-    if metrics.get("forgetting_pct"):
-        forgetting_bars(metrics, run_dir / images["forgetting"])
+    if metrics.ppl:
+        ppl_heatmap(metrics.ppl, metrics.tasks, run_dir / images["heatmap"])
+    if metrics.forgetting_pct:
+        forgetting_bars(metrics.forgetting_pct, metrics.tasks, run_dir / images["forgetting"])
     markdown = render_markdown(run_dir, metrics, images)
     atomic_write_text(run_dir / "report.md", markdown)
     atomic_write_text(run_dir / "report.html", _html(markdown, run_dir))

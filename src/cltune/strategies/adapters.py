@@ -4,24 +4,23 @@ Task 1 trains PEFT's "default" adapter; task k ≥ 2 adds `task{k}` (same LoRA s
 trainable speaker-token rows) and trains only it. Earlier adapters are never touched, so an earlier
 task evaluated with its own adapter scores exactly as it did when its phase ended.
 
-Routing: every task is evaluated with its own adapter; a task not yet learned, and a speaker token
-at generation time, go to the adapter of the latest learned task that has that speaker (see
-`adapter_for_token`, which reads the table saved in the checkpoint's strategy state).
+Routing (`AdapterRouter`): with the task id (oracle) a task is served by its own adapter; a task
+not yet learned by the latest adapter that knows one of its speakers. With only a speaker token
+(agnostic, what `cltune generate` has) the token goes to the adapter of the latest learned task
+that has that speaker. The table is saved in every checkpoint's router.json.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from pydantic import Field
 
 from cltune.config import Strict
 from cltune.model import lora_config
-from cltune.strategies.base import Context, Strategy
-
-ROUTES_KEY = "speaker_routes"
+from cltune.strategies.base import Context, Router, Strategy
 
 
 class AdaptersSettings(Strict):
@@ -94,24 +93,41 @@ def speaker_routes(task_tokens: Sequence[Iterable[str]]) -> dict[str, int]:
     return routes
 
 
-def adapter_for_token(state: dict[str, torch.Tensor], token_id: int) -> str | None:
-    """The adapter a speaker token routes to, from a checkpoint's strategy state; None: no routing
-    table (another strategy) or a speaker no learned task has (use the checkpoint's active adapter)."""
-    table = state.get(ROUTES_KEY)
-    if table is None:
-        return None
-    hits = table[table[:, 0] == token_id]
-    return adapter_name(int(hits[0, 1])) if len(hits) else None
+class AdapterRouter(Router):
+    """Per-task adapters: `tasks[i]` serves task i (None: the base model alone), `routes[token]` a speaker."""
+
+    kind = "adapters"
+
+    def __init__(self, model, tasks: list[str | None], routes: dict[str, str]):
+        self.model, self.tasks, self.routes = model, tasks, routes
+
+    def oracle(self, task_index: int):
+        return using_adapter(self.model, self.tasks[task_index])
+
+    def agnostic(self, token: str):
+        # A speaker no learned task has: the model as it is (its active adapter).
+        return using_adapter(self.model, self.routes[token]) if token in self.routes else nullcontext()
+
+    @property
+    def needs_task_id(self) -> bool:
+        return len(set(self.tasks)) > 1
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes}
+
+    @classmethod
+    def from_json(cls, data: dict, model) -> AdapterRouter:
+        return cls(model, list(data["tasks"]), dict(data["routes"]))
 
 
 class Adapters(Strategy):
     name = "adapters"
-    summary = "one LoRA adapter per task; earlier adapters frozen; each task evaluated with its own adapter"
-    sections = ("adapters",)
+    summary = "one LoRA adapter per task; earlier adapters frozen; routed by task id (oracle) or speaker token"
+    sections = {"adapters": AdaptersSettings}
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
-        self.cfg: AdaptersSettings = settings[self.sections[0]]
+        self.cfg: AdaptersSettings = next(iter(settings.values()))
 
     @property
     def learned(self) -> int:
@@ -137,11 +153,9 @@ class Adapters(Strategy):
         known = [routes[t] for t in self.ctx.tasks[task_index].tokens.values() if t in routes]
         return adapter_name(max(known)) if known else None
 
-    def evaluating(self, task_index):
-        return using_adapter(self.ctx.model, self.adapter_for_task(task_index))
+    def router(self) -> Router:
+        tasks = [self.adapter_for_task(i) for i in range(len(self.ctx.tasks))]
+        return AdapterRouter(self.ctx.model, tasks, {t: adapter_name(i) for t, i in self.routes().items()})
 
-    def state(self):
-        # Saved so that generation from a checkpoint can route a speaker token without the run config.
-        ids = self.ctx.tokenizer.convert_tokens_to_ids
-        rows = [[ids(token), index] for token, index in sorted(self.routes().items())]
-        return {ROUTES_KEY: torch.tensor(rows, dtype=torch.long).reshape(-1, 2)}
+
+STRATEGY = Adapters

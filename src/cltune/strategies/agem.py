@@ -25,7 +25,7 @@ from cltune.config import Strict
 from cltune.data.split import TaskData, require_no_test
 from cltune.resume import derived_seed
 from cltune.scoring import target_nll
-from cltune.strategies.base import Strategy
+from cltune.strategies.base import StepInfo, Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def flatten(grads, params: dict[str, torch.nn.Parameter]) -> torch.Tensor:
 class AGEM(Strategy):
     name = "agem"
     summary = "A-GEM: project each step's gradient so it does not raise the loss on a 10% memory of earlier datasets"
-    sections = ("agem",)
+    sections = {"agem": AGEMSettings}
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -61,7 +61,7 @@ class AGEM(Strategy):
         self.memory = ReplayBuffer(ReplaySettings(ratio=self.cfg.memory_ratio), ctx.seed)
         self.encoded: list[list[int]] = []
         self.phase = 0
-        self.steps = self.projected = 0  # of the running phase: reference gradients, projections
+        self.steps = self.projected = 0  # of the running phase: reference gradients, projections (logged)
 
     def before_task(self, task: TaskData) -> None:
         self.phase = task.index
@@ -76,7 +76,7 @@ class AGEM(Strategy):
     def _encode_memory(self) -> None:
         self.encoded = self.ctx.encode(require_no_test(self.memory.examples(), "the A-GEM memory"))
 
-    def reference_gradient(self, params: dict[str, torch.nn.Parameter]) -> torch.Tensor:
+    def reference_gradient(self, params: dict[str, torch.nn.Parameter], step: StepInfo) -> torch.Tensor:
         """Flattened gradient of the mean token NLL of one memory batch, dropout off.
 
         torch.autograd.grad returns the gradient without touching `.grad`, so the step's own
@@ -84,7 +84,7 @@ class AGEM(Strategy):
         """
         acc, scorer = self.ctx.accelerator, self.ctx.scorer
         # Seeded by (run seed, phase, step): every process draws the same batch, and so does a resumed run.
-        rng = random.Random(derived_seed(self.ctx.seed, "agem", self.phase, self.steps))
+        rng = random.Random(derived_seed(self.ctx.seed, "agem", step.phase, step.step - 1))
         picked = rng.sample(range(len(self.encoded)), min(self.cfg.memory_batch, len(self.encoded)))
         # Length-sorted forward passes of MEMORY_MICRO_BATCH: one batch of random lengths would be
         # mostly padding. The summed gradients are the gradient of the whole batch's mean.
@@ -106,12 +106,12 @@ class AGEM(Strategy):
         # The same batch on every process; averaging removes numeric differences so replicas stay equal.
         return acc.reduce(total, "mean")
 
-    def after_backward(self) -> None:
+    def after_backward(self, step: StepInfo) -> None:
         if not self.encoded:
             return
         params = self.ctx.trainable()
         grad = flatten([p.grad for p in params.values()], params)
-        projected = agem_project(grad, self.reference_gradient(params))
+        projected = agem_project(grad, self.reference_gradient(params, step))
         self.steps += 1
         if projected is grad:
             return
@@ -142,3 +142,6 @@ class AGEM(Strategy):
         self.memory.samples = dict(samples)
         self._encode_memory()
         self.phase, self.steps, self.projected = state["counters"].tolist()
+
+
+STRATEGY = AGEM

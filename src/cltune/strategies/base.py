@@ -1,7 +1,20 @@
-"""The strategy interface: a few hooks around one training loop.
+"""The strategy protocol (v2): a few hooks around one training loop, and a router for inference.
 
-A strategy never reaches into the loop. It returns the data to train on and an extra loss, and
-may adjust gradients after backward; everything else (sampling, Fisher, teachers) it keeps itself.
+A strategy never reaches into the loop: it returns data, losses and a router, and may adjust
+gradients after backward. Per phase the pipeline calls, in order:
+
+    before_task(task)                       set up (add an adapter, sample pseudo-data)
+    train_data(task)      once, cached      the utterances to train on
+    per optimizer step (StepInfo):
+        batch_loss(batch, outputs, step)    per micro-batch, weighted by its share of target tokens
+        step_penalty(step)                  once, added to the step's loss (EWC, SI, O-LoRA penalties)
+        after_backward(step)                the full gradient in place (A-GEM's projection)
+        after_step(step)                    the weights moved (SI's path integral)
+    after_task(task)                        consolidate (Fisher, memory, merging)
+
+Evaluation, the report's samples and `cltune generate` ask `router()` which weights answer:
+`oracle(task_index)` when the task id is known, `agnostic(token)` when only the speaker is.
+`state()` and `modules()` are saved with every checkpoint (safetensors) and restored on resume.
 """
 
 from __future__ import annotations
@@ -41,12 +54,55 @@ class Context:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the loop is: 0-based phase, 1-based optimizer step of `steps`, 0-based epoch."""
+
+    phase: int
+    step: int
+    steps: int
+    epoch: int
+
+
+@dataclass
+class Outputs:
+    """The scorer's outputs at a micro-batch's target positions (row-major over the batch)."""
+
+    logits: torch.Tensor  # (targets, vocab)
+    hidden: torch.Tensor | None = None  # (targets, width) last hidden states, when the strategy asks for them
+
+
+class Router:
+    """Which weights answer: for a task when its id is known (`oracle`), for a speaker token when
+    only that is known (`agnostic`, what a user of a saved model has). This default has one model."""
+
+    kind: ClassVar[str] = "single"
+
+    def oracle(self, task_index: int) -> AbstractContextManager:
+        return nullcontext()
+
+    def agnostic(self, token: str) -> AbstractContextManager:
+        return nullcontext()
+
+    @property
+    def needs_task_id(self) -> bool:
+        """True when oracle and agnostic routing can differ (the oracle row then gets information users lack)."""
+        return False
+
+    def to_json(self) -> dict:
+        """Saved in every checkpoint as router.json, so `generate` routes as evaluation did."""
+        return {"kind": self.kind}
+
+
 class Strategy:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    sections: ClassVar[tuple[str, ...]] = ()  # config sections whose settings it reads
+    # Config sections whose settings it reads, with their models: {"ewc": EWCSettings, ...}.
+    sections: ClassVar[dict[str, type[BaseModel]]] = {}
     # True when phase 1 trains exactly like `naive`, so a sweep may reuse one phase-1 checkpoint.
     phase1_neutral: ClassVar[bool] = True
+    # True when batch_loss needs the last hidden states at target positions.
+    wants_hidden_states: ClassVar[bool] = False
 
     def __init__(self, ctx: Context, settings: dict[str, BaseModel]):
         self.ctx = ctx
@@ -57,25 +113,33 @@ class Strategy:
         """Called before training on `task` (e.g. add an adapter, sample pseudo-data)."""
 
     def train_data(self, task: TaskData) -> list[Example]:
-        """The examples to train on during this task's phase."""
+        """The examples to train on during this task's phase; called once per phase, after before_task."""
         return task.train
 
-    def extra_loss(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor | None:
-        """A loss added to the micro-batch's mean token NLL (a penalty, a distillation term)."""
+    def batch_loss(self, batch: Batch, outputs: Outputs, step: StepInfo) -> torch.Tensor | None:
+        """A loss per target token of this micro-batch, added to its mean token NLL (distillation)."""
         return None
 
-    def after_backward(self) -> None:
+    def step_penalty(self, step: StepInfo) -> torch.Tensor | None:
+        """A loss added once to the optimizer step's loss (a penalty on the parameters)."""
+        return None
+
+    def after_backward(self, step: StepInfo) -> None:
         """Called once per optimizer step with the full gradients in place (gradient surgery)."""
 
-    def after_step(self) -> None:
+    def after_step(self, step: StepInfo) -> None:
         """Called after each optimizer step (e.g. path integrals)."""
 
     def after_task(self, task: TaskData) -> None:
         """Called after training on `task` (e.g. Fisher, memory, merging)."""
 
-    def evaluating(self, task_index: int) -> AbstractContextManager:
-        """Context in which task `task_index` is evaluated (e.g. with that task's own adapter)."""
-        return nullcontext()
+    def router(self) -> Router:
+        return Router()
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Trainable modules of the strategy's own (a fusion gate): trained with the model's weights,
+        saved with every checkpoint as safetensors and restored on resume."""
+        return {}
 
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors that must survive a restart (saved as safetensors)."""
@@ -84,38 +148,86 @@ class Strategy:
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what `state` returned."""
 
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """`state()` and every module's weights (under `module.NAME.`): what a checkpoint saves."""
+        out = dict(self.state())
+        for name, module in self.modules().items():
+            out.update({f"module.{name}.{k}": v.detach() for k, v in module.state_dict().items()})
+        return out
+
+    def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name, module in self.modules().items():
+            prefix = f"module.{name}."
+            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if weights:
+                module.load_state_dict(weights)
+        self.load_state({k: v for k, v in state.items() if not k.startswith("module.")})
+
+
+def _sum(terms) -> torch.Tensor | None:
+    present = [t for t in terms if t is not None]
+    return sum(present) if present else None
+
 
 class Composite(Strategy):
-    """Runs several strategies' hooks in order; the first part supplies the training data."""
+    """Several strategies as one: every member's data, losses, hooks, costs and state; at most one routes."""
 
     parts: ClassVar[tuple[type[Strategy], ...]] = ()
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.parts:
+            cls.sections = {k: v for part in cls.parts for k, v in part.sections.items()}
+            cls.phase1_neutral = all(part.phase1_neutral for part in cls.parts)
+            cls.wants_hidden_states = any(part.wants_hidden_states for part in cls.parts)
+
     def __init__(self, ctx: Context, settings: dict[str, BaseModel]):
         super().__init__(ctx, settings)
-        self.members = [part(ctx, settings) for part in self.parts]
+        self.members = [part(ctx, {k: settings[k] for k in part.sections}) for part in self.parts]
+        routing = [m for m in self.members if type(m).router is not Strategy.router]
+        if len(routing) > 1:
+            raise ValueError(f"{self.name}: {[m.name for m in routing]} each route inference; combine at most one")
+        self._routing = routing[0] if routing else None
 
     def before_task(self, task):
         for m in self.members:
             m.before_task(task)
 
     def train_data(self, task):
-        return self.members[0].train_data(task)
-
-    def extra_loss(self, batch, logits):
-        terms = [t for t in (m.extra_loss(batch, logits) for m in self.members) if t is not None]
-        return sum(terms) if terms else None
-
-    def after_backward(self):
+        """The task's utterances, then what each member adds (replayed, generated), each utterance once."""
+        out, seen = list(task.train), set(task.train)
         for m in self.members:
-            m.after_backward()
+            added = [e for e in m.train_data(task) if e not in seen]
+            out += added
+            seen.update(added)
+        return out
 
-    def after_step(self):
+    def batch_loss(self, batch, outputs, step):
+        return _sum(m.batch_loss(batch, outputs, step) for m in self.members)
+
+    def step_penalty(self, step):
+        return _sum(m.step_penalty(step) for m in self.members)
+
+    def after_backward(self, step):
         for m in self.members:
-            m.after_step()
+            m.after_backward(step)
+
+    def after_step(self, step):
+        for m in self.members:
+            m.after_step(step)
 
     def after_task(self, task):
         for m in self.members:
             m.after_task(task)
+        for m in self.members:
+            for phase, costs in m.costs.items():
+                self.costs.setdefault(phase, {}).update(costs)
+
+    def router(self):
+        return self._routing.router() if self._routing else Router()
+
+    def modules(self):
+        return {f"{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.modules().items()}
 
     def state(self):
         return {f"{i}.{k}": v for i, m in enumerate(self.members) for k, v in m.state().items()}

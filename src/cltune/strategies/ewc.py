@@ -9,7 +9,8 @@ earlier task and sums their penalties; `mode: online` keeps one running F ← γ
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -19,7 +20,7 @@ from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.scoring import target_nll
 from cltune.strategies.base import Context, Strategy
-from cltune.strategies.replay import replay_sample
+from cltune.strategies.replay import ReplaySettings, replay_sample
 
 Tensors = dict[str, torch.Tensor]
 
@@ -76,7 +77,7 @@ def per_example_grads(ctx: Context, examples: list[Example]) -> Iterable[Tensors
 class EWC(Strategy):
     name = "ewc"
     summary = "Elastic Weight Consolidation: quadratic penalty weighted by the diagonal Fisher of earlier tasks"
-    sections = ("ewc", "replay")
+    sections = {"ewc": EWCSettings, "replay": ReplaySettings}
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -98,7 +99,7 @@ class EWC(Strategy):
             self.anchors = []
         self.anchors.append((theta, fisher))
 
-    def extra_loss(self, batch, logits):
+    def step_penalty(self, step):
         if not self.anchors or self.cfg.lambda_ == 0:
             return None
         return ewc_penalty(self.ctx.trainable(), self.anchors, self.cfg.lambda_)
@@ -119,3 +120,4 @@ class EWC(Strategy):
             self.anchors.append((theta, fisher))
 
 
+STRATEGY = EWC

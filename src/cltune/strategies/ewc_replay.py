@@ -9,5 +9,7 @@ from cltune.strategies.replay import Replay
 class EWCReplay(Composite):
     name = "ewc_replay"
     summary = "replay (10% of earlier data) + EWC (λ=10) with the Fisher on the replayed utterances (the seed's method)"
-    sections = ("ewc", "replay")
     parts = (Replay, EWC)
+
+
+STRATEGY = EWCReplay

@@ -93,7 +93,7 @@ def draw_seed(seed: int, phase: int, draw: Draw) -> int:
 class GenReplay(Strategy):
     name = "gen_replay"
     summary = "generative replay: the model samples pseudo-utterances of earlier speakers (10% per dataset) for later phases"
-    sections = ("gen_replay",)
+    sections = {"gen_replay": GenReplaySettings}
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -139,3 +139,6 @@ class GenReplay(Strategy):
 
     def train_data(self, task: TaskData) -> list[Example]:
         return task.train + self.pseudo
+
+
+STRATEGY = GenReplay

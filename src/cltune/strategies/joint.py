@@ -10,3 +10,6 @@ class Joint(Strategy):
 
     def train_data(self, task: TaskData) -> list[Example]:
         return [e for t in self.ctx.tasks[: task.index + 1] for e in t.train]
+
+
+STRATEGY = Joint

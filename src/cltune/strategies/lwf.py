@@ -11,8 +11,8 @@ all that differ, and no second model is held in memory.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ def swapped_in(params: dict[str, torch.nn.Parameter], values: Tensors) -> Iterat
 class LwF(Strategy):
     name = "lwf"
     summary = "Learning without Forgetting: distil the previous phase's token distributions on the new data (T=2, α=1)"
-    sections = ("lwf",)
+    sections = {"lwf": LwFSettings}
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -87,11 +87,11 @@ class LwF(Strategy):
         finally:
             scorer.train(was_training)
 
-    def extra_loss(self, batch, logits):
+    def batch_loss(self, batch, outputs, step):
         if not self.teacher or self.cfg.weight == 0:
             return None
         inputs = {k: v.to(self.ctx.accelerator.device) for k, v in batch.model_inputs().items()}
-        return lwf_loss(logits, self.teacher_logits(inputs), self.cfg.temperature, self.cfg.weight)
+        return lwf_loss(outputs.logits, self.teacher_logits(inputs), self.cfg.temperature, self.cfg.weight)
 
     def state(self):
         return {f"teacher.{n}": t for n, t in self.teacher.items()}
@@ -99,3 +99,6 @@ class LwF(Strategy):
     def load_state(self, state):
         # Saved tensors come back on the CPU; the swap needs them where the parameters live.
         self.teacher = unprefixed(state, "teacher.", self.ctx.trainable())
+
+
+STRATEGY = LwF

@@ -24,7 +24,15 @@ import torch
 from pydantic import Field, field_validator
 
 from cltune.errors import UserError
-from cltune.strategies.adapters import Adapters, AdaptersSettings, adapter_name, original_token_rows, token_rows, using_adapter
+from cltune.strategies.adapters import (
+    Adapters,
+    AdaptersSettings,
+    adapter_name,
+    original_token_rows,
+    token_rows,
+    using_adapter,
+)
+from cltune.strategies.base import Router
 
 MERGED = "merged"
 
@@ -67,7 +75,7 @@ def merge_token_rows(original: torch.Tensor, rows: list[torch.Tensor], shares: l
 class Merge(Adapters):
     name = "merge"
     summary = "per-task LoRA adapters merged (linear/TIES/DARE) into one adapter after every task"
-    sections = ("merge",)
+    sections = {"merge": MergeSettings}
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -90,10 +98,32 @@ class Merge(Adapters):
         # At rest the model is the merged adapter: later evaluation, samples and the checkpoint use it.
         model.set_adapter(MERGED, inference_mode=True)
 
-    def evaluating(self, task_index):
+    def router(self) -> Router:
         if MERGED in self.ctx.model.peft_config:
-            return using_adapter(self.ctx.model, MERGED)
-        return super().evaluating(task_index)
+            return FixedAdapterRouter(self.ctx.model, MERGED)
+        return super().router()
 
-    def state(self):
-        return {}  # no speaker routing: the checkpoint's active adapter, `merged`, serves every speaker
+
+class FixedAdapterRouter(Router):
+    """One adapter serves every task and speaker (a merged adapter): no task id needed."""
+
+    kind = "fixed"
+
+    def __init__(self, model, adapter: str):
+        self.model, self.adapter = model, adapter
+
+    def oracle(self, task_index: int):
+        return using_adapter(self.model, self.adapter)
+
+    def agnostic(self, token: str):
+        return using_adapter(self.model, self.adapter)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "adapter": self.adapter}
+
+    @classmethod
+    def from_json(cls, data: dict, model) -> FixedAdapterRouter:
+        return cls(model, data["adapter"])
+
+
+STRATEGY = Merge

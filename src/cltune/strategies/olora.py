@@ -31,7 +31,7 @@ from peft.tuners.lora import LoraLayer
 from pydantic import Field
 
 from cltune.config import Strict
-from cltune.strategies.adapters import add_task_adapter, adapter_name, token_rows
+from cltune.strategies.adapters import adapter_name, add_task_adapter, token_rows
 from cltune.strategies.base import Strategy
 
 SUMMED = "olora"
@@ -81,7 +81,7 @@ def fold(model, adapters: list[str]) -> None:
 class OLoRA(Strategy):
     name = "olora"
     summary = "O-LoRA: a new LoRA per task kept orthogonal to earlier tasks' LoRA subspaces, all summed into one"
-    sections = ("olora",)
+    sections = {"olora": OLoRASettings}
     phase1_neutral = False  # λ2 also regularizes task 1's adapter
 
     def __init__(self, ctx, settings):
@@ -121,7 +121,7 @@ class OLoRA(Strategy):
         self.row_mask = torch.tensor([i in fresh for i in indices], device=rows.device)
         rows.requires_grad_(bool(self.row_mask.any()))
 
-    def extra_loss(self, batch, logits):
+    def step_penalty(self, step):
         terms = []
         if self.pairs and self.cfg.lambda1:
             terms.append(self.cfg.lambda1 * orthogonality_loss(self.pairs))
@@ -129,7 +129,7 @@ class OLoRA(Strategy):
             terms.append(self.cfg.lambda2 * l2_loss(self.new_params))
         return sum(terms) if terms else None
 
-    def after_backward(self):
+    def after_backward(self, step):
         if self.rows is not None and self.rows.grad is not None:
             self.rows.grad[~self.row_mask] = 0  # earlier speakers' rows belong to the frozen past
 
@@ -139,3 +139,6 @@ class OLoRA(Strategy):
         else:
             self.ctx.model.set_adapter(adapter_name(0), inference_mode=True)
         self.pairs, self.new_params, self.rows, self.row_mask = [], [], None, None
+
+
+STRATEGY = OLoRA

@@ -47,7 +47,7 @@ class ReplayBuffer:
 class Replay(Strategy):
     name = "replay"
     summary = "mix a seeded 10% sample of each earlier dataset's training utterances into later phases"
-    sections = ("replay",)
+    sections = {"replay": ReplaySettings}
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -73,3 +73,6 @@ def positions(examples: list[Example], chosen: list[Example]) -> list[int]:
     """Where each chosen example sits in `examples` (examples are distinct: each has its own line)."""
     index = {e: i for i, e in enumerate(examples)}
     return [index[e] for e in chosen]
+
+
+STRATEGY = Replay

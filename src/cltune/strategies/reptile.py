@@ -25,9 +25,9 @@ from pydantic import Field
 from cltune.batching import collate
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
+from cltune.errors import DivergedError
 from cltune.scoring import target_nll
 from cltune.strategies.base import Context, Strategy
-from cltune.train import DivergedError
 
 Tensors = dict[str, torch.Tensor]
 
@@ -94,7 +94,7 @@ def adapt(ctx: Context, episode: list[Example], steps: int, lr: float, optimizer
 class Reptile(Strategy):
     name = "reptile"
     summary = "Reptile meta-learning of the LoRA start point on phase-1 episodes (20 × 5 steps), then sequential fine-tuning"
-    sections = ("reptile",)
+    sections = {"reptile": ReptileSettings}
     phase1_neutral = False  # phase 1 starts from the meta-learned weights, not naive's
 
     def __init__(self, ctx, settings):
@@ -139,3 +139,6 @@ class Reptile(Strategy):
                 params[name].copy_(value)
 
     # No state(): the meta-learned start lives in the adapter weights the checkpoint already saves.
+
+
+STRATEGY = Reptile

@@ -79,7 +79,7 @@ def _snapshot(params: Tensors) -> Tensors:
 class SI(Strategy):
     name = "si"
     summary = "Synaptic Intelligence: quadratic penalty weighted by each parameter's path-integral importance (c=0.1)"
-    sections = ("si",)
+    sections = {"si": SISettings}
     # The importance comes from phase 1's optimizer steps; a reused phase-1 adapter has none.
     phase1_neutral = False
     _SAVED = ("importance", "anchor", "omega", "start")  # the attributes state() saves
@@ -98,7 +98,7 @@ class SI(Strategy):
         self.start = _snapshot(self.ctx.trainable())
         self.omega = {n: torch.zeros_like(t) for n, t in self.start.items()}
 
-    def after_backward(self) -> None:
+    def after_backward(self, step) -> None:
         params = self.ctx.trainable()
         scaler = getattr(self.ctx.accelerator, "scaler", None)
         scale = scaler.get_scale() if scaler is not None else 1.0
@@ -108,7 +108,7 @@ class SI(Strategy):
             grads = {n: g - own[n] for n, g in grads.items()}
         self.step_grads, self.step_before = grads, _snapshot(params)
 
-    def after_step(self) -> None:
+    def after_step(self, step) -> None:
         after = {n: p.detach() for n, p in self.ctx.trainable().items()}
         self.omega = path_integral_step(self.omega, self.step_grads, self.step_before, after)
         self.step_grads, self.step_before = {}, {}
@@ -119,7 +119,7 @@ class SI(Strategy):
         self.anchor = end
         self.omega, self.start = {}, {}  # spent: the next phase starts its own path integral
 
-    def extra_loss(self, batch, logits):
+    def step_penalty(self, step):
         if not self.importance or self.cfg.c == 0:
             return None
         return si_penalty(self.ctx.trainable(), self.anchor, self.importance, self.cfg.c)
@@ -133,3 +133,6 @@ class SI(Strategy):
         params = self.ctx.trainable()
         for part in self._SAVED:
             setattr(self, part, unprefixed(state, f"{part}.", params))
+
+
+STRATEGY = SI

@@ -1,0 +1,106 @@
+"""The typed, versioned contents of RUN/metrics.json: written by the pipeline, read by the report,
+the sweep, resume and comparisons. Field meanings are in the README's metrics table.
+
+Version history: 1 — the untyped dict (no `schema_version` key); 2 — this model (same keys, plus
+`schema_version`). Version 1 files still load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cltune import metrics as cl_metrics
+from cltune.errors import UserError
+from cltune.files import write_json
+
+SCHEMA_VERSION = 2
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sample(_Record):
+    phase: int
+    task: str
+    speaker: str
+    token: str
+    text: str
+
+
+class PhaseRecord(_Record):
+    phase: int  # 1-based
+    task: str
+    steps: int
+    target_tokens: int
+    wall_s: float
+    tokens_per_s: float
+    best_val_loss: float | None
+    stopped_early: bool
+    train_examples: int | None  # utterances the phase trained on (None: a reused phase-1 checkpoint)
+    before: dict[str, float]  # val_ppl, test_ppl of this phase's task before training
+    after: dict[str, float]
+    strategy: dict[str, Any] = Field(default_factory=dict)  # hooks_s and the strategy's own costs
+
+
+class RunMetrics(_Record):
+    schema_version: int = SCHEMA_VERSION
+    run: str
+    strategy: str
+    model: str
+    precision: str  # what training ran in: fp32, bf16 or fp16 (evaluation is always fp32)
+    processes: int
+    tasks: list[str]
+    speaker_tokens: dict[str, str]
+    parameters: dict[str, int]
+    split_sizes: list[dict[str, int]]
+    ppl: list[list[float]] = Field(default_factory=list)  # ppl[i][j]: task j after phase i (row 0: before training)
+    speaker_attribution: list[list[float | None]] = Field(default_factory=list)
+    phases: list[PhaseRecord] = Field(default_factory=list)
+    samples: list[Sample] = Field(default_factory=list)
+    forgetting_pct: list[float] | None = None
+    max_forgetting_pct: float | None = None
+    bwt: float | None = None
+    fwt: float | None = None
+    avg_final_ppl: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ppl) == len(self.tasks) + 1
+
+    def with_summary(self) -> RunMetrics:
+        """The forgetting, BWT/FWT and final-average figures, once every phase has its row."""
+        return self.model_copy(update=cl_metrics.summary(self.ppl)) if self.complete else self
+
+    def to_json(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def write(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls, path: str | Path) -> RunMetrics:
+        """A metrics.json of any supported version; a damaged or foreign file is a one-line UserError."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{path}: not found; is this a run folder?") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path}: not readable JSON ({type(err).__name__}); rerun the run or restore the file") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a JSON object of run metrics")
+        version = data.setdefault("schema_version", 1)
+        if version not in (1, SCHEMA_VERSION):
+            raise UserError(f"{path}: metrics schema version {version!r} is not one this cltune reads "
+                            f"(1–{SCHEMA_VERSION}); upgrade cltune")
+        try:
+            return cls.model_validate({**data, "schema_version": SCHEMA_VERSION})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise UserError(f"{path}: {where}: {first['msg']}; the file is damaged or not cltune's") from None

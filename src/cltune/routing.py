@@ -1,0 +1,33 @@
+"""The router a checkpoint saved (router.json): `cltune generate` routes a speaker exactly as the
+run's evaluation and samples did."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cltune.errors import UserError
+from cltune.strategies.adapters import AdapterRouter
+from cltune.strategies.base import Router
+from cltune.strategies.merge import FixedAdapterRouter
+
+ROUTER_FILE = "router.json"
+KINDS = {cls.kind: cls for cls in (AdapterRouter, FixedAdapterRouter)}
+
+
+def load_router(folder: str | Path, model) -> Router:
+    """The router saved in a checkpoint folder, bound to `model` (its adapters loaded from that folder).
+    A checkpoint without router.json (written before routers were saved) is served by its active adapter."""
+    path = Path(folder) / ROUTER_FILE
+    if not path.exists():
+        return Router()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        kind = data["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: not a router description; restore the checkpoint folder") from None
+    if kind == Router.kind:
+        return Router()
+    if kind not in KINDS:
+        raise UserError(f"{path}: unknown router kind {kind!r}; this checkpoint needs a newer cltune")
+    return KINDS[kind].from_json(data, model)

@@ -1,0 +1,152 @@
+"""The composition root: one validated config → a run's parts (accelerator, data, model, strategy).
+
+`build_session` is the one place that assembles them; the pipeline, the sweep, the notebook, the
+benchmarks and the tests all start here, so a run is built the same way wherever it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from cltune.config import BaseRunConfig
+from cltune.data import (
+    Dataset,
+    TaskData,
+    assign_speaker_tokens,
+    build_task,
+    load_dialogue,
+)
+from cltune.errors import UserError
+from cltune.model import (
+    add_special_tokens,
+    attach_lora,
+    load_base,
+    parameter_counts,
+    resize_for,
+)
+from cltune.scoring import TokenScorer
+from cltune.strategies import REGISTRY, Context, Registry, Strategy
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU (or the `/proc/cpuinfo` text given) has native bf16 matmul units: AVX-512 BF16 or
+    AMX. Elsewhere bf16 is emulated and slow."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def mixed_precision(precision: str) -> str:
+    """Accelerate's mixed-precision mode for a `model.precision` setting: 'no', 'bf16' or 'fp16'."""
+    if precision == "fp32":
+        return "no"
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+def make_accelerator(precision: str) -> Accelerator:
+    """A fresh Accelerator for one run at `precision` (a `model.precision` setting or an Accelerate mode).
+
+    Accelerate keeps its settings in process-wide state and refuses a second Accelerator with
+    another precision. A run owns its precision, so several runs in one process (a notebook, a
+    sweep, the tests) must not inherit the previous one's: the accelerator settings are cleared
+    first. The process-level state (device, process group under `accelerate launch`) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without
+    # CUDA: Accelerate only forms the gloo process group when told to use the CPU; otherwise each
+    # process would run the whole stream alone and all would write the same files.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision(precision), cpu=several and not torch.cuda.is_available())
+
+
+def safe_name(name: str) -> str:
+    """A task name usable as a file name: no separators, no leading dots (no path traversal)."""
+    cleaned = _UNSAFE.sub("_", name).strip("._") or "task"
+    return cleaned[:64]
+
+
+def load_tasks(config: BaseRunConfig) -> tuple[list[Dataset], list[TaskData], dict[str, str]]:
+    """The datasets, their train/val/test splits as tasks, and the speaker → token table."""
+    data = config.data
+    datasets = []
+    for spec in config.tasks:
+        datasets.append(load_dialogue(
+            spec.path, speaker_col=spec.speaker_col or data.speaker_col, text_col=spec.text_col or data.text_col,
+            aliases=data.aliases, drop_missing=data.drop_missing, name=safe_name(spec.name or Path(spec.path).stem),
+        ))
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise UserError(f"tasks: names {names} repeat; give each task a distinct `name`")
+    tokens = assign_speaker_tokens([s for d in datasets for s in d.speakers], data.speaker_tokens)
+    tasks = [build_task(d, i, tokens, data.split, config.seed) for i, d in enumerate(datasets)]
+    return datasets, tasks, tokens
+
+
+def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: Accelerator):
+    """Base model + [PAD]/speaker tokens + LoRA, wrapped in the scorer: (model, tokenizer, scorer, new ids, counts)."""
+    model, tokenizer = load_base(config.model)
+    new_ids = add_special_tokens(tokenizer, speaker_tokens)
+    resize_for(model, tokenizer)
+    model = attach_lora(model, config.lora, new_ids)
+    scorer = TokenScorer(model).to(accelerator.device)
+    return model, tokenizer, scorer, new_ids, parameter_counts(model)
+
+
+@dataclass
+class Session:
+    """Everything one run is made of; `ctx` is what its strategy sees."""
+
+    config: BaseRunConfig
+    precision: str  # what ran: "fp32", "bf16" or "fp16"
+    accelerator: Accelerator
+    datasets: list[Dataset]
+    tasks: list[TaskData]
+    speaker_tokens: dict[str, str]  # speaker name → token
+    ctx: Context
+    strategy: Strategy
+    counts: dict[str, int]  # parameter counts
+
+    @property
+    def model(self):
+        return self.ctx.model
+
+    @property
+    def tokenizer(self):
+        return self.ctx.tokenizer
+
+    @property
+    def scorer(self):
+        return self.ctx.scorer
+
+
+def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strategy: str | None = None) -> Session:
+    """Assemble a run: precision (chosen once), accelerator, tasks, model with speaker tokens and LoRA,
+    and the config's strategy (or `strategy`, by name, from `registry`)."""
+    mode = mixed_precision(config.model.precision)
+    accelerator = make_accelerator(mode)
+    datasets, tasks, tokens = load_tasks(config)
+    model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), accelerator)
+    ctx = Context(accelerator, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, config.run_dir,
+                  new_ids, config.lora)
+    name = strategy or config.strategy
+    if name not in registry:
+        raise UserError(f"strategy: unknown {name!r}; choose one of {', '.join(registry)}")
+    return Session(config, "fp32" if mode == "no" else mode, accelerator, datasets, tasks, tokens, ctx,
+                   registry.create(name, ctx, config), counts)
