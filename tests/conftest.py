@@ -20,6 +20,9 @@ WORDS = {
     "Guest B": "quantum fields particles energy universe theory experiment".split(),
 }
 TOKENIZER_CORPUS = [" ".join(words) for words in WORDS.values()] * 20
+# Evaluation settings for tests that check perplexities only: no attribution scoring, no samples (speed).
+QUIET_EVAL = {"attribution": False, "samples_per_speaker": 0, "max_new_tokens": 4, "batch_size": 16}
+PPL_ONLY = [f"eval.{key}={str(value).lower()}" for key, value in QUIET_EVAL.items()]
 
 
 def write_dialogue(path: Path, guest: str, rows: int, seed: int = 0) -> Path:
@@ -91,6 +94,39 @@ def tiny_config(tiny_model_dir, two_tasks, tmp_path):
         return make_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", strategy, **extra), sets)
 
     return make
+
+
+def stream_config(model_dir: Path, folder: Path, strategy: str, name: str) -> dict:
+    """The tiny two-task stream every strategy runs end to end and resumes: dropout on (a resume must
+    reproduce random draws), a step checkpoint after every step, three steps a phase."""
+    csvs = [folder / "guest_a.csv", folder / "guest_b.csv"]
+    if not csvs[0].exists():
+        write_dialogue(csvs[0], "Guest A", 60, 1)
+        write_dialogue(csvs[1], "Guest B", 40, 2)
+    raw = tiny_run_config(model_dir, csvs, folder / "runs", strategy, name=name)
+    raw["lora"]["dropout"] = 0.1
+    raw["train"].update({"checkpoint_every": 1, "max_steps": 3})
+    if strategy == "reptile":  # its default meta-training is a hundred extra steps
+        raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
+    return raw
+
+
+@pytest.fixture(scope="session")
+def strategy_streams(tiny_model_dir, tmp_path_factory):
+    """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream, run once per
+    strategy per session and shared by the end-to-end tests and the resume tests."""
+    from cltune.api import make_config
+    from cltune.pipeline import run
+
+    folder, cache = tmp_path_factory.mktemp("streams"), {}
+
+    def streams(strategy: str):
+        if strategy not in cache:
+            raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted")
+            cache[strategy] = (raw, run(make_config(raw)))
+        return cache[strategy]
+
+    return streams
 
 
 @pytest.fixture()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import PPL_ONLY
 from cltune.batching import collate
 from cltune.checkpoint import load_checkpoint
 from cltune.pipeline import run
@@ -20,8 +21,6 @@ from cltune.strategies.adapters import (
 from cltune.strategies.base import Context
 
 
-# End-to-end tests here check perplexities and files: skip attribution scoring and samples (speed).
-PPL_ONLY = ["eval.attribution=false", "eval.samples_per_speaker=0"]
 
 
 def logits_of(ctx: Context, examples) -> torch.Tensor:

@@ -9,6 +9,7 @@ import re
 
 import torch
 
+from conftest import QUIET_EVAL
 from cltune import pipeline
 from cltune.batching import collate
 from cltune.data.split import Split
@@ -17,7 +18,6 @@ from cltune.strategies.agem import AGEM, agem_project, flatten
 from cltune.strategies.base import StepInfo
 from cltune.strategies.replay import replay_sample
 
-QUIET_EVAL = {"attribution": False, "samples_per_speaker": 0, "max_new_tokens": 4, "batch_size": 16}
 STEP = StepInfo(phase=2, step=1, steps=1, epoch=0)  # a step of a third phase, after both tasks are in memory
 
 

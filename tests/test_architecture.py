@@ -13,7 +13,7 @@ import pytest
 import torch
 from pydantic import Field
 
-from conftest import tiny_run_config
+from conftest import PPL_ONLY, tiny_run_config
 from cltune.api import make_config
 from cltune.config import Strict
 from cltune.errors import UserError
@@ -23,7 +23,6 @@ from cltune.strategies import REGISTRY, Composite, Registry, Strategy
 from cltune.strategies.ewc import EWC
 from cltune.strategies.replay import Replay, ReplaySettings
 
-PPL_ONLY = ["eval.attribution=false", "eval.samples_per_speaker=0"]
 
 
 def test_validating_a_config_imports_no_torch():

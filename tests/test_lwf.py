@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
+from conftest import QUIET_EVAL
 from cltune import pipeline
 from cltune.batching import collate
 from cltune.checkpoint import load_strategy_state
 from cltune.strategies.base import Outputs
 from cltune.strategies.lwf import LwF, distillation_kl, lwf_loss
 
-QUIET_EVAL = {"attribution": False, "samples_per_speaker": 0, "max_new_tokens": 4, "batch_size": 16}
 
 
 def test_kl_matches_hand_computed_values():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft.utils.merge_utils import ties
 from safetensors.torch import load_file
-from test_adapters import PPL_ONLY
+from conftest import PPL_ONLY
 
 from cltune.checkpoint import load_checkpoint
 from cltune.errors import UserError

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_run_config, write_dialogue
-from test_adapters import PPL_ONLY, logits_of
+from conftest import PPL_ONLY, tiny_run_config, write_dialogue
+from test_adapters import logits_of
 from cltune.checkpoint import load_checkpoint
 from cltune.api import make_config
 from cltune.evaluate import perplexity

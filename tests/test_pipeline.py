@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +15,9 @@ from cltune.strategies import REGISTRY
 
 
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))
-def test_every_strategy_runs_a_two_task_stream(tiny_config, strategy):
-    config = tiny_config(strategy)
-    metrics = run(config)
-    run_dir = config.run_dir
+def test_every_strategy_runs_a_two_task_stream(strategy_streams, strategy):
+    raw, metrics = strategy_streams(strategy)  # the run test_reliability resumes against
+    run_dir = Path(raw["output_dir"]) / raw["name"]
     assert metrics.tasks == ["guest_a", "guest_b"]
     assert len(metrics.ppl) == 3 and all(len(r) == 2 for r in metrics.ppl)
     assert all(math.isfinite(v) and v > 1 for r in metrics.ppl for v in r)

@@ -178,12 +178,10 @@ def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_d
 
 
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))
-def test_every_strategy_resumes_mid_phase_2_exactly(tiny_model_dir, tmp_path, monkeypatch, strategy):
+def test_every_strategy_resumes_mid_phase_2_exactly(strategy_streams, monkeypatch, strategy):
     """Phase 1's checkpoint and strategy state, then phase 2's step checkpoint: equal to not stopping."""
-    raw = raw_config(tiny_model_dir, tmp_path, strategy, checkpoint_every=1, max_steps=3)
-    raw["eval"] = {"samples_per_speaker": 0, "attribution": False, "batch_size": 16}
-    uninterrupted = run(make_config({**raw, "name": "uninterrupted"}))
-    config = make_config({**raw, "name": "resumed"})
+    raw, uninterrupted = strategy_streams(strategy)
+    config = make_config({**raw, "name": f"{strategy}-resumed"})
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 5)  # phase 1 saves steps 1-3, phase 2 steps 1-2
         with pytest.raises(SimulatedCrash):

@@ -264,9 +264,12 @@ def train_phase(
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 
-    groups = param_groups(ctx.model, settings, strategy.modules())
-    params = [p for group in groups for p in group["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    modules = strategy.modules()
+    # Model order for clipping: the gradient norm sums per-parameter norms, and the order sets its last bits.
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    params += [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups(ctx.model, settings, modules), lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
         settings.schedule, optimizer, num_warmup_steps=round(settings.warmup_ratio * len(plan)), num_training_steps=len(plan)
     )
