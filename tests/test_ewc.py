@@ -35,3 +35,37 @@ def test_huge_lambda_keeps_trainable_weights_at_theta_star(tiny_config, captured
     pinned = _weighted_drift(tiny_config, captured, 1e6)
     assert free > 0
     assert pinned < 0.05 * free
+
+
+def test_the_fisher_squares_the_gradient_of_each_utterances_log_likelihood(tiny_config):
+    """One utterance's Fisher sample is (∂ Σ_t NLL_t / ∂θ)², the square of a *sum* over its target tokens."""
+    from cltune.batching import collate
+    from cltune.scoring import target_nll
+    from cltune.session import build_session
+    from cltune.strategies.ewc import per_example_grads
+
+    session = build_session(tiny_config("ewc"))
+    ctx = session.ctx
+    utterance = ctx.tasks[0].train[0]
+    (grads,) = list(per_example_grads(ctx, [utterance]))
+    batch = collate(ctx.encode([utterance]), [0], ctx.tokenizer.pad_token_id)
+    params = ctx.trainable()
+    ctx.scorer.eval()
+    nll = target_nll(ctx.scorer(**batch.model_inputs()), batch.labels)
+    assert batch.n_targets > 3
+    by_sum = torch.autograd.grad(nll.sum(), list(params.values()), retain_graph=True)
+    for (name, _), expected in zip(params.items(), by_sum):
+        torch.testing.assert_close(grads[name], expected)
+    fisher = fisher_diagonal([grads])
+    name = next(n for n in fisher if "lora_B" in n)
+    mean_based = (torch.autograd.grad(nll.mean(), [params[name]])[0] ** 2).sum()
+    assert fisher[name].sum() == pytest.approx(batch.n_targets**2 * mean_based.item(), rel=1e-4)
+
+
+def test_a_replay_fisher_without_replay_is_refused(tiny_config):
+    from cltune.errors import UserError
+    from cltune.session import build_session
+
+    with pytest.raises(UserError, match="replay.ratio is 0"):
+        build_session(tiny_config("ewc_replay", ["replay.ratio=0"]))
+    assert build_session(tiny_config("ewc_replay", ["replay.ratio=0", "ewc.fisher_data=train"])).strategy.members

@@ -75,8 +75,25 @@ def test_ties_merge_gets_count_scaled_weights_and_averaged_rows(tiny_config):
     assert not torch.allclose(original_token_rows(ctx.model, MERGED), token_rows(ctx.model, MERGED))
 
 
+def test_the_default_merge_is_exact(tiny_config):
+    """`cat` (the default): every layer's merged ΔW is Σ w̃_i ΔW_i of the task adapters, no cross terms."""
+    session = build_session(tiny_config("merge", ["merge.weights=[1, 3]"]))
+    ctx, strategy = session.ctx, session.strategy
+    strategy.before_task(ctx.tasks[1])
+    with torch.no_grad():  # both adapters "trained": independent nonzero factors
+        for n, p in ctx.model.named_parameters():
+            if "default" in n.split(".") or "task2" in n.split("."):
+                p.add_(torch.randn_like(p))
+    strategy.after_task(ctx.tasks[1])
+    q = ctx.model.get_base_model().model.layers[0].self_attn.q_proj
+    want = 0.25 * q.get_delta_weight("default") + 0.75 * q.get_delta_weight("task2")
+    assert torch.allclose(q.get_delta_weight(MERGED), want, atol=1e-5)
+    linear = build_session(tiny_config("merge", ["merge.combination_type=linear"]))  # the old default
+    assert linear.strategy.cfg.combination_type == "linear" and strategy.cfg.combination_type == "cat"
+
+
 def test_stream_evaluates_every_task_with_the_linear_merge(tiny_config):
-    config = tiny_config("merge", PPL_ONLY)
+    config = tiny_config("merge", [*PPL_ONLY, "merge.combination_type=linear"])
     metrics = run(config)
     ppl = metrics.ppl
     assert all(math.isfinite(v) for row in ppl for v in row)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cltune.metrics import bwt, forgetting_pct, fwt, summary
+from cltune.metrics import bwt, forgetting_pct, fwt, peak_forgetting_pct, summary
 
 PPL = [[100.0, 200.0, 300.0],
        [50.0, 180.0, 290.0],
@@ -14,6 +14,15 @@ PPL = [[100.0, 200.0, 300.0],
 
 def test_forgetting_is_the_relative_rise_since_each_task_was_learned():
     assert forgetting_pct(PPL) == pytest.approx([100 * (60 - 50) / 50, 100 * (44 - 40) / 40])  # [20, 10]
+
+
+def test_peak_forgetting_is_the_worst_rise_over_later_phases():
+    # task 1 was learned at 50, rose to 80 in phase 3, recovered to 60 by the end: final +20%, peak +60%
+    dip = [[100.0, 200.0, 300.0], [50.0, 180.0, 290.0], [80.0, 40.0, 250.0], [60.0, 44.0, 30.0]]
+    assert forgetting_pct(dip) == pytest.approx([20.0, 10.0])
+    assert peak_forgetting_pct(dip) == pytest.approx([60.0, 10.0])
+    assert peak_forgetting_pct(PPL) == pytest.approx([20.0, 10.0])  # no dip: the same as final
+    assert summary(dip)["max_peak_forgetting_pct"] == pytest.approx(60.0)
 
 
 def test_bwt_and_fwt_on_log_ppl():

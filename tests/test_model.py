@@ -172,3 +172,14 @@ def test_one_scoring_pass_gives_perplexity_and_attribution(tiny_model_dir):
     assert all(abs(a - b) > 1e-4 for a, b in nll)  # the distinct rows make the candidates score differently
     single = perplexity_and_attribution(acc, scorer, tokenizer, data, tokens[:1], 24)
     assert single[0] == pytest.approx(ppl, rel=1e-6) and math.isnan(single[1])
+
+
+def test_only_a_complete_utterance_ends_with_the_end_token(tiny_model_dir):
+    _, tokenizer, _ = prepared(tiny_model_dir)
+    text = "so tell me what do you think about that question today"
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    eos, host = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<HOST>")
+    fits, cut = encode(examples([text]), tokenizer, n + 2), encode(examples([text]), tokenizer, n + 1)
+    assert fits[0][0] == host and fits[0][-1] == eos and len(fits[0]) == n + 2  # speaker, every text token, end
+    assert cut[0][-1] != eos and len(cut[0]) == n + 1  # one token short: n text tokens, no claimed end
+    assert encode(examples([text]), tokenizer, 6)[0] == fits[0][:6]

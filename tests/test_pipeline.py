@@ -60,3 +60,13 @@ def test_train_examples_counts_what_the_phase_trained_on(tiny_config):
     metrics = run(tiny_config("replay", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
     train = [sizes["train"] for sizes in metrics.split_sizes]
     assert [p.train_examples for p in metrics.phases] == [train[0], train[1] + round(0.1 * train[0])]
+
+
+def test_before_rows_describe_the_model_each_phase_starts_from(strategy_streams):
+    """`before` is measured after before_task, through the router: for naive that is the previous row; for
+    adapters a fresh task-2 adapter (the base model, as in row 0); for reptile the meta-trained start."""
+    naive, adapters, reptile = (strategy_streams(s)[1] for s in ("naive", "adapters", "reptile"))
+    assert naive.phases[1].before["test_ppl"] == pytest.approx(naive.ppl[1][1], rel=1e-9)
+    assert adapters.phases[1].before["test_ppl"] == pytest.approx(adapters.ppl[0][1], rel=1e-6)
+    assert adapters.phases[1].before["test_ppl"] != pytest.approx(adapters.ppl[1][1], rel=1e-6)
+    assert reptile.phases[0].before["test_ppl"] != pytest.approx(reptile.ppl[0][0], rel=1e-6)

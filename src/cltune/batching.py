@@ -18,14 +18,18 @@ IGNORE = -100
 
 
 def encode(examples: list[Example], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids of each example: speaker token, text (truncated), end-of-sequence token."""
+    """Token ids of each example: speaker token, text, end-of-sequence token — at most `max_length`.
+
+    An utterance that does not fit is cut to `max_length − 1` text tokens and gets no end token:
+    its end was not reached, so neither training nor perplexity may claim it was.
+    """
     if not examples:
         return []
     texts = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"]
     speaker_ids = tokenizer.convert_tokens_to_ids([e.token for e in examples])
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    budget = max_length - 1 - len(end)
-    return [[s] + t[:budget] + end for s, t in zip(speaker_ids, texts)]
+    whole = max_length - 1 - len(end)  # text tokens that fit with the end token
+    return [[s] + t + end if len(t) <= whole else [s] + t[: max_length - 1] for s, t in zip(speaker_ids, texts)]
 
 
 @dataclass

@@ -104,9 +104,11 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     strategy.before_task(task)
     hooks_s = {"before_task": round(time.perf_counter() - hook_start, 2)}
     examples = strategy.train_data(task)  # once per phase
-    with strategy.router().oracle(k):  # the model this task is evaluated with, as in the matrix
-        before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length),
-                  "test_ppl": metrics.ppl[-1][k]}
+    # The model the phase starts from (before_task may have changed it: an adapter added, meta-training),
+    # served as the matrix serves this task.
+    with strategy.router().oracle(k):
+        before = {split: perplexity(acc, ctx.scorer, ctx.tokenizer, examples_of, ctx.max_length, config.eval.batch_size)
+                  for split, examples_of in (("val_ppl", task.val), ("test_ppl", task.test))}
     meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens}
     if reuse_phase1 is not None:
         result = _reuse_phase(reuse_phase1, ctx.model, staging_log if acc.is_main_process else None)

@@ -62,8 +62,10 @@ class RunMetrics(_Record):
     speaker_attribution: list[list[float | None]] = Field(default_factory=list)
     phases: list[PhaseRecord] = Field(default_factory=list)
     samples: list[Sample] = Field(default_factory=list)
-    forgetting_pct: list[float] | None = None
+    forgetting_pct: list[float] | None = None  # final vs just learned (the seed's convention)
     max_forgetting_pct: float | None = None
+    peak_forgetting_pct: list[float] | None = None  # worst rise over any later phase (Chaudhry et al. 2018)
+    max_peak_forgetting_pct: float | None = None
     bwt: float | None = None
     fwt: float | None = None
     avg_final_ppl: float | None = None

@@ -31,5 +31,6 @@ def ppl_table(metrics: RunMetrics) -> Table:
 def print_summary(console, metrics: RunMetrics) -> None:
     console.print(ppl_table(metrics))
     if metrics.forgetting_pct:
-        parts = ", ".join(f"{t} {f:+.1f}%" for t, f in zip(metrics.tasks, metrics.forgetting_pct))
-        console.print(f"forgetting: {parts}; BWT {metrics.bwt:+.4f}, FWT {metrics.fwt:+.4f} (log-PPL)")
+        peak = metrics.peak_forgetting_pct or metrics.forgetting_pct
+        parts = ", ".join(f"{t} {f:+.1f}% (peak {p:+.1f}%)" for t, f, p in zip(metrics.tasks, metrics.forgetting_pct, peak))
+        console.print(f"forgetting, final vs just learned: {parts}; BWT {metrics.bwt:+.4f}, FWT {metrics.fwt:+.4f} (log-PPL)")

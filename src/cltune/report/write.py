@@ -60,7 +60,11 @@ def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str]) 
         lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + r for i, r in enumerate(metrics.ppl)])
         lines += ["", f"![perplexity matrix]({images['heatmap']})", ""]
     if metrics.forgetting_pct:
-        lines += ["## Forgetting", ""] + _table(["dataset", "forgetting %"], [[t, f"{f:+.2f}%"] for t, f in zip(tasks, metrics.forgetting_pct)])
+        peak = metrics.peak_forgetting_pct or [None] * len(metrics.forgetting_pct)
+        lines += ["## Forgetting", "", "Final: the end vs right after learning; peak: the worst rise over any later phase.",
+                  ""] + _table(["dataset", "final forgetting %", "peak forgetting %"],
+                               [[t, f"{f:+.2f}%", None if p is None else f"{p:+.2f}%"]
+                                for t, f, p in zip(tasks, metrics.forgetting_pct, peak)])
         lines += ["", f"Max forgetting {metrics.max_forgetting_pct:+.2f}% · BWT {metrics.bwt:+.4f} · FWT {metrics.fwt:+.4f} "
                   f"(log-PPL) · average final PPL {metrics.avg_final_ppl:.2f}", "", f"![forgetting]({images['forgetting']})", ""]
     if metrics.speaker_attribution:

@@ -1,7 +1,8 @@
 """`ewc`: Elastic Weight Consolidation on the trainable (LoRA and new-token) parameters.
 
-After each phase the diagonal empirical Fisher is estimated on that task's replay sample (the
-seed's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
+After each phase the diagonal empirical Fisher — the mean over utterances of the squared gradient
+of each utterance's log-likelihood (summed over its target tokens) — is estimated on that task's
+replay sample (the seed's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
 add  λ · Σ_tasks Σ_i F_i (θ_i − θ*_i)²  — no ½ factor. `mode: separate` keeps one (F, θ*) per
 earlier task and sums their penalties; `mode: online` keeps one running F ← γ·F + F_new with
 θ* the latest weights.
@@ -18,6 +19,7 @@ from pydantic import Field
 from cltune.batching import collate
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
+from cltune.errors import UserError
 from cltune.scoring import target_nll
 from cltune.strategies.base import Context, Strategy
 from cltune.strategies.replay import ReplaySettings, replay_sample
@@ -57,7 +59,12 @@ def ewc_penalty(params: Tensors, anchors: list[tuple[Tensors, Tensors]], lam: fl
 
 
 def per_example_grads(ctx: Context, examples: list[Example]) -> Iterable[Tensors]:
-    """Gradient of each utterance's mean token NLL w.r.t. the trainable parameters (dropout off)."""
+    """Gradient of each utterance's log-likelihood (the sum of its target tokens' NLL) w.r.t. the
+    trainable parameters, dropout off: one sample of the empirical Fisher per utterance.
+
+    The sum, not the mean: the Fisher of a sequence is the expected squared score of its
+    log-likelihood. Squaring the gradient of the mean would shrink it by the squared length
+    (≈ 20² for a chat turn), which made the seed's λ = 10 a no-op."""
     examples = require_no_test(examples, "Fisher estimation")
     params = ctx.trainable()
     encoded = ctx.encode(examples)
@@ -67,7 +74,7 @@ def per_example_grads(ctx: Context, examples: list[Example]) -> Iterable[Tensors
         for i in range(len(encoded)):
             batch = collate(encoded, [i], ctx.tokenizer.pad_token_id)
             inputs = {k: v.to(ctx.accelerator.device) for k, v in batch.model_inputs().items()}
-            loss = target_nll(ctx.scorer(**inputs), inputs["labels"]).mean()
+            loss = target_nll(ctx.scorer(**inputs), inputs["labels"]).sum()
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             yield {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), grads)}
     finally:
@@ -82,13 +89,16 @@ class EWC(Strategy):
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
         self.cfg: EWCSettings = settings["ewc"]
+        if self.cfg.fisher_data == "replay" and settings["replay"].ratio == 0:
+            raise UserError("ewc.fisher_data: replay estimates the Fisher on the replay sample, but replay.ratio is 0; "
+                            "set ewc.fisher_data: train, or a replay.ratio above 0")
         self.anchors: list[tuple[Tensors, Tensors]] = []
 
     def fisher_examples(self, task: TaskData) -> list[Example]:
         if self.cfg.fisher_data == "train":
             return task.train
         replay = self.settings["replay"]
-        return replay_sample(task.train, replay.ratio or 0.1, self.ctx.seed + task.index, replay.max_per_task)
+        return replay_sample(task.train, replay.ratio, self.ctx.seed + task.index, replay.max_per_task)
 
     def after_task(self, task: TaskData) -> None:
         fisher = fisher_diagonal(per_example_grads(self.ctx, self.fisher_examples(task)))

@@ -4,12 +4,15 @@ After each task every task adapter learned so far is combined with PEFT's `add_w
 into `merged`, and every task is evaluated with that single adapter (no task identity needed).
 
 Weights are relative shares w̃ (default equal), normalized over the adapters being merged, so the
-merged adapter after task 1 is task 1's own (up to rounding). PEFT combines the A and B factors
-separately: `linear` gives A = Σ √(w̃_i s_i) A_i and B = Σ √(w̃_i s_i) B_i (s = alpha/r; their
-product has cross terms B_i A_j, PEFT's "rough approximation"); `ties`/`dare_ties` prune each
-factor to `density` and average the entries that agree in sign, so there the shares are multiplied
-by the adapter count (equal shares → weight 1 each, TIES's λ = 1) rather than shrunk twice.
-Density defaults to 0.5, not TIES's 0.2: pruning hits A and B separately, so it compounds.
+merged adapter after task 1 is task 1's own. The default, `cat`, is exact: the factors are stacked
+(A rows scaled by w̃_i·s_i, B columns as they are; rank r per task), so ΔW = Σ w̃_i ΔW_i. `svd`
+computes the same sum and truncates it to rank r (exact when the sum's rank fits). `linear`
+combines the A and B factors separately — A = Σ √(w̃_i s_i) A_i, B = Σ √(w̃_i s_i) B_i — so the
+product has cross terms B_i A_j (PEFT's "rough approximation"; large for independently initialised
+adapters); `ties`/`dare_ties` prune each factor to `density` and average the entries that agree in
+sign, so there the shares are multiplied by the adapter count (equal shares → weight 1 each, TIES's
+λ = 1) rather than shrunk twice. Density defaults to 0.5, not TIES's 0.2: pruning hits A and B
+separately, so it compounds.
 
 PEFT does not merge trainable token rows: the new adapter gets the base embedding's rows. They are
 set here to  original + Σ w̃_i (rows_i − original),  the share-weighted average of the task
@@ -38,7 +41,8 @@ MERGED = "merged"
 
 
 class MergeSettings(AdaptersSettings):
-    combination_type: Literal["linear", "ties", "dare_ties"] = Field("linear", description="PEFT add_weighted_adapter method")
+    combination_type: Literal["cat", "svd", "linear", "ties", "dare_ties"] = Field(
+        "cat", description="PEFT add_weighted_adapter method; cat is exact (ΔW = Σ w̃_i ΔW_i), linear adds cross terms")
     weights: list[float] | None = Field(None, description="relative weight per task, one per task (default: equal)")
     density: float = Field(0.5, gt=0, le=1, description="share of each factor's entries kept by ties/dare_ties")
 
@@ -58,8 +62,8 @@ def merge_shares(weights: list[float] | None, count: int) -> list[float]:
 
 
 def peft_weights(shares: list[float], combination_type: str) -> list[float]:
-    """The `weights` passed to PEFT: shares for linear; shares × count for the sign-elected means."""
-    if combination_type == "linear" or len(shares) == 1:  # PEFT itself falls back to linear for one adapter
+    """The `weights` passed to PEFT: the shares for the weighted sums; shares × count for the sign-elected means."""
+    if combination_type in ("cat", "svd", "linear") or len(shares) == 1:  # PEFT falls back to linear for one adapter
         return list(shares)
     return [s * len(shares) for s in shares]
 
