@@ -78,6 +78,8 @@ def test_demo_data_writes_the_three_guest_files(monkeypatch, capsys, tmp_path):
         assert f"wrote {path}" in " ".join(result.out.split())
         rows = list(csv.DictReader(path.open(encoding="utf-8")))
         assert {r["speaker"] for r in rows} == {"Host", f"Guest {letter.upper()}"}
+        runs = [c for i, c in enumerate(r["conversation"] for r in rows) if i == 0 or rows[i - 1]["conversation"] != c]
+        assert len(runs) == len(set(runs)) >= 3  # whole conversations, each in one run of rows
         assert all(r["text"].strip() for r in rows)
         sizes[letter] = len(rows)
     assert sizes["a"] == 791 and sizes["b"] == 219  # the seed's dataset sizes (README)
@@ -99,6 +101,9 @@ def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
     assert [Path(t["path"]) for t in resolved["tasks"]] == [data / "host_guest_a.csv", data / "host_guest_b.csv"]
     assert resolved["ewc"]["lambda"] == 10 and resolved["replay"]["ratio"] == 0.1  # the demo config's own settings
+    for d in json.loads((run_dir / "eda" / "eda.json").read_text())["datasets"]:  # split by whole conversations
+        assert sum(v["conversations"] for v in d["splits"].values()) == d["conversations"] >= 3
+        assert sum(v["utterances"] for v in d["splits"].values()) == d["utterances"]
     flat = " ".join(result.out.split())
     assert "Test perplexity" in flat and f"report: {run_dir / 'report.md'}" in flat
     # The demo replaces its previous run rather than refusing it.

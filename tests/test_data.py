@@ -137,3 +137,39 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, raw, message):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def _conversations(tmp_path: Path, column: str = "conversation_id", counts=(3, 8, 2, 5, 12, 4, 6, 9, 1, 7)) -> Path:
+    rows = [f"c{i},{'Host' if j % 2 == 0 else 'Guest'},turn {j} of conversation {i}"
+            for i, n in enumerate(counts) for j in range(n)]
+    return write(tmp_path, f"{column},speaker,text\n" + "\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("column", ["conversation_id", "Session", "episode", "dialogue"])
+def test_a_conversation_column_is_detected(tmp_path, column):
+    data = load_dialogue(_conversations(tmp_path, column))
+    assert data.conversation_col == column and data.conversations == [f"c{i}" for i in range(10)]
+    assert load_dialogue(_conversations(tmp_path, column), conversation_col="none").conversations is None
+
+
+def test_splits_keep_each_conversation_whole_and_near_their_share(tmp_path):
+    data = load_dialogue(_conversations(tmp_path))
+    conversation_of = {u.line: u.conversation for u in data.utterances}
+    for seed in range(5):
+        task = build_task(data, 0, {"Host": "<H>", "Guest": "<G>"}, (0.8, 0.1, 0.1), seed)
+        owners = [{conversation_of[e.line] for e in part} for part in (task.train, task.val, task.test)]
+        assert all(owners) and not (owners[0] & owners[1] or owners[0] & owners[2] or owners[1] & owners[2])
+        assert sum(map(len, owners)) == 10 and len(task.train) + len(task.val) + len(task.test) == 57
+        assert 2 <= len(task.test) <= 12 and 2 <= len(task.val) <= 12  # share 5.7 each, whole conversations
+    again = build_task(data, 0, {"Host": "<H>", "Guest": "<G>"}, (0.8, 0.1, 0.1), 0)
+    assert again == build_task(data, 0, {"Host": "<H>", "Guest": "<G>"}, (0.8, 0.1, 0.1), 0)
+
+
+def test_conversation_problems_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="line 3: empty conversation id in column 'session'"):
+        load_dialogue(write(tmp_path, "session,speaker,text\nc1,Host,hi\n,Guest,hello\n"))
+    with pytest.raises(UserError, match="'session', 'episode'.* could each be the conversation column"):
+        load_dialogue(write(tmp_path, "session,episode,speaker,text\nc1,e1,Host,hi\n"))
+    two = load_dialogue(_conversations(tmp_path, counts=(20, 20)))
+    with pytest.raises(UserError, match="2 conversation.* too few for a 80/10/10 split by conversation"):
+        build_task(two, 0, {"Host": "<H>", "Guest": "<G>"}, (0.8, 0.1, 0.1), 0)

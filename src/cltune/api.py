@@ -133,6 +133,7 @@ def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, max_new_t
 
 def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str | None = None,
             whitespace: bool = False, speaker_col: str | None = None, text_col: str | None = None,
+            conversation_col: str | None = None,
             warn=None) -> dict:
     """EDA of dialogue files into `out` (eda.md, eda.json, plots); returns the summary.
 
@@ -143,7 +144,8 @@ def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str 
     from cltune.data.eda import summarize, write_eda
 
     warn = warn or (lambda message: None)
-    datasets = [load_dialogue(f, speaker_col=speaker_col, text_col=text_col) for f in files]
+    datasets = [load_dialogue(f, speaker_col=speaker_col, text_col=text_col, conversation_col=conversation_col)
+                for f in files]
     for dataset in datasets:
         for note in dataset.report.warnings():
             warn(f"{dataset.path}: {note}")

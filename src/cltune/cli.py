@@ -48,12 +48,14 @@ def eda(files: list[Path] = typer.Argument(..., help="CSV/JSONL dialogue files")
         max_len: int = typer.Option(100, help="token length to report the share under"),
         model: str | None = typer.Option(None, help="tokenizer for token lengths (default: the bundled model's)"),
         whitespace: bool = typer.Option(False, help="count whitespace words instead of model tokens"),
-        speaker_col: str | None = typer.Option(None), text_col: str | None = typer.Option(None)) -> None:
+        speaker_col: str | None = typer.Option(None), text_col: str | None = typer.Option(None),
+        conversation_col: str | None = typer.Option(None, help="conversation id column (default: detected; none: off)")) -> None:
     """Explore datasets: counts, speaker balance, lengths, missing values, vocabulary."""
     from cltune.report.tables import eda_table
 
     summary = api.explore(files, out, max_len=max_len, model=model, whitespace=whitespace, speaker_col=speaker_col,
-                          text_col=text_col, warn=lambda note: err_console.print(f"warning: {note}"))
+                          text_col=text_col, conversation_col=conversation_col,
+                          warn=lambda note: err_console.print(f"warning: {note}"))
     console.print(eda_table(summary))
     console.print(f"EDA written to {out / 'eda.md'}")
 

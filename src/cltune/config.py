@@ -52,6 +52,9 @@ class LoraSettings(Strict):
 class DataSettings(Strict):
     speaker_col: str | None = Field(None, description="speaker column; default: detected")
     text_col: str | None = Field(None, description="text column; default: detected")
+    conversation_col: str | None = Field(None, description="conversation id column; default: detected (conversation, "
+                                         "dialogue_id, episode, session, ...); when present, splits keep each "
+                                         "conversation whole; 'none': split by utterance")
     aliases: dict[str, str] = Field(default_factory=dict, description='speaker aliases, e.g. {"Lex": "Lex Fridman"}')
     speaker_tokens: dict[str, str] = Field(default_factory=dict, description='token overrides, e.g. {"Lex Fridman": "<LF>"}')
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
@@ -71,6 +74,7 @@ class TaskSpec(Strict):
     name: str | None = Field(None, description="task name; default: the file's stem")
     speaker_col: str | None = None
     text_col: str | None = None
+    conversation_col: str | None = None
 
 
 class PhaseSettings(Strict):

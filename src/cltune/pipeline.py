@@ -46,8 +46,8 @@ def _prepare_run_dir(session: Session, resolved: str, inputs: list[dict], fresh:
     if fresh:
         rundir.start_fresh(run_dir, inputs)
     (run_dir / "config.resolved.yaml").write_text(resolved, encoding="utf-8")
-    summaries = [summarize(d, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]), config.data.max_length)
-                 for d in session.datasets]
+    summaries = [summarize(d, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]), config.data.max_length,
+                           task) for d, task in zip(session.datasets, session.tasks)]
     write_eda(summaries, run_dir / "eda", f"{config.model.name} tokenizer", config.data.max_length)
 
 

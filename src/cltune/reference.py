@@ -64,7 +64,7 @@ def config_reference() -> str:
     for title, model in (("model", ModelSettings), ("lora", LoraSettings), ("data", DataSettings),
                          ("train / phases[i] (phaseK.* in --set)", PhaseSettings), ("eval", EvalSettings)):
         lines += section(title, model)
-    lines += ["`tasks[i]`: `path` (required), `name`, `speaker_col`, `text_col`.", ""]
+    lines += ["`tasks[i]`: `path` (required), `name`, `speaker_col`, `text_col`, `conversation_col`.", ""]
     for name, model in REGISTRY.sections().items():
         lines += section(name, model)
     return "\n".join(lines)

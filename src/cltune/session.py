@@ -89,6 +89,7 @@ def load_tasks(config: BaseRunConfig) -> tuple[list[Dataset], list[TaskData], di
     for spec in config.tasks:
         datasets.append(load_dialogue(
             spec.path, speaker_col=spec.speaker_col or data.speaker_col, text_col=spec.text_col or data.text_col,
+            conversation_col=spec.conversation_col or data.conversation_col,
             aliases=data.aliases, drop_missing=data.drop_missing, name=safe_name(spec.name or Path(spec.path).stem),
         ))
     names = [d.name for d in datasets]

@@ -43,26 +43,27 @@ def conversation_turns(conversation: dict) -> list[tuple[str, str]]:
     return turns
 
 
-def pair_conversations(corpus: dict, host: str, guest: str) -> list[list[tuple[str, str]]]:
-    """Two-person conversations between host and guest, in a stable order."""
+def pair_conversations(corpus: dict, host: str, guest: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """(conversation id, turns) of the two-person conversations between host and guest, in a stable order."""
     found = []
     for key in sorted(corpus):
         turns = conversation_turns(corpus[key])
         if turns and {s for s, _ in turns} == {host, guest}:
-            found.append(turns)
+            found.append((key, turns))
     return found
 
 
-def sample_turns(conversations: list[list[tuple[str, str]]], size: int | None, seed: int) -> list[tuple[str, str]]:
-    """Whole conversations in seeded order until `size` turns (the last one cut short)."""
+def sample_turns(conversations: list[tuple[str, list[tuple[str, str]]]], size: int | None,
+                 seed: int) -> list[tuple[str, str, str]]:
+    """(conversation id, sender, text) of whole conversations in seeded order until `size` turns (the last one cut short)."""
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
-    turns = [t for i in order for t in conversations[i]]
+    turns = [(conversations[i][0], s, t) for i in order for s, t in conversations[i][1]]
     return turns if size is None else turns[:size]
 
 
 def write_demo_corpus(out_dir: str | Path, sizes: dict[str, int | None] | None = None, seed: int = 0) -> list[Path]:
-    """Write `host_guest_<x>.csv` (columns speaker,text) for each guest; returns the paths."""
+    """Write `host_guest_<x>.csv` (columns conversation,speaker,text) for each guest; returns the paths."""
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     corpus = json.loads(_corpus_path().read_text(encoding="utf-8"))
     out_dir = Path(out_dir)
@@ -75,8 +76,8 @@ def write_demo_corpus(out_dir: str | Path, sizes: dict[str, int | None] | None =
         tmp = path.with_suffix(".csv.tmp")
         with tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["speaker", "text"])
-            writer.writerows((names[s], t) for s, t in turns)
+            writer.writerow(["conversation", "speaker", "text"])
+            writer.writerows((c, names[s], t) for c, s, t in turns)
         os.replace(tmp, path)
         paths.append(path)
     return paths

@@ -31,8 +31,21 @@ def _stats(values: list[int], max_len: int) -> dict:
     }
 
 
-def summarize(dataset: Dataset, count_tokens: Callable[[str], int] | None = None, max_len: int = 100) -> dict:
-    """The EDA numbers of one dataset; token lengths use `count_tokens` or whitespace words."""
+def split_summary(dataset: Dataset, task) -> dict:
+    """Utterances and conversations (None without a conversation column) of each split of `task`."""
+    conversation_of = {u.line: u.conversation for u in dataset.utterances}
+    out = {}
+    for split in ("train", "val", "test"):
+        examples = getattr(task, split)
+        ids = {conversation_of[e.line] for e in examples} if dataset.conversation_col else None
+        out[split] = {"utterances": len(examples), "conversations": None if ids is None else len(ids)}
+    return out
+
+
+def summarize(dataset: Dataset, count_tokens: Callable[[str], int] | None = None, max_len: int = 100,
+              task=None) -> dict:
+    """The EDA numbers of one dataset; token lengths use `count_tokens` or whitespace words; with its
+    `task` (TaskData), the sizes of its splits too."""
     utts = dataset.utterances
     count_tokens = count_tokens or (lambda t: len(t.split()))
     chars = [len(u.text) for u in utts]
@@ -60,6 +73,8 @@ def summarize(dataset: Dataset, count_tokens: Callable[[str], int] | None = None
         "longest": [{"line": u.line, "speaker": u.speaker, "text": u.text} for u in by_length[-5:][::-1]],
         "vocabulary": {s: len(v) for s, v in vocab.items()},
         "vocabulary_total": len(set().union(*vocab.values())),
+        "conversations": None if dataset.conversations is None else len(dataset.conversations),
+        "splits": None if task is None else split_summary(dataset, task),
     }
 
 
@@ -86,6 +101,13 @@ def _markdown(summary: dict) -> str:
         for unit in ("chars", "tokens"):
             st = d[unit]
             lines.append(f"| {unit} | {st['min']} | {st['mean']} | {st['median']} | {st['p90']} | {st['max']} |")
+        if d.get("conversations") is not None:
+            lines += ["", f"{d['conversations']} conversations, "
+                      f"{d['utterances'] / d['conversations']:.1f} utterances each on average."]
+        if d.get("splits"):
+            lines += ["", "| split | utterances | conversations |", "|---|---|---|"]
+            lines += [f"| {name} | {v['utterances']} | {'–' if v['conversations'] is None else v['conversations']} |"
+                      for name, v in d["splits"].items()]
         miss = d["missing"]
         lines += ["", f"Missing values: {miss['blank_rows']} blank row(s), {miss['missing_text_dropped']} dropped text(s).", ""]
         for label in ("shortest", "longest"):

@@ -17,6 +17,9 @@ from cltune.errors import UserError
 
 SPEAKER_COLUMNS = ("speaker", "name", "role", "author")
 TEXT_COLUMNS = ("text", "utterance", "line", "content", "message")
+# An optional column naming the conversation a row belongs to: splits then keep conversations whole.
+CONVERSATION_COLUMNS = ("conversation", "conversation_id", "conv_id", "dialogue", "dialogue_id", "dialog", "dialog_id",
+                        "episode", "episode_id", "session", "session_id")
 MISSING_MARKERS = {"nan", "na", "n/a", "null", "none"}
 
 
@@ -25,6 +28,7 @@ class Utterance:
     speaker: str
     text: str
     line: int  # 1-based line of the source file where this record starts
+    conversation: str | None = None  # the conversation id, when the file has a conversation column
 
 
 @dataclass
@@ -62,6 +66,12 @@ class Dataset:
     speaker_col: str
     text_col: str
     report: LoadReport = field(default_factory=LoadReport)
+    conversation_col: str | None = None
+
+    @property
+    def conversations(self) -> list[str] | None:
+        """Conversation ids in order of first appearance (None: the file has no conversation column)."""
+        return list(dict.fromkeys(u.conversation for u in self.utterances)) if self.conversation_col else None
 
     @property
     def speakers(self) -> list[str]:
@@ -115,6 +125,19 @@ def _pick_column(path: Path, headers: list[str], wanted: str | None, known: tupl
     if len(hits) > 1:
         raise UserError(f"{path}: line 1: columns {_names(map(repr, hits))} could each be the {role} column; pass {flag}")
     return hits[0]
+
+
+def _conversation_column(path: Path, headers: list[str], wanted: str | None, taken: set[str]) -> str | None:
+    """The conversation column: `wanted` (must exist; "none" turns detection off), or the one detected."""
+    if wanted is not None and wanted.strip().casefold() == "none":
+        return None
+    if wanted is not None:
+        return _pick_column(path, headers, wanted, CONVERSATION_COLUMNS, "conversation", "--conversation-col")
+    hits = [h for h in headers if h.strip().casefold() in CONVERSATION_COLUMNS and h not in taken]
+    if len(hits) > 1:
+        raise UserError(f"{path}: line 1: columns {_names(map(repr, hits))} could each be the conversation column; "
+                        "pass --conversation-col (or data.conversation_col)")
+    return hits[0] if hits else None
 
 
 def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: str | None) -> tuple[str, str]:
@@ -178,6 +201,7 @@ def load_dialogue(
     aliases: dict[str, str] | None = None,
     drop_missing: bool = False,
     name: str | None = None,
+    conversation_col: str | None = None,
 ) -> Dataset:
     """Load and validate one dialogue file; `UserError` on anything that cannot be fixed safely."""
     path = Path(path)
@@ -185,13 +209,16 @@ def load_dialogue(
     is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
     records = _records_jsonl(path, text) if is_jsonl else _records_csv(path, text)
     utterances: list[Utterance] = []
-    s_idx = t_idx = -1
+    s_idx = t_idx = c_idx = -1
     s_name = t_name = ""
+    c_name: str | None = None
     spellings: dict[str, str] = {}  # "Guest A" and "guest  a" are one speaker: the first spelling names it
     for kind, line, row in records:
         if kind == "header":
             s_name, t_name = _columns(path, row, speaker_col, text_col)
             s_idx, t_idx = row.index(s_name), row.index(t_name)
+            c_name = _conversation_column(path, row, conversation_col, {s_name, t_name})
+            c_idx = row.index(c_name) if c_name else -1
             continue
         if not any(str(c).strip() for c in row if c is not None):
             report.blank_rows += 1
@@ -210,11 +237,15 @@ def load_dialogue(
                 f"{path}: line {line}: missing text in column {t_name!r}; fill it in, delete the row, "
                 "or set data.drop_missing: true"
             )
+        conversation = _cell(row, c_idx).strip() if c_name else None
+        if c_name and not conversation:
+            raise UserError(f"{path}: line {line}: empty conversation id in column {c_name!r}; fill it in, or pass "
+                            "--conversation-col none (data.conversation_col: none) to split by utterance")
         report.trimmed += body != raw_text
         report.multiline += "\n" in body
-        utterances.append(Utterance(speaker, body, line))
+        utterances.append(Utterance(speaker, body, line, conversation))
     if s_idx < 0:
         raise UserError(f"{path}: no header row; add one such as `speaker,text`")
     if not utterances:
         raise UserError(f"{path}: no utterance rows after the header; add one row per utterance")
-    return Dataset(name or path.stem, path, utterances, s_name, t_name, report)
+    return Dataset(name or path.stem, path, utterances, s_name, t_name, report, c_name)

@@ -1,5 +1,6 @@
-"""Deterministic, speaker-stratified train/validation/test splits, and the guard that keeps
-test utterances out of training, replay and Fisher estimation."""
+"""Deterministic train/validation/test splits — speaker-stratified per utterance, or by whole
+conversations when the data names them — and the guard that keeps test utterances out of
+training, replay and Fisher estimation."""
 
 from __future__ import annotations
 
@@ -90,14 +91,49 @@ def stratified_split(speakers: list[str], fractions: tuple[float, float, float],
     return assignment
 
 
+def grouped_split(conversations: list[str], fractions: tuple[float, float, float], seed: int) -> list[Split]:
+    """Assign whole conversations to splits, so no test turn shares a conversation with a training turn.
+
+    In seeded order, test and then validation take every conversation that brings them closer to
+    their share of utterances (rounded half up); a split that no conversation brings closer takes the
+    smallest one left. Training keeps the rest, and always at least one conversation. Conversations
+    vary in length, so the shares are met only approximately: the EDA reports each split's size.
+    """
+    sizes: dict[str, int] = defaultdict(int)
+    for c in conversations:
+        sizes[c] += 1
+    order = list(sizes)
+    random.Random(seed).shuffle(order)
+    _, want_val, want_test = split_counts(len(conversations), fractions)
+    chosen: dict[str, Split] = {}
+    for split, want, keep in ((Split.TEST, want_test, 2), (Split.VAL, want_val, 1)):  # keep: for the splits after
+        held = 0
+        for c in list(order):
+            if len(order) > keep and abs(held + sizes[c] - want) < abs(held - want):
+                order.remove(c)
+                chosen[c], held = split, held + sizes[c]
+        if held == 0 and len(order) > keep:
+            c = min(order, key=lambda k: (sizes[k], order.index(k)))
+            order.remove(c)
+            chosen[c] = split
+    return [chosen.get(c, Split.TRAIN) for c in conversations]
+
+
 def build_task(
     dataset: Dataset, index: int, tokens: dict[str, str], fractions: tuple[float, float, float], seed: int
 ) -> TaskData:
     utts = dataset.utterances
-    assignment = stratified_split([u.speaker for u in utts], fractions, seed)
+    pct = "/".join(f"{round(f * 100)}" for f in fractions)
+    if dataset.conversations is not None:
+        if len(dataset.conversations) < 3:
+            raise UserError(f"{dataset.path}: {len(dataset.conversations)} conversation(s) in column "
+                            f"{dataset.conversation_col!r} are too few for a {pct} split by conversation (needs 3); "
+                            "add conversations, or set data.conversation_col: none to split by utterance")
+        assignment = grouped_split([u.conversation for u in utts], fractions, seed)
+    else:
+        assignment = stratified_split([u.speaker for u in utts], fractions, seed)
     counts = {s: assignment.count(s) for s in Split}
     if min(counts.values()) < 1:
-        pct = "/".join(f"{round(f * 100)}" for f in fractions)
         raise UserError(
             f"{dataset.path}: {len(utts)} utterance rows are too few for a {pct} split "
             f"(needs at least {min_rows(fractions)}); add rows or change data.split"
