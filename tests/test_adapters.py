@@ -129,3 +129,38 @@ def test_stream_leaves_earlier_tasks_exactly_unchanged(tiny_config):
     router = load_router(phase2, model)  # what `cltune generate` routes with
     assert router.to_json()["routes"] == {"<HOST>": "task2", "<GUEST_A>": "default", "<GUEST_B>": "task2"}
     assert router.to_json()["tasks"] == ["default", "task2"]
+
+
+def test_agnostic_rows_route_each_utterance_by_its_speaker(strategy_streams):
+    """Oracle rows give each task its own adapter; agnostic rows give each test utterance the adapter its
+    speaker token routes to — after phase 2 task 1's host turns go to task 2's adapter (the latest host)."""
+    from cltune.batching import encode
+    from cltune.evaluate import example_nll
+    from cltune.session import load_tasks, make_accelerator
+    from cltune.api import make_config
+    from cltune.scoring import TokenScorer
+
+    raw, metrics = strategy_streams("adapters")
+    assert metrics.routing == "oracle" and len(metrics.agnostic.ppl) == 3
+    assert metrics.agnostic.ppl[1] == pytest.approx(metrics.ppl[1], rel=1e-6)  # one adapter so far: no difference
+    assert metrics.forgetting_pct == [0.0] and metrics.agnostic.forgetting_pct[0] != 0.0
+
+    model, tokenizer, _ = load_checkpoint(f"{raw['output_dir']}/{raw['name']}/phase2")
+    task1 = load_tasks(make_config(raw))[1][0]
+    acc, scorer, total, count = make_accelerator("fp32"), TokenScorer(model), 0.0, 0.0
+    for adapter, speaker in (("task2", "Host"), ("default", "Guest A")):
+        with using_adapter(model, adapter):
+            sums, counts = example_nll(acc, scorer, encode([e for e in task1.test if e.speaker == speaker], tokenizer,
+                                                           raw["data"]["max_length"]), tokenizer.pad_token_id)
+        total, count = total + sums.sum().item(), count + counts.sum().item()
+    assert metrics.agnostic.ppl[2][0] == pytest.approx(math.exp(total / count), rel=1e-6)
+    assert metrics.agnostic.ppl[2][0] != pytest.approx(metrics.ppl[2][0], rel=1e-6)
+    from cltune.report import write_report
+
+    report = write_report(f"{raw['output_dir']}/{raw['name']}")[0].read_text()
+    assert "matrix (oracle task id)" in report and f"{metrics.agnostic.ppl[2][0]:.2f}" in report
+
+
+def test_a_strategy_without_task_routing_reports_one_matrix(strategy_streams):
+    _, metrics = strategy_streams("merge")
+    assert metrics.routing == "single" and metrics.agnostic is None

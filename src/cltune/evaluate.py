@@ -56,6 +56,16 @@ def mean_loss(accelerator, scorer, tokenizer, examples: list[Example], max_lengt
     return math.log(perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size))
 
 
+def _ppl_and_attribution(total: torch.Tensor, count: torch.Tensor, examples: list[Example],
+                         tokens: list[str]) -> tuple[float, float]:
+    """From the summed NLLs and target counts of every (utterance, candidate token) pair."""
+    total, count = total.view(len(examples), len(tokens)), count.view(len(examples), len(tokens))
+    own = torch.tensor([tokens.index(e.token) for e in examples])
+    rows = torch.arange(len(examples))
+    ppl = math.exp(total[rows, own].sum().item() / count[rows, own].sum().item())
+    return ppl, (total.argmin(dim=1) == own).double().mean().item()
+
+
 def perplexity_and_attribution(
     accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
 ) -> tuple[float, float]:
@@ -70,22 +80,46 @@ def perplexity_and_attribution(
         return perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size), float("nan")
     variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens]
     total, count = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
-    total, count = total.view(len(examples), len(tokens)), count.view(len(examples), len(tokens))
-    own = torch.tensor([tokens.index(e.token) for e in examples])
-    rows = torch.arange(len(examples))
-    ppl = math.exp(total[rows, own].sum().item() / count[rows, own].sum().item())
-    return ppl, (total.argmin(dim=1) == own).double().mean().item()
+    return _ppl_and_attribution(total, count, examples, tokens)
 
 
-def test_row(ctx, router, tasks, settings) -> tuple[list[float], list[float | None]]:
+def routed_perplexity_and_attribution(
+    accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, route,
+    batch_size: int = 32,
+) -> tuple[float, float]:
+    """As `perplexity_and_attribution`, but every variant is scored by the weights `route(token)` gives
+    its speaker token: what a user who knows only the speaker gets (agnostic routing)."""
+    attribute = len(tokens) >= 2
+    variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens] if attribute \
+        else list(examples)
+    total = torch.zeros(len(variants), dtype=torch.double)
+    count = torch.zeros(len(variants), dtype=torch.double)
+    for token in sorted({v.token for v in variants}):
+        picked = [i for i, v in enumerate(variants) if v.token == token]
+        with route(token):
+            sums, counts = example_nll(accelerator, scorer, encode([variants[i] for i in picked], tokenizer, max_length),
+                                       tokenizer.pad_token_id, batch_size)
+        total[picked], count[picked] = sums, counts
+    if not attribute:
+        return math.exp(total.sum().item() / count.sum().item()), float("nan")
+    return _ppl_and_attribution(total, count, examples, tokens)
+
+
+def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> tuple[list[float], list[float | None]]:
     """One row of the matrix: each task's test perplexity and speaker attribution (None: fewer than two
-    speakers), each task served by the weights `router.oracle` gives it."""
+    speakers). Oracle: each task served by the weights `router.oracle(task)` gives it, in one pass.
+    `agnostic`: each utterance served by the weights its speaker token routes to."""
     ppl, attribution = [], []
     for task in tasks:
         candidates = list(task.tokens.values()) if settings.attribution else []
-        with router.oracle(task.index):
-            value, share = perplexity_and_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates,
-                                                      ctx.max_length, settings.batch_size)
+        if agnostic:
+            value, share = routed_perplexity_and_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test,
+                                                             candidates, ctx.max_length, router.agnostic,
+                                                             settings.batch_size)
+        else:
+            with router.oracle(task.index):
+                value, share = perplexity_and_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test,
+                                                          candidates, ctx.max_length, settings.batch_size)
         ppl.append(value)
         attribution.append(None if math.isnan(share) else share)
     return ppl, attribution

@@ -29,7 +29,7 @@ from cltune.data.eda import summarize, write_eda
 from cltune.evaluate import perplexity, test_row
 from cltune.files import read_json
 from cltune.generate import sample_rows
-from cltune.results import PhaseRecord, RunMetrics, Sample
+from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
 from cltune.session import Session, build_session
 from cltune.train import PhaseResult, train_phase
@@ -73,11 +73,11 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
 
     metrics = _header(session)
     if saved is not None and saved.phases:  # finished phases are not retrained: their rows come from metrics.json
-        metrics = metrics.model_copy(update={k: getattr(saved, k) for k in ("ppl", "speaker_attribution", "phases", "samples")})
+        metrics = metrics.model_copy(update={k: getattr(saved, k) for k in ("ppl", "speaker_attribution", "phases", "samples",
+                                                                             "routing", "agnostic")})
         resuming.restore_phase(ctx, strategy, config.run_dir / f"phase{len(saved.phases)}")
     else:
-        row, attribution = test_row(ctx, strategy.router(), session.tasks, config.eval)
-        metrics = metrics.model_copy(update={"ppl": [row], "speaker_attribution": [attribution]})
+        metrics = _with_row(metrics, session, strategy.router())
     if console and acc.is_main_process:
         counts = session.counts
         console.print(f"[bold]{config.name}[/]: {len(session.tasks)} tasks, strategy {config.strategy}, "
@@ -121,17 +121,17 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     strategy.after_task(task)
     hooks_s["after_task"] = round(time.perf_counter() - hook_start, 2)
     router = strategy.router()
-    row, attribution = test_row(ctx, router, session.tasks, config.eval)
+    metrics = _with_row(metrics, session, router)
     with router.oracle(k):
-        after = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length), "test_ppl": row[k]}
+        after = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length),
+                 "test_ppl": metrics.ppl[-1][k]}
     record = PhaseRecord(
         phase=k + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
         wall_s=round(result.wall_s, 2), tokens_per_s=round(result.tokens_per_s, 1), best_val_loss=result.best_val_loss,
         stopped_early=result.stopped_early, train_examples=None if reuse_phase1 is not None else len(examples),
         before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {})},
     )
-    metrics = metrics.model_copy(update={"ppl": [*metrics.ppl, row], "phases": [*metrics.phases, record],
-                                         "speaker_attribution": [*metrics.speaker_attribution, attribution]})
+    metrics = metrics.model_copy(update={"phases": [*metrics.phases, record]})
     if acc.is_main_process:
         samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1, config.seed)]
         metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]}).with_summary()
@@ -148,6 +148,19 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         rundir.finish_phase(run_dir, k)  # only now are its step checkpoints superseded
     acc.wait_for_everyone()
     return metrics.with_summary()
+
+
+def _with_row(metrics: RunMetrics, session: Session, router) -> RunMetrics:
+    """`metrics` with the next matrix row; a router that needs the task id adds the agnostic row too."""
+    row, attribution = test_row(session.ctx, router, session.tasks, session.config.eval)
+    update: dict = {"ppl": [*metrics.ppl, row], "speaker_attribution": [*metrics.speaker_attribution, attribution]}
+    if router.task_routed:
+        routed, routed_attribution = test_row(session.ctx, router, session.tasks, session.config.eval, agnostic=True)
+        agnostic = metrics.agnostic or AgnosticRows()
+        update["routing"] = "oracle"
+        update["agnostic"] = agnostic.model_copy(update={"ppl": [*agnostic.ppl, routed], "speaker_attribution": [
+            *agnostic.speaker_attribution, routed_attribution]})
+    return metrics.model_copy(update=update)
 
 
 def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:

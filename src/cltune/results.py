@@ -47,6 +47,21 @@ class PhaseRecord(_Record):
     strategy: dict[str, Any] = Field(default_factory=dict)  # hooks_s and the strategy's own costs
 
 
+class AgnosticRows(_Record):
+    """The matrix again with every test utterance served by the weights its speaker token routes to
+    (no task id: what a user of the saved model gets), and its forgetting figures."""
+
+    ppl: list[list[float]] = Field(default_factory=list)
+    speaker_attribution: list[list[float | None]] = Field(default_factory=list)
+    forgetting_pct: list[float] | None = None
+    max_forgetting_pct: float | None = None
+    peak_forgetting_pct: list[float] | None = None
+    max_peak_forgetting_pct: float | None = None
+    bwt: float | None = None
+    fwt: float | None = None
+    avg_final_ppl: float | None = None
+
+
 class RunMetrics(_Record):
     schema_version: int = SCHEMA_VERSION
     run: str
@@ -54,6 +69,9 @@ class RunMetrics(_Record):
     model: str
     precision: str  # what training ran in: fp32, bf16 or fp16 (evaluation is always fp32)
     processes: int
+    # "single": one model serves every task, the matrix needs no task id. "oracle": the matrix gives each
+    # task its own weights (the task id, which users do not have); `agnostic` holds the speaker-routed matrix.
+    routing: str = "single"
     tasks: list[str]
     speaker_tokens: dict[str, str]
     parameters: dict[str, int]
@@ -69,6 +87,7 @@ class RunMetrics(_Record):
     bwt: float | None = None
     fwt: float | None = None
     avg_final_ppl: float | None = None
+    agnostic: AgnosticRows | None = None
 
     @property
     def complete(self) -> bool:
@@ -76,7 +95,12 @@ class RunMetrics(_Record):
 
     def with_summary(self) -> RunMetrics:
         """The forgetting, BWT/FWT and final-average figures, once every phase has its row."""
-        return self.model_copy(update=cl_metrics.summary(self.ppl)) if self.complete else self
+        if not self.complete:
+            return self
+        agnostic = self.agnostic
+        if agnostic is not None and len(agnostic.ppl) == len(self.ppl):
+            agnostic = agnostic.model_copy(update=cl_metrics.summary(agnostic.ppl))
+        return self.model_copy(update={**cl_metrics.summary(self.ppl), "agnostic": agnostic})
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")

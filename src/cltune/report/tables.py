@@ -33,4 +33,8 @@ def print_summary(console, metrics: RunMetrics) -> None:
     if metrics.forgetting_pct:
         peak = metrics.peak_forgetting_pct or metrics.forgetting_pct
         parts = ", ".join(f"{t} {f:+.1f}% (peak {p:+.1f}%)" for t, f, p in zip(metrics.tasks, metrics.forgetting_pct, peak))
-        console.print(f"forgetting, final vs just learned: {parts}; BWT {metrics.bwt:+.4f}, FWT {metrics.fwt:+.4f} (log-PPL)")
+        console.print(f"forgetting, final vs just learned: {parts}; BWT {metrics.bwt:+.4f}, FWT {metrics.fwt:+.4f} (log-PPL)"
+                      + (" — oracle task id" if metrics.routing == "oracle" else ""))
+        if metrics.agnostic is not None and metrics.agnostic.forgetting_pct:
+            parts = ", ".join(f"{t} {f:+.1f}%" for t, f in zip(metrics.tasks, metrics.agnostic.forgetting_pct))
+            console.print(f"forgetting routed by speaker token alone (agnostic): {parts}")

@@ -56,9 +56,24 @@ def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str]) 
               d["tokens"]["mean"], f"{100 * d['tokens']['share_within_max_len']:.1f}%", d["vocabulary_total"]]
              for d in eda["datasets"]]) + ["", "Full EDA: [eda/eda.md](eda/eda.md)", ""]
     if metrics.ppl:
-        lines += ["## Test perplexity matrix", "", "Row = after phase i (row 0 before training), column = dataset.", ""]
+        oracle = metrics.routing == "oracle"
+        lines += ["## Test perplexity matrix" + (" (oracle task id)" if oracle else ""), "",
+                  "Row = after phase i (row 0 before training), column = dataset."
+                  + (" Each dataset is evaluated with its own adapter: the task id is given, which a user of the "
+                     "saved model does not have; the agnostic matrix below is what they get." if oracle else ""), ""]
         lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + r for i, r in enumerate(metrics.ppl)])
         lines += ["", f"![perplexity matrix]({images['heatmap']})", ""]
+    if metrics.agnostic is not None and metrics.agnostic.ppl:
+        agnostic = metrics.agnostic
+        lines += ["## Test perplexity matrix (agnostic: routed by speaker token)", "",
+                  "Each test utterance is served by the adapter its speaker token routes to (the latest task with "
+                  "that speaker), as `cltune generate` does.", ""]
+        lines += _table(["after"] + tasks, [["before" if i == 0 else f"phase {i}"] + r for i, r in enumerate(agnostic.ppl)])
+        if agnostic.forgetting_pct:
+            lines += ["", "Forgetting, agnostic: " + ", ".join(
+                f"{t} final {f:+.2f}% / peak {p:+.2f}%" for t, f, p in
+                zip(tasks, agnostic.forgetting_pct, agnostic.peak_forgetting_pct or agnostic.forgetting_pct))]
+        lines.append("")
     if metrics.forgetting_pct:
         peak = metrics.peak_forgetting_pct or [None] * len(metrics.forgetting_pct)
         lines += ["## Forgetting", "", "Final: the end vs right after learning; peak: the worst rise over any later phase.",

@@ -97,6 +97,7 @@ class AdapterRouter(Router):
     """Per-task adapters: `tasks[i]` serves task i (None: the base model alone), `routes[token]` a speaker."""
 
     kind = "adapters"
+    task_routed = True
 
     def __init__(self, model, tasks: list[str | None], routes: dict[str, str]):
         self.model, self.tasks, self.routes = model, tasks, routes

@@ -77,6 +77,9 @@ class Router:
     only that is known (`agnostic`, what a user of a saved model has). This default has one model."""
 
     kind: ClassVar[str] = "single"
+    # True when the weights depend on the task: evaluation then also reports agnostic rows, routed by
+    # speaker token alone, beside the oracle rows that are given the task id.
+    task_routed: ClassVar[bool] = False
 
     def oracle(self, task_index: int) -> AbstractContextManager:
         return nullcontext()

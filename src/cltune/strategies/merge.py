@@ -103,9 +103,9 @@ class Merge(Adapters):
         model.set_adapter(MERGED, inference_mode=True)
 
     def router(self) -> Router:
-        if MERGED in self.ctx.model.peft_config:
-            return FixedAdapterRouter(self.ctx.model, MERGED)
-        return super().router()
+        """The merged adapter serves every task and speaker (before the first merge: task 1's adapter)."""
+        merged = MERGED in self.ctx.model.peft_config
+        return FixedAdapterRouter(self.ctx.model, MERGED if merged else adapter_name(0))
 
 
 class FixedAdapterRouter(Router):
