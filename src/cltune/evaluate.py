@@ -8,6 +8,7 @@ context only). Batched, no gradients, fp32, dropout off, deterministic order.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -56,70 +57,74 @@ def mean_loss(accelerator, scorer, tokenizer, examples: list[Example], max_lengt
     return math.log(perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size))
 
 
-def _ppl_and_attribution(total: torch.Tensor, count: torch.Tensor, examples: list[Example],
-                         tokens: list[str]) -> tuple[float, float]:
-    """From the summed NLLs and target counts of every (utterance, candidate token) pair."""
-    total, count = total.view(len(examples), len(tokens)), count.view(len(examples), len(tokens))
-    own = torch.tensor([tokens.index(e.token) for e in examples])
-    rows = torch.arange(len(examples))
-    ppl = math.exp(total[rows, own].sum().item() / count[rows, own].sum().item())
-    return ppl, (total.argmin(dim=1) == own).double().mean().item()
+@dataclass
+class Scores:
+    """A split's perplexity and speaker attribution (NaN: fewer than two candidates), and each utterance's
+    summed target NLL and target count under its own speaker token (for paired comparisons)."""
+
+    ppl: float
+    attribution: float
+    nll: list[float]
+    targets: list[int]
+
+
+def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int,
+                batch_size: int = 32, route=None) -> Scores:
+    """Perplexity and attribution of `examples`, from one scoring of every utterance per candidate token.
+
+    Each utterance is scored once per candidate token (the dataset's speakers); the text and end
+    tokens are the same targets in every variant, so the summed NLLs compare directly, and the
+    variant with the utterance's own token is exactly what perplexity scores. Without `route` all
+    variants go through the model as it is, in one pass; with it, each variant is scored by the
+    weights `route(token)` gives its speaker token (agnostic routing: what a user who knows only
+    the speaker gets).
+    """
+    attribute = len(tokens) >= 2
+    variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens] if attribute \
+        else list(examples)
+    pad = tokenizer.pad_token_id
+    if route is None:
+        total, count = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), pad, batch_size)
+    else:
+        total = torch.zeros(len(variants), dtype=torch.double)
+        count = torch.zeros(len(variants), dtype=torch.double)
+        for token in sorted({v.token for v in variants}):
+            picked = [i for i, v in enumerate(variants) if v.token == token]
+            with route(token):
+                total[picked], count[picked] = example_nll(
+                    accelerator, scorer, encode([variants[i] for i in picked], tokenizer, max_length), pad, batch_size)
+    if attribute:
+        total, count = total.view(len(examples), len(tokens)), count.view(len(examples), len(tokens))
+        own = torch.tensor([tokens.index(e.token) for e in examples])
+        rows = torch.arange(len(examples))
+        share = (total.argmin(dim=1) == own).double().mean().item()
+        total, count = total[rows, own], count[rows, own]
+    else:
+        share = float("nan")
+    ppl = math.exp(total.sum().item() / count.sum().item())
+    return Scores(ppl, share, total.tolist(), [int(c) for c in count.tolist()])
 
 
 def perplexity_and_attribution(
     accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
 ) -> tuple[float, float]:
-    """Perplexity of `examples` and their speaker attribution, from one scoring of every utterance per token.
-
-    Each utterance is scored once per candidate token (the dataset's speakers); the text and end
-    tokens are the same targets in every variant, so the summed NLLs compare directly, and the
-    variant with the utterance's own token is exactly what perplexity scores. With fewer than two
-    candidates there is nothing to attribute: perplexity alone, attribution NaN.
-    """
-    if len(tokens) < 2 or not examples:
-        return perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size), float("nan")
-    variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens]
-    total, count = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
-    return _ppl_and_attribution(total, count, examples, tokens)
+    """Perplexity of `examples` and their speaker attribution (NaN with fewer than two candidate tokens)."""
+    scores = score_split(accelerator, scorer, tokenizer, examples, tokens, max_length, batch_size)
+    return scores.ppl, scores.attribution
 
 
-def routed_perplexity_and_attribution(
-    accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, route,
-    batch_size: int = 32,
-) -> tuple[float, float]:
-    """As `perplexity_and_attribution`, but every variant is scored by the weights `route(token)` gives
-    its speaker token: what a user who knows only the speaker gets (agnostic routing)."""
-    attribute = len(tokens) >= 2
-    variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens] if attribute \
-        else list(examples)
-    total = torch.zeros(len(variants), dtype=torch.double)
-    count = torch.zeros(len(variants), dtype=torch.double)
-    for token in sorted({v.token for v in variants}):
-        picked = [i for i, v in enumerate(variants) if v.token == token]
-        with route(token):
-            sums, counts = example_nll(accelerator, scorer, encode([variants[i] for i in picked], tokenizer, max_length),
-                                       tokenizer.pad_token_id, batch_size)
-        total[picked], count[picked] = sums, counts
-    if not attribute:
-        return math.exp(total.sum().item() / count.sum().item()), float("nan")
-    return _ppl_and_attribution(total, count, examples, tokens)
-
-
-def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> tuple[list[float], list[float | None]]:
-    """One row of the matrix: each task's test perplexity and speaker attribution (None: fewer than two
-    speakers). Oracle: each task served by the weights `router.oracle(task)` gives it, in one pass.
-    `agnostic`: each utterance served by the weights its speaker token routes to."""
-    ppl, attribution = [], []
+def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> list[Scores]:
+    """One row of the matrix: each task's test scores. Oracle: each task served by the weights
+    `router.oracle(task)` gives it, in one pass. `agnostic`: each utterance served by the weights its
+    speaker token routes to."""
+    row = []
     for task in tasks:
         candidates = list(task.tokens.values()) if settings.attribution else []
         if agnostic:
-            value, share = routed_perplexity_and_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test,
-                                                             candidates, ctx.max_length, router.agnostic,
-                                                             settings.batch_size)
+            row.append(score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
+                                   settings.batch_size, route=router.agnostic))
         else:
             with router.oracle(task.index):
-                value, share = perplexity_and_attribution(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test,
-                                                          candidates, ctx.max_length, settings.batch_size)
-        ppl.append(value)
-        attribution.append(None if math.isnan(share) else share)
-    return ppl, attribution
+                row.append(score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates,
+                                       ctx.max_length, settings.batch_size))
+    return row

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +28,8 @@ from cltune.checkpoint import save_checkpoint, verify
 from cltune.config import BaseRunConfig, dump_config
 from cltune.data import TaskData
 from cltune.data.eda import summarize, write_eda
-from cltune.evaluate import perplexity, test_row
-from cltune.files import read_json
+from cltune.evaluate import Scores, perplexity, test_row
+from cltune.files import read_json, write_json
 from cltune.generate import sample_rows
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
@@ -35,6 +37,7 @@ from cltune.session import Session, build_session
 from cltune.train import PhaseResult, train_phase
 
 log = logging.getLogger(__name__)
+TEST_NLL = "test_nll.json"  # the latest row's per-utterance test NLLs, for paired comparisons (cltune compare)
 
 
 
@@ -77,7 +80,7 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
                                                                              "routing", "agnostic")})
         resuming.restore_phase(ctx, strategy, config.run_dir / f"phase{len(saved.phases)}")
     else:
-        metrics = _with_row(metrics, session, strategy.router())
+        metrics, _ = _with_row(metrics, session, strategy.router())
     if console and acc.is_main_process:
         counts = session.counts
         console.print(f"[bold]{config.name}[/]: {len(session.tasks)} tasks, strategy {config.strategy}, "
@@ -121,7 +124,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     strategy.after_task(task)
     hooks_s["after_task"] = round(time.perf_counter() - hook_start, 2)
     router = strategy.router()
-    metrics = _with_row(metrics, session, router)
+    metrics, per_utterance = _with_row(metrics, session, router)
     with router.oracle(k):
         after = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length),
                  "test_ppl": metrics.ppl[-1][k]}
@@ -131,7 +134,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         stopped_early=result.stopped_early, train_examples=None if reuse_phase1 is not None else len(examples),
         before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {})},
     )
-    metrics = metrics.model_copy(update={"phases": [*metrics.phases, record]})
+    metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb()})
     if acc.is_main_process:
         samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1, config.seed)]
         metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]}).with_summary()
@@ -144,23 +147,44 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
             tensors=strategy.full_state() or None,
         )
         staging_log.unlink(missing_ok=True)
+        write_json(run_dir / TEST_NLL, {"phase": k + 1, **per_utterance})
         metrics.write(run_dir / "metrics.json")
         rundir.finish_phase(run_dir, k)  # only now are its step checkpoints superseded
     acc.wait_for_everyone()
     return metrics.with_summary()
 
 
-def _with_row(metrics: RunMetrics, session: Session, router) -> RunMetrics:
-    """`metrics` with the next matrix row; a router that needs the task id adds the agnostic row too."""
-    row, attribution = test_row(session.ctx, router, session.tasks, session.config.eval)
-    update: dict = {"ppl": [*metrics.ppl, row], "speaker_attribution": [*metrics.speaker_attribution, attribution]}
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB on Linux
+
+
+def _values(row: list[Scores]) -> tuple[list[float], list[float | None]]:
+    return [s.ppl for s in row], [None if math.isnan(s.attribution) else s.attribution for s in row]
+
+
+def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics, dict]:
+    """`metrics` with the next matrix row (a router that needs the task id adds the agnostic row too),
+    and that row's per-utterance NLLs by routing and task (RUN/test_nll.json: paired comparisons)."""
+    scores = test_row(session.ctx, router, session.tasks, session.config.eval)
+    ppl, attribution = _values(scores)
+    update: dict = {"ppl": [*metrics.ppl, ppl], "speaker_attribution": [*metrics.speaker_attribution, attribution]}
+    rows = {"oracle" if router.task_routed else "single": scores}
     if router.task_routed:
-        routed, routed_attribution = test_row(session.ctx, router, session.tasks, session.config.eval, agnostic=True)
+        rows["agnostic"] = test_row(session.ctx, router, session.tasks, session.config.eval, agnostic=True)
+        routed, routed_attribution = _values(rows["agnostic"])
         agnostic = metrics.agnostic or AgnosticRows()
         update["routing"] = "oracle"
         update["agnostic"] = agnostic.model_copy(update={"ppl": [*agnostic.ppl, routed], "speaker_attribution": [
             *agnostic.speaker_attribution, routed_attribution]})
-    return metrics.model_copy(update=update)
+    per_utterance = {mode: {task.name: {"lines": [e.line for e in task.test], "nll": s.nll, "targets": s.targets}
+                            for task, s in zip(session.tasks, row)} for mode, row in rows.items()}
+    return metrics.model_copy(update=update), per_utterance
 
 
 def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:

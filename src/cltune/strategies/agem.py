@@ -72,6 +72,8 @@ class AGEM(Strategy):
             log.info("agem, %s: projected %d of %d steps", task.name, self.projected, self.steps)
         self.memory.add(task)
         self._encode_memory()
+        self.costs[task.index + 1] = {"stored_utterances": len(self.encoded), "reference_passes": self.steps,
+                                      "projected_steps": self.projected}
 
     def _encode_memory(self) -> None:
         self.encoded = self.ctx.encode(require_no_test(self.memory.examples(), "the A-GEM memory"))

@@ -58,6 +58,7 @@ class Replay(Strategy):
 
     def after_task(self, task: TaskData) -> None:
         self.buffer.add(task)
+        self.costs[task.index + 1] = {"stored_utterances": len(self.buffer.examples())}
 
     def state(self):
         # The buffer as positions in each task's training split, so `cltune run --resume` replays the same utterances.
