@@ -292,26 +292,33 @@ def test_the_installed_script_is_the_entry_point():
         assert name in proc.stdout
 
 
-COMMAND_TESTS = {
-    "demo-data": test_demo_data_writes_the_three_guest_files,
-    "demo": test_demo_runs_the_readme_main_job,
-    "eda": test_eda_writes_numbers_of_each_file,
-    "train": test_train_then_generate_then_report,
-    "run": test_run_writes_the_matrix_and_refuses_to_overwrite,
-    "sweep": test_sweep_writes_its_table_and_reuses_phase_1,
-    "report": test_train_then_generate_then_report,
-    "generate": test_train_then_generate_then_report,
-    "strategies": test_strategies_lists_the_registry,
-    "config-reference": test_config_reference_prints_and_rewrites_a_readme,
+COMMAND_TESTS = {  # command → its end-to-end test (module::function)
+    "demo-data": "test_cli.py::test_demo_data_writes_the_three_guest_files",
+    "demo": "test_cli.py::test_demo_runs_the_readme_main_job",
+    "eda": "test_cli.py::test_eda_writes_numbers_of_each_file",
+    "train": "test_cli.py::test_train_then_generate_then_report",
+    "run": "test_cli.py::test_run_writes_the_matrix_and_refuses_to_overwrite",
+    "sweep": "test_cli.py::test_sweep_writes_its_table_and_reuses_phase_1",
+    "compare": "test_compare.py::test_compare_end_to_end_with_figures_recomputed_by_hand",
+    "report": "test_cli.py::test_train_then_generate_then_report",
+    "generate": "test_cli.py::test_train_then_generate_then_report",
+    "strategies": "test_cli.py::test_strategies_lists_the_registry",
+    "config-reference": "test_cli.py::test_config_reference_prints_and_rewrites_a_readme",
 }
 
 
 def test_every_command_has_an_end_to_end_test():
+    import ast
+
     from typer.main import get_command
 
     from cltune.cli import app
 
     assert set(get_command(app).commands) == set(COMMAND_TESTS)
+    for where in COMMAND_TESTS.values():
+        module, function = where.split("::")
+        tree = ast.parse((ROOT / "tests" / module).read_text(encoding="utf-8"))
+        assert function in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, where
 
 
 def test_no_command_function_is_called_from_python():

@@ -41,14 +41,15 @@ def _is_main() -> bool:
 
 
 def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool = False, console=None,
-               report: bool = True) -> RunMetrics:
-    """Run (or with `resume`, continue) the stream `config` describes; writes the report; returns the metrics."""
+               report: bool = True, phase1_from: Path | None = None) -> RunMetrics:
+    """Run (or with `resume`, continue) the stream `config` describes; writes the report; returns the metrics.
+    `phase1_from`: a finished phase-1 checkpoint with the same phase-1 settings, used instead of training."""
     from cltune.pipeline import run
     from cltune.report import print_summary, write_report
     from cltune.rundir import check_run_dir
 
     check_run_dir(config.run_dir, overwrite, resume=resume)
-    metrics = run(config, console=console, resume=resume)
+    metrics = run(config, console=console, resume=resume, reuse_phase1=phase1_from)
     if report and _is_main():
         write_report(config.run_dir)
         if console is not None:

@@ -1,4 +1,5 @@
-"""The `cltune` command line: demo-data, eda, train, run, sweep, report, generate, strategies, demo."""
+"""The `cltune` command line: demo-data, eda, train, run, sweep, compare, report, generate, strategies, demo,
+config-reference. Each command parses its arguments and calls one plain function (`cltune.api` and friends)."""
 
 from __future__ import annotations
 
@@ -68,9 +69,12 @@ def run(config: Path = typer.Argument(..., help="run config (YAML)"),
         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
         overwrite: bool = typer.Option(False, help="replace an existing run folder"),
         resume: bool = typer.Option(False, help="continue the run in the run folder from its last complete checkpoint "
-                                    "(same config and data; finished phases are not retrained)")) -> None:
+                                    "(same config and data; finished phases are not retrained)"),
+        phase1_from: Path | None = typer.Option(None, help="take phase 1 from a finished run's phase1 folder with the "
+                                                "same model, LoRA, data, seed and phase-1 settings instead of training it")) -> None:
     """Run a whole continual-learning stream from a config (or continue one with --resume)."""
-    api.run_config(api.config_from(config, set_), overwrite=overwrite, resume=resume, console=console)
+    api.run_config(api.config_from(config, set_), overwrite=overwrite, resume=resume, console=console,
+                   phase1_from=phase1_from)
 
 
 @app.command()
@@ -140,6 +144,21 @@ def sweep(config: Path = typer.Argument(..., help="run config (YAML)"),
 
     md = run_sweep(config, grid, set_, out, console=console)
     console.print(f"sweep: {md}")
+
+
+@app.command()
+def compare(config: Path = typer.Argument(..., help="run config (YAML): the stream and budget every strategy gets"),
+            strategies: str = typer.Option(..., help="comma-separated strategy names; naive always runs as the reference"),
+            seeds: int = typer.Option(3, help="seeds per strategy (each reseeds split, sampling and initialization)"),
+            set_: list[str] = typer.Option([], "--set", help="fixed override for every run"),
+            out: Path | None = typer.Option(None, help="compare folder (default: output_dir/compare)"),
+            bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances")) -> None:
+    """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
+    from cltune.compare import run_compare
+
+    md = run_compare(config, [s.strip() for s in strategies.split(",") if s.strip()], seeds, set_, out, bootstrap,
+                     console=console)
+    console.print(f"compare: {md} and {md.with_suffix('.html')}")
 
 
 @app.command()

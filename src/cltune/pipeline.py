@@ -132,7 +132,8 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         phase=k + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
         wall_s=round(result.wall_s, 2), tokens_per_s=round(result.tokens_per_s, 1), best_val_loss=result.best_val_loss,
         stopped_early=result.stopped_early, train_examples=None if reuse_phase1 is not None else len(examples),
-        before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {})},
+        before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {}),
+                                              **({"phase1_from": str(reuse_phase1)} if reuse_phase1 else {})},
     )
     metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb()})
     if acc.is_main_process:
@@ -195,5 +196,6 @@ def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:
     if staging_log:
         shutil.copyfile(source / "train_log.jsonl", staging_log)
     record = read_json(source / "metrics.json")
-    return PhaseResult(steps=record["steps"], target_tokens=record["target_tokens"], wall_s=0.0,
+    # The training time of the phase it stands for: cost ledgers compare strategies' whole work.
+    return PhaseResult(steps=record["steps"], target_tokens=record["target_tokens"], wall_s=record["wall_s"],
                        tokens_per_s=record["tokens_per_s"], best_val_loss=record["best_val_loss"])

@@ -104,8 +104,8 @@ def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str]) 
     return "\n".join(lines)
 
 
-def _html(markdown: str, run_dir: Path) -> str:
-    """A small Markdown → HTML rendering (tables, headings, images inlined as base64, code)."""
+def html_page(markdown: str, folder: Path, title: str = "cltune report") -> str:
+    """A small Markdown → HTML rendering (tables, headings, images from `folder` inlined as base64, code)."""
     out, in_code, in_table = [], False, False
     for line in markdown.splitlines():
         if line.startswith("```"):
@@ -128,7 +128,7 @@ def _html(markdown: str, run_dir: Path) -> str:
             in_table = False
         image = re.fullmatch(r"!\[(.*)\]\((.*)\)", line)
         if image:
-            data = base64.b64encode((run_dir / image.group(2)).read_bytes()).decode()
+            data = base64.b64encode((folder / image.group(2)).read_bytes()).decode()
             out.append(f'<img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">')
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
@@ -138,7 +138,7 @@ def _html(markdown: str, run_dir: Path) -> str:
     if in_table:
         out.append("</table>")
     style = "body{font-family:sans-serif;max-width:960px;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>cltune report</title><style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n"
 
 
 def _inline(text: str) -> str:
@@ -163,5 +163,5 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         forgetting_bars(metrics.forgetting_pct, metrics.tasks, run_dir / images["forgetting"])
     markdown = render_markdown(run_dir, metrics, images)
     atomic_write_text(run_dir / "report.md", markdown)
-    atomic_write_text(run_dir / "report.html", _html(markdown, run_dir))
+    atomic_write_text(run_dir / "report.html", html_page(markdown, run_dir))
     return run_dir / "report.md", run_dir / "report.html"

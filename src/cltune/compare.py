@@ -1,0 +1,219 @@
+"""`cltune compare`: which strategy keeps *this* stream's earlier styles, at what cost, with intervals.
+
+Every (strategy, seed) is one `cltune run` in its own process (so each run's peak memory is its
+own), on the same stream and budget; `naive` always runs, as the reference. A strategy whose
+phase 1 trains exactly like naive's (same seed and phase-1 settings) takes naive's phase-1
+checkpoint instead of training it again. Finished runs are reused, interrupted ones resumed.
+Each seed reseeds the split, the sampling and the initialization.
+
+Figures per strategy: the mean and 95% t-interval over seeds of each task's final perplexity,
+final and peak forgetting, BWT/FWT, the new task's perplexity relative to naive (paired by seed)
+and attribution; a cost ledger; and, per task, a paired bootstrap over test utterances of the
+perplexity change against naive (same seed, same test utterances), pooled over seeds. Strategies
+whose matrix needs a task id (per-task adapters) are compared on their agnostic matrix — routed
+by speaker token, what every other strategy and a user get — and labelled so.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cltune.api import read_config
+from cltune.config import BaseRunConfig, dump_config
+from cltune.errors import UserError
+from cltune.files import atomic_write_text, read_json
+from cltune.results import RunMetrics
+from cltune.stats import mean_interval, paired_differences, percentile_interval, resamples
+from cltune.strategies import REGISTRY
+from cltune.sweep import phase1_fingerprint
+
+REFERENCE = "naive"
+TEST_NLL = "test_nll.json"
+
+
+@dataclass
+class Planned:
+    strategy: str
+    seed: int
+    config: BaseRunConfig
+    phase1_from: Path | None = None  # naive's phase-1 checkpoint, when this strategy's phase 1 equals it
+
+
+def plan_runs(config_path: Path, strategies: list[str], seeds: int, sets: list[str], out: Path) -> list[Planned]:
+    """Every (strategy, seed) run, naive first within each seed; phase 1 shared where it trains alike."""
+    unknown = [s for s in strategies if s not in REGISTRY]
+    if unknown:
+        raise UserError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(REGISTRY)}")
+    if seeds < 1:
+        raise UserError("--seeds: at least 1 (3 or more for intervals worth reading)")
+    names = [REFERENCE] + [s for s in dict.fromkeys(strategies) if s != REFERENCE]
+    base_seed = read_config(config_path, sets).seed
+    planned, phase1 = [], {}
+    for seed in range(base_seed, base_seed + seeds):
+        for name in names:
+            config = read_config(config_path, sets, fixed={"strategy": name, "seed": seed, "name": f"{name}-seed{seed}",
+                                                           "output_dir": str(out / "runs")})
+            key = phase1_fingerprint(config)
+            planned.append(Planned(name, seed, config, phase1.get(key)))
+            phase1.setdefault(key, config.run_dir / "phase1")
+    return planned
+
+
+def _finished(config: BaseRunConfig) -> RunMetrics | None:
+    """The run's metrics when its folder holds this very config, complete; else None."""
+    run_dir = config.run_dir
+    if not (run_dir / "metrics.json").exists() or not (run_dir / "config.resolved.yaml").exists():
+        return None
+    if (run_dir / "config.resolved.yaml").read_text(encoding="utf-8") != dump_config(config):
+        return None
+    metrics = RunMetrics.read(run_dir / "metrics.json")
+    return metrics if metrics.complete and (run_dir / TEST_NLL).exists() else None
+
+
+def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]:
+    """Run (or reuse, or resume) every planned run, each in its own `cltune run` process, with progress."""
+    results, started, ran = [], time.perf_counter(), 0
+    for i, plan in enumerate(planned, 1):
+        label = f"[{i}/{len(planned)}] {plan.strategy}, seed {plan.seed}"
+        metrics = _finished(plan.config)
+        if metrics is None:
+            path = out / "configs" / f"{plan.config.name}.yaml"
+            atomic_write_text(path, dump_config(plan.config))
+            command = [sys.executable, "-m", "cltune", "run", str(path)]
+            command.append("--resume" if (plan.config.run_dir / "config.resolved.yaml").exists() else "--overwrite")
+            if plan.phase1_from is not None:
+                command += ["--phase1-from", str(plan.phase1_from)]
+            if console:
+                console.print(f"{label}: running{_eta(started, ran, len(planned) - i + 1)}")
+            proc = subprocess.run(command, capture_output=True, text=True)
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                raise UserError(f"compare: {plan.strategy}, seed {plan.seed} failed ({last}); its run folder is "
+                                f"{plan.config.run_dir}; fix and rerun the same command to continue")
+            ran += 1
+            metrics = RunMetrics.read(plan.config.run_dir / "metrics.json")
+        elif console:
+            console.print(f"{label}: reused (finished earlier)")
+        results.append(metrics)
+    return results
+
+
+def _eta(started: float, ran: int, left: int) -> str:
+    if not ran:
+        return ""
+    return f", about {(time.perf_counter() - started) / ran * left / 60:.1f} min left"
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def matrix_of(metrics: RunMetrics):
+    """The matrix a comparison uses: the agnostic one for task-routed strategies (no oracle task id)."""
+    return (metrics.agnostic, "agnostic") if metrics.routing == "oracle" and metrics.agnostic else (metrics, "single")
+
+
+def _per_run(metrics: RunMetrics, reference: RunMetrics) -> dict:
+    rows, routing = matrix_of(metrics)
+    ref_rows, _ = matrix_of(reference)
+    final = [v for v in rows.ppl[-1]]
+    attribution = [v for v in rows.speaker_attribution[-1] if v is not None]
+    phases = metrics.phases
+    costs = phases[-1].strategy if phases else {}
+    return {
+        "routing": routing,
+        "final_ppl": final,
+        "forgetting_pct": rows.forgetting_pct or [],
+        "peak_forgetting_pct": rows.peak_forgetting_pct or [],
+        "bwt": rows.bwt, "fwt": rows.fwt,
+        "new_task_ratio": final[-1] / ref_rows.ppl[-1][-1],
+        "attribution": sum(attribution) / len(attribution) if attribution else None,
+        "wall_s": sum(p.wall_s + sum(p.strategy.get("hooks_s", {}).values()) for p in phases),
+        "target_tokens": sum(p.target_tokens for p in phases),
+        "peak_rss_mb": metrics.peak_rss_mb,
+        "trainable": metrics.parameters.get("trainable"),
+        "stored_utterances": costs.get("stored_utterances", 0),
+        "test_sizes": [s["test"] for s in metrics.split_sizes],
+    }
+
+
+def _interval(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "low": None, "high": None}
+    mean, low, high = mean_interval(values)
+    return {"mean": mean, "low": low, "high": high}
+
+
+def paired_bootstrap(strategy_dirs: list[Path], naive_dirs: list[Path], task: str, mode: str, count: int) -> dict:
+    """Per cent PPL change of a strategy against naive on `task`, pooled over seeds: the point estimate
+    (mean over seeds of the paired ln-PPL difference) and a 95% percentile interval from `count`
+    bootstrap resamples of each seed's test utterances (both runs resampled alike)."""
+    points, pooled = [], [0.0] * count
+    for seed_index, (a_dir, b_dir) in enumerate(zip(strategy_dirs, naive_dirs)):
+        a, b = read_json(a_dir / TEST_NLL), read_json(b_dir / TEST_NLL)
+        a_rows = a.get(mode) or a.get("single") or a["oracle"]
+        b_rows = b.get("single") or b["oracle"]
+        if a_rows[task]["lines"] != b_rows[task]["lines"]:
+            raise UserError(f"{a_dir}: its test split of {task} differs from {b_dir}'s; compare runs of one stream")
+        draws = resamples(len(a_rows[task]["nll"]), count, seed=seed_index)
+        point, differences = paired_differences((a_rows[task]["nll"], a_rows[task]["targets"]),
+                                                (b_rows[task]["nll"], b_rows[task]["targets"]), draws)
+        points.append(point)
+        pooled = [p + d for p, d in zip(pooled, differences)]
+    n = len(points)
+    low, high = percentile_interval([p / n for p in pooled])
+    change = lambda x: 100 * (math.exp(x) - 1)  # noqa: E731 - ln-PPL difference → per cent PPL change
+    point = sum(points) / n
+    return {"change_pct": change(point), "low_pct": change(low), "high_pct": change(high),
+            "resolved": low > 0 or high < 0}
+
+
+def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int) -> dict:
+    """Per strategy: intervals over seeds, the paired bootstrap against naive per task, the cost ledger."""
+    by_seed = {(p.strategy, p.seed): (p, m) for p, m in zip(planned, results)}
+    seeds = sorted({p.seed for p in planned})
+    strategies = list(dict.fromkeys(p.strategy for p in planned))
+    tasks = results[0].tasks
+    out = {"tasks": tasks, "seeds": seeds, "bootstrap": bootstrap, "strategies": {}}
+    for name in strategies:
+        runs = [_per_run(by_seed[(name, s)][1], by_seed[(REFERENCE, s)][1]) for s in seeds]
+        entry = {
+            "routing": runs[0]["routing"],
+            "final_ppl": [_interval([r["final_ppl"][j] for r in runs]) for j in range(len(tasks))],
+            "forgetting_pct": [_interval([r["forgetting_pct"][j] for r in runs]) for j in range(len(tasks) - 1)],
+            "peak_forgetting_pct": [_interval([r["peak_forgetting_pct"][j] for r in runs]) for j in range(len(tasks) - 1)],
+            "bwt": _interval([r["bwt"] for r in runs]), "fwt": _interval([r["fwt"] for r in runs]),
+            "new_task_ratio": _interval([r["new_task_ratio"] for r in runs]),
+            "attribution": _interval([r["attribution"] for r in runs]),
+            "wall_s": _interval([r["wall_s"] for r in runs]),
+            "target_tokens": _interval([r["target_tokens"] for r in runs]),
+            "peak_rss_mb": _interval([r["peak_rss_mb"] for r in runs]),
+            "trainable": runs[0]["trainable"], "stored_utterances": runs[0]["stored_utterances"],
+            "test_sizes": [r["test_sizes"] for r in runs],
+        }
+        if name != REFERENCE:
+            dirs = [by_seed[(name, s)][0].config.run_dir for s in seeds]
+            naive_dirs = [by_seed[(REFERENCE, s)][0].config.run_dir for s in seeds]
+            mode = "agnostic" if entry["routing"] == "agnostic" else "single"
+            entry["vs_naive"] = {t: paired_bootstrap(dirs, naive_dirs, t, mode, bootstrap) for t in tasks}
+        out["strategies"][name] = entry
+    return out
+
+
+def run_compare(config_path: Path, strategies: list[str], seeds: int, sets: list[str], out: Path | None = None,
+                bootstrap: int = 1000, console=None) -> Path:
+    """Plan, run (reusing what is done) and write compare.md/.csv/.html/.png; returns compare.md."""
+    from cltune.compare_report import write_outputs
+
+    out = out or read_config(config_path, sets).output_dir / "compare"
+    planned = plan_runs(config_path, strategies, seeds, sets, out)
+    results = execute(planned, out, console)
+    summary = summarize(planned, results, bootstrap)
+    command = " ".join(["cltune compare", str(config_path), "--strategies", ",".join(strategies), "--seeds", str(seeds),
+                        *(f"--set {s}" for s in sets)])
+    return write_outputs(summary, out, command)

@@ -1,0 +1,67 @@
+"""Intervals for comparisons, as pure functions: a t-interval of a mean over seeds, and a paired
+bootstrap over test utterances of the difference in log-perplexity between two runs.
+
+Both state their noise honestly for what `cltune compare` has: a handful of seeds (the t-interval
+is wide with 2–3 of them, as it should be) and, per seed, one shared test split on which two
+strategies can be compared utterance by utterance (the bootstrap resamples those utterances).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (scipy is not a dependency).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+         25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom (the next smaller tabled df above 20)."""
+    if df < 1:
+        raise ValueError("a t-interval needs at least two values")
+    if df in _T975:
+        return _T975[df]
+    return _T975[max(d for d in _T975 if d <= df)] if df <= 120 else 1.960
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float | None, float | None]:
+    """(mean, low, high) of a 95% t-interval over `values` (one per seed); no interval from one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def log_ppl(nll: Sequence[float], targets: Sequence[int], picks: Sequence[int] | None = None) -> float:
+    """ln PPL = Σ NLL / Σ targets over the utterances `picks` (all when None)."""
+    picks = range(len(nll)) if picks is None else picks
+    return sum(nll[i] for i in picks) / sum(targets[i] for i in picks)
+
+
+def resamples(n: int, count: int, seed: int) -> list[list[int]]:
+    """`count` seeded bootstrap resamples of `n` utterance positions (with replacement)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(n) for _ in range(n)] for _ in range(count)]
+
+
+def paired_differences(a: tuple[Sequence[float], Sequence[int]], b: tuple[Sequence[float], Sequence[int]],
+                       draws: Sequence[Sequence[int]]) -> tuple[float, list[float]]:
+    """ln PPL(a) − ln PPL(b) on the same utterances, and the same difference on each resample in `draws`
+    (each resample picks one set of utterances for both runs: the pairing)."""
+    point = log_ppl(*a) - log_ppl(*b)
+    return point, [log_ppl(*a, picks) - log_ppl(*b, picks) for picks in draws]
+
+
+def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The central `confidence` share of `values` (nearest-rank percentiles)."""
+    ordered = sorted(values)
+    tail = (1 - confidence) / 2
+    low = ordered[max(0, math.ceil(tail * len(ordered)) - 1)]
+    high = ordered[min(len(ordered) - 1, math.ceil((1 - tail) * len(ordered)) - 1)]
+    return low, high

@@ -1,0 +1,95 @@
+"""`cltune compare`: interval math against hand-computed values, and the command end to end on the
+tiny model (naive and replay × 2 seeds), its figures recomputed by hand from the runs' own files."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import QUIET_EVAL, tiny_run_config
+from cltune.stats import log_ppl, mean_interval, paired_differences, percentile_interval, resamples, t975
+
+
+def test_t_intervals_match_hand_computation():
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(22) == 2.086 and t975(1000) == 1.96
+    mean, low, high = mean_interval([1.0, 2.0, 3.0])  # sd 1, half-width 4.303/√3
+    assert (mean, low, high) == pytest.approx((2.0, 2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)))
+    assert mean_interval([5.0]) == (5.0, None, None)
+
+
+def test_paired_differences_resample_both_runs_alike():
+    a = ([2.0, 4.0, 6.0], [1, 2, 3])  # ln PPL = 12 / 6 = 2
+    b = ([1.0, 4.0, 3.0], [1, 2, 3])  # ln PPL = 8 / 6
+    point, draws = paired_differences(a, b, [[0, 0, 0], [1, 2, 2]])
+    assert point == pytest.approx(2 - 8 / 6)
+    assert draws == pytest.approx([2 / 1 - 1 / 1, (4 + 12) / 8 - (4 + 6) / 8])
+    assert log_ppl(*a, [2, 2]) == pytest.approx(2.0)
+    assert percentile_interval(list(range(1, 101))) == (3, 98)  # nearest rank: 2.5% → 3rd, 97.5% → 98th
+    assert resamples(4, 3, seed=1) == resamples(4, 3, seed=1) and all(len(r) == 4 for r in resamples(4, 3, seed=1))
+
+
+def _cltune(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cltune", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_tasks, tmp_path):
+    config = tmp_path / "stream.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive", eval=QUIET_EVAL)))
+    out = tmp_path / "cmp"
+    proc = _cltune("compare", config, "--strategies", "replay", "--seeds", "2", "--bootstrap", "200", "--out", out,
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[4/4] replay, seed 1: running" in proc.stdout and f"compare: {out / 'compare.md'}" in proc.stdout
+    summary = json.loads((out / "compare.json").read_text())
+    assert list(summary["strategies"]) == ["naive", "replay"] and summary["seeds"] == [0, 1]
+
+    runs = {(s, seed): out / "runs" / f"{s}-seed{seed}" for s in ("naive", "replay") for seed in (0, 1)}
+    metrics = {k: json.loads((d / "metrics.json").read_text()) for k, d in runs.items()}
+    # replay takes naive's phase 1 (same seed, same phase-1 settings) instead of training it again
+    assert metrics[("replay", 0)]["ppl"][1] == metrics[("naive", 0)]["ppl"][1]
+    assert metrics[("replay", 1)]["phases"][0]["strategy"]["phase1_from"] == str(runs[("naive", 1)] / "phase1")
+    # intervals over the 2 seeds: mean ± 12.706 · sd / √2
+    final = [metrics[("replay", seed)]["ppl"][-1][0] for seed in (0, 1)]
+    mean, sd = sum(final) / 2, abs(final[0] - final[1]) / math.sqrt(2)
+    entry = summary["strategies"]["replay"]["final_ppl"][0]
+    assert (entry["mean"], entry["low"], entry["high"]) == pytest.approx(
+        (mean, mean - 12.706 * sd / math.sqrt(2), mean + 12.706 * sd / math.sqrt(2)))
+    ratios = [metrics[("replay", s)]["ppl"][-1][-1] / metrics[("naive", s)]["ppl"][-1][-1] for s in (0, 1)]
+    assert summary["strategies"]["replay"]["new_task_ratio"]["mean"] == pytest.approx(sum(ratios) / 2)
+    # the paired difference on guest_a: the mean over seeds of ln PPL(replay) − ln PPL(naive) on the same utterances
+    nll = {k: json.loads((d / "test_nll.json").read_text())["single"]["guest_a"] for k, d in runs.items()}
+    points = [log_ppl(nll[("replay", s)]["nll"], nll[("replay", s)]["targets"])
+              - log_ppl(nll[("naive", s)]["nll"], nll[("naive", s)]["targets"]) for s in (0, 1)]
+    change = summary["strategies"]["replay"]["vs_naive"]["guest_a"]
+    assert change["change_pct"] == pytest.approx(100 * (math.exp(sum(points) / 2) - 1))
+    pooled = [0.0] * 200
+    for index, s in enumerate((0, 1)):
+        a, b = nll[("replay", s)], nll[("naive", s)]
+        _, draws = paired_differences((a["nll"], a["targets"]), (b["nll"], b["targets"]),
+                                      resamples(len(a["nll"]), 200, seed=index))
+        pooled = [p + d / 2 for p, d in zip(pooled, draws)]
+    low, high = percentile_interval(pooled)
+    assert (change["low_pct"], change["high_pct"]) == pytest.approx((100 * (math.exp(low) - 1), 100 * (math.exp(high) - 1)))
+    assert change["resolved"] == (low > 0 or high < 0)
+    text = (out / "compare.md").read_text()
+    assert "## Against naive, paired on the same test utterances" in text and f"{change['change_pct']:+.1f}%" in text
+    assert (out / "compare.png").exists() and "data:image/png;base64" in (out / "compare.html").read_text()
+    assert "replay,single,final_ppl,guest_a," in (out / "compare.csv").read_text()
+
+    again = _cltune("compare", config, "--strategies", "replay", "--seeds", "2", "--bootstrap", "200", "--out", out,
+                    cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("reused (finished earlier)") == 4, again.stdout + again.stderr
+    assert json.loads((out / "compare.json").read_text()) == summary
+
+
+def test_compare_names_an_unknown_strategy(tmp_path):
+    config = tmp_path / "stream.yaml"
+    config.write_text("tasks: [{path: a.csv}]\n")
+    proc = _cltune("compare", config, "--strategies", "replay,magic", "--out", tmp_path / "cmp", cwd=tmp_path)
+    assert proc.returncode == 2 and "--strategies: unknown magic" in proc.stderr and "Traceback" not in proc.stderr
