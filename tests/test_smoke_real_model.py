@@ -27,6 +27,7 @@ def test_bundled_model_trains_a_few_steps_and_generates(tmp_path):
         "model": ModelSettings().model_dump(),
         "tasks": [{"path": str(csvs[0]), "name": "guest_a"}, {"path": str(csvs[1]), "name": "guest_b"}],
         "train": {"max_steps": 2, "batch_size": 8},
+        "data": {"conversation_col": "none"},  # 60 and 40 turns are one or two whole conversations
         "eval": {"samples_per_speaker": 1, "max_new_tokens": 8},
     })
     metrics = run(config)
