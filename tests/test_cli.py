@@ -275,6 +275,17 @@ def test_config_reference_prints_and_rewrites_a_readme(monkeypatch, capsys, tmp_
     assert "stale" not in text and config_reference() in text and text.startswith("intro\n") and text.endswith("outro\n")
 
 
+def test_redirected_output_gets_plain_progress_lines(monkeypatch, capsys, run_yaml, tmp_path):
+    """No live bar in a log file: a line with step, loss, tokens/s and time left instead (every 30 s; here every step)."""
+    import re
+
+    monkeypatch.setattr("cltune.train.PLAIN_PROGRESS_S", 0.0)
+    result = cltune(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=3")
+    assert result.code == 0, result.err
+    lines = re.findall(r"phase (\d) · guest_\w: step (\d)/3, loss \d+\.\d{3}, \d+ tok/s, about [\d.]+ min left", result.out)
+    assert lines == [(phase, str(step)) for phase in "12" for step in (1, 2, 3)]
+
+
 def test_unknown_config_key_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("tasks: [{path: a.csv}]\nlearning_rate: 3\n")

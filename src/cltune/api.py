@@ -24,12 +24,12 @@ def _catalog():
     return REGISTRY.catalog()
 
 
-def make_config(raw: dict, sets: Sequence[str] = (), *, source: str = "config", fixed: dict | None = None) -> BaseRunConfig:
+def make_config(raw: dict, sets: Sequence[str] | None = (), *, source: str = "config", fixed: dict | None = None) -> BaseRunConfig:
     """A validated run config from a dict, `--set` overrides and `fixed` values, with every registered strategy."""
     return build_config(raw, list(sets or ()), source=source, catalog=_catalog(), fixed=fixed)
 
 
-def read_config(path: Path | str, sets: Sequence[str] = (), *, fixed: dict | None = None) -> BaseRunConfig:
+def read_config(path: Path | str, sets: Sequence[str] | None = (), *, fixed: dict | None = None) -> BaseRunConfig:
     """A validated run config from a YAML file (task paths relative to it), overrides and `fixed` values."""
     return load_config(path, list(sets or ()), catalog=_catalog(), fixed=fixed)
 

@@ -126,7 +126,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     router = strategy.router()
     metrics, per_utterance = _with_row(metrics, session, router)
     with router.oracle(k):
-        after = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length),
+        after = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size),
                  "test_ppl": metrics.ppl[-1][k]}
     record = PhaseRecord(
         phase=k + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,

@@ -119,6 +119,9 @@ def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+PLAIN_PROGRESS_S = 30.0  # seconds between progress lines when the output is not a terminal
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -284,6 +287,7 @@ def train_phase(
     log = log_path.open("a", encoding="utf-8") if (log_path and acc.is_main_process) else None
     start = time.perf_counter() - loop.elapsed_s
     scorer.train()
+    next_line = time.perf_counter() + PLAIN_PROGRESS_S
     with _progress(acc.is_main_process) as progress:
         bar = progress.add_task(f"phase {phase + 1} · {task.name}", total=len(plan), completed=loop.step,
                                 loss=float("nan"), tps=0.0)
@@ -310,6 +314,12 @@ def train_phase(
             elapsed = time.perf_counter() - start
             tps = result.target_tokens / elapsed
             progress.update(bar, advance=1, loss=step_loss, tps=tps)
+            if acc.is_main_process and not progress.console.is_terminal and time.perf_counter() >= next_line:
+                # Redirected output (a log file, CI) gets no live bar: a plain line every PLAIN_PROGRESS_S instead.
+                next_line = time.perf_counter() + PLAIN_PROGRESS_S
+                eta = (len(plan) - step) * elapsed / step
+                progress.console.print(f"phase {phase + 1} · {task.name}: step {step}/{len(plan)}, loss {step_loss:.3f}, "
+                                       f"{tps:.0f} tok/s, about {eta / 60:.1f} min left")
             if log:
                 row = {"phase": phase + 1, "task": task.name, "epoch": epoch + 1, "step": step, "loss": round(step_loss, 5),
                        "lr": scheduler.get_last_lr()[0], "target_tokens": result.target_tokens, "tokens_per_s": round(tps, 1),
