@@ -75,9 +75,11 @@ def part_timings(stream, strategies: dict, task_b, micro_batch_size: int, batch_
         out["lwf_teacher_per_step_s"] = time.perf_counter() - start
     if "agem" in strategies:
         from cltune.strategies.agem import agem_project, flatten
+        from cltune.strategies.base import StepInfo
 
         agem, params = strategies["agem"], ctx.trainable()
-        out["agem_reference_per_step_s"], reference = timed(agem.reference_gradient, params)
+        step = StepInfo(phase=1, step=1, steps=1, epoch=0)
+        out["agem_reference_per_step_s"], reference = timed(agem.reference_gradient, params, step)
         # A conflicting step gradient (−g_ref), so the projection really happens.
         for p, chunk in zip(params.values(), torch.split(-reference, [p.numel() for p in params.values()])):
             p.grad = chunk.view_as(p).clone()

@@ -53,7 +53,7 @@ def test_the_router_routes_by_task_or_speaker_and_survives_json(tiny_config):
             assert model.active_adapter == "default"
         with r.agnostic("<NOBODY>"):  # a speaker no task has: the model as it is
             assert model.active_adapter == "task2"
-        assert model.active_adapter == "task2" and r.needs_task_id
+        assert model.active_adapter == "task2" and r.task_routed
 
 
 @pytest.mark.parametrize("warm_start", [False, True])

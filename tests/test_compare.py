@@ -13,7 +13,16 @@ import pytest
 import yaml
 
 from conftest import QUIET_EVAL, tiny_run_config
-from cltune.stats import log_ppl, mean_interval, paired_differences, percentile_interval, resamples, t975
+from cltune.stats import (
+    hierarchical_draws,
+    log_ppl,
+    mean_interval,
+    paired_differences,
+    percentile_interval,
+    pooled_paired_differences,
+    resamples,
+    t975,
+)
 
 
 def test_t_intervals_match_hand_computation():
@@ -32,6 +41,19 @@ def test_paired_differences_resample_both_runs_alike():
     assert log_ppl(*a, [2, 2]) == pytest.approx(2.0)
     assert percentile_interval(list(range(1, 101))) == (3, 98)  # nearest rank: 2.5% → 3rd, 97.5% → 98th
     assert resamples(4, 3, seed=1) == resamples(4, 3, seed=1) and all(len(r) == 4 for r in resamples(4, 3, seed=1))
+    assert percentile_interval([float(i) for i in range(1000)]) == (24.0, 974.0)  # ranks 25 and 975, not 26
+
+
+def test_the_two_level_bootstrap_pools_seeds_and_utterances():
+    seed0 = (([2.0, 4.0], [1, 2]), ([1.0, 4.0], [1, 2]))  # ln PPL 2 vs 5/3
+    seed1 = (([3.0, 3.0], [1, 1]), ([1.0, 1.0], [1, 1]))  # ln PPL 3 vs 1
+    point, values = pooled_paired_differences([seed0, seed1], [[(1, [0, 1]), (1, [1, 1])], [(0, [0, 0]), (1, [0, 0])]])
+    assert point == pytest.approx(((2 - 5 / 3) + (3 - 1)) / 2)
+    assert values == pytest.approx([2.0, ((2 - 1) + 2.0) / 2])  # seed 1 twice; then seed 0's first utterance twice
+    draws = hierarchical_draws([2, 5], 50, seed=3)
+    assert draws == hierarchical_draws([2, 5], 50, seed=3) and {len(d) for d in draws} == {2}
+    assert all(len(picks) == (2, 5)[i] for d in draws for i, picks in d)
+    assert {i for d in draws for i, _ in d} == {0, 1}
 
 
 def _cltune(*args, cwd: Path) -> subprocess.CompletedProcess:
@@ -68,13 +90,10 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
               - log_ppl(nll[("naive", s)]["nll"], nll[("naive", s)]["targets"]) for s in (0, 1)]
     change = summary["strategies"]["replay"]["vs_naive"]["guest_a"]
     assert change["change_pct"] == pytest.approx(100 * (math.exp(sum(points) / 2) - 1))
-    pooled = [0.0] * 200
-    for index, s in enumerate((0, 1)):
-        a, b = nll[("replay", s)], nll[("naive", s)]
-        _, draws = paired_differences((a["nll"], a["targets"]), (b["nll"], b["targets"]),
-                                      resamples(len(a["nll"]), 200, seed=index))
-        pooled = [p + d / 2 for p, d in zip(pooled, draws)]
-    low, high = percentile_interval(pooled)
+    pairs = [((nll[("replay", s)]["nll"], nll[("replay", s)]["targets"]), (nll[("naive", s)]["nll"], nll[("naive", s)]["targets"]))
+             for s in (0, 1)]
+    _, values = pooled_paired_differences(pairs, hierarchical_draws([len(a[0]) for a, _ in pairs], 200))
+    low, high = percentile_interval(values)
     assert (change["low_pct"], change["high_pct"]) == pytest.approx((100 * (math.exp(low) - 1), 100 * (math.exp(high) - 1)))
     assert change["resolved"] == (low > 0 or high < 0)
     text = (out / "compare.md").read_text()
@@ -86,6 +105,23 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
                     cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("reused (finished earlier)") == 4, again.stdout + again.stderr
     assert json.loads((out / "compare.json").read_text()) == summary
+
+
+def test_compare_replaces_a_run_of_another_config_and_resumes_its_own(tiny_model_dir, two_tasks, tmp_path):
+    """Its run folders are compare's own: another config's run is rerun (--overwrite), this config's
+    unfinished run continued (--resume) — never a dead end telling the user to pass a flag compare lacks."""
+    from cltune.api import make_config
+    from cltune.compare import _interrupted
+
+    config = make_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive"))
+    assert not _interrupted(config)  # nothing there: a fresh run
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "config.resolved.yaml").write_text("name: another config\n")
+    assert not _interrupted(config)  # another config's run: replaced
+    from cltune.config import dump_config
+
+    (config.run_dir / "config.resolved.yaml").write_text(dump_config(config))
+    assert _interrupted(config)  # this config, no metrics yet: resumed
 
 
 def test_compare_names_an_unknown_strategy(tmp_path):

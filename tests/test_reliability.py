@@ -447,3 +447,16 @@ def test_remote_code_is_off_unless_the_config_allows_it(tiny_model_dir, monkeypa
     assert seen == [False, False]
     modeling.load_base(ModelSettings(name=str(tiny_model_dir), trust_remote_code=True))
     assert seen[2:] == [True, True]
+
+
+def test_a_writer_killed_between_its_renames_gets_the_previous_folder_back(tmp_path):
+    """write_folder moves the old folder aside, then the new one in: killed in between, the old one is restored."""
+    from cltune.verified import remove_temp_leftovers, verify, write_folder
+
+    write_folder(tmp_path / "phase1", lambda tmp: (tmp / "a.txt").write_text("first"))
+    (tmp_path / "phase1").rename(tmp_path / ".phase1.old.tmp")  # the state after the first rename
+    (tmp_path / ".phase1.x1y2.tmp").mkdir()  # a half-built new folder
+    remove_temp_leftovers(tmp_path)
+    verify(tmp_path / "phase1")
+    assert (tmp_path / "phase1" / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phase1"]

@@ -28,7 +28,7 @@ from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
 from cltune.files import atomic_write_text, read_json
 from cltune.results import RunMetrics
-from cltune.stats import mean_interval, paired_differences, percentile_interval, resamples
+from cltune.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences
 from cltune.strategies import REGISTRY
 from cltune.sweep import phase1_fingerprint
 
@@ -85,7 +85,9 @@ def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]
             path = out / "configs" / f"{plan.config.name}.yaml"
             atomic_write_text(path, dump_config(plan.config))
             command = [sys.executable, "-m", "cltune", "run", str(path)]
-            command.append("--resume" if (plan.config.run_dir / "config.resolved.yaml").exists() else "--overwrite")
+            # compare owns its run folders: continue one interrupted under this very config, replace anything else
+            # (another config's run, or one finished before per-utterance NLLs were saved).
+            command.append("--resume" if _interrupted(plan.config) else "--overwrite")
             if plan.phase1_from is not None:
                 command += ["--phase1-from", str(plan.phase1_from)]
             if console:
@@ -101,6 +103,15 @@ def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]
             console.print(f"{label}: reused (finished earlier)")
         results.append(metrics)
     return results
+
+
+def _interrupted(config: BaseRunConfig) -> bool:
+    """The run folder holds this config's run, not yet complete."""
+    resolved = config.run_dir / "config.resolved.yaml"
+    if not resolved.exists() or resolved.read_text(encoding="utf-8") != dump_config(config):
+        return False
+    metrics = config.run_dir / "metrics.json"
+    return not metrics.exists() or not RunMetrics.read(metrics).complete
 
 
 def _eta(started: float, ran: int, left: int) -> str:
@@ -123,7 +134,7 @@ def _per_run(metrics: RunMetrics, reference: RunMetrics) -> dict:
     final = [v for v in rows.ppl[-1]]
     attribution = [v for v in rows.speaker_attribution[-1] if v is not None]
     phases = metrics.phases
-    costs = phases[-1].strategy if phases else {}
+    kept = phases[-2].strategy if len(phases) > 1 else {}  # what the last phase could replay or project against
     return {
         "routing": routing,
         "final_ppl": final,
@@ -136,7 +147,8 @@ def _per_run(metrics: RunMetrics, reference: RunMetrics) -> dict:
         "target_tokens": sum(p.target_tokens for p in phases),
         "peak_rss_mb": metrics.peak_rss_mb,
         "trainable": metrics.parameters.get("trainable"),
-        "stored_utterances": costs.get("stored_utterances", 0),
+        "adapter_params": metrics.adapter_params,
+        "stored_utterances": kept.get("stored_utterances", 0),
         "test_sizes": [s["test"] for s in metrics.split_sizes],
     }
 
@@ -149,26 +161,32 @@ def _interval(values) -> dict:
     return {"mean": mean, "low": low, "high": high}
 
 
+def _test_nll(folder: Path, task: str, mode: str) -> dict:
+    """One run's per-utterance test NLLs of `task` (`mode`: agnostic, else the run's own matrix)."""
+    path = folder / TEST_NLL
+    try:
+        rows = read_json(path)
+        rows = rows.get(mode) or rows.get("single") or rows["oracle"]
+        entry = rows[task]
+        return {"lines": list(entry["lines"]), "nll": list(entry["nll"]), "targets": list(entry["targets"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path}: missing or damaged; rerun the same cltune compare command to redo that run") from None
+
+
 def paired_bootstrap(strategy_dirs: list[Path], naive_dirs: list[Path], task: str, mode: str, count: int) -> dict:
-    """Per cent PPL change of a strategy against naive on `task`, pooled over seeds: the point estimate
-    (mean over seeds of the paired ln-PPL difference) and a 95% percentile interval from `count`
-    bootstrap resamples of each seed's test utterances (both runs resampled alike)."""
-    points, pooled = [], [0.0] * count
-    for seed_index, (a_dir, b_dir) in enumerate(zip(strategy_dirs, naive_dirs)):
-        a, b = read_json(a_dir / TEST_NLL), read_json(b_dir / TEST_NLL)
-        a_rows = a.get(mode) or a.get("single") or a["oracle"]
-        b_rows = b.get("single") or b["oracle"]
-        if a_rows[task]["lines"] != b_rows[task]["lines"]:
+    """Per cent PPL change of a strategy against naive on `task`: the point estimate (mean over seeds of
+    the paired ln-PPL difference on each seed's shared test utterances) and a 95% percentile interval
+    from `count` two-level bootstrap draws — seeds, then each seed's utterances, both runs alike — so
+    the interval holds seed-to-seed variation as well as test-set noise."""
+    pairs = []
+    for a_dir, b_dir in zip(strategy_dirs, naive_dirs):
+        a, b = _test_nll(a_dir, task, mode), _test_nll(b_dir, task, "single")
+        if a["lines"] != b["lines"]:
             raise UserError(f"{a_dir}: its test split of {task} differs from {b_dir}'s; compare runs of one stream")
-        draws = resamples(len(a_rows[task]["nll"]), count, seed=seed_index)
-        point, differences = paired_differences((a_rows[task]["nll"], a_rows[task]["targets"]),
-                                                (b_rows[task]["nll"], b_rows[task]["targets"]), draws)
-        points.append(point)
-        pooled = [p + d for p, d in zip(pooled, differences)]
-    n = len(points)
-    low, high = percentile_interval([p / n for p in pooled])
+        pairs.append(((a["nll"], a["targets"]), (b["nll"], b["targets"])))
+    point, values = pooled_paired_differences(pairs, hierarchical_draws([len(a[0]) for a, _ in pairs], count))
+    low, high = percentile_interval(values)
     change = lambda x: 100 * (math.exp(x) - 1)  # noqa: E731 - ln-PPL difference → per cent PPL change
-    point = sum(points) / n
     return {"change_pct": change(point), "low_pct": change(low), "high_pct": change(high),
             "resolved": low > 0 or high < 0}
 
@@ -193,7 +211,8 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
             "wall_s": _interval([r["wall_s"] for r in runs]),
             "target_tokens": _interval([r["target_tokens"] for r in runs]),
             "peak_rss_mb": _interval([r["peak_rss_mb"] for r in runs]),
-            "trainable": runs[0]["trainable"], "stored_utterances": runs[0]["stored_utterances"],
+            "trainable": runs[0]["trainable"], "adapter_params": runs[0]["adapter_params"],
+            "stored_utterances": runs[0]["stored_utterances"],
             "test_sizes": [r["test_sizes"] for r in runs],
         }
         if name != REFERENCE:
@@ -210,6 +229,8 @@ def run_compare(config_path: Path, strategies: list[str], seeds: int, sets: list
     """Plan, run (reusing what is done) and write compare.md/.csv/.html/.png; returns compare.md."""
     from cltune.compare_report import write_outputs
 
+    if bootstrap < 1:
+        raise UserError("--bootstrap: at least 1 resample (1000 for intervals worth reading)")
     out = out or read_config(config_path, sets).output_dir / "compare"
     planned = plan_runs(config_path, strategies, seeds, sets, out)
     results = execute(planned, out, console)

@@ -50,7 +50,8 @@ def reading(summary: dict) -> list[str]:
     elif unresolved:
         lines.append(f"- The other {unresolved} strategy × task differences are within the noise (intervals include 0).")
     if len(summary["seeds"]) < 3:
-        lines.append(f"- Only {len(summary['seeds'])} seed(s): the intervals over seeds are wide or missing; use 3 or more.")
+        lines.append(f"- Only {len(summary['seeds'])} seed(s): the intervals over seeds are wide or missing, and the paired "
+                     "intervals hold little seed-to-seed variation; use 3 or more.")
     return lines
 
 
@@ -76,8 +77,9 @@ def markdown(summary: dict, command: str) -> str:
                       *(_ci(v, suffix="%") for v in e["peak_forgetting_pct"]), _ci(e["bwt"], 4), _ci(e["fwt"], 4)]
                      for n, e in strategies.items()])
     lines += ["", "## Against naive, paired on the same test utterances", "",
-              f"Per cent change of the final test perplexity against naive (same seed, same utterances), pooled over "
-              f"seeds, with a 95% interval from {summary['bootstrap']} bootstrap resamples of the test utterances. "
+              f"Per cent change of the final test perplexity against naive (same seed, same utterances), averaged over "
+              f"seeds, with a 95% interval from {summary['bootstrap']} two-level bootstrap draws (seeds, then test "
+              "utterances). "
               "**Bold**: the interval excludes 0. New-task ratio: the last task's perplexity over naive's, by seed.", ""]
     rows = []
     for name, entry in strategies.items():
@@ -91,10 +93,14 @@ def markdown(summary: dict, command: str) -> str:
         rows.append([_label(name, entry), *cells, _ci(entry["new_task_ratio"], 3), _ci(entry["attribution"], 3)])
     lines += _table(["strategy", *tasks, "new-task ratio", "attribution"], rows) if rows else ["(naive only)"]
     lines += ["", "## Costs", ""]
-    lines += _table(["strategy", "wall s", "target tokens trained", "peak RSS MB", "trainable params",
-                     "earlier utterances stored"],
+    lines += ["Trained per phase: the parameters one phase trains; adapter parameters: all the final model keeps "
+              "(per-task adapters keep one set per task). Utterances kept: earlier training utterances the last phase "
+              "could replay or project against.", ""]
+    lines += _table(["strategy", "wall s", "target tokens trained", "peak RSS MB", "trained per phase",
+                     "adapter params", "utterances kept"],
                     [[_label(n, e), _ci(e["wall_s"], 0), _ci(e["target_tokens"], 0), _ci(e["peak_rss_mb"], 0),
-                      f"{e['trainable']:,}", str(e["stored_utterances"])] for n, e in strategies.items()])
+                      f"{e['trainable']:,}", "–" if e.get("adapter_params") is None else f"{e['adapter_params']:,}",
+                      str(e["stored_utterances"])] for n, e in strategies.items()])
     lines += ["", "## Reading", "", *reading(summary), "", "![forgetting vs plasticity](compare.png)", ""]
     return "\n".join(lines)
 

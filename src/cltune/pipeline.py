@@ -29,7 +29,7 @@ from cltune.config import BaseRunConfig, dump_config
 from cltune.data import TaskData
 from cltune.data.eda import summarize, write_eda
 from cltune.evaluate import Scores, perplexity, test_row
-from cltune.files import read_json, write_json
+from cltune.files import atomic_write_text, read_json, write_json
 from cltune.generate import sample_rows
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
@@ -48,7 +48,7 @@ def _prepare_run_dir(session: Session, resolved: str, inputs: list[dict], fresh:
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
         rundir.start_fresh(run_dir, inputs)
-    (run_dir / "config.resolved.yaml").write_text(resolved, encoding="utf-8")
+    atomic_write_text(run_dir / "config.resolved.yaml", resolved)
     summaries = [summarize(d, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]), config.data.max_length,
                            task) for d, task in zip(session.datasets, session.tasks)]
     write_eda(summaries, run_dir / "eda", f"{config.model.name} tokenizer", config.data.max_length)
@@ -71,8 +71,12 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
     acc, ctx, strategy = session.accelerator, session.ctx, session.strategy
     resolved, inputs = dump_config(config), rundir.input_hashes(config)
     saved = rundir.saved_progress(config.run_dir, resolved, inputs) if resume else None
+    # --resume on a folder that holds no run yet starts one (and records its inputs); otherwise a resumed
+    # run keeps its step checkpoints. Every process has read the saved state before the main one rewrites it.
+    fresh = not resume or not rundir.holds_run(config.run_dir)
+    acc.wait_for_everyone()
     if acc.is_main_process:
-        _prepare_run_dir(session, resolved, inputs, fresh=not resume)
+        _prepare_run_dir(session, resolved, inputs, fresh=fresh)
 
     metrics = _header(session)
     if saved is not None and saved.phases:  # finished phases are not retrained: their rows come from metrics.json
@@ -91,7 +95,7 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
     for task in session.tasks[first:]:
         metrics = run_phase(session, task, metrics, resolved, reuse_phase1=reuse_phase1 if task.index == 0 else None,
                             resume=resume and task.index == first)
-    return metrics
+    return metrics.with_summary()  # a resumed run that was already complete has no phase left to summarize it
 
 
 def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: str, *, reuse_phase1: Path | None = None,
@@ -135,7 +139,9 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {}),
                                               **({"phase1_from": str(reuse_phase1)} if reuse_phase1 else {})},
     )
-    metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb()})
+    held = sum(p.numel() for n, p in ctx.model.named_parameters() if "lora_" in n or "trainable_tokens_delta" in n)
+    metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb(),
+                                         "adapter_params": held})
     if acc.is_main_process:
         samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1, config.seed)]
         metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]}).with_summary()

@@ -79,6 +79,7 @@ class RunMetrics(_Record):
     # The process's peak resident memory when the last phase ended (per run when each run has its own
     # process, as under `cltune compare`; in a notebook, the notebook's peak so far).
     peak_rss_mb: float | None = None
+    adapter_params: int | None = None  # LoRA and token-row parameters the model holds at the end (every adapter)
     ppl: list[list[float]] = Field(default_factory=list)  # ppl[i][j]: task j after phase i (row 0: before training)
     speaker_attribution: list[list[float | None]] = Field(default_factory=list)
     phases: list[PhaseRecord] = Field(default_factory=list)

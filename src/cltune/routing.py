@@ -28,6 +28,9 @@ def load_router(folder: str | Path, model) -> Router:
         raise UserError(f"{path}: not a router description; restore the checkpoint folder") from None
     if kind == Router.kind:
         return Router()
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise UserError(f"{path}: unknown router kind {kind!r}; this checkpoint needs a newer cltune")
-    return KINDS[kind].from_json(data, model)
+    try:
+        return KINDS[kind].from_json(data, model)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: a {kind} router without its table; restore the checkpoint folder") from None

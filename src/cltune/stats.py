@@ -58,10 +58,34 @@ def paired_differences(a: tuple[Sequence[float], Sequence[int]], b: tuple[Sequen
     return point, [log_ppl(*a, picks) - log_ppl(*b, picks) for picks in draws]
 
 
+def hierarchical_draws(sizes: Sequence[int], count: int, seed: int = 0) -> list[list[tuple[int, list[int]]]]:
+    """`count` two-level resamples: seeds drawn with replacement, then each drawn seed's test utterances
+    drawn with replacement. `sizes[i]` is seed i's number of test utterances. Each draw is a list of
+    (seed index, utterance positions)."""
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(count):
+        picked = [rng.randrange(len(sizes)) for _ in sizes]
+        draws.append([(i, [rng.randrange(sizes[i]) for _ in range(sizes[i])]) for i in picked])
+    return draws
+
+
+def pooled_paired_differences(pairs: Sequence[tuple[tuple[Sequence[float], Sequence[int]], tuple[Sequence[float], Sequence[int]]]],
+                              draws: Sequence[Sequence[tuple[int, Sequence[int]]]]) -> tuple[float, list[float]]:
+    """The mean over seeds of ln PPL(a) − ln PPL(b) (`pairs[i]` = (a, b) on seed i's shared test utterances),
+    and that mean on each draw of `hierarchical_draws`: seed-to-seed variation and test-set noise both."""
+    point = sum(log_ppl(*a) - log_ppl(*b) for a, b in pairs) / len(pairs)
+    values = []
+    for draw in draws:
+        values.append(sum(log_ppl(*pairs[i][0], picks) - log_ppl(*pairs[i][1], picks) for i, picks in draw) / len(draw))
+    return point, values
+
+
 def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
     """The central `confidence` share of `values` (nearest-rank percentiles)."""
     ordered = sorted(values)
     tail = (1 - confidence) / 2
-    low = ordered[max(0, math.ceil(tail * len(ordered)) - 1)]
-    high = ordered[min(len(ordered) - 1, math.ceil((1 - tail) * len(ordered)) - 1)]
+    rank = lambda share: math.ceil(round(share * len(ordered), 9))  # noqa: E731 - round: 0.025·1000 is 25.000…02
+    low = ordered[max(0, rank(tail) - 1)]
+    high = ordered[min(len(ordered) - 1, rank(1 - tail) - 1)]
     return low, high

@@ -108,12 +108,20 @@ def param_groups(model, settings: PhaseSettings, extra: dict[str, torch.nn.Modul
     return [g for g in ({"params": rest}, {"params": rows, "lr": settings.token_lr}) if g["params"]]
 
 
-def _trainable_snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def _trained(model, strategy: Strategy | None = None) -> dict[str, torch.nn.Parameter]:
+    """What the phase trains: the model's trainable parameters and the strategy's own modules' (`module.NAME.`)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for name, module in (strategy.modules() if strategy else {}).items():
+        params.update({f"module.{name}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
+    return params
 
 
-def _restore(model, snapshot: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
+def _trainable_snapshot(model, strategy: Strategy | None = None) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in _trained(model, strategy).items()}
+
+
+def _restore(model, snapshot: dict[str, torch.Tensor], strategy: Strategy | None = None) -> None:
+    params = _trained(model, strategy)
     with torch.no_grad():
         for name, value in snapshot.items():
             params[name].copy_(value)
@@ -243,10 +251,10 @@ def _resume(checkpoints: StepCheckpoints, ctx: Context, strategy, optimizer, sch
     return _Loop(PhaseResult(**state["result"]), best, state["since_best"], state["step"], state["elapsed_s"])
 
 
-def _require_finite(model, where: str, best_state: dict[str, torch.Tensor]) -> None:
+def _require_finite(model, where: str, best_state: dict[str, torch.Tensor], strategy: Strategy | None = None) -> None:
     """Before a checkpoint: never save non-finite weights over a good checkpoint."""
-    if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
-        _restore(model, best_state)
+    if not all(torch.isfinite(p).all() for p in _trained(model, strategy).values()):
+        _restore(model, best_state, strategy)
         raise DivergedError(f"{where}: weights are not finite; lower the learning rate (the last good checkpoint was kept)")
 
 
@@ -282,7 +290,7 @@ def train_phase(
     loop = None
     if checkpoints:
         loop = _resume(checkpoints, ctx, strategy, optimizer, scheduler, log_path, plan_sha, data_sha)
-    loop = loop or _Loop(PhaseResult(), _trainable_snapshot(ctx.model))
+    loop = loop or _Loop(PhaseResult(), _trainable_snapshot(ctx.model, strategy))
     result = loop.result
     log = log_path.open("a", encoding="utf-8") if (log_path and acc.is_main_process) else None
     start = time.perf_counter() - loop.elapsed_s
@@ -306,7 +314,7 @@ def train_phase(
                                             settings, info, where)
             except DivergedError:
                 optimizer.zero_grad(set_to_none=True)
-                _restore(ctx.model, loop.best_state)
+                _restore(ctx.model, loop.best_state, strategy)
                 raise
 
             loop.step = result.steps = step
@@ -333,13 +341,13 @@ def train_phase(
                 if log:
                     log.write(json.dumps({"phase": phase + 1, "task": task.name, "step": step, "val_loss": round(val, 5)}) + "\n")
                 if result.best_val_loss is None or val < result.best_val_loss:
-                    result.best_val_loss, loop.best_state, loop.since_best = val, _trainable_snapshot(ctx.model), 0
+                    result.best_val_loss, loop.best_state, loop.since_best = val, _trainable_snapshot(ctx.model, strategy), 0
                 else:
                     loop.since_best += 1
                     result.stopped_early = bool(settings.early_stopping_patience
                                                 and loop.since_best >= settings.early_stopping_patience)
             if checkpoints and checkpoints.due(step, len(plan), result.stopped_early):
-                _require_finite(ctx.model, where, loop.best_state)
+                _require_finite(ctx.model, where, loop.best_state, strategy)
                 loop.elapsed_s = time.perf_counter() - start
                 if log:
                     log.flush()
@@ -350,7 +358,7 @@ def train_phase(
     if log:
         log.close()
     if settings.early_stopping_patience:
-        _restore(ctx.model, loop.best_state)  # keep the best validated weights, as early stopping promises
+        _restore(ctx.model, loop.best_state, strategy)  # keep the best validated weights, as early stopping promises
     acc.unwrap_model(scorer, keep_fp32_wrapper=False)  # evaluation after training runs in fp32
     acc.free_memory()
     scorer.eval()

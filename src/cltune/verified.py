@@ -105,7 +105,15 @@ def write_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
 
 
 def remove_temp_leftovers(folder: str | Path) -> None:
-    """Delete what a killed writer left behind (hidden names ending in .tmp); never a finished file."""
+    """Clean what a killed writer left behind (hidden names ending in .tmp); never a finished file.
+
+    A writer killed between its two renames leaves the previous folder as `.NAME.old.tmp` and no
+    NAME: that folder is put back, not deleted.
+    """
     folder = Path(folder)
-    for path in folder.glob(f".*{TEMP_SUFFIX}") if folder.is_dir() else []:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    for path in sorted(folder.glob(f".*{TEMP_SUFFIX}")) if folder.is_dir() else []:
+        name = path.name[1 : -len(f".old{TEMP_SUFFIX}")] if path.name.endswith(f".old{TEMP_SUFFIX}") else None
+        if name and path.is_dir() and not (folder / name).exists():
+            os.replace(path, folder / name)
+        else:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -109,10 +109,6 @@ class AdapterRouter(Router):
         # A speaker no learned task has: the model as it is (its active adapter).
         return using_adapter(self.model, self.routes[token]) if token in self.routes else nullcontext()
 
-    @property
-    def needs_task_id(self) -> bool:
-        return len(set(self.tasks)) > 1
-
     def to_json(self) -> dict:
         return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes}
 

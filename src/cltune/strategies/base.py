@@ -87,11 +87,6 @@ class Router:
     def agnostic(self, token: str) -> AbstractContextManager:
         return nullcontext()
 
-    @property
-    def needs_task_id(self) -> bool:
-        """True when oracle and agnostic routing can differ (the oracle row then gets information users lack)."""
-        return False
-
     def to_json(self) -> dict:
         """Saved in every checkpoint as router.json, so `generate` routes as evaluation did."""
         return {"kind": self.kind}
