@@ -96,16 +96,16 @@ def tiny_config(tiny_model_dir, two_tasks, tmp_path):
     return make
 
 
-def stream_config(model_dir: Path, folder: Path, strategy: str, name: str) -> dict:
-    """The tiny two-task stream every strategy runs end to end and resumes: dropout on (a resume must
-    reproduce random draws), a step checkpoint after every step, three steps a phase."""
+def stream_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", **train) -> dict:
+    """The tiny two-task stream the end-to-end and resume tests run: dropout on (a resume must reproduce
+    random draws), Reptile's meta-training cut short, and `train` settings on top."""
     csvs = [folder / "guest_a.csv", folder / "guest_b.csv"]
     if not csvs[0].exists():
         write_dialogue(csvs[0], "Guest A", 60, 1)
         write_dialogue(csvs[1], "Guest B", 40, 2)
     raw = tiny_run_config(model_dir, csvs, folder / "runs", strategy, name=name)
     raw["lora"]["dropout"] = 0.1
-    raw["train"].update({"checkpoint_every": 1, "max_steps": 3})
+    raw["train"].update(train)
     if strategy == "reptile":  # its default meta-training is a hundred extra steps
         raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
     return raw
@@ -122,7 +122,9 @@ def strategy_streams(tiny_model_dir, tmp_path_factory):
 
     def streams(strategy: str):
         if strategy not in cache:
-            raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted")
+            # a step checkpoint after every step, three steps a phase: resume tests stop and continue inside phase 2
+            raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted", checkpoint_every=1,
+                                max_steps=3)
             cache[strategy] = (raw, run(make_config(raw)))
         return cache[strategy]
 

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_run_config, write_dialogue
+from conftest import stream_config
 
 from cltune import resume as resuming
 from cltune.checkpoint import verify
@@ -43,17 +43,8 @@ class SimulatedCrash(BaseException):
 
 
 def raw_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", **train) -> dict:
-    """The tiny stream with dropout on (resume must reproduce random draws) and frequent step checkpoints."""
-    csvs = [folder / "guest_a.csv", folder / "guest_b.csv"]
-    if not csvs[0].exists():
-        write_dialogue(csvs[0], "Guest A", 60, 1)
-        write_dialogue(csvs[1], "Guest B", 40, 2)
-    raw = tiny_run_config(model_dir, csvs, folder / "runs", strategy, name=name)
-    raw["lora"]["dropout"] = 0.1
-    raw["train"].update({"checkpoint_every": 2, **train})
-    if strategy == "reptile":  # its default meta-training is a hundred extra steps
-        raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
-    return raw
+    """The tiny stream with frequent step checkpoints (every 2 steps unless `train` says otherwise)."""
+    return stream_config(model_dir, folder, strategy, name, **{"checkpoint_every": 2, **train})
 
 
 def deterministic(metrics) -> dict:
