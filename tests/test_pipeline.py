@@ -42,17 +42,18 @@ def test_every_strategy_runs_a_two_task_stream(strategy_streams, strategy):
 
 
 def test_strategy_hooks_are_timed_apart_from_training(tiny_config, monkeypatch):
-    """A before_task that takes 0.3 s shows in hooks_s, not in the phase's training wall time."""
+    """A before_task that takes 1.5 s shows in hooks_s, not in the phase's training wall time (the tiny
+    phase trains in well under a second)."""
     import time
 
     from cltune.strategies.naive import Naive
 
-    monkeypatch.setattr(Naive, "before_task", lambda self, task: time.sleep(0.3), raising=False)
+    monkeypatch.setattr(Naive, "before_task", lambda self, task: time.sleep(1.5), raising=False)
     metrics = run(tiny_config("naive", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
     for record in metrics.phases:
-        assert 0.3 <= record.strategy["hooks_s"]["before_task"] < 0.6
-        assert record.strategy["hooks_s"]["after_task"] < 0.3
-        assert record.wall_s < 0.3 + record.strategy["hooks_s"]["before_task"]
+        assert 1.5 <= record.strategy["hooks_s"]["before_task"] < 3.0
+        assert record.strategy["hooks_s"]["after_task"] < 1.5
+        assert record.wall_s < 1.5
 
 
 def test_train_examples_counts_what_the_phase_trained_on(tiny_config):
