@@ -111,17 +111,16 @@ def test_compare_replaces_a_run_of_another_config_and_resumes_its_own(tiny_model
     """Its run folders are compare's own: another config's run is rerun (--overwrite), this config's
     unfinished run continued (--resume) — never a dead end telling the user to pass a flag compare lacks."""
     from cltune.api import make_config
-    from cltune.compare import _interrupted
-
-    config = make_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive"))
-    assert not _interrupted(config)  # nothing there: a fresh run
-    config.run_dir.mkdir(parents=True)
-    (config.run_dir / "config.resolved.yaml").write_text("name: another config\n")
-    assert not _interrupted(config)  # another config's run: replaced
+    from cltune.compare import run_state
     from cltune.config import dump_config
 
+    config = make_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive"))
+    assert run_state(config) == ("other", None)  # nothing there: a fresh run
+    config.run_dir.mkdir(parents=True)
+    (config.run_dir / "config.resolved.yaml").write_text("name: another config\n")
+    assert run_state(config) == ("other", None)  # another config's run: replaced
     (config.run_dir / "config.resolved.yaml").write_text(dump_config(config))
-    assert _interrupted(config)  # this config, no metrics yet: resumed
+    assert run_state(config) == ("interrupted", None)  # this config, no metrics yet: resumed
 
 
 def test_compare_names_an_unknown_strategy(tmp_path):

@@ -24,16 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cltune.api import read_config
+from cltune import rundir
 from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
 from cltune.files import atomic_write_text, read_json
+from cltune.pipeline import TEST_NLL
 from cltune.results import RunMetrics
 from cltune.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences
 from cltune.strategies import REGISTRY
 from cltune.sweep import phase1_fingerprint
 
 REFERENCE = "naive"
-TEST_NLL = "test_nll.json"
 
 
 @dataclass
@@ -64,15 +65,19 @@ def plan_runs(config_path: Path, strategies: list[str], seeds: int, sets: list[s
     return planned
 
 
-def _finished(config: BaseRunConfig) -> RunMetrics | None:
-    """The run's metrics when its folder holds this very config, complete; else None."""
+def run_state(config: BaseRunConfig) -> tuple[str, RunMetrics | None]:
+    """What the run folder holds for `config`: ("finished", its metrics), ("interrupted", None) — this
+    config's run, not complete — or ("other", None): nothing, another config's run, or a run finished
+    before per-utterance NLLs were saved. Compare owns its folders: it reuses, resumes or replaces."""
     run_dir = config.run_dir
-    if not (run_dir / "metrics.json").exists() or not (run_dir / "config.resolved.yaml").exists():
-        return None
-    if (run_dir / "config.resolved.yaml").read_text(encoding="utf-8") != dump_config(config):
-        return None
+    if not (run_dir / rundir.RESOLVED).exists() or rundir.config_difference(run_dir, dump_config(config)):
+        return "other", None
+    if not (run_dir / "metrics.json").exists():
+        return "interrupted", None
     metrics = RunMetrics.read(run_dir / "metrics.json")
-    return metrics if metrics.complete and (run_dir / TEST_NLL).exists() else None
+    if not metrics.complete:
+        return "interrupted", None
+    return ("finished", metrics) if (run_dir / TEST_NLL).exists() else ("other", None)
 
 
 def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]:
@@ -80,14 +85,12 @@ def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]
     results, started, ran = [], time.perf_counter(), 0
     for i, plan in enumerate(planned, 1):
         label = f"[{i}/{len(planned)}] {plan.strategy}, seed {plan.seed}"
-        metrics = _finished(plan.config)
+        state, metrics = run_state(plan.config)
         if metrics is None:
             path = out / "configs" / f"{plan.config.name}.yaml"
             atomic_write_text(path, dump_config(plan.config))
             command = [sys.executable, "-m", "cltune", "run", str(path)]
-            # compare owns its run folders: continue one interrupted under this very config, replace anything else
-            # (another config's run, or one finished before per-utterance NLLs were saved).
-            command.append("--resume" if _interrupted(plan.config) else "--overwrite")
+            command.append("--resume" if state == "interrupted" else "--overwrite")
             if plan.phase1_from is not None:
                 command += ["--phase1-from", str(plan.phase1_from)]
             if console:
@@ -103,15 +106,6 @@ def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]
             console.print(f"{label}: reused (finished earlier)")
         results.append(metrics)
     return results
-
-
-def _interrupted(config: BaseRunConfig) -> bool:
-    """The run folder holds this config's run, not yet complete."""
-    resolved = config.run_dir / "config.resolved.yaml"
-    if not resolved.exists() or resolved.read_text(encoding="utf-8") != dump_config(config):
-        return False
-    metrics = config.run_dir / "metrics.json"
-    return not metrics.exists() or not RunMetrics.read(metrics).complete
 
 
 def _eta(started: float, ran: int, left: int) -> str:
@@ -131,7 +125,7 @@ def matrix_of(metrics: RunMetrics):
 def _per_run(metrics: RunMetrics, reference: RunMetrics) -> dict:
     rows, routing = matrix_of(metrics)
     ref_rows, _ = matrix_of(reference)
-    final = [v for v in rows.ppl[-1]]
+    final = list(rows.ppl[-1])
     attribution = [v for v in rows.speaker_attribution[-1] if v is not None]
     phases = metrics.phases
     kept = phases[-2].strategy if len(phases) > 1 else {}  # what the last phase could replay or project against
@@ -197,7 +191,7 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
     seeds = sorted({p.seed for p in planned})
     strategies = list(dict.fromkeys(p.strategy for p in planned))
     tasks = results[0].tasks
-    out = {"tasks": tasks, "seeds": seeds, "bootstrap": bootstrap, "strategies": {}}
+    out = {"tasks": tasks, "seeds": seeds, "bootstrap": bootstrap, "reference": REFERENCE, "strategies": {}}
     for name in strategies:
         runs = [_per_run(by_seed[(name, s)][1], by_seed[(REFERENCE, s)][1]) for s in seeds]
         entry = {

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from cltune.files import atomic_write_text
 
-REFERENCE = "naive"
-
 
 def _ci(entry: dict, digits: int = 1, suffix: str = "") -> str:
     if entry is None or entry.get("mean") is None:
@@ -57,7 +55,8 @@ def reading(summary: dict) -> list[str]:
 
 def markdown(summary: dict, command: str) -> str:
     tasks, strategies = summary["tasks"], summary["strategies"]
-    sizes = strategies[REFERENCE]["test_sizes"]
+    reference = summary["reference"]
+    sizes = strategies[reference]["test_sizes"]
     lines = [
         "# Strategy comparison", "", f"`{command}`", "",
         f"Seeds {', '.join(map(str, summary['seeds']))} (each reseeds the split, sampling and initialization). "
@@ -83,7 +82,7 @@ def markdown(summary: dict, command: str) -> str:
               "**Bold**: the interval excludes 0. New-task ratio: the last task's perplexity over naive's, by seed.", ""]
     rows = []
     for name, entry in strategies.items():
-        if name == REFERENCE:
+        if name == reference:
             continue
         cells = []
         for task in tasks:

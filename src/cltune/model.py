@@ -171,6 +171,11 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: l
     return get_peft_model(model, lora_config(model, settings, new_token_ids), adapter_name=adapter)
 
 
+def adapter_parameters(model: torch.nn.Module) -> int:
+    """LoRA and new-token-row parameters the model holds, trainable or not (every adapter it has)."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens_delta" in n)
+
+
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
     """Trainable LoRA parameters, trainable token-row parameters, and all parameters."""
     lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)

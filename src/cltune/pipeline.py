@@ -31,6 +31,7 @@ from cltune.data.eda import summarize, write_eda
 from cltune.evaluate import Scores, perplexity, test_row
 from cltune.files import atomic_write_text, read_json, write_json
 from cltune.generate import sample_rows
+from cltune.model import adapter_parameters
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
 from cltune.session import Session, build_session
@@ -139,12 +140,11 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {}),
                                               **({"phase1_from": str(reuse_phase1)} if reuse_phase1 else {})},
     )
-    held = sum(p.numel() for n, p in ctx.model.named_parameters() if "lora_" in n or "trainable_tokens_delta" in n)
     metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb(),
-                                         "adapter_params": held})
+                                         "adapter_params": adapter_parameters(ctx.model)}).with_summary()
     if acc.is_main_process:
         samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1, config.seed)]
-        metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]}).with_summary()
+        metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]})
         log_text = staging_log.read_text(encoding="utf-8") if staging_log.exists() else ""
         save_checkpoint(
             run_dir / f"phase{k + 1}", ctx.model, ctx.tokenizer, meta=meta,
@@ -158,7 +158,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         metrics.write(run_dir / "metrics.json")
         rundir.finish_phase(run_dir, k)  # only now are its step checkpoints superseded
     acc.wait_for_everyone()
-    return metrics.with_summary()
+    return metrics
 
 
 def peak_rss_mb() -> float | None:

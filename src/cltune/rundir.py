@@ -68,12 +68,18 @@ def _first_difference(a, b, where: str = "") -> str | None:
     return None if a == b else f"{where or '(top level)'} (saved {a!r}, now {b!r})"
 
 
+def config_difference(run_dir: Path, resolved: str) -> str | None:
+    """Where the config of the run in `run_dir` differs from `resolved` (checkpoint frequency aside);
+    None when they are the same run's."""
+    return _first_difference(_comparable((run_dir / RESOLVED).read_text(encoding="utf-8")), _comparable(resolved))
+
+
 def saved_progress(run_dir: Path, resolved: str, inputs: list[dict]) -> RunMetrics | None:
     """The metrics saved so far by the run in `run_dir` (None when it has none), after checking that
     it is the same run: same config (checkpoint frequency aside) and same data files."""
     if not (run_dir / RESOLVED).exists():
         return None
-    diff = _first_difference(_comparable((run_dir / RESOLVED).read_text(encoding="utf-8")), _comparable(resolved))
+    diff = config_difference(run_dir, resolved)
     if diff:
         raise UserError(f"{run_dir}: holds a different run (config differs at {diff}); resume with the same config, "
                         "or pass --overwrite to replace it")

@@ -94,13 +94,12 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int,
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
-def param_groups(model, settings: PhaseSettings, extra: dict[str, torch.nn.Module] | None = None) -> list[dict]:
+def param_groups(model, settings: PhaseSettings, strategy: Strategy | None = None) -> list[dict]:
     """The optimizer's parameter groups: the new token rows apart when `token_lr` sets their own rate.
 
-    `extra` modules (a strategy's own, e.g. a fusion gate) train at `lr` with the LoRA weights.
+    The strategy's own modules (e.g. a fusion gate) train at `lr` with the LoRA weights.
     """
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trainable += [(f"{k}.{n}", p) for k, m in (extra or {}).items() for n, p in m.named_parameters() if p.requires_grad]
+    trainable = list(_trained(model, strategy).items())
     rows = [p for n, p in trainable if "trainable_tokens_delta" in n]
     if settings.token_lr is None or not rows:
         return [{"params": [p for _, p in trainable]}]
@@ -275,11 +274,9 @@ def train_phase(
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 
-    modules = strategy.modules()
     # Model order for clipping: the gradient norm sums per-parameter norms, and the order sets its last bits.
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
-    params += [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(ctx.model, settings, modules), lr=settings.lr,
+    params = list(_trained(ctx.model, strategy).values())
+    optimizer = torch.optim.AdamW(param_groups(ctx.model, settings, strategy), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
         settings.schedule, optimizer, num_warmup_steps=round(settings.warmup_ratio * len(plan)), num_training_steps=len(plan)
