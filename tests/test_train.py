@@ -79,3 +79,26 @@ def test_token_rows_get_their_own_learning_rate(tiny_model_dir):
     moved = {n: (trainable[n] - before[n]).abs().max().item() for n in trainable}
     assert all(m == pytest.approx(5e-2, rel=1e-3) for n, m in moved.items() if n in rows)
     assert all(m == pytest.approx(1e-3, rel=1e-3) for n, m in moved.items() if n not in rows)
+
+
+def test_the_micro_batch_size_changes_no_step():
+    """Which utterances share a step depends on the seed, lengths and batch size only; each step is cut
+    into micro-batches of the size asked, longest last."""
+    lengths = [3 + (i * 37) % 41 for i in range(150)]
+    plans = {mb: plan_steps(lengths, PhaseSettings(epochs=2, batch_size=16, micro_batch_size=mb), 7) for mb in (2, 4, 16)}
+    assert {len(p) for p in plans.values()} == {20}  # 150 utterances: 19 groups of 8 → 10 steps per epoch
+    for steps in zip(*plans.values()):
+        assert len({frozenset(i for mb in step for i in mb) for _, step in steps}) == 1
+        assert len({epoch for epoch, _ in steps}) == 1
+    for mb, plan in plans.items():
+        assert all(len(part) <= mb for _, step in plan for part in step)
+        flat = [i for i in (u for part in plan[0][1] for u in part)]
+        assert [lengths[i] for i in flat] == sorted(lengths[i] for i in flat)
+    assert plan_steps(lengths, PhaseSettings(batch_size=16), 7) == plan_steps(lengths, PhaseSettings(batch_size=16), 7, None, 8)
+
+
+@pytest.mark.parametrize(("setting", "wide", "want"), [("auto", True, 32), ("auto", False, 8), (4, True, 4), (16, False, 16)])
+def test_auto_micro_batch_is_wide_where_matmul_units_are(setting, wide, want):
+    from cltune.train import micro_batch
+
+    assert micro_batch(PhaseSettings(micro_batch_size=setting), wide) == want

@@ -67,6 +67,11 @@ def split_wide(micro_batch: list[int], lengths: list[int], max_tokens: int | Non
 CPU_MICRO_BATCH_TOKENS = 400  # what `max_micro_batch_tokens: auto` means on a CPU: ~1.5 GB of activations at 135M
 
 
+LENGTH_GROUP = 8  # utterances of similar length drawn together when steps are formed
+WIDE_MICRO_BATCH = 32  # what `micro_batch_size: auto` means where bf16 matmul units are wide (AMX, GPUs)
+NARROW_MICRO_BATCH = 8  # ... and elsewhere (measured: docs/benchmarks/performance.md)
+
+
 def token_budget(settings: PhaseSettings, device: torch.device) -> int | None:
     """The phase's `max_micro_batch_tokens` with `auto` resolved for `device`."""
     if settings.max_micro_batch_tokens == "auto":
@@ -74,23 +79,37 @@ def token_budget(settings: PhaseSettings, device: torch.device) -> int | None:
     return settings.max_micro_batch_tokens
 
 
-def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int,
-               max_tokens: int | None = None) -> list[tuple[int, list[list[int]]]]:
+def micro_batch(settings: PhaseSettings, wide: bool) -> int:
+    """The phase's `micro_batch_size` with `auto` resolved: `wide` where the matmul units are (bf16 on a
+    CPU with AMX/AVX-512 BF16, any GPU)."""
+    if settings.micro_batch_size == "auto":
+        return WIDE_MICRO_BATCH if wide else NARROW_MICRO_BATCH
+    return settings.micro_batch_size
+
+
+def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int, max_tokens: int | None = None,
+               micro_batch_size: int | None = None) -> list[tuple[int, list[list[int]]]]:
     """(epoch, micro-batches) per optimizer step, for all epochs, capped by max_steps.
 
-    Fractional epochs take the first part of the last epoch's seeded order. Steps are formed
-    before micro-batches wider than `max_tokens` are split, so the split never changes which
-    utterances share a step.
+    Which utterances share a step depends on the seed, the lengths and `batch_size` only: groups of
+    similar-length utterances in a seeded order (the largest divisor of batch_size up to
+    LENGTH_GROUP), batch_size of them per step. Each step is then sorted by length and cut into micro-batches (`micro_batch_size`,
+    default the settings' number), and micro-batches wider than `max_tokens` are halved; the loop
+    weighs every target token of a step alike, so neither changes the step's math. Fractional
+    epochs take the first part of the last epoch's seeded order.
     """
-    per_step = math.ceil(settings.batch_size / settings.micro_batch_size)
+    size = micro_batch_size or (NARROW_MICRO_BATCH if settings.micro_batch_size == "auto" else settings.micro_batch_size)
+    group = max(d for d in range(1, LENGTH_GROUP + 1) if settings.batch_size % d == 0)
+    per_step = math.ceil(settings.batch_size / group)
     steps: list[tuple[int, list[list[int]]]] = []
     for epoch in range(math.ceil(settings.epochs)):
-        micro = length_grouped_batches(lengths, settings.micro_batch_size, seed=seed * 1_000 + epoch)
+        groups = length_grouped_batches(lengths, group, seed=seed * 1_000 + epoch)
         share = min(1.0, settings.epochs - epoch)
-        micro = micro[: max(1, round(share * len(micro)))]
-        steps += [(epoch, [part for mb in micro[i : i + per_step]
-                           for part in split_wide(mb, lengths, max_tokens)])
-                  for i in range(0, len(micro), per_step)]
+        groups = groups[: max(1, round(share * len(groups)))]
+        for i in range(0, len(groups), per_step):
+            step = sorted((u for g in groups[i : i + per_step] for u in g), key=lambda u: (lengths[u], u))
+            steps.append((epoch, [part for k in range(0, len(step), size)
+                                  for part in split_wide(step[k : k + size], lengths, max_tokens)]))
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
@@ -270,7 +289,8 @@ def train_phase(
     examples = require_no_test(examples, "training")
     encoded = ctx.encode(examples)
     pad_id = ctx.tokenizer.pad_token_id
-    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, token_budget(settings, acc.device))
+    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, token_budget(settings, acc.device),
+                      micro_batch(settings, wide=ctx.base_dtype != torch.float32 or acc.device.type != "cpu"))
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 
@@ -356,7 +376,7 @@ def train_phase(
         log.close()
     if settings.early_stopping_patience:
         _restore(ctx.model, loop.best_state, strategy)  # keep the best validated weights, as early stopping promises
-    acc.unwrap_model(scorer, keep_fp32_wrapper=False)  # evaluation after training runs in fp32
+    acc.unwrap_model(scorer, keep_fp32_wrapper=False)  # fp16 autocast: evaluation after training runs without it
     acc.free_memory()
     scorer.eval()
     result.wall_s = time.perf_counter() - start
