@@ -6,8 +6,9 @@ q,k,v,o) on the same utterances (guest A's train split of configs/demo.yaml) on 
 - baseline, written the way the seed did it: HF `Trainer` + PEFT, every utterance padded to
   max_length=100, batch 2 × gradient accumulation 16, fp32, full-vocabulary logits;
 - cltune: the real `cltune.train.train_phase` (Naive strategy, the Context built as
-  `cltune.pipeline.run` builds it), its defaults (length-grouped micro-batches of 8, LM head only
-  at target positions, precision auto = fp32 on a CPU without bf16 hardware).
+  `cltune.pipeline.run` builds it) with the config's defaults (`micro_batch_size: auto`, LM head
+  only at target positions), once per precision: fp32, and bf16 (base in bf16, matmuls in bf16,
+  the rest fp32) where the CPU has AVX-512 BF16/AMX or the GPU has bf16.
 
 Runs alternate (A B, then B A, …) after a warm-up run of each, so load from other jobs hits both
 sides alike. Throughput counts real target tokens (every non-pad token of an utterance but its
@@ -18,7 +19,7 @@ FLOP count: a frozen base with LoRA costs ≈ 4·N FLOP per target token (forwar
 through the activations 2N; no weight gradients for the frozen base), N = base parameters with the
 tied embedding counted once (as the LM head). LoRA's own FLOPs and attention are ignored.
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/throughput.py   # 3 rounds (~8 min on 2 busy cores)
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/throughput.py   # 3 rounds (~10 min on 2 cores)
     .venv/bin/python bench/throughput.py --steps 2 --rounds 1 --json out.json
     .venv/bin/python bench/throughput.py --device cuda --micro-batch-size 128 --batch-size 256 --packing
 """
@@ -42,7 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model.name for both sides (default: the config's bundled model), e.g. a "
                                                    "folder with SmolLM2's config and random weights on a GPU machine")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="cltune micro-batch (default: the config's)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="cltune micro-batch (default: the config's, auto)")
+    p.add_argument("--precisions", default=None, help="cltune sides, e.g. fp32,bf16 (default: fp32, and bf16 where "
+                                                       "the CPU/GPU has native bf16)")
     p.add_argument("--batch-size", type=int, default=None, help="cltune utterances per optimizer step (default: the config's)")
     p.add_argument("--packing", action="store_true", help="cltune: pack utterances into rows of --pack-length")
     p.add_argument("--pack-length", type=int, default=256)
@@ -141,89 +144,84 @@ def main(argv=None) -> int:
     from benchlib import demo_stream, describe_machine, machine_line, median, phase_settings, run_cltune, table, \
         with_small_val, write_json
     from cltune.batching import encode
-    from cltune.session import mixed_precision
+    from cltune.session import cpu_supports_bf16
     from cltune.strategies import create_strategy
+    from cltune.train import micro_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     machine = describe_machine()
     print(machine_line(machine), flush=True)
+    native_bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
+    precisions = args.precisions.split(",") if args.precisions else (["fp32", "bf16"] if native_bf16 else ["fp32"])
 
-    stream = demo_stream(overrides=[f"model.name={args.model}"] if args.model else None)
-    config, ctx = stream.config, stream.ctx
-    task = with_small_val(stream.tasks[0])
-    strategy = create_strategy("naive", ctx, config)
-    changes = {k: v for k, v in {"micro_batch_size": args.micro_batch_size, "batch_size": args.batch_size}.items() if v}
-    changes.update(packing=args.packing, pack_length=args.pack_length)
-    settings = lambda steps: phase_settings(config, steps, **changes)  # noqa: E731
-
+    overrides = [f"model.name={args.model}"] if args.model else []
+    sides = {}  # cltune side name → (stream, strategy, task, settings(steps))
+    for precision in precisions:
+        stream = demo_stream(overrides=[*overrides, f"model.precision={precision}"])
+        config = stream.config
+        changes = {k: v for k, v in {"micro_batch_size": args.micro_batch_size, "batch_size": args.batch_size}.items() if v}
+        changes.update(packing=args.packing, pack_length=args.pack_length)
+        resolved = micro_batch(phase_settings(config, 1, **changes), wide=precision != "fp32" or device != "cpu")
+        sides[f"cltune {precision} mb{resolved}"] = (
+            stream, create_strategy("naive", stream.ctx, config), with_small_val(stream.tasks[0]),
+            lambda steps, config=config, changes=changes: phase_settings(config, steps, **changes), precision)
+    first = next(iter(sides.values()))[0]
     if not args.skip_baseline:
-        model, tokenizer = baseline_model(stream, device)
+        model, tokenizer = baseline_model(first, device)
         counter = TokenCounter()
         model.register_forward_pre_hook(counter, with_kwargs=True)
-        dataset = padded_dataset(torch, encode(task.train, tokenizer, config.data.max_length), tokenizer.pad_token_id)
+        dataset = padded_dataset(torch, encode(first.tasks[0].train, tokenizer, first.config.data.max_length),
+                                 tokenizer.pad_token_id)
 
-    # bf16 matmuls without bf16 hardware take minutes at 2048³: a 512³ one (or 2048³ on a GPU) says enough.
-    bf16_n = 2048 if device == "cuda" else 512
-    peaks = {"bf16_flops": matmul_peak(torch, torch.bfloat16, device, bf16_n, 0.5), "bf16_n": bf16_n, "fp32": []}
+    # bf16 matmuls without bf16 hardware take minutes at 2048³: a 512³ one says enough there.
+    bf16_n = 2048 if native_bf16 or device == "cuda" else 512
+    peaks = {"bf16_n": bf16_n, "fp32": [], "bf16": []}
     print("warm-up …", flush=True)
-    run_cltune(stream, strategy, task, settings(1))
+    for stream, strategy, task, settings, _ in sides.values():
+        run_cltune(stream, strategy, task, settings(1))
     if not args.skip_baseline:
         run_baseline(model, dataset, 1, device, counter)
 
+    names = (["baseline"] if not args.skip_baseline else []) + list(sides)
     rounds = []
     for r in range(args.rounds):
-        order = ["baseline", "cltune"] if r % 2 == 0 else ["cltune", "baseline"]
         got = {}
-        for side in order:
-            if side == "baseline" and args.skip_baseline:
-                continue
-            got[side] = (run_baseline(model, dataset, args.baseline_steps, device, counter) if side == "baseline"
-                         else run_cltune(stream, strategy, task, settings(args.steps)))
+        for name in names if r % 2 == 0 else names[::-1]:  # alternate the order so load hits every side alike
+            if name == "baseline":
+                got[name] = run_baseline(model, dataset, args.baseline_steps, device, counter)
+            else:
+                stream, strategy, task, settings, _ = sides[name]
+                got[name] = run_cltune(stream, strategy, task, settings(args.steps))
         peaks["fp32"].append(matmul_peak(torch, torch.float32, device, 2048, args.peak_seconds))
-        rounds.append(got)
+        peaks["bf16"].append(matmul_peak(torch, torch.bfloat16, device, bf16_n, args.peak_seconds / 2))
+        rounds.append({name: got[name] for name in names})
         print(f"round {r + 1}: " + ", ".join(f"{k} {v.tokens_per_s:.1f} tok/s (load {v.load1})" for k, v in got.items()),
               flush=True)
 
-    n_params = stream.base_params
-    cl = [r["cltune"].tokens_per_s for r in rounds]
+    n_params = first.base_params
+    summary = {"base_params": n_params, "fp32_peak_flops_median": median(peaks["fp32"]),
+               "bf16_peak_flops_median": median(peaks["bf16"]), "sides": {}}
+    reference = "baseline" if "baseline" in names else names[1 if len(names) > 1 else 0]
     rows = []
-    for i, r in enumerate(rounds):
-        base = r.get("baseline")
-        rows.append([i + 1, f"{base.tokens_per_s:.1f}" if base else "-", f"{r['cltune'].tokens_per_s:.1f}",
-                     f"{r['cltune'].tokens_per_s / base.tokens_per_s:.2f}×" if base else "-",
-                     f"{peaks['fp32'][i] / 1e9:.1f}", f"{r['cltune'].load1} / {base.load1 if base else '-'}"])
-    summary = {"cltune_tokens_per_s": median(cl), "fp32_peak_flops_median": median(peaks["fp32"]),
-               "fp32_peak_flops_best": max(peaks["fp32"]), "bf16_peak_flops": peaks["bf16_flops"], "base_params": n_params}
-    if not args.skip_baseline:
-        bl = [r["baseline"].tokens_per_s for r in rounds]
-        summary.update(baseline_tokens_per_s=median(bl), ratio=median(c / b for c, b in zip(cl, bl)),
-                       baseline_step_s=median(r["baseline"].step_s for r in rounds))
-        rows.append(["median", f"{median(bl):.1f}", f"{median(cl):.1f}", f"{summary['ratio']:.2f}×",
-                     f"{summary['fp32_peak_flops_median'] / 1e9:.1f}", ""])
-    summary["cltune_step_s"] = median(r["cltune"].step_s for r in rounds)
+    for name in names:
+        tps = median(r[name].tokens_per_s for r in rounds)
+        ratio = median(r[name].tokens_per_s / r[reference].tokens_per_s for r in rounds)
+        precision = "fp32" if name == "baseline" else sides[name][4]
+        peak = summary["bf16_peak_flops_median" if precision == "bf16" else "fp32_peak_flops_median"]
+        share = 4 * n_params * tps / peak
+        summary["sides"][name] = {"tokens_per_s": tps, f"ratio_to_{reference}": ratio, "precision": precision,
+                                  "share_of_peak": share, "step_s": median(r[name].step_s for r in rounds)}
+        rows.append([name, f"{tps:.1f}", f"{ratio:.2f}×", precision, f"{peak / 1e9:.0f}", f"{100 * share:.1f}%"])
     print()
-    print(table(["round", "baseline tok/s", "cltune tok/s", "ratio", "fp32 peak GFLOP/s", "load1 cl / bl"], rows))
-
-    achieved = 4 * n_params * summary["cltune_tokens_per_s"]
-    summary.update(cltune_flops=achieved, share_of_fp32_peak_median=achieved / summary["fp32_peak_flops_median"],
-                   share_of_fp32_peak_best=achieved / summary["fp32_peak_flops_best"])
-    print(f"\nmatmul peak ({device}, {torch.get_num_threads()} threads): fp32 2048³ {summary['fp32_peak_flops_best'] / 1e9:.1f} "
-          f"GFLOP/s best, {summary['fp32_peak_flops_median'] / 1e9:.1f} median; bf16 {bf16_n}³ {peaks['bf16_flops'] / 1e9:.2f} GFLOP/s")
-    precision = {"no": "fp32"}.get(mixed_precision(config.model.precision), mixed_precision(config.model.precision))
-    print(f"cltune ({precision}): 4·N·tok/s = 4 × {n_params / 1e6:.1f}M × "
-          f"{summary['cltune_tokens_per_s']:.1f} = {achieved / 1e9:.1f} GFLOP/s = {100 * summary['share_of_fp32_peak_median']:.0f}% "
-          f"of the median fp32 peak ({100 * summary['share_of_fp32_peak_best']:.0f}% of the best)")
-    if not args.skip_baseline:
-        useful = 4 * n_params * summary["baseline_tokens_per_s"]
-        executed = 4 * n_params * 32 * 100 / summary["baseline_step_s"]  # every padded position is computed
-        summary.update(baseline_useful_flops=useful, baseline_executed_flops=executed)
-        print(f"baseline: useful {useful / 1e9:.1f} GFLOP/s ({100 * useful / summary['fp32_peak_flops_median']:.0f}% of peak); "
-              f"executed on pads too ≈ {executed / 1e9:.1f} GFLOP/s")
+    print(table(["side", "tok/s (median)", f"vs {reference} (paired)", "matmuls", "peak GFLOP/s", "share of peak"], rows))
+    print(f"\nmatmul peak ({device}, {torch.get_num_threads()} threads): fp32 2048³ {summary['fp32_peak_flops_median'] / 1e9:.0f} "
+          f"GFLOP/s, bf16 {bf16_n}³ {summary['bf16_peak_flops_median'] / 1e9:.0f} GFLOP/s (medians over rounds); "
+          f"share of peak = 4·N·tok/s with N = {n_params / 1e6:.1f}M against the peak of the precision the side used")
     write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine,
-                           "settings": {**vars(args), "cltune_phase": settings(args.steps).model_dump()},
-                           "rounds": [{k: vars(v) for k, v in r.items()} for r in rounds], "peaks": peaks, "summary": summary})
+                           "settings": {**vars(args)}, "rounds": [{k: vars(v) for k, v in r.items()} for r in rounds],
+                           "peaks": peaks, "summary": summary})
     return 0
 
 
