@@ -75,9 +75,11 @@ def test_ties_merge_gets_count_scaled_weights_and_averaged_rows(tiny_config):
     assert not torch.allclose(original_token_rows(ctx.model, MERGED), token_rows(ctx.model, MERGED))
 
 
-def test_the_default_merge_is_exact(tiny_config):
-    """`cat` (the default): every layer's merged ΔW is Σ w̃_i ΔW_i of the task adapters, no cross terms."""
-    session = build_session(tiny_config("merge", ["merge.weights=[1, 3]"]))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_default_merge_is_exact(tiny_config, precision):
+    """`cat` (the default): every layer's merged ΔW is Σ w̃_i ΔW_i of the task adapters, no cross terms —
+    also over a bf16 base, where PEFT would create the merged adapter in bf16."""
+    session = build_session(tiny_config("merge", ["merge.weights=[1, 3]", f"model.precision={precision}"]))
     ctx, strategy = session.ctx, session.strategy
     strategy.before_task(ctx.tasks[1])
     with torch.no_grad():  # both adapters "trained": independent nonzero factors
@@ -87,6 +89,7 @@ def test_the_default_merge_is_exact(tiny_config):
     strategy.after_task(ctx.tasks[1])
     q = ctx.model.get_base_model().model.layers[0].self_attn.q_proj
     want = 0.25 * q.get_delta_weight("default") + 0.75 * q.get_delta_weight("task2")
+    assert q.lora_A[MERGED].weight.dtype == torch.float32
     assert torch.allclose(q.get_delta_weight(MERGED), want, atol=1e-5)
     linear = build_session(tiny_config("merge", ["merge.combination_type=linear"]))  # the old default
     assert linear.strategy.cfg.combination_type == "linear" and strategy.cfg.combination_type == "cat"

@@ -28,13 +28,15 @@ def test_cpu_bf16_support_is_read_from_the_flags_line():
     assert not session.cpu_supports_bf16("")
 
 
-@pytest.mark.parametrize(("native_bf16", "setting", "mode"), [
-    (True, "auto", "bf16"), (False, "auto", "no"), (True, "fp32", "no"), (False, "bf16", "bf16"), (True, "fp16", "fp16"),
+@pytest.mark.parametrize(("native_bf16", "setting", "resolved"), [
+    (True, "auto", "bf16"), (False, "auto", "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16"), (True, "fp16", "fp16"),
 ])
-def test_auto_precision_follows_the_cpu(monkeypatch, native_bf16, setting, mode):
+def test_auto_precision_follows_the_cpu(monkeypatch, native_bf16, setting, resolved):
     monkeypatch.setattr(session.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(session, "cpu_supports_bf16", lambda: native_bf16)
-    assert session.mixed_precision(setting) == mode
+    assert session.resolve_precision(setting) == resolved
+    # Only fp16 is Accelerate autocast; bf16 is a bf16 base under fp32 adapters, with no autocast.
+    assert session.make_accelerator(setting).mixed_precision == ("fp16" if resolved == "fp16" else "no")
 
 
 def _log_losses(run_dir, phase: int) -> list[float]:
@@ -70,8 +72,9 @@ def test_runs_of_different_precisions_share_one_process(three_runs):
     # The bf16 run left nothing behind: the next fp32 run is the first one, number for number.
     assert again.ppl == fp32.ppl and again.speaker_attribution == fp32.speaker_attribution
     assert _log_losses(fp32_config.run_dir, 2) == _log_losses(fp32_config.run_dir.with_name("again"), 2)
-    # Evaluation is fp32 in every run: before training the matrices agree exactly.
-    assert bf16.ppl[0] == fp32.ppl[0]
+    # bf16 evaluates in bf16 too: before training, the same weights score within 0.5% of fp32, not identically.
+    assert bf16.ppl[0] != fp32.ppl[0]
+    assert bf16.ppl[0] == pytest.approx(fp32.ppl[0], rel=5e-3)
 
 
 def test_bf16_training_tracks_fp32(three_runs):
@@ -94,4 +97,52 @@ def test_a_bf16_checkpoint_loads_in_fp32_and_scores_as_recorded(three_runs):
     scorer = TokenScorer(model)
     reloaded = [perplexity(session.make_accelerator("fp32"), scorer, tokenizer, task.test, bf16_config.data.max_length)
                 for task in tasks]
-    assert reloaded == pytest.approx(bf16.ppl[2], rel=1e-5)
+    # The run evaluated with its base in bf16; the fp32 reload agrees within 0.5% (seen: 6e-5 on this model).
+    assert reloaded == pytest.approx(bf16.ppl[2], rel=5e-3)
+
+
+@pytest.mark.parametrize("strategy", ["adapters", "merge", "olora", "lwf", "ewc_replay"])
+def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_dir, tmp_path, monkeypatch, strategy):
+    """Strategies that add or merge adapters get them in the base's dtype from PEFT; the run settles them back."""
+    from conftest import tiny_run_config, write_dialogue
+
+    from cltune.api import make_config
+    from cltune.model import is_adapter_weight
+
+    csvs = [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 40, 1), write_dialogue(tmp_path / "guest_b.csv", "Guest B", 40, 2)]
+    raw = tiny_run_config(tiny_model_dir, csvs, tmp_path / "runs", strategy)
+    raw["model"]["precision"] = "bf16"
+    raw["eval"]["samples_per_speaker"] = 0
+    built = []
+    monkeypatch.setattr(pipeline, "build_session", lambda config: built.append(session.build_session(config)) or built[-1])
+    metrics = pipeline.run(make_config(raw))
+    assert metrics.precision == "bf16" and all(map(math.isfinite, metrics.ppl[-1]))
+    dtypes: dict = {}
+    for name, p in built[0].model.named_parameters():
+        dtypes.setdefault("adapter" if is_adapter_weight(name) else "trained" if p.requires_grad else "base", set()).add(p.dtype)
+    assert dtypes["adapter"] == {torch.float32} and dtypes["base"] == {torch.bfloat16}
+    assert dtypes.get("trained", {torch.float32}) == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_get_fp32_nll_and_gradients(monkeypatch, dtype):
+    """bf16 logits are scored chunk by chunk in fp32: the values and gradients of cross-entropy on an fp32
+    copy, with several chunks and a masked label."""
+    from cltune.scoring import _ChunkedNLL, target_nll
+
+    monkeypatch.setattr(_ChunkedNLL, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: 7 rows make 3 chunks
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (2, 5), generator=generator)
+    labels[1, 4] = -100  # 8 positions after the first token, one masked: 7 targets
+    logits = (4 * torch.randn(7, 50, generator=generator)).to(dtype).requires_grad_()
+    weights = torch.rand(7, generator=generator)
+    nll = target_nll(logits, labels)
+    assert nll.dtype == torch.float32 and nll.shape == (7,)
+    (nll * weights).sum().backward()
+    reference = logits.detach().float().requires_grad_()
+    want = torch.nn.functional.cross_entropy(reference, labels[:, 1:][labels[:, 1:] != -100], reduction="none")
+    (want * weights).sum().backward()
+    assert torch.allclose(nll, want, atol=1e-5)
+    assert logits.grad.dtype == dtype
+    assert torch.allclose(logits.grad.float(), reference.grad, atol=1e-2 if dtype == torch.bfloat16 else 1e-3)
+    assert not torch.equal(logits.grad.float(), torch.zeros_like(reference.grad))

@@ -36,7 +36,10 @@ class ModelSettings(Strict):
     name: str = Field(BUNDLED_MODEL, description="bundled model name, a local HF model directory, or a cached hub id")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code (off unless you trust it)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="training precision; auto = bf16 autocast where the CPU/GPU supports it, else fp32"
+        "auto", description="bf16: frozen base weights stored in bf16 and matmuls in bf16, while the residual stream, "
+        "norms, LoRA weights, new-token rows, optimizer and losses stay fp32 (training and evaluation alike); fp16: "
+        "autocast over an fp32 base (GPUs); auto: bf16 where the CPU (AVX-512 BF16, AMX) or GPU has native bf16, fp16 "
+        "on older GPUs, else fp32"
     )
 
 
@@ -86,7 +89,10 @@ class PhaseSettings(Strict):
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
     batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the seed's 2 × 16)")
-    micro_batch_size: int = Field(8, ge=1, description="utterances per forward pass (speed and memory); the loss is token-weighted over the whole step, but the length-grouped order depends on it")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="utterances per forward pass (speed and memory only: which utterances share a step, and "
+        "the token-weighted loss, do not depend on it); auto: 32 where matmuls run in bf16 (AMX/AVX-512 BF16 CPUs, "
+        "GPUs), else 8")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     max_micro_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(

@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -171,9 +173,57 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: l
     return get_peft_model(model, lora_config(model, settings, new_token_ids), adapter_name=adapter)
 
 
+ADAPTER_MARKERS = ("lora_", "trainable_tokens_delta")
+
+
+def is_adapter_weight(name: str) -> bool:
+    """A LoRA factor or a new-token row (trained now, or an earlier task's frozen adapter)."""
+    return any(marker in name for marker in ADAPTER_MARKERS)
+
+
 def adapter_parameters(model: torch.nn.Module) -> int:
     """LoRA and new-token-row parameters the model holds, trainable or not (every adapter it has)."""
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "trainable_tokens_delta" in n)
+    return sum(p.numel() for n, p in model.named_parameters() if is_adapter_weight(n))
+
+
+def settle_dtypes(model: torch.nn.Module, base: torch.dtype) -> None:
+    """Frozen base weights in `base`; adapters, new-token rows and anything trainable in fp32.
+
+    Idempotent: run it again after anything that creates adapters (PEFT gives a new adapter the
+    dtype of the layer it wraps). Buffers are left alone (rotary frequencies stay fp32).
+    """
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        dtype = torch.float32 if p.requires_grad or is_adapter_weight(name) else base
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def add_weighted_adapter(model: PeftModel, adapters: list[str], weights: list[float], name: str, **kwargs) -> None:
+    """PEFT's `add_weighted_adapter`, exact under a bf16 base.
+
+    PEFT creates the new adapter in the dtype of the layer it wraps, so with the base in bf16 the
+    combined factors would be rounded to bf16. The wrapped layers are held in fp32 meanwhile (their
+    bf16 tensors are put back untouched) and the result is an fp32 adapter like the others.
+    """
+    with _wrapped_layers_in_fp32(model):
+        model.add_weighted_adapter(adapters, weights, name, **kwargs)
+
+
+@contextmanager
+def _wrapped_layers_in_fp32(model: torch.nn.Module) -> Iterator[None]:
+    from peft.tuners.lora import LoraLayer
+
+    weights = [m.get_base_layer().weight for m in model.modules() if isinstance(m, LoraLayer)]
+    kept = [(w, w.data) for w in weights if w.dtype != torch.float32]
+    for w, data in kept:
+        w.data = data.float()
+    try:
+        yield
+    finally:
+        for w, data in kept:
+            w.data = data
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, int]:

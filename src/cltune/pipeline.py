@@ -31,7 +31,7 @@ from cltune.data.eda import summarize, write_eda
 from cltune.evaluate import Scores, perplexity, test_row
 from cltune.files import atomic_write_text, read_json, write_json
 from cltune.generate import sample_rows
-from cltune.model import adapter_parameters
+from cltune.model import adapter_parameters, settle_dtypes
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
 from cltune.session import Session, build_session
@@ -84,6 +84,7 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
         metrics = metrics.model_copy(update={k: getattr(saved, k) for k in ("ppl", "speaker_attribution", "phases", "samples",
                                                                              "routing", "agnostic")})
         resuming.restore_phase(ctx, strategy, config.run_dir / f"phase{len(saved.phases)}")
+        settle_dtypes(ctx.model, ctx.base_dtype)
     else:
         metrics, _ = _with_row(metrics, session, strategy.router())
     if console and acc.is_main_process:
@@ -110,6 +111,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
     hook_start = time.perf_counter()
     strategy.before_task(task)
+    settle_dtypes(ctx.model, ctx.base_dtype)  # an adapter it added came in the base's dtype
     hooks_s = {"before_task": round(time.perf_counter() - hook_start, 2)}
     examples = strategy.train_data(task)  # once per phase
     # The model the phase starts from (before_task may have changed it: an adapter added, meta-training),
@@ -127,6 +129,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         result = train_phase(ctx, strategy, task, examples, settings, k, staging_log, checkpoints)
     hook_start = time.perf_counter()
     strategy.after_task(task)
+    settle_dtypes(ctx.model, ctx.base_dtype)
     hooks_s["after_task"] = round(time.perf_counter() - hook_start, 2)
     router = strategy.router()
     metrics, per_utterance = _with_row(metrics, session, router)

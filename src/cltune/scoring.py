@@ -40,7 +40,8 @@ def _embed(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
     slot[ids] = torch.arange(len(ids), device=weight.device)
     slots = slot[input_ids]
     base = F.embedding(input_ids, weight)
-    return torch.where((slots >= 0).unsqueeze(-1), delta[slots.clamp(min=0)].to(base.dtype), base)
+    dtype = torch.promote_types(base.dtype, delta.dtype)  # fp32 rows over a bf16 base stay fp32
+    return torch.where((slots >= 0).unsqueeze(-1), delta[slots.clamp(min=0)].to(dtype), base.to(dtype))
 
 
 def _head(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -55,11 +56,15 @@ class TokenScorer(nn.Module):
     """Wraps a (PEFT) causal LM; forward returns the logits at target positions.
 
     It is a module so that Accelerate/DDP can prepare it: its forward is the model's forward.
+    With `compute_dtype` (bf16 runs: the frozen base is stored in bf16), matmuls run in that dtype
+    under autocast while the residual stream, norms and softmax stay fp32 — autocast's numerics,
+    without casting the whole base on every forward.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
+        self.compute_dtype = compute_dtype
 
     def _base(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -68,21 +73,61 @@ class TokenScorer(nn.Module):
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at target positions, shape (targets, vocab), row-major over the batch; with
         `return_hidden`, also the last hidden states there, shape (targets, width)."""
-        base = self._base()
-        decoder = base.get_decoder()
-        embeds = _embed(base.get_input_embeddings(), input_ids)
-        inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
-        hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
-        mask = labels[:, 1:] != IGNORE
-        at_targets = hidden[:, :-1][mask]
-        logits = _head(base.get_output_embeddings(), at_targets)
+        low = self.compute_dtype is not None
+        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=low):
+            base = self._base()
+            decoder = base.get_decoder()
+            embeds = _embed(base.get_input_embeddings(), input_ids)
+            if low:  # the residual stream starts (and so stays) fp32
+                embeds = (base.get_input_embeddings()(input_ids) if embeds is None else embeds).float()
+            inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+            hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
+            mask = labels[:, 1:] != IGNORE
+            at_targets = hidden[:, :-1][mask]
+            logits = _head(base.get_output_embeddings(), at_targets)
         return (logits, at_targets) if return_hidden else logits
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """NLL of each target token (fp32), in the same order as the scorer's logits."""
     targets = labels[:, 1:][labels[:, 1:] != IGNORE]
-    return F.cross_entropy(logits.float(), targets, reduction="none")
+    if logits.dtype == torch.float32:
+        return F.cross_entropy(logits, targets, reduction="none")
+    return _ChunkedNLL.apply(logits, targets)
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """NLL = logsumexp(row) − row[target] of low-precision (bf16/fp16) logits, computed in fp32 a few
+    rows at a time.
+
+    `cross_entropy(logits.float())` would build an fp32 copy of the whole (targets × vocab) matrix and
+    keep its log-softmax for backward (157 MB for 800 targets of a 49k vocabulary); here each chunk's
+    fp32 copy fits in cache, backward keeps one number per row, and the gradient is softmax − one-hot
+    rebuilt chunk by chunk. Same values as the fp32 path (tested); about twice as fast on a CPU.
+    """
+
+    CHUNK_ELEMENTS = 1 << 21
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows = max(1, _ChunkedNLL.CHUNK_ELEMENTS // logits.shape[-1])
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], rows):
+            lse[start : start + rows] = torch.logsumexp(logits[start : start + rows].float(), dim=-1)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return lse - logits.gather(1, targets[:, None]).squeeze(1).float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        out = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.rows):
+            part = slice(start, start + ctx.rows)
+            p = logits[part].float().sub_(lse[part, None]).exp_()  # softmax (a fresh fp32 copy: logits are not fp32)
+            p.scatter_add_(1, targets[part, None], torch.full((p.shape[0], 1), -1.0, device=p.device))
+            out[part] = p.mul_(grad[part, None])
+        return out, None
 
 
 def per_example_sums(values: torch.Tensor, target_example: torch.Tensor, n: int) -> torch.Tensor:

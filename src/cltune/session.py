@@ -30,6 +30,7 @@ from cltune.model import (
     load_base,
     parameter_counts,
     resize_for,
+    settle_dtypes,
 )
 from cltune.scoring import TokenScorer
 from cltune.strategies import REGISTRY, Context, Registry, Strategy
@@ -49,31 +50,42 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def mixed_precision(precision: str) -> str:
-    """Accelerate's mixed-precision mode for a `model.precision` setting: 'no', 'bf16' or 'fp16'."""
-    if precision == "fp32":
-        return "no"
-    if precision != "auto":
-        return precision
+def resolve_precision(setting: str) -> str:
+    """What a `model.precision` setting runs as on this machine: "fp32", "bf16" or "fp16".
+
+    `auto` is bf16 where bf16 matmuls are native and measured faster (CPUs with AVX-512 BF16 or AMX,
+    GPUs that support it; docs/benchmarks/performance.md), fp16 on older GPUs, fp32 elsewhere.
+    """
+    if setting != "auto":
+        return setting
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "no"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def base_dtype(precision: str) -> torch.dtype:
+    """The dtype frozen base weights are stored and computed in: bf16 runs keep the base in bf16
+    (half the memory, native matmuls, no per-forward casts); fp16 runs use autocast over an fp32 base."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def make_accelerator(precision: str) -> Accelerator:
-    """A fresh Accelerator for one run at `precision` (a `model.precision` setting or an Accelerate mode).
+    """A fresh Accelerator for one run at `precision` (a `model.precision` setting or what it resolved to).
 
-    Accelerate keeps its settings in process-wide state and refuses a second Accelerator with
-    another precision. A run owns its precision, so several runs in one process (a notebook, a
-    sweep, the tests) must not inherit the previous one's: the accelerator settings are cleared
-    first. The process-level state (device, process group under `accelerate launch`) is kept.
+    Only fp16 uses Accelerate's autocast (and its loss scaling); bf16 stores the frozen base in bf16
+    instead (`cltune.model.settle_dtypes`). Accelerate keeps its settings in process-wide state and
+    refuses a second Accelerator with another precision. A run owns its precision, so several runs
+    in one process (a notebook, a sweep, the tests) must not inherit the previous one's: the
+    accelerator settings are cleared first. The process-level state (device, process group under
+    `accelerate launch`) is kept.
     """
     AcceleratorState._reset_state(reset_partial_state=False)
     # Launched as several processes (torchrun, `accelerate launch --multi_gpu`) on a machine without
     # CUDA: Accelerate only forms the gloo process group when told to use the CPU; otherwise each
     # process would run the whole stream alone and all would write the same files.
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision(precision), cpu=several and not torch.cuda.is_available())
+    mode = "fp16" if resolve_precision(precision) == "fp16" else "no"
+    return Accelerator(mixed_precision=mode, cpu=several and not torch.cuda.is_available())
 
 
 def safe_name(name: str) -> str:
@@ -100,13 +112,15 @@ def load_tasks(config: BaseRunConfig) -> tuple[list[Dataset], list[TaskData], di
     return datasets, tasks, tokens
 
 
-def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: Accelerator):
-    """Base model + [PAD]/speaker tokens + LoRA, wrapped in the scorer: (model, tokenizer, scorer, new ids, counts)."""
+def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: Accelerator, precision: str = "fp32"):
+    """Base model + [PAD]/speaker tokens + LoRA, wrapped in the scorer: (model, tokenizer, scorer, new ids, counts).
+    With `precision` bf16 the frozen base weights are stored in bf16, the trained ones stay fp32."""
     model, tokenizer = load_base(config.model)
     new_ids = add_special_tokens(tokenizer, speaker_tokens)
     resize_for(model, tokenizer)
     model = attach_lora(model, config.lora, new_ids)
-    scorer = TokenScorer(model).to(accelerator.device)
+    settle_dtypes(model, base_dtype(precision))
+    scorer = TokenScorer(model, torch.bfloat16 if precision == "bf16" else None).to(accelerator.device)
     return model, tokenizer, scorer, new_ids, parameter_counts(model)
 
 
@@ -140,14 +154,14 @@ class Session:
 def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strategy: str | None = None) -> Session:
     """Assemble a run: precision (chosen once), accelerator, tasks, model with speaker tokens and LoRA,
     and the config's strategy (or `strategy`, by name, from `registry`)."""
-    mode = mixed_precision(config.model.precision)
-    accelerator = make_accelerator(mode)
+    precision = resolve_precision(config.model.precision)
+    accelerator = make_accelerator(precision)
     datasets, tasks, tokens = load_tasks(config)
-    model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), accelerator)
+    model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), accelerator, precision)
     ctx = Context(accelerator, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, config.run_dir,
-                  new_ids, config.lora)
+                  new_ids, config.lora, base_dtype(precision))
     name = strategy or config.strategy
     if name not in registry:
         raise UserError(f"strategy: unknown {name!r}; choose one of {', '.join(registry)}")
-    return Session(config, "fp32" if mode == "no" else mode, accelerator, datasets, tasks, tokens, ctx,
+    return Session(config, precision, accelerator, datasets, tasks, tokens, ctx,
                    registry.create(name, ctx, config), counts)

@@ -46,6 +46,7 @@ class Context:
     run_dir: Path | None = None
     new_token_ids: list[int] = field(default_factory=list)  # [PAD] and speaker tokens added to the vocabulary
     lora: Any = None  # cltune.config.LoraSettings, for strategies that add adapters
+    base_dtype: torch.dtype = torch.float32  # frozen base weights' dtype (bf16 runs); trained weights are fp32
 
     def encode(self, examples: list[Example]) -> list[list[int]]:
         return encode(examples, self.tokenizer, self.max_length)

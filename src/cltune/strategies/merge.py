@@ -27,6 +27,7 @@ import torch
 from pydantic import Field, field_validator
 
 from cltune.errors import UserError
+from cltune.model import add_weighted_adapter
 from cltune.strategies.adapters import (
     Adapters,
     AdaptersSettings,
@@ -93,8 +94,8 @@ class Merge(Adapters):
         shares = merge_shares(self.cfg.weights, len(names))
         if MERGED in model.peft_config:  # add_weighted_adapter silently keeps an existing adapter of that name
             model.delete_adapter(MERGED)
-        model.add_weighted_adapter(names, peft_weights(shares, self.cfg.combination_type), MERGED,
-                                   combination_type=self.cfg.combination_type, density=self.cfg.density)
+        add_weighted_adapter(model, names, peft_weights(shares, self.cfg.combination_type), MERGED,
+                             combination_type=self.cfg.combination_type, density=self.cfg.density)
         rows = token_rows(model, MERGED)
         if rows is not None:
             with torch.no_grad():

@@ -31,6 +31,7 @@ from peft.tuners.lora import LoraLayer
 from pydantic import Field
 
 from cltune.config import Strict
+from cltune.model import add_weighted_adapter
 from cltune.strategies.adapters import adapter_name, add_task_adapter, token_rows
 from cltune.strategies.base import Strategy
 
@@ -70,7 +71,7 @@ def fold(model, adapters: list[str]) -> None:
     model.set_adapter(adapters[-1])
     if SUMMED in model.peft_config:  # add_weighted_adapter silently keeps an existing adapter of that name
         model.delete_adapter(SUMMED)
-    model.add_weighted_adapter(adapters, [1.0] * len(adapters), SUMMED, combination_type="cat")
+    add_weighted_adapter(model, adapters, [1.0] * len(adapters), SUMMED, combination_type="cat")
     rows = token_rows(model, SUMMED)
     if rows is not None:
         with torch.no_grad():
