@@ -73,7 +73,7 @@ def streams(data: Path, rows: int) -> dict[str, list[dict]]:
 def budget(args) -> dict:
     """The shared budget: every strategy trains with exactly these settings."""
     return {
-        "model": {"name": args.model, "precision": args.precision},
+        "model": {"name": args.model, "precision": args.precision},  # metrics.json records what auto chose
         "data": {"max_length": args.max_length, "split": [args.train_share, 0.1, round(0.9 - args.train_share, 6)]},
         "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "micro_batch_size": args.batch_size,
                   "schedule": "constant", "warmup_ratio": 0.0},
@@ -127,8 +127,8 @@ def main() -> None:
     parser.add_argument("--streams", default="hard,demo")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--precision", default="fp32", help="fp32 by default: the same arithmetic on every CPU kind")
-    parser.add_argument("--rows", type=int, default=300, help="utterances of guest A, guest C and the docs (guest B: all 219)")
+    parser.add_argument("--precision", default="auto", help="model.precision of every run (auto: bf16 where native)")
+    parser.add_argument("--rows", type=int, default=200, help="utterances of guest A, guest C and the docs (guest B: all 219)")
     parser.add_argument("--train-share", type=float, default=0.4,
                         help="training share of the split (validation 0.1, test the rest): fewer training rows, more test rows")
     parser.add_argument("--epochs", type=float, default=1)
