@@ -71,3 +71,21 @@ def test_before_rows_describe_the_model_each_phase_starts_from(strategy_streams)
     assert adapters.phases[1].before["test_ppl"] == pytest.approx(adapters.ppl[0][1], rel=1e-6)
     assert adapters.phases[1].before["test_ppl"] != pytest.approx(adapters.ppl[1][1], rel=1e-6)
     assert reptile.phases[0].before["test_ppl"] != pytest.approx(reptile.ppl[0][0], rel=1e-6)
+
+
+@pytest.mark.parametrize(("strategy", "test_scorings"), [("naive", 0), ("adapters", 1)])
+def test_a_before_row_is_scored_again_only_when_the_start_model_changed(tiny_config, monkeypatch, strategy, test_scorings):
+    """naive starts each phase from the model the last matrix row scored, so its `before` test PPL is that
+    row's figure, not a second pass over the test set; adapters' phase 2 starts from a new adapter: scored."""
+    from cltune import pipeline
+
+    calls, score = [], pipeline.perplexity
+    monkeypatch.setattr(pipeline, "perplexity", lambda acc, scorer, tok, examples, *a: calls.append(examples) or score(
+        acc, scorer, tok, examples, *a))
+    config = tiny_config(strategy, ["eval.samples_per_speaker=0"])
+    metrics = run(config)
+    tests = [e for e in calls if e and e[0].split == "test"]
+    assert len(tests) == test_scorings and len(calls) == 2 * len(metrics.phases) + test_scorings  # val: before, after
+    assert metrics.phases[0].before["test_ppl"] == metrics.ppl[0][0]
+    if strategy == "naive":
+        assert metrics.phases[1].before["test_ppl"] == metrics.ppl[1][1]

@@ -10,6 +10,7 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -31,7 +33,7 @@ from cltune.data.eda import summarize, write_eda
 from cltune.evaluate import Scores, perplexity, test_row
 from cltune.files import atomic_write_text, read_json, write_json
 from cltune.generate import sample_rows
-from cltune.model import adapter_parameters, settle_dtypes
+from cltune.model import adapter_parameters, is_adapter_weight, settle_dtypes
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
 from cltune.session import Session, build_session
@@ -117,8 +119,11 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     # The model the phase starts from (before_task may have changed it: an adapter added, meta-training),
     # served as the matrix serves this task.
     with strategy.router().oracle(k):
-        before = {split: perplexity(acc, ctx.scorer, ctx.tokenizer, examples_of, ctx.max_length, config.eval.batch_size)
-                  for split, examples_of in (("val_ppl", task.val), ("test_ppl", task.test))}
+        before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size)}
+        fingerprint, measured = session.served.get(k, (None, None))
+        # Most strategies start a phase from the model the last matrix row scored: its figure is reused.
+        before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
+            acc, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size)
     meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens}
     if reuse_phase1 is not None:
         result = _reuse_phase(reuse_phase1, ctx.model, staging_log if acc.is_main_process else None)
@@ -182,6 +187,10 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     """`metrics` with the next matrix row (a router that needs the task id adds the agnostic row too),
     and that row's per-utterance NLLs by routing and task (RUN/test_nll.json: paired comparisons)."""
     scores = test_row(session.ctx, router, session.tasks, session.config.eval)
+    session.served.clear()
+    for task, score in zip(session.tasks, scores):
+        with router.oracle(task.index):
+            session.served[task.index] = (served_fingerprint(session.ctx.model, session.strategy), score.ppl)
     ppl, attribution = _values(scores)
     update: dict = {"ppl": [*metrics.ppl, ppl], "speaker_attribution": [*metrics.speaker_attribution, attribution]}
     rows = {"oracle" if router.task_routed else "single": scores}
@@ -195,6 +204,20 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     per_utterance = {mode: {task.name: {"lines": [e.line for e in task.test], "nll": s.nll, "targets": s.targets}
                             for task, s in zip(session.tasks, row)} for mode, row in rows.items()}
     return metrics.model_copy(update=update), per_utterance
+
+
+def served_fingerprint(model, strategy) -> str:
+    """A digest of everything training and strategies change in what the model computes: the active
+    adapters, every adapter weight and trainable parameter, and the strategy's own modules (the frozen
+    base never changes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(getattr(model, "active_adapters", None)).encode())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or is_adapter_weight(n)]
+    named += [(f"module.{m}.{n}", p) for m, module in strategy.modules().items() for n, p in module.named_parameters()]
+    for name, p in named:
+        digest.update(name.encode())
+        digest.update(p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:

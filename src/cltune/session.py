@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -137,6 +137,9 @@ class Session:
     ctx: Context
     strategy: Strategy
     counts: dict[str, int]  # parameter counts
+    # task index → (fingerprint of the weights that served it, its test PPL) in the latest matrix row: a
+    # phase whose start model is that same model reuses the figure instead of scoring the test set again
+    served: dict[int, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def model(self):
