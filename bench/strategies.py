@@ -59,8 +59,8 @@ def python_docs_csv(path: Path, rows: int, seed: int) -> Path:
 
 
 def streams(data: Path, rows: int) -> dict[str, list[dict]]:
-    """The two streams' task lists. Guest B has 219 turns in all (6 conversations); it gets every one."""
-    a, b, c = write_demo_corpus(data, sizes={"A": rows, "B": None, "C": rows}, seed=0)
+    """The two streams' task lists: `rows` utterances per dataset (whole conversations, the last one cut)."""
+    a, b, c = write_demo_corpus(data, sizes={"A": rows, "B": rows, "C": rows}, seed=0)
     docs = python_docs_csv(data / "python_docs.csv", rows, seed=0)
     return {
         "demo": [{"name": "guest_a", "path": str(a)}, {"name": "guest_b", "path": str(b)}, {"name": "guest_c", "path": str(c)}],
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--precision", default="auto", help="model.precision of every run (auto: bf16 where native)")
-    parser.add_argument("--rows", type=int, default=200, help="utterances of guest A, guest C and the docs (guest B: all 219)")
+    parser.add_argument("--rows", type=int, default=200, help="utterances per dataset")
     parser.add_argument("--train-share", type=float, default=0.4,
                         help="training share of the split (validation 0.1, test the rest): fewer training rows, more test rows")
     parser.add_argument("--epochs", type=float, default=1)
@@ -166,7 +166,7 @@ def main() -> None:
         f"cores, CPU only. Each stream is one `cltune compare` over {args.seeds} seeds (each seed reseeds the split, "
         "sampling and initialization); its runs are in the compare folder's `runs/`.", "",
         f"Budget, the same for every strategy, reduced to fit a 2-core machine's afternoon: model `{args.model}` in "
-        f"{args.precision}; guest A, guest C and the docs {args.rows} utterances each, guest B all 219 (6 conversations); "
+        f"{args.precision}; {args.rows} utterances per dataset; "
         f"split {b['data']['split'][0]:g}/0.1/{b['data']['split'][2]:g} (train/validation/test, whole conversations), "
         "i.e. **fewer training rows and more test rows** than the defaults; utterances cut at "
         f"{args.max_length} tokens; {args.epochs:g} epoch(s) per phase at constant LR {args.lr:g}, {args.batch_size} "
