@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     n_params = first.base_params
     summary = {"base_params": n_params, "fp32_peak_flops_median": median(peaks["fp32"]),
                "bf16_peak_flops_median": median(peaks["bf16"]), "sides": {}}
-    reference = "baseline" if "baseline" in names else names[1 if len(names) > 1 else 0]
+    reference = names[0]  # the seed's stack, or (with --skip-baseline) the first cltune side
     rows = []
     for name in names:
         tps = median(r[name].tokens_per_s for r in rounds)
