@@ -96,6 +96,15 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
     low, high = percentile_interval(values)
     assert (change["low_pct"], change["high_pct"]) == pytest.approx((100 * (math.exp(low) - 1), 100 * (math.exp(high) - 1)))
     assert change["resolved"] == (low > 0 or high < 0)
+    # the pass ledger: replay's reused phase 1 counts naive's work; its phase 2 trains on more utterances
+    passes = {k: [p["strategy"]["forward_tokens"] for p in m["phases"]] for k, m in metrics.items()}
+    assert passes[("replay", 0)][0] == passes[("naive", 0)][0] > 0
+    assert passes[("replay", 0)][1] > passes[("naive", 0)][1] > 0
+    assert all(p["strategy"]["backward_tokens"] == p["strategy"]["forward_tokens"] for m in metrics.values()
+               for p in m["phases"])  # no teacher, no reference pass: every forward trains
+    forward = [sum(passes[("replay", s)]) / sum(passes[("naive", s)]) for s in (0, 1)]
+    assert summary["strategies"]["replay"]["forward_vs_naive"]["mean"] == pytest.approx(sum(forward) / 2)
+    assert summary["strategies"]["naive"]["forward_vs_naive"]["mean"] == 1.0
     text = (out / "compare.md").read_text()
     assert "## Against naive, paired on the same test utterances" in text and f"{change['change_pct']:+.1f}%" in text
     assert (out / "compare.png").exists() and "data:image/png;base64" in (out / "compare.html").read_text()

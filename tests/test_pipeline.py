@@ -89,3 +89,16 @@ def test_a_before_row_is_scored_again_only_when_the_start_model_changed(tiny_con
     assert metrics.phases[0].before["test_ppl"] == metrics.ppl[0][0]
     if strategy == "naive":
         assert metrics.phases[1].before["test_ppl"] == metrics.ppl[1][1]
+
+
+def test_the_pass_ledger_counts_training_and_strategy_work_not_evaluation(tiny_config):
+    """naive: forward = backward = the padded positions its steps trained on; lwf adds a teacher forward per
+    micro-batch (no backward); evaluation counts for nothing."""
+    naive = run(tiny_config("naive", ["eval.samples_per_speaker=0"], name="naive"))
+    lwf = run(tiny_config("lwf", ["eval.samples_per_speaker=0"], name="lwf"))
+    for record in naive.phases:
+        assert record.strategy["forward_tokens"] == record.strategy["backward_tokens"] >= record.target_tokens
+    first, second = (p.strategy for p in lwf.phases)
+    assert first == {**first, "forward_tokens": naive.phases[0].strategy["forward_tokens"]}  # phase 1: no teacher yet
+    assert second["backward_tokens"] == naive.phases[1].strategy["backward_tokens"]
+    assert second["forward_tokens"] == 2 * second["backward_tokens"]

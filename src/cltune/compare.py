@@ -139,12 +139,23 @@ def _per_run(metrics: RunMetrics, reference: RunMetrics) -> dict:
         "attribution": sum(attribution) / len(attribution) if attribution else None,
         "wall_s": sum(p.wall_s + sum(p.strategy.get("hooks_s", {}).values()) for p in phases),
         "target_tokens": sum(p.target_tokens for p in phases),
+        "forward_tokens": _total(phases, "forward_tokens"), "backward_tokens": _total(phases, "backward_tokens"),
         "peak_rss_mb": metrics.peak_rss_mb,
         "trainable": metrics.parameters.get("trainable"),
         "adapter_params": metrics.adapter_params,
         "stored_utterances": kept.get("stored_utterances", 0),
         "test_sizes": [s["test"] for s in metrics.split_sizes],
     }
+
+
+def _total(phases, key: str) -> int | None:
+    """A pass count summed over phases; None when a phase did not record it (runs before the ledger had it)."""
+    values = [p.strategy.get(key) for p in phases]
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _ratio(value, reference):
+    return None if value is None or not reference else value / reference
 
 
 def _interval(values) -> dict:
@@ -194,6 +205,7 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
     out = {"tasks": tasks, "seeds": seeds, "bootstrap": bootstrap, "reference": REFERENCE, "strategies": {}}
     for name in strategies:
         runs = [_per_run(by_seed[(name, s)][1], by_seed[(REFERENCE, s)][1]) for s in seeds]
+        refs = [_per_run(by_seed[(REFERENCE, s)][1], by_seed[(REFERENCE, s)][1]) for s in seeds]
         entry = {
             "routing": runs[0]["routing"],
             "final_ppl": [_interval([r["final_ppl"][j] for r in runs]) for j in range(len(tasks))],
@@ -204,6 +216,9 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
             "attribution": _interval([r["attribution"] for r in runs]),
             "wall_s": _interval([r["wall_s"] for r in runs]),
             "target_tokens": _interval([r["target_tokens"] for r in runs]),
+            # model passes outside evaluation against naive's on the same seed (1.0: no extra work)
+            "forward_vs_naive": _interval([_ratio(r["forward_tokens"], n["forward_tokens"]) for r, n in zip(runs, refs)]),
+            "backward_vs_naive": _interval([_ratio(r["backward_tokens"], n["backward_tokens"]) for r, n in zip(runs, refs)]),
             "peak_rss_mb": _interval([r["peak_rss_mb"] for r in runs]),
             "trainable": runs[0]["trainable"], "adapter_params": runs[0]["adapter_params"],
             "stored_utterances": runs[0]["stored_utterances"],

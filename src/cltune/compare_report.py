@@ -92,12 +92,16 @@ def markdown(summary: dict, command: str) -> str:
         rows.append([_label(name, entry), *cells, _ci(entry["new_task_ratio"], 3), _ci(entry["attribution"], 3)])
     lines += _table(["strategy", *tasks, "new-task ratio", "attribution"], rows) if rows else ["(naive only)"]
     lines += ["", "## Costs", ""]
-    lines += ["Trained per phase: the parameters one phase trains; adapter parameters: all the final model keeps "
-              "(per-task adapters keep one set per task). Utterances kept: earlier training utterances the last phase "
-              "could replay or project against.", ""]
-    lines += _table(["strategy", "wall s", "target tokens trained", "peak RSS MB", "trained per phase",
-                     "adapter params", "utterances kept"],
-                    [[_label(n, e), _ci(e["wall_s"], 0), _ci(e["target_tokens"], 0), _ci(e["peak_rss_mb"], 0),
+    lines += ["Wall s: training and strategy hooks, not evaluation. Forward / backward × naive: token positions through "
+              "the model outside evaluation (training, teachers, reference gradients, Fisher, meta-training), and those "
+              "with a backward pass, over naive's on the same seed; generation (gen_replay) is not a pass here, its "
+              "time is in wall s. Trained per phase: the parameters one phase trains; adapter parameters: all the final "
+              "model keeps (per-task adapters keep one set per task). Utterances kept: earlier training utterances the "
+              "last phase could replay or project against.", ""]
+    lines += _table(["strategy", "wall s", "target tokens trained", "forward × naive", "backward × naive", "peak RSS MB",
+                     "trained per phase", "adapter params", "utterances kept"],
+                    [[_label(n, e), _ci(e["wall_s"], 0), _ci(e["target_tokens"], 0),
+                      _ci(e.get("forward_vs_naive", {}), 2), _ci(e.get("backward_vs_naive", {}), 2), _ci(e["peak_rss_mb"], 0),
                       f"{e['trainable']:,}", "–" if e.get("adapter_params") is None else f"{e['adapter_params']:,}",
                       str(e["stored_utterances"])] for n, e in strategies.items()])
     lines += ["", "## Reading", "", *reading(summary), "", "![forgetting vs plasticity](compare.png)", ""]
@@ -112,8 +116,9 @@ def csv_text(summary: dict) -> str:
         for metric in ("final_ppl", "forgetting_pct", "peak_forgetting_pct"):
             for task, v in zip(summary["tasks"], entry[metric]):
                 writer.writerow([name, entry["routing"], metric, task, v["mean"], v["low"], v["high"]])
-        for metric in ("bwt", "fwt", "new_task_ratio", "attribution", "wall_s", "target_tokens", "peak_rss_mb"):
-            v = entry[metric]
+        for metric in ("bwt", "fwt", "new_task_ratio", "attribution", "wall_s", "target_tokens", "forward_vs_naive",
+                       "backward_vs_naive", "peak_rss_mb"):
+            v = entry.get(metric) or {"mean": None, "low": None, "high": None}
             writer.writerow([name, entry["routing"], metric, "", v["mean"], v["low"], v["high"]])
         for task, c in (entry.get("vs_naive") or {}).items():
             writer.writerow([name, entry["routing"], "change_vs_naive_pct", task, c["change_pct"], c["low_pct"], c["high_pct"]])

@@ -16,7 +16,7 @@ from accelerate.utils import gather_object
 
 from cltune.batching import collate, encode, length_grouped_batches
 from cltune.data.split import Example
-from cltune.scoring import TokenScorer, per_example_sums, target_nll
+from cltune.scoring import TokenScorer, per_example_sums, target_nll, uncounted
 
 
 @torch.no_grad()
@@ -30,13 +30,14 @@ def example_nll(
     was_training = scorer.training
     scorer.eval()
     results = []
-    for indices in mine:
-        batch = collate(encoded, indices, pad_id)
-        inputs = {k: v.to(accelerator.device) for k, v in batch.model_inputs().items()}
-        nll = target_nll(scorer(**inputs), inputs["labels"])
-        sums = per_example_sums(nll.double(), batch.target_example, n)[indices].cpu()
-        counts = per_example_sums(torch.ones_like(nll, dtype=torch.double), batch.target_example, n)[indices].cpu()
-        results.append((indices, sums.tolist(), counts.tolist()))
+    with uncounted(scorer):  # evaluation is not part of a strategy's cost
+        for indices in mine:
+            batch = collate(encoded, indices, pad_id)
+            inputs = {k: v.to(accelerator.device) for k, v in batch.model_inputs().items()}
+            nll = target_nll(scorer(**inputs), inputs["labels"])
+            sums = per_example_sums(nll.double(), batch.target_example, n)[indices].cpu()
+            counts = per_example_sums(torch.ones_like(nll, dtype=torch.double), batch.target_example, n)[indices].cpu()
+            results.append((indices, sums.tolist(), counts.tolist()))
     scorer.train(was_training)
     if accelerator.num_processes > 1:
         results = gather_object(results)

@@ -111,6 +111,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     if acc.is_main_process:  # the one writer of the log; another process must not unlink it under it
         staging_log.unlink(missing_ok=True)
     set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
+    passes_at_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     hook_start = time.perf_counter()
     strategy.before_task(task)
     settle_dtypes(ctx.model, ctx.base_dtype)  # an adapter it added came in the base's dtype
@@ -136,6 +137,11 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     strategy.after_task(task)
     settle_dtypes(ctx.model, ctx.base_dtype)
     hooks_s["after_task"] = round(time.perf_counter() - hook_start, 2)
+    passes = {"forward_tokens": ctx.scorer.forward_tokens - passes_at_start[0],
+              "backward_tokens": ctx.scorer.backward_tokens - passes_at_start[1]}
+    if reuse_phase1 is not None:  # the work of the phase it stands for, as its wall time
+        source = read_json(reuse_phase1 / "metrics.json").get("strategy", {})
+        passes = {key: source.get(key) for key in passes}
     router = strategy.router()
     metrics, per_utterance = _with_row(metrics, session, router)
     with router.oracle(k):
@@ -145,7 +151,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         phase=k + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
         wall_s=round(result.wall_s, 2), tokens_per_s=round(result.tokens_per_s, 1), best_val_loss=result.best_val_loss,
         stopped_early=result.stopped_early, train_examples=None if reuse_phase1 is not None else len(examples),
-        before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {}),
+        before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {}), **passes,
                                               **({"phase1_from": str(reuse_phase1)} if reuse_phase1 else {})},
     )
     metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb(),

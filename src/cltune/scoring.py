@@ -10,6 +10,9 @@ Two speed-ups over calling the model, with identical results (tested):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,6 +68,19 @@ class TokenScorer(nn.Module):
         super().__init__()
         self.model = model
         self.compute_dtype = compute_dtype
+        # Token positions through the model outside evaluation (the cost ledger): every forward, and
+        # the forwards that build a graph (a backward follows). Evaluation runs inside `uncounted()`.
+        self.forward_tokens = 0
+        self.backward_tokens = 0
+        self._counting = True
+
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        counting, self._counting = self._counting, False
+        try:
+            yield
+        finally:
+            self._counting = counting
 
     def _base(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -73,6 +89,9 @@ class TokenScorer(nn.Module):
                 return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at target positions, shape (targets, vocab), row-major over the batch; with
         `return_hidden`, also the last hidden states there, shape (targets, width)."""
+        if self._counting:
+            self.forward_tokens += input_ids.numel()
+            self.backward_tokens += input_ids.numel() if torch.is_grad_enabled() else 0
         low = self.compute_dtype is not None
         with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=low):
             base = self._base()
@@ -86,6 +105,12 @@ class TokenScorer(nn.Module):
             at_targets = hidden[:, :-1][mask]
             logits = _head(base.get_output_embeddings(), at_targets)
         return (logits, at_targets) if return_hidden else logits
+
+
+def uncounted(scorer: nn.Module):
+    """The scorer's `uncounted()` (through an Accelerate/DDP wrapper), or a no-op for another module."""
+    inner = getattr(scorer, "module", scorer)
+    return inner.uncounted() if isinstance(inner, TokenScorer) else nullcontext()
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

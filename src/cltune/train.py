@@ -266,6 +266,10 @@ def _resume(checkpoints: StepCheckpoints, ctx: Context, strategy, optimizer, sch
                        folder, state["step"])
     if log_path and ctx.accelerator.is_main_process:
         log_path.write_text(log_text, encoding="utf-8")
+    # The passes the interrupted process had made in this phase count as this one's (the cost ledger).
+    forward, backward = state.get("passes", (0, 0))
+    ctx.scorer.forward_tokens += forward
+    ctx.scorer.backward_tokens += backward
     return _Loop(PhaseResult(**state["result"]), best, state["since_best"], state["step"], state["elapsed_s"])
 
 
@@ -304,6 +308,7 @@ def train_phase(
     scorer, optimizer = acc.prepare(ctx.scorer, optimizer)
     val_every = settings.eval_every or max(1, math.ceil(len(plan) / math.ceil(settings.epochs)))
 
+    counted = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)  # model passes before this loop
     loop = None
     if checkpoints:
         loop = _resume(checkpoints, ctx, strategy, optimizer, scheduler, log_path, plan_sha, data_sha)
@@ -370,7 +375,9 @@ def train_phase(
                     log.flush()
                 if acc.is_main_process:
                     checkpoints.save(step, ctx.model, ctx.tokenizer, strategy.full_state(), optimizer, scheduler,
-                                     loop.to_json(plan_sha, data_sha, epoch), loop.best_state,
+                                     {**loop.to_json(plan_sha, data_sha, epoch), "passes": [
+                                         ctx.scorer.forward_tokens - counted[0], ctx.scorer.backward_tokens - counted[1]]},
+                                     loop.best_state,
                                      log_path.read_text(encoding="utf-8") if log_path and log_path.exists() else "")
     if log:
         log.close()
