@@ -102,3 +102,15 @@ def test_the_pass_ledger_counts_training_and_strategy_work_not_evaluation(tiny_c
     assert first == {**first, "forward_tokens": naive.phases[0].strategy["forward_tokens"]}  # phase 1: no teacher yet
     assert second["backward_tokens"] == naive.phases[1].strategy["backward_tokens"]
     assert second["forward_tokens"] == 2 * second["backward_tokens"]
+
+
+def test_a_reused_phase_1_counts_the_source_training_and_its_own_hooks(tiny_config):
+    """ewc taking naive's phase 1: naive's training passes, plus the Fisher passes ewc itself ran after it."""
+    naive = run(tiny_config("naive", ["eval.samples_per_speaker=0"], name="source"))
+    config = tiny_config("ewc", ["eval.samples_per_speaker=0"], name="ewc")
+    ewc = run(config, reuse_phase1=config.output_dir / "source" / "phase1")
+    source, reused = naive.phases[0].strategy, ewc.phases[0].strategy
+    assert reused["phase1_from"] and reused["training_forward_tokens"] == source["training_forward_tokens"] > 0
+    fisher = reused["forward_tokens"] - reused["training_forward_tokens"]
+    assert fisher == reused["backward_tokens"] - reused["training_backward_tokens"] > 0  # the Fisher pass has a backward
+    assert ewc.phases[1].strategy["forward_tokens"] > ewc.phases[1].strategy["training_forward_tokens"]  # its own Fisher

@@ -126,6 +126,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
             acc, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size)
     meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens}
+    loop_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     if reuse_phase1 is not None:
         result = _reuse_phase(reuse_phase1, ctx.model, staging_log if acc.is_main_process else None)
     else:
@@ -133,15 +134,18 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         checkpoints = resuming.StepCheckpoints(resuming.steps_folder(run_dir, k), settings.checkpoint_every,
                                                settings.save_total_limit, meta, resume=resume)
         result = train_phase(ctx, strategy, task, examples, settings, k, staging_log, checkpoints)
+    loop_end = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     hook_start = time.perf_counter()
     strategy.after_task(task)
     settle_dtypes(ctx.model, ctx.base_dtype)
     hooks_s["after_task"] = round(time.perf_counter() - hook_start, 2)
-    passes = {"forward_tokens": ctx.scorer.forward_tokens - passes_at_start[0],
-              "backward_tokens": ctx.scorer.backward_tokens - passes_at_start[1]}
-    if reuse_phase1 is not None:  # the work of the phase it stands for, as its wall time
+    passes = _passes(ctx.scorer, passes_at_start, loop_start, loop_end)
+    if reuse_phase1 is not None:  # the training of the phase it stands for counts, as its wall time does
         source = read_json(reuse_phase1 / "metrics.json").get("strategy", {})
-        passes = {key: source.get(key) for key in passes}
+        trained = [source.get(f"training_{key}", source.get(key)) for key in ("forward_tokens", "backward_tokens")]
+        passes = {"forward_tokens": None, "backward_tokens": None} if None in trained else {
+            "forward_tokens": passes["forward_tokens"] + trained[0], "backward_tokens": passes["backward_tokens"] + trained[1],
+            "training_forward_tokens": trained[0], "training_backward_tokens": trained[1]}
     router = strategy.router()
     metrics, per_utterance = _with_row(metrics, session, router)
     with router.oracle(k):
@@ -210,6 +214,12 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     per_utterance = {mode: {task.name: {"lines": [e.line for e in task.test], "nll": s.nll, "targets": s.targets}
                             for task, s in zip(session.tasks, row)} for mode, row in rows.items()}
     return metrics.model_copy(update=update), per_utterance
+
+
+def _passes(scorer, start, loop_start, loop_end) -> dict[str, int]:
+    """The phase's model passes outside evaluation (token positions), and the training loop's share."""
+    return {"forward_tokens": scorer.forward_tokens - start[0], "backward_tokens": scorer.backward_tokens - start[1],
+            "training_forward_tokens": loop_end[0] - loop_start[0], "training_backward_tokens": loop_end[1] - loop_start[1]}
 
 
 def served_fingerprint(model, strategy) -> str:
