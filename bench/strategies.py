@@ -124,6 +124,7 @@ def resolution(compare_dir: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=",".join(REGISTRY))
+    parser.add_argument("--demo-strategies", default=None, help="a shorter list for the demo stream (default: --strategies)")
     parser.add_argument("--streams", default="hard,demo")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -151,7 +152,8 @@ def main() -> None:
         compare_dir = args.out / stream / "compare"
         if not args.collect:
             print(f"[{stream}] cltune compare …", flush=True)
-            subprocess.run([sys.executable, "-m", "cltune", "compare", str(config), "--strategies", args.strategies,
+            names = (args.demo_strategies or args.strategies) if stream == "demo" else args.strategies
+            subprocess.run([sys.executable, "-m", "cltune", "compare", str(config), "--strategies", names,
                             "--seeds", str(args.seeds), "--out", str(compare_dir)], check=True)
         sections += section(stream, all_streams[stream], compare_dir, args.doc.parent)
         resolved.append(f"{stream}: {resolution(compare_dir)}")
