@@ -72,8 +72,8 @@ def base_dtype(precision: str) -> torch.dtype:
 def make_accelerator(precision: str) -> Accelerator:
     """A fresh Accelerator for one run at `precision` (a `model.precision` setting or what it resolved to).
 
-    Only fp16 uses Accelerate's autocast (and its loss scaling); bf16 stores the frozen base in bf16
-    instead (`cltune.model.settle_dtypes`). Accelerate keeps its settings in process-wide state and
+    Only fp16 uses Accelerate's autocast (and its loss scaling); a bf16 run stores the frozen base in
+    bf16 (`cltune.model.settle_dtypes`) and its `TokenScorer` runs the matmuls under bf16 autocast. Accelerate keeps its settings in process-wide state and
     refuses a second Accelerator with another precision. A run owns its precision, so several runs
     in one process (a notebook, a sweep, the tests) must not inherit the previous one's: the
     accelerator settings are cleared first. The process-level state (device, process group under
