@@ -160,7 +160,17 @@ def main() -> None:
 
     cpu = cpu_description()
     flags = ", ".join(f for f, on in cpu["flags"].items() if on)
-    command = " ".join(["python bench/strategies.py", *sys.argv[1:]]).strip()
+    # The command that produced the figures: where files go, and rebuilding the doc, do not change them.
+    shown, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg == "--collect":
+            skip = False
+            continue
+        if arg in ("--out", "--doc"):
+            skip = True
+            continue
+        shown.append(arg)
+    command = " ".join(["python bench/strategies.py", *shown])
     b = budget(args)
     head = [
         "# Strategy benchmark", "",
