@@ -145,6 +145,7 @@ def main() -> None:
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
+    args.doc.parent.mkdir(parents=True, exist_ok=True)
     all_streams = streams(args.out / "data", args.rows)
     sections, resolved = [], []
     for stream in args.streams.split(","):
