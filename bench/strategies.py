@@ -161,6 +161,9 @@ def main() -> None:
         sections += section(stream, all_streams[stream], compare_dir, args.doc.parent)
         resolved.append(f"{stream}: {resolution(compare_dir)}")
 
+    ran = ", ".join(sorted({json.loads(m.read_text(encoding="utf-8"))["precision"]
+                            for stream in args.streams.split(",")
+                            for m in (args.out / stream / "compare" / "runs").glob("*/metrics.json")}))
     cpu = cpu_description()
     flags = ", ".join(f for f, on in cpu["flags"].items() if on)
     # The command that produced the figures: where files go, and rebuilding the doc, do not change them.
@@ -180,8 +183,8 @@ def main() -> None:
         f"Command: `{command}` · {datetime.date.today()} · {cpu['model_name']} ({flags}), {len(os.sched_getaffinity(0))} "
         f"cores, CPU only. Each stream is one `cltune compare` over {args.seeds} seeds (each seed reseeds the split, "
         "sampling and initialization); its runs are in the compare folder's `runs/`.", "",
-        f"Budget, the same for every strategy, reduced to fit a 2-core machine's afternoon: model `{args.model}` in "
-        f"{args.precision}; {args.rows} utterances per dataset; "
+        f"Budget, the same for every strategy, reduced to fit a 2-core machine's afternoon: model `{args.model}`, "
+        f"precision {args.precision} ({ran} here, as each run's metrics.json records); {args.rows} utterances per dataset; "
         f"split {b['data']['split'][0]:g}/0.1/{b['data']['split'][2]:g} (train/validation/test, whole conversations), "
         "i.e. **fewer training rows and more test rows** than the defaults; utterances cut at "
         f"{args.max_length} tokens; {args.epochs:g} epoch(s) per phase at constant LR {args.lr:g}, {args.batch_size} "
@@ -190,8 +193,8 @@ def main() -> None:
                                              "no speaker attribution (it doubles the test cost; its column reads –)."), "",
         "Resolution: the median half-width of the paired intervals against naive (per cent of final test PPL) — "
         + "; ".join(resolved) + ". A smaller difference is not resolved by this budget.", "",
-        "Wall time counts training and strategy hooks (not evaluation). Runs shared the two cores with other work at "
-        "times, so read wall time for its order of magnitude.", "",
+        "Wall time counts training and strategy hooks (not evaluation). Short test runs shared the two cores during "
+        "part of the hard stream, so read wall time for its order of magnitude; the pass ratios are exact counts.", "",
     ]
     args.doc.parent.mkdir(parents=True, exist_ok=True)
     args.doc.write_text("\n".join(head + kept_notes(args.doc) + sections), encoding="utf-8")
