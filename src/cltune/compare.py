@@ -203,9 +203,9 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
     strategies = list(dict.fromkeys(p.strategy for p in planned))
     tasks = results[0].tasks
     out = {"tasks": tasks, "seeds": seeds, "bootstrap": bootstrap, "reference": REFERENCE, "strategies": {}}
+    refs = [_per_run(by_seed[(REFERENCE, s)][1], by_seed[(REFERENCE, s)][1]) for s in seeds]  # naive's, per seed
     for name in strategies:
         runs = [_per_run(by_seed[(name, s)][1], by_seed[(REFERENCE, s)][1]) for s in seeds]
-        refs = [_per_run(by_seed[(REFERENCE, s)][1], by_seed[(REFERENCE, s)][1]) for s in seeds]
         entry = {
             "routing": runs[0]["routing"],
             "final_ppl": [_interval([r["final_ppl"][j] for r in runs]) for j in range(len(tasks))],

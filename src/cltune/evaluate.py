@@ -2,7 +2,8 @@
 
 Perplexity of a split = exp(total NLL of target tokens / number of target tokens), where the
 target tokens of an utterance are its text tokens and its end token (the speaker token is
-context only). Batched, no gradients, fp32, dropout off, deterministic order.
+context only). Batched, no gradients, dropout off, deterministic order; in the run's precision (bf16
+runs: bf16 matmuls over an fp32 residual stream), NLL sums in fp64.
 """
 
 from __future__ import annotations

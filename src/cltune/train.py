@@ -98,7 +98,7 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int, max_token
     weighs every target token of a step alike, so neither changes the step's math. Fractional
     epochs take the first part of the last epoch's seeded order.
     """
-    size = micro_batch_size or (NARROW_MICRO_BATCH if settings.micro_batch_size == "auto" else settings.micro_batch_size)
+    size = micro_batch_size or micro_batch(settings, wide=False)
     group = max(d for d in range(1, LENGTH_GROUP + 1) if settings.batch_size % d == 0)
     per_step = math.ceil(settings.batch_size / group)
     steps: list[tuple[int, list[list[int]]]] = []
