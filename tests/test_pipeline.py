@@ -73,10 +73,12 @@ def test_before_rows_describe_the_model_each_phase_starts_from(strategy_streams)
     assert reptile.phases[0].before["test_ppl"] != pytest.approx(reptile.ppl[0][0], rel=1e-6)
 
 
-@pytest.mark.parametrize(("strategy", "test_scorings"), [("naive", 0), ("adapters", 1)])
-def test_a_before_row_is_scored_again_only_when_the_start_model_changed(tiny_config, monkeypatch, strategy, test_scorings):
+@pytest.mark.parametrize(("strategy", "test_scorings", "after_vals"), [("naive", 0, 0), ("adapters", 1, 0), ("merge", 1, 2)])
+def test_nothing_is_scored_twice_when_the_model_is_the_same(tiny_config, monkeypatch, strategy, test_scorings, after_vals):
     """naive starts each phase from the model the last matrix row scored, so its `before` test PPL is that
-    row's figure, not a second pass over the test set; adapters' phase 2 starts from a new adapter: scored."""
+    row's figure, not a second pass over the test set; adapters' phase 2 starts from a new adapter: scored.
+    The `after` validation PPL is the loop's last validation when the phase ends on those weights; merge's
+    after_task serves a merged adapter after every phase: validated again."""
     from cltune import pipeline
 
     calls, score = [], pipeline.perplexity
@@ -85,10 +87,14 @@ def test_a_before_row_is_scored_again_only_when_the_start_model_changed(tiny_con
     config = tiny_config(strategy, ["eval.samples_per_speaker=0"])
     metrics = run(config)
     tests = [e for e in calls if e and e[0].split == "test"]
-    assert len(tests) == test_scorings and len(calls) == 2 * len(metrics.phases) + test_scorings  # val: before, after
+    assert len(tests) == test_scorings and len(calls) == len(metrics.phases) + test_scorings + after_vals  # val: before
     assert metrics.phases[0].before["test_ppl"] == metrics.ppl[0][0]
     if strategy == "naive":
         assert metrics.phases[1].before["test_ppl"] == metrics.ppl[1][1]
+    for phase in metrics.phases[: len(metrics.phases) - after_vals]:  # the reused figure is the log's last val loss
+        lines = (config.run_dir / f"phase{phase.phase}" / "train_log.jsonl").read_text().splitlines()
+        last = [row["val_loss"] for row in map(json.loads, lines) if "val_loss" in row][-1]
+        assert math.log(phase.after["val_ppl"]) == pytest.approx(last, abs=1e-5)
 
 
 def test_the_pass_ledger_counts_training_and_strategy_work_not_evaluation(tiny_config):

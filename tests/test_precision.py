@@ -72,9 +72,55 @@ def test_runs_of_different_precisions_share_one_process(three_runs):
     # The bf16 run left nothing behind: the next fp32 run is the first one, number for number.
     assert again.ppl == fp32.ppl and again.speaker_attribution == fp32.speaker_attribution
     assert _log_losses(fp32_config.run_dir, 2) == _log_losses(fp32_config.run_dir.with_name("again"), 2)
-    # bf16 evaluates in bf16 too: before training, the same weights score within 0.5% of fp32, not identically.
+    # Evaluation is fp32 arithmetic in both; before training the bf16 run's base differs only by its
+    # rounding to bf16 (seen: 1e-5 relative on this model), so the figures are close, not identical.
+    assert [m.eval_precision for m in (fp32, bf16, again)] == ["fp32", "fp32", "fp32"]
     assert bf16.ppl[0] != fp32.ppl[0]
     assert bf16.ppl[0] == pytest.approx(fp32.ppl[0], rel=5e-3)
+
+
+def test_fp32_arithmetic_scores_the_stored_bf16_weights_in_fp32_and_puts_them_back(tiny_model_dir):
+    """Evaluation of a bf16 run: the frozen base is upcast for the window (exactly what an fp32 scorer over
+    the same bf16-rounded weights computes), bf16 arithmetic outside it differs, and the bf16 tensors come
+    back bit for bit."""
+    from conftest import prepared
+
+    from cltune.batching import collate, encode
+    from cltune.data.split import Example
+    from cltune.model import settle_dtypes
+    from cltune.scoring import target_nll
+
+    model, tokenizer, _ = prepared(tiny_model_dir)
+    with torch.no_grad():  # LoRA B starts at zero: give the adapter something to add
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    texts = ["hello there, how are you", "fine thanks and you", "a longer sentence about the weather today"]
+    encoded = encode([Example(0, "Host", "<HOST>", t, "test", i) for i, t in enumerate(texts)], tokenizer, 24)
+    batch = collate(encoded, [0, 1, 2], tokenizer.pad_token_id)
+    settle_dtypes(model, torch.bfloat16)
+    stored = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base = lambda: {p.dtype for n, p in model.named_parameters() if not p.requires_grad and "lora" not in n}  # noqa: E731
+    assert base() == {torch.bfloat16}
+    scorer = TokenScorer(model, torch.bfloat16).eval()
+    with torch.no_grad():
+        low = target_nll(scorer(**batch.model_inputs()), batch.labels)
+        with scorer.fp32_arithmetic():
+            assert {p.dtype for p in model.parameters()} == {torch.float32}
+            with scorer.fp32_arithmetic():  # nested: one upcast, still fp32 after the inner window
+                inner = target_nll(scorer(**batch.model_inputs()), batch.labels)
+            assert {p.dtype for p in model.parameters()} == {torch.float32}
+            outer = target_nll(scorer(**batch.model_inputs()), batch.labels)
+        assert all(torch.equal(p, stored[n]) for n, p in model.named_parameters())
+        settle_dtypes(model, torch.float32)  # the same rounded weights, scored by a plain fp32 scorer
+        reference = target_nll(TokenScorer(model)(**batch.model_inputs()), batch.labels)
+    assert torch.equal(inner, outer) and torch.allclose(outer, reference, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(low, reference, rtol=1e-6, atol=1e-6)  # bf16 arithmetic reads differently
+    settle_dtypes(model, torch.bfloat16)
+    run_precision = TokenScorer(model, torch.bfloat16, fp32_evaluation=False)
+    with torch.no_grad(), run_precision.fp32_arithmetic():  # `eval.precision: run`: the window does nothing
+        assert base() == {torch.bfloat16}
+        assert torch.equal(target_nll(run_precision(**batch.model_inputs()), batch.labels), low)
 
 
 def test_bf16_training_tracks_fp32(three_runs):

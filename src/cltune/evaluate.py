@@ -2,8 +2,9 @@
 
 Perplexity of a split = exp(total NLL of target tokens / number of target tokens), where the
 target tokens of an utterance are its text tokens and its end token (the speaker token is
-context only). Batched, no gradients, dropout off, deterministic order; in the run's precision (bf16
-runs: bf16 matmuls over an fp32 residual stream), NLL sums in fp64.
+context only). Batched, no gradients, dropout off, deterministic order; in fp32 arithmetic whatever
+the run's precision (a bf16 run's frozen base is upcast meanwhile, `TokenScorer.fp32_arithmetic`), or
+in the run's precision with `eval.precision: run`; NLL sums in fp64.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from accelerate.utils import gather_object
 
 from cltune.batching import collate, encode, length_grouped_batches
 from cltune.data.split import Example
-from cltune.scoring import TokenScorer, per_example_sums, target_nll, uncounted
+from cltune.scoring import TokenScorer, fp32_arithmetic, per_example_sums, target_nll, uncounted
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def example_nll(
     was_training = scorer.training
     scorer.eval()
     results = []
-    with uncounted(scorer):  # evaluation is not part of a strategy's cost
+    with uncounted(scorer), fp32_arithmetic(scorer):  # evaluation is not part of a strategy's cost
         for indices in mine:
             batch = collate(encoded, indices, pad_id)
             inputs = {k: v.to(accelerator.device) for k, v in batch.model_inputs().items()}
@@ -53,10 +54,6 @@ def example_nll(
 def perplexity(accelerator, scorer, tokenizer, examples: list[Example], max_length: int, batch_size: int = 32) -> float:
     total, count = example_nll(accelerator, scorer, encode(examples, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
     return math.exp(total.sum().item() / count.sum().item())
-
-
-def mean_loss(accelerator, scorer, tokenizer, examples: list[Example], max_length: int, batch_size: int = 32) -> float:
-    return math.log(perplexity(accelerator, scorer, tokenizer, examples, max_length, batch_size))
 
 
 @dataclass
@@ -118,15 +115,19 @@ def perplexity_and_attribution(
 def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> list[Scores]:
     """One row of the matrix: each task's test scores. Oracle: each task served by the weights
     `router.oracle(task)` gives it, in one pass. `agnostic`: each utterance served by the weights its
-    speaker token routes to."""
+    speaker token routes to. The whole row runs in one `fp32_arithmetic()` window (one upcast)."""
     row = []
-    for task in tasks:
-        candidates = list(task.tokens.values()) if settings.attribution else []
-        if agnostic:
-            row.append(score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
-                                   settings.batch_size, route=router.agnostic))
-        else:
-            with router.oracle(task.index):
-                row.append(score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates,
-                                       ctx.max_length, settings.batch_size))
+    with fp32_arithmetic(ctx.scorer):
+        for task in tasks:
+            row.append(_test_scores(ctx, router, task, settings, agnostic))
     return row
+
+
+def _test_scores(ctx, router, task, settings, agnostic: bool) -> Scores:
+    candidates = list(task.tokens.values()) if settings.attribution else []
+    if agnostic:
+        return score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
+                           settings.batch_size, route=router.agnostic)
+    with router.oracle(task.index):
+        return score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
+                           settings.batch_size)

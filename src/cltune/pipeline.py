@@ -10,7 +10,6 @@ an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -19,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -33,11 +31,11 @@ from cltune.data.eda import summarize, write_eda
 from cltune.evaluate import Scores, perplexity, test_row
 from cltune.files import atomic_write_text, read_json, write_json
 from cltune.generate import sample_rows
-from cltune.model import adapter_parameters, is_adapter_weight, settle_dtypes
+from cltune.model import adapter_parameters, settle_dtypes
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
 from cltune.session import Session, build_session
-from cltune.train import PhaseResult, train_phase
+from cltune.train import PhaseResult, served_fingerprint, train_phase
 
 log = logging.getLogger(__name__)
 TEST_NLL = "test_nll.json"  # the latest row's per-utterance test NLLs, for paired comparisons (cltune compare)
@@ -61,6 +59,7 @@ def _header(session: Session) -> RunMetrics:
     config = session.config
     return RunMetrics(
         run=config.name, strategy=config.strategy, model=config.model.name, precision=session.precision,
+        eval_precision="fp32" if config.eval.precision == "fp32" else session.precision,
         processes=session.accelerator.num_processes, tasks=[t.name for t in session.tasks],
         speaker_tokens=session.speaker_tokens, parameters=session.counts,
         split_sizes=[{"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in session.tasks],
@@ -149,8 +148,10 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     router = strategy.router()
     metrics, per_utterance = _with_row(metrics, session, router)
     with router.oracle(k):
-        after = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size),
-                 "test_ppl": metrics.ppl[-1][k]}
+        # The loop's last validation scored these very weights unless early stopping or after_task changed them.
+        validated, val_ppl = result.last_val or (None, None)
+        after = {"val_ppl": val_ppl if validated == served_fingerprint(ctx.model, strategy) else perplexity(
+            acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size), "test_ppl": metrics.ppl[-1][k]}
     record = PhaseRecord(
         phase=k + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
         wall_s=round(result.wall_s, 2), tokens_per_s=round(result.tokens_per_s, 1), best_val_loss=result.best_val_loss,
@@ -220,20 +221,6 @@ def _passes(scorer, start, loop_start, loop_end) -> dict[str, int]:
     """The phase's model passes outside evaluation (token positions), and the training loop's share."""
     return {"forward_tokens": scorer.forward_tokens - start[0], "backward_tokens": scorer.backward_tokens - start[1],
             "training_forward_tokens": loop_end[0] - loop_start[0], "training_backward_tokens": loop_end[1] - loop_start[1]}
-
-
-def served_fingerprint(model, strategy) -> str:
-    """A digest of everything training and strategies change in what the model computes: the active
-    adapters, every adapter weight and trainable parameter, and the strategy's own modules (the frozen
-    base never changes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(getattr(model, "active_adapters", None)).encode())
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or is_adapter_weight(n)]
-    named += [(f"module.{m}.{n}", p) for m, module in strategy.modules().items() for n, p in module.named_parameters()]
-    for name, p in named:
-        digest.update(name.encode())
-        digest.update(p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:

@@ -67,7 +67,8 @@ class RunMetrics(_Record):
     run: str
     strategy: str
     model: str
-    precision: str  # what training ran in: fp32, bf16 or fp16 (evaluation is always fp32)
+    precision: str  # what training ran in: fp32, bf16 or fp16
+    eval_precision: str = "fp32"  # what evaluation ran in: fp32, or the training precision (`eval.precision: run`)
     processes: int
     # "single": one model serves every task, the matrix needs no task id. "oracle": the matrix gives each
     # task its own weights (the task id, which users do not have); `agnostic` holds the speaker-routed matrix.

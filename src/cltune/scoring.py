@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltune.batching import IGNORE
+from cltune.model import settle_dtypes
 
 
 def _new_rows(module: nn.Module):
@@ -61,13 +62,15 @@ class TokenScorer(nn.Module):
     It is a module so that Accelerate/DDP can prepare it: its forward is the model's forward.
     With `compute_dtype` (bf16 runs: the frozen base is stored in bf16), matmuls run in that dtype
     under autocast while the residual stream, norms and softmax stay fp32 — autocast's numerics,
-    without casting the whole base on every forward.
+    without casting the whole base on every forward. Inside `fp32_arithmetic()` (evaluation, unless
+    `eval.precision: run`) the base is upcast and everything runs in fp32.
     """
 
-    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None, fp32_evaluation: bool = True):
         super().__init__()
         self.model = model
         self.compute_dtype = compute_dtype
+        self.fp32_evaluation = fp32_evaluation
         # Token positions through the model outside evaluation (the cost ledger): every forward, and
         # the forwards that build a graph (a backward follows). Evaluation runs inside `uncounted()`.
         self.forward_tokens = 0
@@ -81,6 +84,24 @@ class TokenScorer(nn.Module):
             yield
         finally:
             self._counting = counting
+
+    @contextmanager
+    def fp32_arithmetic(self) -> Iterator[None]:
+        """fp32 arithmetic meanwhile: a low-precision frozen base is upcast (bf16 → fp32 → bf16 is exact,
+        so the stored weights come back bit for bit) and the forward runs without autocast. Costs the
+        fp32 copy's memory while it lasts; nested uses upcast once. A no-op for an fp32 scorer or one
+        built with `fp32_evaluation=False`."""
+        if self.compute_dtype is None or not self.fp32_evaluation:
+            yield
+            return
+        low = self.compute_dtype
+        settle_dtypes(self.model, torch.float32)
+        self.compute_dtype = None
+        try:
+            yield
+        finally:
+            self.compute_dtype = low
+            settle_dtypes(self.model, low)
 
     def _base(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -111,6 +132,12 @@ def uncounted(scorer: nn.Module):
     """The scorer's `uncounted()` (through an Accelerate/DDP wrapper), or a no-op for another module."""
     inner = getattr(scorer, "module", scorer)
     return inner.uncounted() if isinstance(inner, TokenScorer) else nullcontext()
+
+
+def fp32_arithmetic(scorer: nn.Module):
+    """The scorer's `fp32_arithmetic()` (through an Accelerate/DDP wrapper), or a no-op for another module."""
+    inner = getattr(scorer, "module", scorer)
+    return inner.fp32_arithmetic() if isinstance(inner, TokenScorer) else nullcontext()
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -120,7 +120,8 @@ def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: A
     resize_for(model, tokenizer)
     model = attach_lora(model, config.lora, new_ids)
     settle_dtypes(model, base_dtype(precision))
-    scorer = TokenScorer(model, torch.bfloat16 if precision == "bf16" else None).to(accelerator.device)
+    scorer = TokenScorer(model, torch.bfloat16 if precision == "bf16" else None,
+                         fp32_evaluation=config.eval.precision == "fp32").to(accelerator.device)
     return model, tokenizer, scorer, new_ids, parameter_counts(model)
 
 
@@ -162,7 +163,7 @@ def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strat
     datasets, tasks, tokens = load_tasks(config)
     model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), accelerator, precision)
     ctx = Context(accelerator, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, config.run_dir,
-                  new_ids, config.lora, base_dtype(precision))
+                  new_ids, config.lora, base_dtype(precision), config.eval.batch_size)
     name = strategy or config.strategy
     if name not in registry:
         raise UserError(f"strategy: unknown {name!r}; choose one of {', '.join(registry)}")

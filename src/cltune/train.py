@@ -8,6 +8,7 @@ step checkpoints as it goes and can continue from one exactly (see `cltune.resum
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -31,8 +32,9 @@ from cltune.batching import collate, length_grouped_batches
 from cltune.config import PhaseSettings
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError, UserError
-from cltune.evaluate import mean_loss
+from cltune.evaluate import perplexity
 from cltune.resume import StepCheckpoints, derived_seed, fingerprint
+from cltune.model import is_adapter_weight
 from cltune.scoring import target_nll
 from cltune.strategies.base import Context, Outputs, StepInfo, Strategy
 
@@ -48,6 +50,9 @@ class PhaseResult:
     val_losses: list[float] = field(default_factory=list)
     best_val_loss: float | None = None
     stopped_early: bool = False
+    # (served_fingerprint, validation PPL) of the latest validation: the pipeline reuses the figure when the
+    # phase ends on those weights
+    last_val: tuple[str, float] | None = None
 
 
 def split_wide(micro_batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
@@ -357,7 +362,10 @@ def train_phase(
                 log.write(json.dumps(row) + "\n")
 
             if step % val_every == 0 or step == len(plan):
-                val = mean_loss(acc, ctx.scorer, ctx.tokenizer, require_no_test(task.val, "validation"), ctx.max_length)
+                val_ppl = perplexity(acc, ctx.scorer, ctx.tokenizer, require_no_test(task.val, "validation"), ctx.max_length,
+                                     ctx.eval_batch_size)
+                val = math.log(val_ppl)
+                result.last_val = (served_fingerprint(ctx.model, strategy), val_ppl)
                 scorer.train()
                 result.val_losses.append(val)
                 if log:
@@ -389,3 +397,17 @@ def train_phase(
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = result.target_tokens / max(result.wall_s, 1e-9)
     return result
+
+
+def served_fingerprint(model, strategy) -> str:
+    """A digest of everything training and strategies change in what the model computes: the active
+    adapters, every adapter weight and trainable parameter, and the strategy's own modules (the frozen
+    base never changes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(getattr(model, "active_adapters", None)).encode())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or is_adapter_weight(n)]
+    named += [(f"module.{m}.{n}", p) for m, module in strategy.modules().items() for n, p in module.named_parameters()]
+    for name, p in named:
+        digest.update(name.encode())
+        digest.update(p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()

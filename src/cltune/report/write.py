@@ -45,7 +45,7 @@ def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str]) 
     tasks = metrics.tasks
     lines = [f"# cltune report — {metrics.run}", "",
              f"Strategy **{metrics.strategy}** on model `{metrics.model}` ({metrics.precision} training, "
-             f"{metrics.processes} process(es)). Trainable: {metrics.parameters['lora']:,} LoRA + "
+             f"{metrics.eval_precision} evaluation, {metrics.processes} process(es)). Trainable: {metrics.parameters['lora']:,} LoRA + "
              f"{metrics.parameters['new_token_rows']:,} new-token parameters.", ""]
     eda_path = run_dir / "eda" / "eda.json"
     if eda_path.exists():

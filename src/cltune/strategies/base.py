@@ -47,6 +47,7 @@ class Context:
     new_token_ids: list[int] = field(default_factory=list)  # [PAD] and speaker tokens added to the vocabulary
     lora: Any = None  # cltune.config.LoraSettings, for strategies that add adapters
     base_dtype: torch.dtype = torch.float32  # frozen base weights' dtype (bf16 runs); trained weights are fp32
+    eval_batch_size: int = 32  # utterances per evaluation forward (validation in the loop as after it)
 
     def encode(self, examples: list[Example]) -> list[list[int]]:
         return encode(examples, self.tokenizer, self.max_length)
