@@ -180,6 +180,29 @@ def test_every_strategy_resumes_mid_phase_2_exactly(strategy_streams, monkeypatc
     assert deterministic(run(config, resume=True)) == deterministic(uninterrupted)
 
 
+def test_a_phase_resumed_from_a_step_checkpoint_skips_work_the_checkpoint_restores(strategy_streams, monkeypatch):
+    """Reptile's meta-training only produces the weights phase 1 starts from; a step checkpoint of phase 1
+    restores later ones, so the resumed run does not meta-train again, yet reports the phase as the
+    uninterrupted run does: its start figures, meta-training cost, passes and set-up time."""
+    from cltune.strategies import reptile
+
+    raw, uninterrupted = strategy_streams("reptile")
+    config = make_config({**raw, "name": "reptile-resumed-in-phase-1"})
+    meta_trainings = []
+    real = reptile.Reptile.meta_train
+    monkeypatch.setattr(reptile.Reptile, "meta_train", lambda self, task: meta_trainings.append(task.index) or real(self, task))
+    with monkeypatch.context() as patch:
+        crash_after_saves(patch, 2)  # phase 1 saves steps 1-3
+        with pytest.raises(SimulatedCrash):
+            run(config)
+    assert meta_trainings == [0]
+    resumed = run(config, resume=True)
+    assert meta_trainings == [0]  # not again
+    assert deterministic(resumed) == deterministic(uninterrupted)  # start figures, costs and passes included
+    first = resumed.phases[0].strategy
+    assert first["meta_target_tokens"] > 0 and first["hooks_s"]["before_task"] >= first["meta_wall_s"] - 0.01
+
+
 # --- atomic writes and verification --------------------------------------------------------------
 
 

@@ -111,28 +111,44 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         staging_log.unlink(missing_ok=True)
     set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
     passes_at_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
+    meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens}
+    checkpoints = None if reuse_phase1 is not None else resuming.StepCheckpoints(
+        resuming.steps_folder(run_dir, k), config.phase(k).checkpoint_every, config.phase(k).save_total_limit, meta,
+        resume=resume)
+    # Continuing from a step checkpoint: it restores the trained weights, so work whose only product is
+    # those weights (Reptile's meta-training) is skipped, and the phase's start figures, set-up passes and
+    # costs are the interrupted process's, recorded with the checkpoint.
+    setup = checkpoints.latest_setup() if checkpoints else None
+    ctx.resumed_phase = setup is not None
     hook_start = time.perf_counter()
-    strategy.before_task(task)
+    try:
+        strategy.before_task(task)
+    finally:
+        ctx.resumed_phase = False
     settle_dtypes(ctx.model, ctx.base_dtype)  # an adapter it added came in the base's dtype
     hooks_s = {"before_task": round(time.perf_counter() - hook_start, 2)}
     examples = strategy.train_data(task)  # once per phase
-    # The model the phase starts from (before_task may have changed it: an adapter added, meta-training),
-    # served as the matrix serves this task.
-    with strategy.router().oracle(k):
-        before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size)}
-        fingerprint, measured = session.served.get(k, (None, None))
-        # Most strategies start a phase from the model the last matrix row scored: its figure is reused.
-        before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
-            acc, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size)
-    meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens}
+    if setup is not None:
+        before, hooks_s = setup["before"], setup["hooks_s"]
+        strategy.costs[k + 1] = {**strategy.costs.get(k + 1, {}), **setup["costs"]}
+        ctx.scorer.forward_tokens, ctx.scorer.backward_tokens = (p + q for p, q in zip(passes_at_start, setup["passes"]))
+    else:
+        # The model the phase starts from (before_task may have changed it: an adapter added, meta-training),
+        # served as the matrix serves this task.
+        with strategy.router().oracle(k):
+            before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size)}
+            fingerprint, measured = session.served.get(k, (None, None))
+            # Most strategies start a phase from the model the last matrix row scored: its figure is reused.
+            before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
+                acc, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size)
     loop_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
+    if checkpoints is not None:
+        checkpoints.setup = {"before": before, "hooks_s": hooks_s, "costs": strategy.costs.get(k + 1, {}),
+                             "passes": [now - then for now, then in zip(loop_start, passes_at_start)]}
     if reuse_phase1 is not None:
         result = _reuse_phase(reuse_phase1, ctx.model, staging_log if acc.is_main_process else None)
     else:
-        settings = config.phase(k)
-        checkpoints = resuming.StepCheckpoints(resuming.steps_folder(run_dir, k), settings.checkpoint_every,
-                                               settings.save_total_limit, meta, resume=resume)
-        result = train_phase(ctx, strategy, task, examples, settings, k, staging_log, checkpoints)
+        result = train_phase(ctx, strategy, task, examples, config.phase(k), k, staging_log, checkpoints)
     loop_end = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     hook_start = time.perf_counter()
     strategy.after_task(task)

@@ -16,7 +16,7 @@ import json
 import logging
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -69,6 +69,9 @@ class StepCheckpoints:
     keep: int
     meta: dict  # as a phase checkpoint's (model, phase, task, speaker tokens): `cltune generate` reads either
     resume: bool = False  # continue from the latest step checkpoint, when there is one
+    # The phase's set-up before its loop (start figures, set-up passes and costs, hook time), saved with
+    # every step checkpoint so a resumed phase reports what the uninterrupted one would
+    setup: dict = field(default_factory=dict)
 
     def due(self, step: int, last: int, stopped: bool) -> bool:
         """Every `every` steps, and at the end of training so a crash in after_task/evaluation loses no steps."""
@@ -78,6 +81,18 @@ class StepCheckpoints:
         steps = sorted(p for p in self.folder.glob("step-*") if p.is_dir())
         return steps[-1] if steps else None
 
+    def latest_setup(self) -> dict | None:
+        """The set-up record of the step checkpoint a resume would continue from (None: no resume, no
+        checkpoint, or one written before set-ups were recorded)."""
+        folder = self.latest() if self.resume else None
+        if folder is None:
+            return None
+        try:
+            setup = read_json(folder / STEP_STATE).get("setup")
+        except (OSError, ValueError, AttributeError):
+            return None  # restoring it reports the damage with the file's name
+        return setup if isinstance(setup, dict) and {"before", "hooks_s", "costs", "passes"} <= setup.keys() else None
+
     def save(self, step: int, model, tokenizer, strategy_state: dict, optimizer, scheduler, loop: dict,
              best_weights: dict, log_text: str) -> Path:
         """Write step checkpoint `step` atomically, then drop all but the newest `keep`."""
@@ -86,7 +101,7 @@ class StepCheckpoints:
             _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)
             _torch_save(scheduler.state_dict(), tmp / SCHEDULER)
             save_file({k: v.detach().contiguous().cpu() for k, v in best_weights.items()}, str(tmp / BEST_WEIGHTS))
-            write_json(tmp / STEP_STATE, loop)
+            write_json(tmp / STEP_STATE, {**loop, "setup": self.setup})
             (tmp / TRAIN_LOG).write_text(log_text, encoding="utf-8")
 
         path = save_checkpoint(self.folder / f"step-{step:06d}", model, tokenizer, meta={**self.meta, "step": step},

@@ -48,6 +48,9 @@ class Context:
     lora: Any = None  # cltune.config.LoraSettings, for strategies that add adapters
     base_dtype: torch.dtype = torch.float32  # frozen base weights' dtype (bf16 runs); trained weights are fp32
     eval_batch_size: int = 32  # utterances per evaluation forward (validation in the loop as after it)
+    # True only during before_task of a phase that continues from a step checkpoint: the checkpoint restores
+    # the trained weights and strategy state, so set-up work whose only product is those may be skipped
+    resumed_phase: bool = False
 
     def encode(self, examples: list[Example]) -> list[list[int]]:
         return encode(examples, self.tokenizer, self.max_length)

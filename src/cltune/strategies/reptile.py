@@ -108,7 +108,9 @@ class Reptile(Strategy):
         return [sample_episode(train, self.cfg.episode_size, self.cfg.episode, rng) for _ in range(self.cfg.meta_iterations)]
 
     def before_task(self, task: TaskData) -> None:
-        if task.index == 0 and self.cfg.meta_iterations > 0:
+        # Resuming phase 1 from a step checkpoint: its weights started from the meta-trained θ and are
+        # restored, and the pipeline carries the meta-training's cost over from the checkpoint.
+        if task.index == 0 and self.cfg.meta_iterations > 0 and not self.ctx.resumed_phase:
             self.meta_train(task)
 
     def meta_train(self, task: TaskData) -> None:
