@@ -1,7 +1,10 @@
 """`ewc`: Elastic Weight Consolidation on the trainable (LoRA and new-token) parameters.
 
 After each phase the diagonal empirical Fisher — the mean over utterances of the squared gradient
-of each utterance's log-likelihood (summed over its target tokens) — is estimated on that task's
+of each utterance's log-likelihood (summed over its target tokens; the sum, not the mean: the Fisher of
+a sequence is the expected squared score of its log-likelihood, and squaring the gradient of the mean
+shrank it by the squared length, ≈ 20² for a chat turn, which made the seed's λ = 10 a no-op) — is
+estimated, from batched passes (`cltune.per_example`), on that task's
 replay sample (the seed's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
 add  λ · Σ_tasks Σ_i F_i (θ_i − θ*_i)²  — no ½ factor. `mode: separate` keeps one (F, θ*) per
 earlier task and sums their penalties; `mode: online` keeps one running F ← γ·F + F_new with
@@ -16,12 +19,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from cltune.batching import collate
 from cltune.config import Strict
-from cltune.data.split import Example, TaskData, require_no_test
+from cltune.data.split import Example, TaskData
 from cltune.errors import UserError
-from cltune.scoring import target_nll
-from cltune.strategies.base import Context, Strategy
+from cltune.per_example import per_example_grads
+from cltune.strategies.base import Strategy
 from cltune.strategies.replay import ReplaySettings, replay_sample
 
 Tensors = dict[str, torch.Tensor]
@@ -56,29 +58,6 @@ def ewc_penalty(params: Tensors, anchors: list[tuple[Tensors, Tensors]], lam: fl
         for name, f in fisher.items():
             penalty = penalty + (f * (params[name] - theta_star[name]) ** 2).sum()
     return lam * penalty
-
-
-def per_example_grads(ctx: Context, examples: list[Example]) -> Iterable[Tensors]:
-    """Gradient of each utterance's log-likelihood (the sum of its target tokens' NLL) w.r.t. the
-    trainable parameters, dropout off: one sample of the empirical Fisher per utterance.
-
-    The sum, not the mean: the Fisher of a sequence is the expected squared score of its
-    log-likelihood. Squaring the gradient of the mean would shrink it by the squared length
-    (≈ 20² for a chat turn), which made the seed's λ = 10 a no-op."""
-    examples = require_no_test(examples, "Fisher estimation")
-    params = ctx.trainable()
-    encoded = ctx.encode(examples)
-    was_training = ctx.scorer.training
-    ctx.scorer.eval()
-    try:
-        for i in range(len(encoded)):
-            batch = collate(encoded, [i], ctx.tokenizer.pad_token_id)
-            inputs = {k: v.to(ctx.accelerator.device) for k, v in batch.model_inputs().items()}
-            loss = target_nll(ctx.scorer(**inputs), inputs["labels"]).sum()
-            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            yield {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), grads)}
-    finally:
-        ctx.scorer.train(was_training)
 
 
 class EWC(Strategy):
