@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cltune.per_example import _linear_layers, per_example_grads
+from cltune.per_example import _linear_layers, _passes, indexed_grads, per_example_grads
 from cltune.session import build_session
 
 
@@ -16,6 +16,12 @@ def _session(tiny_config, precision: str = "fp32"):
         for p in session.ctx.trainable().values():
             p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
     return session
+
+
+def _in_order(ctx, examples, batch_size):
+    found = dict(indexed_grads(ctx, examples, batch_size))
+    assert sorted(found) == list(range(len(examples)))
+    return [found[i] for i in range(len(examples))]
 
 
 def _assert_same(batched, reference, params):
@@ -37,7 +43,7 @@ def test_batched_per_utterance_gradients_equal_one_backward_each(tiny_config, pr
     reference = list(per_example_grads(ctx, examples, batch_size=1))
     assert all(any(g.abs().sum() > 0 for g in grads.values()) for grads in reference)
     for batch_size in (2, 3, 8):
-        _assert_same(list(per_example_grads(ctx, examples, batch_size)), reference, params)
+        _assert_same(_in_order(ctx, examples, batch_size), reference, params)
     if precision == "bf16":  # the base is bf16 again afterwards
         assert ctx.model.get_base_model().model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
 
@@ -50,6 +56,17 @@ def test_a_trainable_weight_outside_lora_and_token_rows_falls_back_to_one_backwa
     params = ctx.trainable()
     assert _linear_layers(ctx.model, params) is None
     examples = ctx.tasks[0].train[:5]
-    batched = list(per_example_grads(ctx, examples, batch_size=4))
+    batched = _in_order(ctx, examples, 4)
     assert any(g[next(n for n in params if n.endswith("model.norm.weight"))].abs().sum() > 0 for g in batched)
     _assert_same(batched, list(per_example_grads(ctx, examples, batch_size=1)), params)
+
+
+def test_passes_group_similar_lengths_within_the_row_and_position_budget(monkeypatch):
+    from cltune import per_example
+
+    monkeypatch.setattr(per_example, "PASS_POSITIONS", 30)
+    lengths = [5, 12, 3, 40, 6, 7, 11, 4]
+    passes = _passes(lengths, 3)
+    assert sorted(i for p in passes for i in p) == list(range(len(lengths)))
+    assert passes == [[2, 7, 0], [4, 5], [6, 1], [3]]  # 3·5, 2·7, 2·12 positions; 40 alone
+    assert all(len(p) * max(lengths[i] for i in p) <= 30 for p in passes if len(p) > 1)

@@ -5,7 +5,7 @@ batch gives every position's exact gradient with respect to the activations. The
 trains enter the model linearly at each position — LoRA factors as `nn.Linear` layers, the new token
 rows as embedding rows and as LM-head rows — so an utterance's gradient of such a weight is a sum
 over its own positions of (activation gradient) ⊗ (input), rebuilt here with one einsum per layer.
-Same numbers as one backward per utterance (tested), from passes of `batch_size` utterances.
+Same numbers as one backward per utterance (tested), from passes of up to `batch_size` utterances.
 
 Any other trainable weight (a strategy that trains something else) makes `per_example_grads` fall
 back to one backward per utterance, so the result is always exact.
@@ -19,18 +19,30 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from cltune.batching import IGNORE, collate, length_grouped_batches
+from cltune.batching import IGNORE, collate
 from cltune.data.split import Example, require_no_test
+from cltune.memory import release_free_memory
 from cltune.scoring import _new_rows, fp32_arithmetic, target_nll
 
 Tensors = dict[str, torch.Tensor]
 
 
+# Positions (utterances × longest) per batched pass: a pass keeps every layer's activations for its
+# backward, about 1 MB per position for SmolLM2-135M in fp32, so the budget bounds the Fisher's memory.
+PASS_POSITIONS = 256
+
+
 def per_example_grads(ctx, examples: list[Example], batch_size: int = 8) -> Iterable[Tensors]:
     """Gradient of each utterance's log-likelihood (the sum of its target tokens' NLL) with respect to
     the trainable parameters, dropout off, in fp32 arithmetic (a bf16 run's base is upcast meanwhile:
-    bf16 matmuls left a few percent of noise in the squared gradients), in the order of `examples`.
-    `batch_size` 1 is one backward per utterance."""
+    bf16 matmuls left a few percent of noise in the squared gradients). One dict per utterance, in the
+    deterministic order of the passes (`indexed_grads` says which is which)."""
+    return (grads for _, grads in indexed_grads(ctx, examples, batch_size))
+
+
+def indexed_grads(ctx, examples: list[Example], batch_size: int = 8) -> Iterator[tuple[int, Tensors]]:
+    """(index in `examples`, its gradients) for every utterance, from passes of at most `batch_size`
+    utterances of similar length and `PASS_POSITIONS` positions; `batch_size` 1 is one backward each."""
     examples = require_no_test(examples, "Fisher estimation")
     params = ctx.trainable()
     encoded = ctx.encode(examples)
@@ -38,23 +50,27 @@ def per_example_grads(ctx, examples: list[Example], batch_size: int = 8) -> Iter
     ctx.scorer.eval()
     try:
         with fp32_arithmetic(ctx.scorer):
-            yield from _grads(ctx, params, encoded, batch_size)
+            if batch_size == 1 or _linear_layers(ctx.model, params) is None:
+                yield from enumerate(_one_at_a_time(ctx, params, encoded))
+                return
+            for indices in _passes([len(s) for s in encoded], batch_size):
+                yield from zip(indices, _batch_grads(ctx, params, encoded, indices))
+                release_free_memory()  # each pass's activations would otherwise leave the heap fragmented
     finally:
         ctx.scorer.train(was_training)
 
 
-def _grads(ctx, params: dict[str, nn.Parameter], encoded: list[list[int]], batch_size: int) -> Iterator[Tensors]:
-    if batch_size == 1 or _linear_layers(ctx.model, params) is None:
-        yield from _one_at_a_time(ctx, params, encoded)
-        return
-    done: dict[int, Tensors] = {}
-    order = iter(range(len(encoded)))
-    next_index = next(order, None)
-    for indices in length_grouped_batches([len(s) for s in encoded], batch_size, seed=0, shuffle=False):
-        done.update(zip(indices, _batch_grads(ctx, params, encoded, indices)))
-        while next_index is not None and next_index in done:  # hand them out in order, holding few
-            yield done.pop(next_index)
-            next_index = next(order, None)
+def _passes(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Utterances sorted by length, cut into passes of at most `batch_size` rows and `PASS_POSITIONS`
+    padded positions (a longer utterance gets a pass of its own)."""
+    passes: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        current = passes[-1] if passes else None
+        if current and len(current) < batch_size and (len(current) + 1) * lengths[i] <= PASS_POSITIONS:
+            current.append(i)
+        else:
+            passes.append([i])
+    return passes
 
 
 def _one_at_a_time(ctx, params: dict[str, nn.Parameter], encoded: list[list[int]]) -> Iterator[Tensors]:

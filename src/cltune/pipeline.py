@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from cltune.data.eda import summarize, write_eda
 from cltune.evaluate import Scores, perplexity, test_row
 from cltune.files import atomic_write_text, read_json, write_json
 from cltune.generate import sample_rows
+from cltune.memory import peak_rss_mb
 from cltune.model import adapter_parameters, settle_dtypes
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
@@ -194,16 +194,6 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         rundir.finish_phase(run_dir, k)  # only now are its step checkpoints superseded
     acc.wait_for_everyone()
     return metrics
-
-
-def peak_rss_mb() -> float | None:
-    """This process's peak resident memory in MB (None where the platform does not say)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)  # bytes on macOS, KiB on Linux
 
 
 def _values(row: list[Scores]) -> tuple[list[float], list[float | None]]:

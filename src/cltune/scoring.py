@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cltune.batching import IGNORE
+from cltune.memory import release_free_memory
 from cltune.model import settle_dtypes
 
 
@@ -95,6 +96,7 @@ class TokenScorer(nn.Module):
             yield
             return
         low = self.compute_dtype
+        release_free_memory()  # room for the fp32 copy out of the slack training left
         settle_dtypes(self.model, torch.float32)
         self.compute_dtype = None
         try:
@@ -102,6 +104,7 @@ class TokenScorer(nn.Module):
         finally:
             self.compute_dtype = low
             settle_dtypes(self.model, low)
+            release_free_memory()
 
     def _base(self) -> nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

@@ -32,6 +32,7 @@ from cltune.model import (
     resize_for,
     settle_dtypes,
 )
+from cltune.memory import release_free_memory
 from cltune.scoring import TokenScorer
 from cltune.strategies import REGISTRY, Context, Registry, Strategy
 
@@ -120,6 +121,7 @@ def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: A
     resize_for(model, tokenizer)
     model = attach_lora(model, config.lora, new_ids)
     settle_dtypes(model, base_dtype(precision))
+    release_free_memory()  # the loader's fp32 copy of a base now stored in bf16
     scorer = TokenScorer(model, torch.bfloat16 if precision == "bf16" else None,
                          fp32_evaluation=config.eval.precision == "fp32").to(accelerator.device)
     return model, tokenizer, scorer, new_ids, parameter_counts(model)

@@ -34,6 +34,7 @@ from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError, UserError
 from cltune.evaluate import perplexity
 from cltune.resume import StepCheckpoints, derived_seed, fingerprint
+from cltune.memory import release_free_memory
 from cltune.model import is_adapter_weight
 from cltune.scoring import target_nll
 from cltune.strategies.base import Context, Outputs, StepInfo, Strategy
@@ -393,6 +394,7 @@ def train_phase(
         _restore(ctx.model, loop.best_state, strategy)  # keep the best validated weights, as early stopping promises
     acc.unwrap_model(scorer, keep_fp32_wrapper=False)  # fp16 autocast: evaluation after training runs without it
     acc.free_memory()
+    release_free_memory()  # what the loop's activations left fragmented, before evaluation and after_task
     scorer.eval()
     result.wall_s = time.perf_counter() - start
     result.tokens_per_s = result.target_tokens / max(result.wall_s, 1e-9)
