@@ -60,6 +60,7 @@ class AGEM(Strategy):
         self.cfg: AGEMSettings = settings["agem"]
         self.memory = ReplayBuffer(ReplaySettings(ratio=self.cfg.memory_ratio), ctx.seed)
         self.encoded: list[list[int]] = []
+        self.encoded_tasks: list[int] = []  # the dataset of each encoded memory utterance
         self.phase = 0
         self.steps = self.projected = 0  # of the running phase: reference gradients, projections (logged)
 
@@ -76,18 +77,22 @@ class AGEM(Strategy):
                                       "projected_steps": self.projected}
 
     def _encode_memory(self) -> None:
-        self.encoded = self.ctx.encode(require_no_test(self.memory.examples(), "the A-GEM memory"))
+        examples = require_no_test(self.memory.examples(), "the A-GEM memory")
+        self.encoded = self.ctx.encode(examples)
+        self.encoded_tasks = [e.task for e in examples]
 
-    def reference_gradient(self, params: dict[str, torch.nn.Parameter], step: StepInfo) -> torch.Tensor:
-        """Flattened gradient of the mean token NLL of one memory batch, dropout off.
+    def reference_gradient(self, params: dict[str, torch.nn.Parameter], step: StepInfo, task: int | None = None) -> torch.Tensor:
+        """Flattened gradient of the mean token NLL of one memory batch (of dataset `task`'s memory only, when
+        given: GEM's per-dataset constraints), dropout off.
 
         torch.autograd.grad returns the gradient without touching `.grad`, so the step's own
         gradient needs no saving and restoring around it.
         """
         acc, scorer = self.ctx.accelerator, self.ctx.scorer
         # Seeded by (run seed, phase, step): every process draws the same batch, and so does a resumed run.
-        rng = random.Random(derived_seed(self.ctx.seed, "agem", step.phase, step.step - 1))
-        picked = rng.sample(range(len(self.encoded)), min(self.cfg.memory_batch, len(self.encoded)))
+        rng = random.Random(derived_seed(self.ctx.seed, "agem", step.phase, step.step - 1, *([] if task is None else [task])))
+        pool = range(len(self.encoded)) if task is None else [i for i, t in enumerate(self.encoded_tasks) if t == task]
+        picked = rng.sample(pool, min(self.cfg.memory_batch, len(pool)))
         # Length-sorted forward passes of MEMORY_MICRO_BATCH: one batch of random lengths would be
         # mostly padding. The summed gradients are the gradient of the whole batch's mean.
         order = sorted(picked, key=lambda i: len(self.encoded[i]))
@@ -118,6 +123,11 @@ class AGEM(Strategy):
         if projected is grad:
             return
         self.projected += 1
+        self._assign(params, projected)
+
+    @staticmethod
+    def _assign(params: dict[str, torch.nn.Parameter], projected: torch.Tensor) -> None:
+        """Write the flat `projected` gradient back into the parameters' `.grad`."""
         offset = 0
         for p in params.values():
             new = projected[offset : offset + p.numel()].view_as(p)
