@@ -106,3 +106,20 @@ def test_replay_lwf_trains_on_the_replayed_utterances_and_distils(tiny_config, c
     assert [p.train_examples for p in metrics.phases] == [train[0], train[1] + round(0.1 * train[0])]
     second = metrics.phases[1].strategy
     assert second["forward_tokens"] == 2 * second["backward_tokens"]  # a teacher forward per micro-batch
+
+
+def test_mer_with_gamma_one_is_replay_and_otherwise_meta_updates_each_window(tiny_config, captured):
+    import math
+
+    from cltune.strategies.mer import meta_update
+
+    start, now = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 0.0])}
+    torch.testing.assert_close(meta_update(start, now, 0.25)["w"], torch.tensor([1.5, 1.5]))
+    sets = ["eval.samples_per_speaker=0", "eval.attribution=false"]
+    replay = pipeline.run(tiny_config("replay", sets, name="replay"))
+    same = pipeline.run(tiny_config("mer", [*sets, "mer.gamma=1"], name="mer1"))
+    assert same.ppl == replay.ppl  # γ = 1 keeps every step's movement: plain replay of the same sample
+    half = pipeline.run(tiny_config("mer", [*sets, "mer.gamma=0.5", "mer.meta_every=2"], name="mer05"))
+    assert half.ppl[1] != replay.ppl[1]
+    for record in half.phases:
+        assert record.strategy["meta_updates"] == math.ceil(record.steps / 2)
