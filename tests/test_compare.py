@@ -130,6 +130,17 @@ def test_compare_replaces_a_run_of_another_config_and_resumes_its_own(tiny_model
     assert run_state(config) == ("other", None)  # another config's run: replaced
     (config.run_dir / "config.resolved.yaml").write_text(dump_config(config))
     assert run_state(config) == ("interrupted", None)  # this config, no metrics yet: resumed
+    # A section naive does not read (another strategy's, or one cltune added since) leaves the run its own;
+    # a setting it does read makes it another config's.
+    saved = yaml.safe_load(dump_config(config))
+    saved["lwf"]["temperature"] = 9.0
+    saved.pop("gem")
+    saved["eval"].pop("precision")  # a setting added later, at its default
+    (config.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(saved))
+    assert run_state(config) == ("interrupted", None)
+    saved["train"]["lr"] = 0.5
+    (config.run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(saved))
+    assert run_state(config) == ("other", None)
 
 
 def test_compare_names_an_unknown_strategy(tmp_path):

@@ -23,7 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cltune.api import read_config
+import yaml
+
+from cltune.api import make_config, read_config
 from cltune import rundir
 from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
@@ -65,12 +67,26 @@ def plan_runs(config_path: Path, strategies: list[str], seeds: int, sets: list[s
     return planned
 
 
+def _differs(saved: Path, config: BaseRunConfig) -> bool:
+    """Whether the saved resolved config describes another run than `config`. The saved one is read through
+    today's config model first, so a setting cltune added since (with its default) is no difference; other
+    strategies' settings do not change this run, so a strategy added to cltune, or another one's setting
+    changed, leaves finished runs reusable."""
+    text = saved.read_text(encoding="utf-8")
+    try:
+        text = dump_config(make_config(yaml.safe_load(text) or {}))
+    except (UserError, ValueError, TypeError, AttributeError):
+        pass  # compared as written: a removed or renamed setting is a difference
+    unread = set(REGISTRY.sections()) - set(REGISTRY[config.strategy].sections)
+    return rundir.text_difference(text, dump_config(config), unread) is not None
+
+
 def run_state(config: BaseRunConfig) -> tuple[str, RunMetrics | None]:
     """What the run folder holds for `config`: ("finished", its metrics), ("interrupted", None) — this
     config's run, not complete — or ("other", None): nothing, another config's run, or a run finished
     before per-utterance NLLs were saved. Compare owns its folders: it reuses, resumes or replaces."""
     run_dir = config.run_dir
-    if not (run_dir / rundir.RESOLVED).exists() or rundir.config_difference(run_dir, dump_config(config)):
+    if not (run_dir / rundir.RESOLVED).exists() or _differs(run_dir / rundir.RESOLVED, config):
         return "other", None
     if not (run_dir / "metrics.json").exists():
         return "interrupted", None

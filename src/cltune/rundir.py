@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
@@ -68,10 +69,19 @@ def _first_difference(a, b, where: str = "") -> str | None:
     return None if a == b else f"{where or '(top level)'} (saved {a!r}, now {b!r})"
 
 
-def config_difference(run_dir: Path, resolved: str) -> str | None:
+def config_difference(run_dir: Path, resolved: str, ignore: Iterable[str] = ()) -> str | None:
     """Where the config of the run in `run_dir` differs from `resolved` (checkpoint frequency aside);
     None when they are the same run's."""
-    return _first_difference(_comparable((run_dir / RESOLVED).read_text(encoding="utf-8")), _comparable(resolved))
+    return text_difference((run_dir / RESOLVED).read_text(encoding="utf-8"), resolved, ignore)
+
+
+def text_difference(saved_text: str, resolved: str, ignore: Iterable[str] = ()) -> str | None:
+    """Where two resolved configs differ, checkpoint frequency and the top-level sections in `ignore` aside."""
+    saved, now = _comparable(saved_text), _comparable(resolved)
+    for section in ignore:
+        saved.pop(section, None)
+        now.pop(section, None)
+    return _first_difference(saved, now)
 
 
 def saved_progress(run_dir: Path, resolved: str, inputs: list[dict]) -> RunMetrics | None:
