@@ -22,7 +22,7 @@ from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.scoring import fp32_arithmetic
 from cltune.strategies.base import Strategy
-from cltune.strategies.replay import ReplayBuffer, ReplaySettings, positions
+from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 
 STORE_MICRO_BATCH = 16  # kept utterances per forward pass when their logits are stored
 
@@ -97,8 +97,7 @@ class DER(Strategy):
 
     def state(self):
         """The buffer as positions in each task's training split, and the stored logits in buffer order."""
-        out = {f"buffer.{i}": torch.tensor(positions(self.ctx.tasks[i].train, kept), dtype=torch.long)
-               for i, kept in self.buffer.samples.items()}
+        out = self.buffer.to_state(self.ctx.tasks)
         examples = self.buffer.examples()
         if examples:
             out["values"] = torch.cat([self.stored[e][0] for e in examples]).cpu()
@@ -107,8 +106,7 @@ class DER(Strategy):
         return out
 
     def load_state(self, state):
-        self.buffer.samples = {int(k.split(".")[1]): [self.ctx.tasks[int(k.split(".")[1])].train[j] for j in v.tolist()]
-                               for k, v in state.items() if k.startswith("buffer.")}
+        self.buffer.load(state, self.ctx.tasks)
         self.stored = {}
         if "counts" in state:
             counts = state["counts"].tolist()

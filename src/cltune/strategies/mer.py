@@ -77,16 +77,13 @@ class MER(Strategy):
 
     def state(self):
         out = {f"start.{n}": t for n, t in self.start.items()}
-        out.update({f"buffer.{i}": torch.tensor([e.line for e in kept], dtype=torch.long)
-                    for i, kept in self.buffer.samples.items()})
+        out.update(self.buffer.to_state(self.ctx.tasks))
         out["meta_updates"] = torch.tensor([self.meta_updates], dtype=torch.long)
         return out
 
     def load_state(self, state):
         self.start = unprefixed(state, "start.", self.ctx.trainable())
-        by_line = {i: {e.line: e for e in t.train} for i, t in enumerate(self.ctx.tasks)}
-        self.buffer.samples = {int(k.split(".")[1]): [by_line[int(k.split(".")[1])][line] for line in v.tolist()]
-                               for k, v in state.items() if k.startswith("buffer.")}
+        self.buffer.load(state, self.ctx.tasks)
         if "meta_updates" in state:
             self.meta_updates = int(state["meta_updates"][0])
 

@@ -96,6 +96,22 @@ class ReplayBuffer:
         earlier = {i: [e for e in v if e in kept] for i, v in self.samples.items()}
         self.samples = {i: v for i, v in {**earlier, task.index: [e for e in examples if e in kept]}.items() if v}
 
+    def to_state(self, tasks: list[TaskData]) -> dict[str, torch.Tensor]:
+        """The buffer as positions in each task's training split (so a resumed run replays the same
+        utterances), and the reservoir's counters."""
+        out = {f"buffer.{i}": torch.tensor(positions(tasks[i].train, kept), dtype=torch.long)
+               for i, kept in self.samples.items()}
+        if self.capacity is not None:
+            out["reservoir"] = torch.tensor([self.seen, self.capacity], dtype=torch.long)
+        return out
+
+    def load(self, state: dict[str, torch.Tensor], tasks: list[TaskData]) -> None:
+        """Restore what `to_state` returned (other keys of `state` are ignored)."""
+        self.samples = {int(k.split(".")[1]): [tasks[int(k.split(".")[1])].train[j] for j in v.tolist()]
+                        for k, v in state.items() if k.startswith("buffer.")}
+        if "reservoir" in state:
+            self.seen, self.capacity = state["reservoir"].tolist()
+
     def examples(self) -> list[Example]:
         return [e for i in sorted(self.samples) for e in self.samples[i]]
 
@@ -118,19 +134,10 @@ class Replay(Strategy):
         self.costs[task.index + 1] = {"stored_utterances": len(self.buffer.examples())}
 
     def state(self):
-        # The buffer as positions in each task's training split, so `cltune run --resume` replays the same
-        # utterances, and the reservoir's counters.
-        out = {f"buffer.{i}": torch.tensor(positions(self.ctx.tasks[i].train, kept), dtype=torch.long)
-               for i, kept in self.buffer.samples.items()}
-        if self.buffer.capacity is not None:
-            out["reservoir"] = torch.tensor([self.buffer.seen, self.buffer.capacity], dtype=torch.long)
-        return out
+        return self.buffer.to_state(self.ctx.tasks)
 
     def load_state(self, state):
-        self.buffer.samples = {int(k.split(".")[1]): [self.ctx.tasks[int(k.split(".")[1])].train[j] for j in v.tolist()]
-                               for k, v in state.items() if k.startswith("buffer.")}
-        if "reservoir" in state:
-            self.buffer.seen, self.buffer.capacity = state["reservoir"].tolist()
+        self.buffer.load(state, self.ctx.tasks)
 
 
 def utterance_losses(ctx, examples: list[Example]) -> list[float]:
