@@ -33,18 +33,32 @@ def adapter_params(model, adapter: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if adapter in n.split(".")}
 
 
-def test_speaker_routes_pick_the_latest_task_with_that_speaker():
+def test_speaker_routes_list_every_task_with_that_speaker_in_stream_order():
     routes = speaker_routes([["<H>", "<A>"], ["<H>", "<B>"], ["<C>"]])
-    assert routes == {"<H>": 1, "<A>": 0, "<B>": 1, "<C>": 2}
+    assert routes == {"<H>": [0, 1], "<A>": [0], "<B>": [1], "<C>": [2]}
+
+
+def test_the_mixture_nll_is_the_equal_prior_mixture_of_the_candidates():
+    from cltune.evaluate import mixture_nll
+
+    nll = torch.tensor([[2.0, 10.0], [3.0, 1.0]])  # 2 candidates × 2 utterances
+    expected = [-math.log((math.exp(-2.0) + math.exp(-3.0)) / 2), -math.log((math.exp(-10.0) + math.exp(-1.0)) / 2)]
+    assert mixture_nll(nll).tolist() == pytest.approx(expected, rel=1e-12)
+    assert mixture_nll(nll[:1]).tolist() == [2.0, 10.0]  # one candidate: its own NLL
+    # never more than ln C worse than the best candidate, never better than it
+    best = nll.min(dim=0).values.double()
+    assert torch.all(mixture_nll(nll) <= best + math.log(2)) and torch.all(mixture_nll(nll) >= best)
+    assert mixture_nll(torch.full((3, 1), 4.0)).item() == pytest.approx(4.0)  # equal candidates: the same NLL
 
 
 def test_the_router_routes_by_task_or_speaker_and_survives_json(tiny_config):
     session = build_session(tiny_config("adapters"))
     model = session.model
     session.strategy.before_task(session.tasks[1])  # adds and activates task2
-    router = AdapterRouter(model, ["default", "task2"], {"<HOST>": "task2", "<GUEST_A>": "default"})
+    router = AdapterRouter(model, ["default", "task2"], {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default"]})
     again = AdapterRouter.from_json(router.to_json(), model)
     for r in (router, again):
+        assert len(r.agnostic_choices("<HOST>")) == 2 and len(r.agnostic_choices("<GUEST_A>")) == 1
         with r.oracle(0):
             assert model.active_adapter == "default"
         with r.agnostic("<HOST>"):
@@ -54,6 +68,11 @@ def test_the_router_routes_by_task_or_speaker_and_survives_json(tiny_config):
         with r.agnostic("<NOBODY>"):  # a speaker no task has: the model as it is
             assert model.active_adapter == "task2"
         assert model.active_adapter == "task2" and r.task_routed
+    latest = AdapterRouter(model, ["default", "task2"], {"<HOST>": ["default", "task2"]}, likelihood=False)
+    assert len(latest.agnostic_choices("<HOST>")) == 1
+    # router.json written before shared speakers had candidates: one adapter per token, served as the latest
+    old = AdapterRouter.from_json({"kind": "adapters", "tasks": ["default", "task2"], "routes": {"<HOST>": "task2"}}, model)
+    assert old.routes == {"<HOST>": ["task2"]} and not old.likelihood
 
 
 @pytest.mark.parametrize("warm_start", [False, True])
@@ -127,13 +146,15 @@ def test_stream_leaves_earlier_tasks_exactly_unchanged(tiny_config):
     model, tokenizer, meta = load_checkpoint(phase2)
     assert meta["adapters"] == ["default", "task2"] and model.active_adapter == "task2"
     router = load_router(phase2, model)  # what `cltune generate` routes with
-    assert router.to_json()["routes"] == {"<HOST>": "task2", "<GUEST_A>": "default", "<GUEST_B>": "task2"}
+    assert router.to_json()["routes"] == {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default"], "<GUEST_B>": ["task2"]}
+    assert router.to_json()["shared_speakers"] == "likelihood"
     assert router.to_json()["tasks"] == ["default", "task2"]
 
 
 def test_agnostic_rows_route_each_utterance_by_its_speaker(strategy_streams):
-    """Oracle rows give each task its own adapter; agnostic rows give each test utterance the adapter its
-    speaker token routes to — after phase 2 task 1's host turns go to task 2's adapter (the latest host)."""
+    """Oracle rows give each task its own adapter; agnostic rows give each test utterance the adapters its
+    speaker token routes to — after phase 2 task 1's host turns are scored by the equal-prior mixture of
+    both adapters (the host is in both tasks), Guest A's by task 1's adapter alone."""
     from cltune.batching import encode
     from cltune.evaluate import example_nll
     from cltune.session import load_tasks, make_accelerator
@@ -148,11 +169,15 @@ def test_agnostic_rows_route_each_utterance_by_its_speaker(strategy_streams):
     model, tokenizer, _ = load_checkpoint(f"{raw['output_dir']}/{raw['name']}/phase2")
     task1 = load_tasks(make_config(raw))[1][0]
     acc, scorer, total, count = make_accelerator("fp32"), TokenScorer(model), 0.0, 0.0
-    for adapter, speaker in (("task2", "Host"), ("default", "Guest A")):
-        with using_adapter(model, adapter):
-            sums, counts = example_nll(acc, scorer, encode([e for e in task1.test if e.speaker == speaker], tokenizer,
-                                                           raw["data"]["max_length"]), tokenizer.pad_token_id)
-        total, count = total + sums.sum().item(), count + counts.sum().item()
+    for adapters, speaker in ((("default", "task2"), "Host"), (("default",), "Guest A")):
+        likelihoods = []
+        for adapter in adapters:
+            with using_adapter(model, adapter):
+                sums, counts = example_nll(acc, scorer, encode([e for e in task1.test if e.speaker == speaker],
+                                                               tokenizer, raw["data"]["max_length"]), tokenizer.pad_token_id)
+            likelihoods.append(torch.exp(-sums.double()))
+        mixture = -torch.log(sum(likelihoods) / len(likelihoods))  # computed here without logsumexp
+        total, count = total + mixture.sum().item(), count + counts.sum().item()
     assert metrics.agnostic.ppl[2][0] == pytest.approx(math.exp(total / count), rel=1e-6)
     assert metrics.agnostic.ppl[2][0] != pytest.approx(metrics.ppl[2][0], rel=1e-6)
     from cltune.report import write_report

@@ -37,7 +37,7 @@ def test_the_registry_finds_every_strategy_file_and_checks_names_and_sections():
     assert REGISTRY["ewc_replay"].sections == {"ewc": REGISTRY["ewc"].sections["ewc"], "replay": ReplaySettings}
     package = Path(__file__).resolve().parents[1] / "src" / "cltune" / "strategies"
     files = {p.stem for p in package.glob("*.py") if "\nSTRATEGY = " in p.read_text(encoding="utf-8")}
-    assert set(REGISTRY.catalog().names) == set(REGISTRY) == files and len(REGISTRY) == 17
+    assert set(REGISTRY.catalog().names) == set(REGISTRY) == files and len(REGISTRY) == 19
     registry = Registry([Replay])
     with pytest.raises(ValueError, match="taken"):
         registry.add(Replay)

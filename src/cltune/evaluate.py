@@ -67,6 +67,12 @@ class Scores:
     targets: list[int]
 
 
+def mixture_nll(nll: torch.Tensor) -> torch.Tensor:
+    """−log of the equal-prior mixture of C candidates' likelihoods, per utterance: nll is (C, utterances) of
+    summed NLLs; −log((1/C) Σ_c exp(−nll_c)). With one candidate, its NLL."""
+    return -(torch.logsumexp(-nll.double(), dim=0) - math.log(nll.shape[0]))
+
+
 def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int,
                 batch_size: int = 32, route=None) -> Scores:
     """Perplexity and attribution of `examples`, from one scoring of every utterance per candidate token.
@@ -76,7 +82,7 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
     variant with the utterance's own token is exactly what perplexity scores. Without `route` all
     variants go through the model as it is, in one pass; with it, each variant is scored by the
     weights `route(token)` gives its speaker token (agnostic routing: what a user who knows only
-    the speaker gets).
+    the speaker gets): one candidate, or several scored as an equal-prior mixture (`mixture_nll`).
     """
     attribute = len(tokens) >= 2
     variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens] if attribute \
@@ -89,9 +95,13 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
         count = torch.zeros(len(variants), dtype=torch.double)
         for token in sorted({v.token for v in variants}):
             picked = [i for i, v in enumerate(variants) if v.token == token]
-            with route(token):
-                total[picked], count[picked] = example_nll(
-                    accelerator, scorer, encode([variants[i] for i in picked], tokenizer, max_length), pad, batch_size)
+            encoded = encode([variants[i] for i in picked], tokenizer, max_length)
+            candidates = []
+            for weights in route(token):
+                with weights:
+                    nll, count[picked] = example_nll(accelerator, scorer, encoded, pad, batch_size)
+                candidates.append(nll)
+            total[picked] = mixture_nll(torch.stack(candidates))
     if attribute:
         total, count = total.view(len(examples), len(tokens)), count.view(len(examples), len(tokens))
         own = torch.tensor([tokens.index(e.token) for e in examples])
@@ -127,7 +137,7 @@ def _test_scores(ctx, router, task, settings, agnostic: bool) -> Scores:
     candidates = list(task.tokens.values()) if settings.attribution else []
     if agnostic:
         return score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
-                           settings.batch_size, route=router.agnostic)
+                           settings.batch_size, route=router.agnostic_choices)
     with router.oracle(task.index):
         return score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
                            settings.batch_size)

@@ -9,10 +9,12 @@ from pathlib import Path
 from cltune.errors import UserError
 from cltune.strategies.adapters import AdapterRouter
 from cltune.strategies.base import Router
+from cltune.strategies.fusion import FusionRouter
 from cltune.strategies.merge import FixedAdapterRouter
+from cltune.strategies.progressive import ProgressiveRouter
 
 ROUTER_FILE = "router.json"
-KINDS = {cls.kind: cls for cls in (AdapterRouter, FixedAdapterRouter)}
+KINDS = {cls.kind: cls for cls in (AdapterRouter, FixedAdapterRouter, FusionRouter, ProgressiveRouter)}
 
 
 def load_router(folder: str | Path, model) -> Router:
@@ -31,6 +33,6 @@ def load_router(folder: str | Path, model) -> Router:
     if not isinstance(kind, str) or kind not in KINDS:
         raise UserError(f"{path}: unknown router kind {kind!r}; this checkpoint needs a newer cltune")
     try:
-        return KINDS[kind].from_json(data, model)
+        return KINDS[kind].from_json(data, model, folder)
     except (KeyError, TypeError, ValueError):
         raise UserError(f"{path}: a {kind} router without its table; restore the checkpoint folder") from None

@@ -6,14 +6,24 @@ task evaluated with its own adapter scores exactly as it did when its phase ende
 
 Routing (`AdapterRouter`): with the task id (oracle) a task is served by its own adapter; a task
 not yet learned by the latest adapter that knows one of its speakers. With only a speaker token
-(agnostic, what `cltune generate` has) the token goes to the adapter of the latest learned task
-that has that speaker. The table is saved in every checkpoint's router.json.
+(agnostic, what `cltune generate` has), a speaker that one learned task has goes to that task's
+adapter. A speaker several tasks share (the host) has several candidates; `shared_speakers` says
+how they are used:
+- `likelihood` (default): scoring treats the candidates as a Bayesian mixture with equal priors,
+  p(x) = (1/C) Σ_c p_c(x). Token by token this is  p(x_t | x<t) = Σ_c π_c(x<t) p_c(x_t | x<t)  with
+  the posterior π_c(x<t) ∝ p_c(x<t): each token is predicted from the tokens before it only, never
+  from itself, so the perplexity is that of a real sequential predictor (at most log C nats per
+  utterance worse than the best candidate's, whichever it is). It costs one pass per candidate.
+- `latest`: the adapter of the latest learned task with that speaker.
+Generation (`cltune generate`, the report's samples) uses the latest candidate. The table is saved
+in every checkpoint's router.json.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -23,10 +33,20 @@ from cltune.model import lora_config
 from cltune.strategies.base import Context, Router, Strategy
 
 
-class AdaptersSettings(Strict):
+class WarmStartSettings(Strict):
     warm_start: bool = Field(
         False, description="start each new adapter as a copy of the previous task's (forward transfer) instead of fresh"
     )
+
+
+class RoutingSettings(Strict):
+    shared_speakers: Literal["likelihood", "latest"] = Field(
+        "likelihood", description="agnostic scoring of a speaker several tasks share: an equal-prior mixture of their "
+                                  "adapters (each token predicted from the earlier ones only), or the latest task's")
+
+
+class AdaptersSettings(WarmStartSettings, RoutingSettings):
+    pass
 
 
 def adapter_name(task_index: int) -> str:
@@ -52,6 +72,23 @@ def copy_adapter(model, source: str, target: str) -> None:
             parts = name.split(".")
             if source in parts:
                 params[".".join(target if part == source else part for part in parts)].copy_(value)
+
+
+def fresh_row_mask(ctx: Context, task, adapter: str) -> tuple[torch.nn.Parameter | None, torch.Tensor | None]:
+    """`adapter`'s token rows and which of them belong to speakers no earlier task has (True: may train).
+
+    An adapter that carries the whole table (it started from the previous adapter's rows) must leave the
+    earlier speakers' rows as they were: the caller zeroes their gradients. Rows trainable only if one is new.
+    """
+    rows = token_rows(ctx.model, adapter)
+    if rows is None:
+        return None, None
+    earlier = {t for past in ctx.tasks[: task.index] for t in past.tokens.values()}
+    fresh = {ctx.tokenizer.convert_tokens_to_ids(t) for t in task.tokens.values() if t not in earlier}
+    indices = ctx.model.get_base_model().get_input_embeddings().token_adapter.token_indices[adapter]
+    mask = torch.tensor([i in fresh for i in indices], device=rows.device)
+    rows.requires_grad_(bool(mask.any()))
+    return rows, mask
 
 
 def token_rows(model, adapter: str) -> torch.nn.Parameter | None:
@@ -85,36 +122,51 @@ def using_adapter(model, adapter: str | None) -> Iterator[None]:
             p.requires_grad_(id(p) in trainable)
 
 
-def speaker_routes(task_tokens: Sequence[Iterable[str]]) -> dict[str, int]:
-    """Speaker token → index of the latest task (in stream order) whose speakers include it."""
-    routes: dict[str, int] = {}
+def speaker_routes(task_tokens: Sequence[Iterable[str]]) -> dict[str, list[int]]:
+    """Speaker token → indices of the tasks (in stream order) whose speakers include it."""
+    routes: dict[str, list[int]] = {}
     for index, tokens in enumerate(task_tokens):
-        routes.update({token: index for token in tokens})
+        for token in tokens:
+            routes.setdefault(token, []).append(index)
     return routes
 
 
 class AdapterRouter(Router):
-    """Per-task adapters: `tasks[i]` serves task i (None: the base model alone), `routes[token]` a speaker."""
+    """Per-task adapters: `tasks[i]` serves task i (None: the base model alone); `routes[token]` lists the
+    adapters of the tasks that have a speaker (stream order). `likelihood`: a shared speaker is scored by
+    the mixture of its candidates; otherwise by the last one."""
 
     kind = "adapters"
     task_routed = True
 
-    def __init__(self, model, tasks: list[str | None], routes: dict[str, str]):
-        self.model, self.tasks, self.routes = model, tasks, routes
+    def __init__(self, model, tasks: list[str | None], routes: dict[str, list[str]], likelihood: bool = True):
+        self.model, self.tasks, self.routes, self.likelihood = model, tasks, routes, likelihood
+
+    def serve(self, adapter: str | None):
+        """The weights one adapter name stands for (progressive columns override this)."""
+        return using_adapter(self.model, adapter)
 
     def oracle(self, task_index: int):
-        return using_adapter(self.model, self.tasks[task_index])
+        return self.serve(self.tasks[task_index])
 
     def agnostic(self, token: str):
         # A speaker no learned task has: the model as it is (its active adapter).
-        return using_adapter(self.model, self.routes[token]) if token in self.routes else nullcontext()
+        return self.serve(self.routes[token][-1]) if token in self.routes else nullcontext()
+
+    def agnostic_choices(self, token: str):
+        if not self.likelihood or len(self.routes.get(token, [])) < 2:
+            return [self.agnostic(token)]
+        return [self.serve(adapter) for adapter in self.routes[token]]
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes}
+        return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes,
+                "shared_speakers": "likelihood" if self.likelihood else "latest"}
 
     @classmethod
-    def from_json(cls, data: dict, model) -> AdapterRouter:
-        return cls(model, list(data["tasks"]), dict(data["routes"]))
+    def from_json(cls, data: dict, model, folder=None) -> AdapterRouter:
+        # Checkpoints written before shared speakers had candidates map a token to one adapter: the latest.
+        routes = {t: [a] if isinstance(a, str) else list(a) for t, a in dict(data["routes"]).items()}
+        return cls(model, list(data["tasks"]), routes, data.get("shared_speakers", "latest") == "likelihood")
 
 
 class Adapters(Strategy):
@@ -139,7 +191,7 @@ class Adapters(Strategy):
                 copy_adapter(self.ctx.model, adapter_name(task.index - 1), name)
         self.ctx.model.set_adapter(name)  # PEFT: this adapter trains, every other adapter is frozen
 
-    def routes(self) -> dict[str, int]:
+    def routes(self) -> dict[str, list[int]]:
         return speaker_routes([t.tokens.values() for t in self.ctx.tasks[: self.learned]])
 
     def adapter_for_task(self, task_index: int) -> str | None:
@@ -147,12 +199,13 @@ class Adapters(Strategy):
         if task_index < self.learned:
             return adapter_name(task_index)
         routes = self.routes()
-        known = [routes[t] for t in self.ctx.tasks[task_index].tokens.values() if t in routes]
+        known = [routes[t][-1] for t in self.ctx.tasks[task_index].tokens.values() if t in routes]
         return adapter_name(max(known)) if known else None
 
     def router(self) -> Router:
         tasks = [self.adapter_for_task(i) for i in range(len(self.ctx.tasks))]
-        return AdapterRouter(self.ctx.model, tasks, {t: adapter_name(i) for t, i in self.routes().items()})
+        routes = {t: [adapter_name(i) for i in indices] for t, indices in self.routes().items()}
+        return AdapterRouter(self.ctx.model, tasks, routes, self.cfg.shared_speakers == "likelihood")
 
 
 STRATEGY = Adapters

@@ -92,6 +92,11 @@ class Router:
     def agnostic(self, token: str) -> AbstractContextManager:
         return nullcontext()
 
+    def agnostic_choices(self, token: str) -> list[AbstractContextManager]:
+        """The candidate weights for a speaker token when several could serve it (a speaker several tasks
+        share): scoring mixes them with equal priors. Most speakers have one: `agnostic(token)`."""
+        return [self.agnostic(token)]
+
     def to_json(self) -> dict:
         """Saved in every checkpoint as router.json, so `generate` routes as evaluation did."""
         return {"kind": self.kind}

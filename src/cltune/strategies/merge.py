@@ -30,7 +30,7 @@ from cltune.errors import UserError
 from cltune.model import add_weighted_adapter
 from cltune.strategies.adapters import (
     Adapters,
-    AdaptersSettings,
+    WarmStartSettings,
     adapter_name,
     original_token_rows,
     token_rows,
@@ -41,7 +41,7 @@ from cltune.strategies.base import Router
 MERGED = "merged"
 
 
-class MergeSettings(AdaptersSettings):
+class MergeSettings(WarmStartSettings):
     combination_type: Literal["cat", "svd", "linear", "ties", "dare_ties"] = Field(
         "cat", description="PEFT add_weighted_adapter method; cat is exact (ΔW = Σ w̃_i ΔW_i), linear adds cross terms")
     weights: list[float] | None = Field(None, description="relative weight per task, one per task (default: equal)")
@@ -127,7 +127,7 @@ class FixedAdapterRouter(Router):
         return {"kind": self.kind, "adapter": self.adapter}
 
     @classmethod
-    def from_json(cls, data: dict, model) -> FixedAdapterRouter:
+    def from_json(cls, data: dict, model, folder=None) -> FixedAdapterRouter:
         return cls(model, data["adapter"])
 
 

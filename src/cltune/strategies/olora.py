@@ -27,13 +27,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from peft.tuners.lora import LoraLayer
 from pydantic import Field
 
 from cltune.config import Strict
 from cltune.model import add_weighted_adapter
-from cltune.strategies.adapters import adapter_name, add_task_adapter, token_rows
+from cltune.strategies.adapters import adapter_name, add_task_adapter, fresh_row_mask, token_rows
 from cltune.strategies.base import Strategy
+from cltune.strategies.mixing import lora_layers
 
 SUMMED = "olora"
 
@@ -55,10 +55,6 @@ def orthogonality_loss(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> to
 def l2_loss(params: Iterable[torch.Tensor]) -> torch.Tensor:
     """Σ ‖p‖² over the given parameters."""
     return _total([p.pow(2).sum() for p in params])
-
-
-def lora_layers(model) -> list[LoraLayer]:
-    return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def fold(model, adapters: list[str]) -> None:
@@ -109,18 +105,8 @@ class OLoRA(Strategy):
                 p.requires_grad_(name in n.split("."))
             self.pairs = [(torch.cat([layer.lora_A[a].weight for a in earlier]).detach(), layer.lora_A[name].weight)
                           for layer in lora_layers(model)]
-            self._free_new_token_rows(task)
+            self.rows, self.row_mask = fresh_row_mask(self.ctx, task, name)
         self.new_params = [p for layer in lora_layers(model) for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
-
-    def _free_new_token_rows(self, task) -> None:
-        self.rows = rows = token_rows(self.ctx.model, adapter_name(task.index))
-        if rows is None:
-            return
-        earlier = {t for past in self.ctx.tasks[: task.index] for t in past.tokens.values()}
-        fresh = {self.ctx.tokenizer.convert_tokens_to_ids(t) for t in task.tokens.values() if t not in earlier}
-        indices = self.ctx.model.get_base_model().get_input_embeddings().token_adapter.token_indices[adapter_name(task.index)]
-        self.row_mask = torch.tensor([i in fresh for i in indices], device=rows.device)
-        rows.requires_grad_(bool(self.row_mask.any()))
 
     def step_penalty(self, step):
         terms = []

@@ -1,0 +1,192 @@
+"""`progressive`: progressive networks (Rusu et al. 2016, arXiv 1606.04671) in LoRA form — a new column
+(adapter) per task, with learned lateral inputs from the frozen earlier columns.
+
+Column k serves task k. In every LoRA layer l its update is its own adapter's plus the earlier adapters'
+outputs through learned lateral gains (one per output channel, per earlier adapter):
+
+    ΔW^(k) x = s_k B_k A_k x + Σ_{j<k} u_{k,j,l} ⊙ (s_j B_j A_j x)
+
+Column k starts as column k−1 exactly: B_k = 0 (LoRA's initialisation), u_{k,k−1} = 1 and the other
+gains copied from column k−1, and the token rows copied from column k−1's; so a phase begins where the
+last one ended (forward transfer, as `adapters.warm_start`) while every earlier column, adapter and gain
+stays frozen: a task served by its own column scores exactly as when its phase ended.
+
+Routing is that of `adapters` (the same settings): by task id (oracle) or by speaker token (agnostic,
+shared speakers by likelihood). Lateral gains are saved with every checkpoint (`module.laterals.`);
+`cltune generate` routes through them (router kind `progressive`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from cltune.checkpoint import load_strategy_state
+from cltune.errors import UserError
+from cltune.strategies.adapters import (
+    AdapterRouter,
+    Adapters,
+    RoutingSettings,
+    adapter_name,
+    add_task_adapter,
+    token_rows,
+    using_adapter,
+)
+from cltune.strategies.base import Router
+from cltune.strategies.mixing import AdapterMix, lora_layers
+
+LATERALS = "laterals"
+
+
+class ProgressiveSettings(RoutingSettings):
+    pass
+
+
+class Laterals(torch.nn.Module):
+    """Lateral gains: for column c and LoRA layer l, a (c, out_features_l) tensor, one row per earlier adapter."""
+
+    def __init__(self, widths: list[int], tasks: int):
+        super().__init__()
+        self.columns = torch.nn.ModuleList(
+            torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(c, w)) for w in widths) if c else torch.nn.ParameterList()
+            for c in range(tasks))
+
+    @torch.no_grad()
+    def start(self, column: int) -> None:
+        """Column `column` computes what column − 1 does: the same gains, and gain 1 on column − 1's adapter."""
+        for layer, gains in enumerate(self.columns[column]):
+            if column > 1:
+                gains[: column - 1] = self.columns[column - 1][layer]
+            gains[column - 1] = 1.0
+
+    def train_only(self, column: int | None) -> None:
+        for c, gains in enumerate(self.columns):
+            gains.requires_grad_(c == column)
+
+
+def laterals_for(model, tasks: int) -> Laterals:
+    widths = [layer.out_features for layer in lora_layers(model)]
+    return Laterals(widths, tasks).to(next(model.parameters()).device)
+
+
+def column_of(adapter: str) -> int:
+    """The column an adapter name stands for (`default` is task 1's, `taskK` task K's)."""
+    return 0 if adapter == "default" else int(adapter.removeprefix("task")) - 1
+
+
+class Columns:
+    """Which column the model serves. Switching removes the current column's mix and installs another's;
+    which parameters are trainable is left as it was."""
+
+    def __init__(self, model, laterals: Laterals):
+        self.model, self.laterals = model, laterals
+        self.current: int | None = None
+        self._mix: AdapterMix | None = None
+
+    def use(self, column: int | None) -> None:
+        if column == self.current:
+            return
+        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
+        if self._mix is not None:
+            self._mix.remove()
+            self._mix = None
+        if column == 0:
+            self.model.set_adapter(adapter_name(0))
+        elif column is not None:
+            gains = self.laterals.columns[column]
+            # adapters 0..column: the earlier ones through the column's gains, its own at weight 1
+            self._mix = AdapterMix(self.model, [adapter_name(i) for i in range(column + 1)],
+                                   lambda layer, x: [*gains[layer], None])
+        self.current = column
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    @contextmanager
+    def serving(self, adapter: str | None) -> Iterator[None]:
+        """`adapter`'s column serves inside (None: the base model alone); the column before is back after."""
+        if adapter is None:
+            with using_adapter(self.model, None):
+                yield
+            return
+        previous = self.current
+        self.use(column_of(adapter))
+        try:
+            yield
+        finally:
+            self.use(previous)
+
+
+class ProgressiveRouter(AdapterRouter):
+    """`adapters`' routing, each adapter name standing for its column (the adapter and its lateral gains)."""
+
+    kind = "progressive"
+
+    def __init__(self, model, tasks, routes, likelihood: bool, columns: Columns):
+        super().__init__(model, tasks, routes, likelihood)
+        self.columns = columns
+
+    def serve(self, adapter: str | None):
+        return self.columns.serving(adapter)
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "at_rest": self.columns.current}
+
+    @classmethod
+    def from_json(cls, data: dict, model, folder=None) -> ProgressiveRouter:
+        """The saved lateral gains (the checkpoint's strategy state, `module.laterals.`) bound to a loaded
+        model, with the column the run left at rest installed."""
+        plain = AdapterRouter.from_json(data, model)
+        prefix = f"module.{LATERALS}."
+        weights = {k[len(prefix):]: v for k, v in load_strategy_state(folder).items() if k.startswith(prefix)}
+        laterals = laterals_for(model, 1 + max((int(k.split(".")[1]) for k in weights), default=0))
+        try:
+            laterals.load_state_dict(weights)
+        except RuntimeError:
+            raise UserError(f"{Path(folder)}: lateral gains missing or not fitting this model; restore the checkpoint "
+                            "folder") from None
+        columns = Columns(model, laterals)
+        columns.use(data.get("at_rest", 0))
+        return cls(model, plain.tasks, plain.routes, plain.likelihood, columns)
+
+
+class Progressive(Adapters):
+    name = "progressive"
+    summary = "a new LoRA column per task with learned lateral gains from the frozen earlier columns; routed like adapters"
+    sections = {"progressive": ProgressiveSettings}
+
+    def __init__(self, ctx, settings):
+        super().__init__(ctx, settings)
+        self.laterals = laterals_for(ctx.model, len(ctx.tasks))
+        self.laterals.train_only(None)
+        self.columns = Columns(ctx.model, self.laterals)
+
+    def before_task(self, task):
+        model, name, k = self.ctx.model, adapter_name(task.index), task.index
+        if k > 0 and name not in model.peft_config:
+            add_task_adapter(self.ctx, name)  # B = 0: the column's own update starts at zero
+            rows, previous = token_rows(model, name), token_rows(model, adapter_name(k - 1))
+            if rows is not None:
+                with torch.no_grad():
+                    rows.copy_(previous)
+            self.laterals.start(k)
+        self.columns.use(k)
+        if k > 0:
+            for n, p in model.named_parameters():  # this column's adapter (and its token rows) train, nothing earlier
+                p.requires_grad_(name in n.split("."))
+            self.laterals.train_only(k)
+
+    def after_task(self, task):
+        self.laterals.train_only(None)
+
+    def router(self) -> Router:
+        plain = super().router()
+        return ProgressiveRouter(self.ctx.model, plain.tasks, plain.routes, plain.likelihood, self.columns)
+
+    def modules(self):
+        return {LATERALS: self.laterals}
+
+
+STRATEGY = Progressive

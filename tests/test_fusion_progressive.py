@@ -1,0 +1,147 @@
+"""`fusion` and `progressive`: adapters mixed inside each layer (`AdapterMix`), phases that start where the
+last one ended, earlier tasks' weights untouched, and checkpoints that `cltune generate` serves as the run did."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import PPL_ONLY
+from test_adapters import logits_of
+from cltune.checkpoint import load_checkpoint
+from cltune.evaluate import perplexity
+from cltune.pipeline import run
+from cltune.routing import load_router
+from cltune.scoring import TokenScorer
+from cltune.session import build_session, load_tasks, make_accelerator
+from cltune.strategies.adapters import token_rows, using_adapter
+from cltune.strategies.mixing import AdapterMix
+
+
+def stand_in_for_training(model) -> None:
+    """Random updates of what trains, so that copies and fresh adapters are told apart."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.5 * torch.randn_like(p))
+
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_mix_weights_each_adapter_inside_every_layer_and_comes_off_cleanly(tiny_config):
+    session = build_session(tiny_config("adapters"))
+    ctx, model = session.ctx, session.model
+    stand_in_for_training(model)
+    session.strategy.before_task(ctx.tasks[1])  # adds task2 (B = 0) and trains it
+    stand_in_for_training(model)
+    examples = ctx.tasks[1].test[:4]
+    alone, before, trains = logits_of(ctx, examples), model.active_adapter, trainable(model)
+    with using_adapter(model, "default"):
+        default_alone = logits_of(ctx, examples)
+
+    zero = torch.zeros(())
+    mix = AdapterMix(model, ["default", "task2"], lambda layer, x: [zero, None])  # default's update weighted 0
+    assert torch.allclose(logits_of(ctx, examples), alone, atol=1e-6)
+    assert trainable(model) == trains  # PEFT's per-layer set_adapter flips trainability; the mix keeps it
+    mix.remove()
+    both = AdapterMix(model, ["default", "task2"], lambda layer, x: [None, None])
+    summed = logits_of(ctx, examples)
+    assert not torch.allclose(summed, alone, atol=1e-3) and not torch.allclose(summed, default_alone, atol=1e-3)
+    both.remove()
+    assert torch.equal(logits_of(ctx, examples), alone)  # hooks and per-layer adapters gone
+    assert model.active_adapter == before and trainable(model) == trains
+
+
+def test_fusion_starts_phase_2_where_phase_1_ended_and_trains_only_the_new_adapter_and_gate(tiny_config):
+    session = build_session(tiny_config("fusion"))
+    ctx, model, strategy = session.ctx, session.model, session.strategy
+    assert not any(p.requires_grad for p in strategy.gate.parameters())  # phase 1: one adapter, no gate
+    stand_in_for_training(model)
+    examples = ctx.tasks[0].test[:4] + ctx.tasks[1].test[:4]
+    end_of_phase_1 = logits_of(ctx, examples)
+    strategy.before_task(ctx.tasks[1])
+    # two half-weighted copies: equal up to float32 rounding through the layers (seen ≤ 1.3e-4 on logits up to ~10)
+    assert torch.allclose(logits_of(ctx, examples), end_of_phase_1, atol=1e-3)
+    assert trainable(model) == {n for n in dict(model.named_parameters()) if "task2" in n.split(".")}
+    assert all(p.requires_grad for p in strategy.gate.parameters())
+    bias = strategy.gate.proj[0].bias
+    assert bias[:2].tolist() == pytest.approx([-math.log(2)] * 2) and bias[2:].abs().sum() == 0
+    # once the new adapter differs from its copy, the gate's input weights move the output
+    stand_in_for_training(model)
+    uniform = logits_of(ctx, examples)
+    with torch.no_grad():
+        for layer in strategy.gate.proj:
+            layer.weight[1].normal_()
+    assert not torch.allclose(logits_of(ctx, examples), uniform, atol=1e-3)
+
+
+def test_fusion_keeps_earlier_weights_and_its_checkpoint_serves_as_the_run_did(tiny_config):
+    config = tiny_config("fusion", PPL_ONLY)
+    metrics = run(config)
+    assert metrics.routing == "single" and metrics.agnostic is None  # no task id, no speaker routing
+    assert math.isfinite(metrics.ppl[2][1]) and metrics.ppl[2][1] < metrics.ppl[1][1]
+    phase1, phase2 = config.run_dir / "phase1", config.run_dir / "phase2"
+    first, second = load_file(phase1 / "adapter_model.safetensors"), load_file(phase2 / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)  # task 1's adapter and rows never moved
+    state = load_file(phase2 / "strategy_state.safetensors")
+    assert any(k.startswith("module.gate.proj.") for k in state)
+
+    model, tokenizer, _ = load_checkpoint(phase2)
+    new_rows, old_rows = token_rows(model, "task2"), token_rows(model, "default")
+    indices = model.get_base_model().get_input_embeddings().token_adapter.token_indices["task2"]
+    for position, token_id in enumerate(indices):
+        same = torch.equal(new_rows[position], old_rows[position])
+        assert same == (tokenizer.convert_ids_to_tokens(token_id) != "<GUEST_B>")  # only the new speaker's row trained
+    router = load_router(phase2, model)  # reinstalls the gate: `cltune generate` serves the fused model
+    assert router.to_json()["kind"] == "fusion"
+    tasks = load_tasks(config)[1]
+    acc, scorer = make_accelerator("fp32"), TokenScorer(model)
+    for k, task in enumerate(tasks):
+        ppl = perplexity(acc, scorer, tokenizer, task.test, config.data.max_length)
+        assert ppl == pytest.approx(metrics.ppl[2][k], rel=1e-5)
+
+
+def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_config):
+    session = build_session(tiny_config("progressive"))
+    ctx, model, strategy = session.ctx, session.model, session.strategy
+    stand_in_for_training(model)
+    examples = ctx.tasks[1].test[:4]
+    column_1 = logits_of(ctx, examples)
+    strategy.before_task(ctx.tasks[1])
+    router = strategy.router()
+    with router.oracle(1):
+        assert torch.allclose(logits_of(ctx, examples), column_1, atol=1e-5)  # B = 0, lateral gain 1
+    expected = {n for n in dict(model.named_parameters()) if "task2" in n.split(".")}
+    assert trainable(model) == expected
+    assert [p.requires_grad for p in strategy.laterals.parameters()] == [True] * len(list(strategy.laterals.parameters()))
+    stand_in_for_training(model)  # the new column's adapter
+    with torch.no_grad():
+        for gains in strategy.laterals.columns[1]:
+            gains.mul_(torch.rand_like(gains))
+    with router.oracle(0):
+        assert torch.allclose(logits_of(ctx, examples), column_1, atol=1e-6)  # column 1 is the frozen past
+    with router.oracle(1):
+        assert not torch.allclose(logits_of(ctx, examples), column_1, atol=1e-3)
+    assert strategy.columns.current == 1 and trainable(model) == expected  # switching back restores both
+
+
+def test_progressive_stream_forgets_nothing_by_task_id_and_its_checkpoint_routes_the_same(tiny_config):
+    config = tiny_config("progressive", PPL_ONLY)
+    metrics = run(config)
+    assert metrics.routing == "oracle" and metrics.ppl[2][0] == metrics.ppl[1][0] and metrics.forgetting_pct == [0.0]
+    phase2 = config.run_dir / "phase2"
+    model, tokenizer, _ = load_checkpoint(phase2)
+    router = load_router(phase2, model)
+    assert router.to_json()["kind"] == "progressive" and router.to_json()["at_rest"] == 1
+    tasks = load_tasks(config)[1]
+    acc, scorer = make_accelerator("fp32"), TokenScorer(model)
+    for k, task in enumerate(tasks):
+        with router.oracle(k):
+            assert perplexity(acc, scorer, tokenizer, task.test, config.data.max_length) == pytest.approx(
+                metrics.ppl[2][k], rel=1e-5)
