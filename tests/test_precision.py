@@ -147,7 +147,7 @@ def test_a_bf16_checkpoint_loads_in_fp32_and_scores_as_recorded(three_runs):
     assert reloaded == pytest.approx(bf16.ppl[2], rel=5e-3)
 
 
-@pytest.mark.parametrize("strategy", ["adapters", "merge", "olora", "lwf", "ewc_replay"])
+@pytest.mark.parametrize("strategy", ["adapters", "merge", "olora", "lwf", "ewc_replay", "fusion", "progressive"])
 def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_dir, tmp_path, monkeypatch, strategy):
     """Strategies that add or merge adapters get them in the base's dtype from PEFT; the run settles them back."""
     from conftest import tiny_run_config, write_dialogue
