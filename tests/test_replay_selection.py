@@ -84,3 +84,18 @@ def test_a_reservoir_buffer_survives_a_checkpoint(tiny_config, captured):
     fresh.load_state({k: v.clone() for k, v in strategy.state().items()})
     assert fresh.buffer.samples == strategy.buffer.samples
     assert (fresh.buffer.seen, fresh.buffer.capacity) == (sum(len(t.train) for t in strategy.ctx.tasks), 5)
+
+
+def test_a_shared_budget_keeps_the_new_datas_step_count_and_an_added_one_lengthens_the_phase(tiny_config):
+    from conftest import PPL_ONLY
+
+    def steps(strategy, sets=()):
+        metrics = pipeline.run(tiny_config(strategy, [*PPL_ONLY, "replay.ratio=0.5", "train.batch_size=4", *sets],
+                                           name=f"{strategy}-{len(sets)}"))
+        return [phase.steps for phase in metrics.phases]
+
+    naive, added, shared = steps("naive"), steps("replay"), steps("replay", ["replay.budget=shared"])
+    assert shared == naive  # the same optimizer steps as the new data alone
+    assert added[0] == naive[0] and added[1] > naive[1]  # phase 2 also walks through the replayed half of task 1
+    # and ewc_replay (replay inside a composite) honours it too
+    assert steps("ewc_replay", ["replay.budget=shared"]) == naive

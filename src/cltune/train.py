@@ -299,8 +299,11 @@ def train_phase(
     examples = require_no_test(examples, "training")
     encoded = ctx.encode(examples)
     pad_id = ctx.tokenizer.pad_token_id
-    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, token_budget(settings, acc.device),
-                      micro_batch(settings, wide=ctx.base_dtype != torch.float32 or acc.device.type != "cpu"))
+    sizes = (token_budget(settings, acc.device), micro_batch(settings, wide=ctx.base_dtype != torch.float32 or acc.device.type != "cpu"))
+    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, *sizes)
+    if strategy.shared_budget() and len(examples) > len(task.train):
+        # Replayed utterances take new ones' places: as many steps as the task's own split gives.
+        plan = plan[: len(plan_steps([len(s) for s in ctx.encode(task.train)], settings, ctx.seed + phase, *sizes))]
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 

@@ -124,6 +124,11 @@ class Strategy:
         """The examples to train on during this task's phase; called once per phase, after before_task."""
         return task.train
 
+    def shared_budget(self) -> bool:
+        """True when the utterances `train_data` adds (replayed ones) share the new data's step budget: the
+        phase then takes as many optimizer steps as the task's own training split would, not more."""
+        return False
+
     def batch_loss(self, batch: Batch, outputs: Outputs, step: StepInfo) -> torch.Tensor | None:
         """A loss per target token of this micro-batch, added to its mean token NLL (distillation)."""
         return None
@@ -209,6 +214,9 @@ class Composite(Strategy):
             out += added
             seen.update(added)
         return out
+
+    def shared_budget(self):
+        return any(m.shared_budget() for m in self.members)
 
     def batch_loss(self, batch, outputs, step):
         return _sum(m.batch_loss(batch, outputs, step) for m in self.members)

@@ -31,6 +31,9 @@ class ReplaySettings(Strict):
     selection: Literal["random", "highest_loss", "reservoir"] = Field(
         "random", description="which utterances are kept: a seeded sample, the highest-NLL ones, or a fixed-size reservoir")
     capacity: int | None = Field(None, ge=1, description="reservoir: total utterances kept (default: ratio × the first dataset's)")
+    budget: Literal["added", "shared"] = Field(
+        "added", description="added: replayed utterances lengthen the phase (an epoch covers new and replayed); shared: "
+                             "the phase takes the steps the new data alone would, replayed utterances taking new ones' places")
 
 
 def replay_sample(train: list[Example], ratio: float, seed: int, cap: int | None = None) -> list[Example]:
@@ -127,6 +130,9 @@ class Replay(Strategy):
 
     def train_data(self, task: TaskData) -> list[Example]:
         return task.train + self.buffer.examples()
+
+    def shared_budget(self) -> bool:
+        return self.buffer.settings.budget == "shared"
 
     def after_task(self, task: TaskData) -> None:
         losses = utterance_losses(self.ctx, task.train) if self.buffer.settings.selection == "highest_loss" else None
