@@ -107,23 +107,29 @@ def test_fusion_keeps_earlier_weights_and_its_checkpoint_serves_as_the_run_did(t
         assert ppl == pytest.approx(metrics.ppl[2][k], rel=1e-5)
 
 
-def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_config):
-    session = build_session(tiny_config("progressive"))
+@pytest.mark.parametrize("new_column", ["fresh", "copy"])
+def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_config, new_column):
+    session = build_session(tiny_config("progressive", [f"progressive.new_column={new_column}"]))
     ctx, model, strategy = session.ctx, session.model, session.strategy
     stand_in_for_training(model)
     examples = ctx.tasks[1].test[:4]
     column_1 = logits_of(ctx, examples)
     strategy.before_task(ctx.tasks[1])
+    copied = [torch.equal(p, dict(model.named_parameters())[n.replace("task2", "default")])
+              for n, p in model.named_parameters() if "task2" in n.split(".") and "lora_B" in n]
+    assert all(copied) == (new_column == "copy")  # a copy of adapter 1, or a fresh LoRA (B = 0)
+    assert strategy.laterals.columns[1][0][0].unique().tolist() == [0.0 if new_column == "copy" else 1.0]
     router = strategy.router()
     with router.oracle(1):
-        assert torch.allclose(logits_of(ctx, examples), column_1, atol=1e-5)  # B = 0, lateral gain 1
+        # fresh: B = 0 and gain 1 on adapter 1; copy: adapter 2 = adapter 1 and gain 0 on it (rounding only)
+        assert torch.allclose(logits_of(ctx, examples), column_1, atol=1e-5)
     expected = {n for n in dict(model.named_parameters()) if "task2" in n.split(".")}
     assert trainable(model) == expected
     assert [p.requires_grad for p in strategy.laterals.parameters()] == [True] * len(list(strategy.laterals.parameters()))
     stand_in_for_training(model)  # the new column's adapter
     with torch.no_grad():
         for gains in strategy.laterals.columns[1]:
-            gains.mul_(torch.rand_like(gains))
+            gains.add_(torch.rand_like(gains))
     with router.oracle(0):
         assert torch.allclose(logits_of(ctx, examples), column_1, atol=1e-6)  # column 1 is the frozen past
     with router.oracle(1):

@@ -6,10 +6,12 @@ outputs through learned lateral gains (one per output channel, per earlier adapt
 
     ΔW^(k) x = s_k B_k A_k x + Σ_{j<k} u_{k,j,l} ⊙ (s_j B_j A_j x)
 
-Column k starts as column k−1 exactly: B_k = 0 (LoRA's initialisation), u_{k,k−1} = 1 and the other
-gains copied from column k−1, and the token rows copied from column k−1's; so a phase begins where the
-last one ended (forward transfer, as `adapters.warm_start`) while every earlier column, adapter and gain
-stays frozen: a task served by its own column scores exactly as when its phase ended.
+Column k starts as column k−1 exactly, the other gains copied from column k−1 and the token rows from
+its rows, in one of two ways (`new_column`): `fresh`, B_k = 0 (LoRA's initialisation) and u_{k,k−1} = 1;
+or `copy`, adapter k a copy of adapter k−1 and u_{k,k−1} = 0 (a non-zero B_k, so both factors get
+gradients from the first step, as in `adapters.warm_start`). Either way a phase begins where the last
+one ended while every earlier column, adapter and gain stays frozen: a task served by its own column
+scores exactly as when its phase ended.
 
 Routing is that of `adapters` (the same settings): by task id (oracle) or by speaker token (agnostic,
 shared speakers by likelihood). Lateral gains are saved with every checkpoint (`module.laterals.`);
@@ -21,8 +23,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from cltune.checkpoint import load_strategy_state
 from cltune.errors import UserError
@@ -32,6 +36,7 @@ from cltune.strategies.adapters import (
     RoutingSettings,
     adapter_name,
     add_task_adapter,
+    copy_adapter,
     token_rows,
     using_adapter,
 )
@@ -42,7 +47,9 @@ LATERALS = "laterals"
 
 
 class ProgressiveSettings(RoutingSettings):
-    pass
+    new_column: Literal["fresh", "copy"] = Field(
+        "fresh", description="fresh: the column's adapter starts at zero (LoRA's B = 0) with gain 1 on the previous "
+                             "adapter; copy: it starts as a copy of the previous adapter, whose gain starts at 0")
 
 
 class Laterals(torch.nn.Module):
@@ -55,12 +62,13 @@ class Laterals(torch.nn.Module):
             for c in range(tasks))
 
     @torch.no_grad()
-    def start(self, column: int) -> None:
-        """Column `column` computes what column − 1 does: the same gains, and gain 1 on column − 1's adapter."""
+    def start(self, column: int, previous_gain: float = 1.0) -> None:
+        """Column `column` starts from column − 1's gains, and `previous_gain` on column − 1's adapter (1 when
+        the new adapter starts at zero, 0 when it starts as a copy of that adapter)."""
         for layer, gains in enumerate(self.columns[column]):
             if column > 1:
                 gains[: column - 1] = self.columns[column - 1][layer]
-            gains[column - 1] = 1.0
+            gains[column - 1] = previous_gain
 
     def train_only(self, column: int | None) -> None:
         for c, gains in enumerate(self.columns):
@@ -167,11 +175,15 @@ class Progressive(Adapters):
         model, name, k = self.ctx.model, adapter_name(task.index), task.index
         if k > 0 and name not in model.peft_config:
             add_task_adapter(self.ctx, name)  # B = 0: the column's own update starts at zero
-            rows, previous = token_rows(model, name), token_rows(model, adapter_name(k - 1))
-            if rows is not None:
-                with torch.no_grad():
-                    rows.copy_(previous)
-            self.laterals.start(k)
+            copied = self.cfg.new_column == "copy"
+            if copied:  # LoRA weights and token rows; the copied adapter's gain starts at 0 instead
+                copy_adapter(model, adapter_name(k - 1), name)
+            else:
+                rows, previous = token_rows(model, name), token_rows(model, adapter_name(k - 1))
+                if rows is not None:
+                    with torch.no_grad():
+                        rows.copy_(previous)
+            self.laterals.start(k, 0.0 if copied else 1.0)
         self.columns.use(k)
         if k > 0:
             for n, p in model.named_parameters():  # this column's adapter (and its token rows) train, nothing earlier
