@@ -151,3 +151,71 @@ def test_progressive_stream_forgets_nothing_by_task_id_and_its_checkpoint_routes
         with router.oracle(k):
             assert perplexity(acc, scorer, tokenizer, task.test, config.data.max_length) == pytest.approx(
                 metrics.ppl[2][k], rel=1e-5)
+
+
+def test_sample_token_is_greedy_at_zero_and_keeps_only_the_top_p_mass():
+    from cltune.generate import sample_token
+
+    log_probs = torch.tensor([0.5, 0.3, 0.2]).log()
+    generator = torch.Generator().manual_seed(0)
+    assert sample_token(log_probs, 0.0, 0.9, generator) == 0
+    drawn = {sample_token(log_probs, 1.0, 0.7, generator) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.7: the third token is cut
+    assert {sample_token(log_probs, 1.0, 0.01, generator) for _ in range(50)} == {0}
+
+
+def test_mixture_generation_draws_from_the_equal_prior_mixture(tiny_config):
+    from contextlib import nullcontext
+
+    from cltune.generate import generate_mixture, generate_text
+
+    session = build_session(tiny_config("adapters"))
+    ctx, model = session.ctx, session.model
+    stand_in_for_training(model)
+    session.strategy.before_task(ctx.tasks[1])
+    stand_in_for_training(model)
+    tokenizer, host = ctx.tokenizer, "<HOST>"
+    ids = [tokenizer.convert_tokens_to_ids(host)]
+    # one candidate, greedy: the same text as the library's generate
+    alone = generate_mixture(model, tokenizer, lambda: [nullcontext()], ids, max_new_tokens=6, temperature=0)
+    assert alone == generate_text(model, tokenizer, host, max_new_tokens=6, temperature=0)
+    # two candidates, greedy: the next token is the argmax of π_1 p_default + π_2 p_task2, π ∝ each one's likelihood
+    # of the prompt; a prompt on which the two candidates disagree is chosen so that the mixture decides
+    model.eval()
+    for example in ctx.tasks[0].test:
+        prompt = ids + tokenizer(example.text, add_special_tokens=False)["input_ids"][:2]
+        log_probs = []
+        for adapter in ("default", "task2"):
+            with using_adapter(model, adapter), torch.no_grad():
+                log_probs.append(model(input_ids=torch.tensor([prompt])).logits[0].float().log_softmax(-1))
+        if int(log_probs[0][-1].argmax()) != int(log_probs[1][-1].argmax()):
+            break
+    else:
+        pytest.fail("no prompt on which the two adapters disagree")
+    seen = torch.tensor(prompt[1:])
+    prior = torch.stack([lp[:-1].gather(-1, seen[:, None]).sum() for lp in log_probs]).softmax(0)
+    expected = int((prior[0] * log_probs[0][-1].exp() + prior[1] * log_probs[1][-1].exp()).argmax())
+    first = generate_mixture(model, tokenizer, lambda: [using_adapter(model, "default"), using_adapter(model, "task2")],
+                             prompt, max_new_tokens=1, temperature=0)
+    assert first == tokenizer.decode([expected], skip_special_tokens=True).strip()
+
+
+def test_cltune_generate_samples_a_shared_speaker_from_the_mixture(monkeypatch, capsys, tiny_config):
+    from test_cli import cltune
+
+    from cltune.api import generate_from
+    from cltune.generate import generate_mixture
+
+    config = tiny_config("progressive", PPL_ONLY)
+    run(config)
+    capsys.readouterr()  # the run's progress lines
+    phase2 = config.run_dir / "phase2"
+    result = cltune(monkeypatch, capsys, "generate", phase2, "--speaker", "Host", "--max-new-tokens", "5", "--seed", "3")
+    assert result.code == 0, result.err
+    model, tokenizer, _ = load_checkpoint(phase2)
+    router = load_router(phase2, model)
+    assert len(router.agnostic_choices("<HOST>")) == 2 and len(router.agnostic_choices("<GUEST_B>")) == 1
+    ids = [tokenizer.convert_tokens_to_ids("<HOST>")]
+    direct = generate_mixture(model, tokenizer, lambda: router.agnostic_choices("<HOST>"), ids, max_new_tokens=5,
+                              seed=3)
+    assert result.out.strip() == direct == generate_from(phase2, "Host", max_new_tokens=5, seed=3)

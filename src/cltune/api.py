@@ -120,14 +120,20 @@ def speaker_token(tokens: dict[str, str], speaker: str, where: Path) -> str:
 def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, max_new_tokens: int = 40,
                   temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> str:
     """A continuation of `prompt` in `speaker`'s voice from a saved phase checkpoint (the prompt not repeated),
-    from the weights the checkpoint's router gives that speaker (as the run's evaluation and samples did)."""
+    from the weights the checkpoint's router gives that speaker, as the run's agnostic evaluation scored it: a
+    speaker several tasks share is sampled from the mixture of their weights."""
     from cltune.checkpoint import load_checkpoint
-    from cltune.generate import generate_text
+    from cltune.generate import generate_mixture, generate_text
     from cltune.routing import load_router
 
     model, tokenizer, meta = load_checkpoint(checkpoint)
     token = speaker_token(meta.get("speaker_tokens", {}), speaker, checkpoint)
-    with load_router(checkpoint, model).agnostic(token):
+    router = load_router(checkpoint, model)
+    if len(router.agnostic_choices(token)) > 1:
+        ids = [tokenizer.convert_tokens_to_ids(token)] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return generate_mixture(model, tokenizer, lambda: router.agnostic_choices(token), ids,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    with router.agnostic(token):
         return generate_text(model, tokenizer, token, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
 import torch
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations and generate_text's defaults
@@ -76,3 +79,53 @@ def sample_rows(ctx, router, tasks, settings, phase: int, seed: int) -> list[dic
         out += [{"phase": phase, "task": task.name, "speaker": speaker, "token": token, "text": text}
                 for (speaker, token), text in zip(rows, texts)]
     return out
+
+
+@torch.no_grad()
+def generate_mixture(
+    model, tokenizer, candidates: Callable[[], list[AbstractContextManager]], ids: list[int], *, max_new_tokens: int,
+    temperature: float = SAMPLE_TEMPERATURE, top_p: float = SAMPLE_TOP_P, seed: int = 0,
+) -> str:
+    """A continuation of `ids` (the speaker token, then the prompt) sampled from the equal-prior mixture of several
+    candidate weights — what evaluation scores for a speaker several tasks share.
+
+    Each token is drawn from Σ_c π_c p_c(· | x<t) with the posterior π_c ∝ p_c(x_1..x_{t−1}), the tokens after the
+    speaker token (prompt and sampled ones, untempered); temperature and top-p then shape that distribution.
+    `candidates()` gives fresh contexts, one per candidate. One forward per candidate per token, without a cache:
+    turns are short.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    sequence = list(ids)
+    try:
+        for _ in range(max_new_tokens):
+            inputs = torch.tensor([sequence], dtype=torch.long, device=device)
+            log_probs = []
+            for weights in candidates():
+                with weights:
+                    log_probs.append(torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1).cpu())
+            stacked = torch.stack(log_probs)  # (candidates, positions, vocab)
+            seen = torch.tensor(sequence[1:], dtype=torch.long)
+            posterior = stacked[:, :-1].gather(-1, seen.view(1, -1, 1).expand(len(log_probs), -1, 1)).sum(dim=(1, 2))
+            mixture = torch.logsumexp(torch.log_softmax(posterior, dim=0)[:, None] + stacked[:, -1], dim=0)
+            token = sample_token(mixture, temperature, top_p, generator)
+            sequence.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(sequence[len(ids):], skip_special_tokens=True).strip()
+
+
+def sample_token(log_probs: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    """One token id from a log-distribution: greedy at temperature 0, else tempered and cut to the top-p mass
+    (the smallest set of most likely tokens whose probability reaches top_p)."""
+    if temperature <= 0:
+        return int(log_probs.argmax())
+    probs = torch.softmax(log_probs / temperature, dim=-1)
+    ordered, order = probs.sort(descending=True)
+    keep = ordered.cumsum(-1) - ordered < top_p  # a token is kept while the mass before it is short of top_p
+    ordered = ordered * keep
+    return int(order[torch.multinomial(ordered / ordered.sum(), 1, generator=generator)])

@@ -15,8 +15,8 @@ how they are used:
   from itself, so the perplexity is that of a real sequential predictor (at most log C nats per
   utterance worse than the best candidate's, whichever it is). It costs one pass per candidate.
 - `latest`: the adapter of the latest learned task with that speaker.
-Generation (`cltune generate`, the report's samples) uses the latest candidate. The table is saved
-in every checkpoint's router.json.
+`cltune generate` samples such a speaker from the same mixture (`generate.generate_mixture`); the
+report's samples are per task (oracle). The table is saved in every checkpoint's router.json.
 """
 
 from __future__ import annotations
