@@ -189,3 +189,17 @@ def test_agnostic_rows_route_each_utterance_by_its_speaker(strategy_streams):
 def test_a_strategy_without_task_routing_reports_one_matrix(strategy_streams):
     _, metrics = strategy_streams("merge")
     assert metrics.routing == "single" and metrics.agnostic is None
+
+
+@pytest.mark.parametrize("strategy", ["adapters", "progressive"])
+def test_later_adapters_join_each_speakers_mixture(tiny_config, strategy):
+    session = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=true"]))
+    session.strategy.before_task(session.tasks[1])  # two tasks learned (as far as routing goes)
+    routes = session.strategy.router().routes
+    assert routes == {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default", "task2"], "<GUEST_B>": ["task2"]}
+    plain = build_session(tiny_config(strategy))
+    plain.strategy.before_task(plain.tasks[1])
+    assert plain.strategy.router().routes["<GUEST_A>"] == ["default"]
+    latest = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=true", f"{strategy}.shared_speakers=latest"]))
+    latest.strategy.before_task(latest.tasks[1])
+    assert latest.strategy.router().routes["<GUEST_A>"] == ["default"]  # later adapters only join a likelihood mixture

@@ -15,6 +15,9 @@ how they are used:
   from itself, so the perplexity is that of a real sequential predictor (at most log C nats per
   utterance worse than the best candidate's, whichever it is). It costs one pass per candidate.
 - `latest`: the adapter of the latest learned task with that speaker.
+With `later_adapters` (and `likelihood`) every speaker's mixture also holds the adapters of the tasks
+learned after its last one — where later adapters start from earlier ones (`warm_start`, progressive
+columns) they may know the speaker better now (backward transfer), for the same ln C bound.
 `cltune generate` samples such a speaker from the same mixture (`generate.generate_mixture`); the
 report's samples are per task (oracle). The table is saved in every checkpoint's router.json.
 """
@@ -43,6 +46,9 @@ class RoutingSettings(Strict):
     shared_speakers: Literal["likelihood", "latest"] = Field(
         "likelihood", description="agnostic scoring of a speaker several tasks share: an equal-prior mixture of their "
                                   "adapters (each token predicted from the earlier ones only), or the latest task's")
+    later_adapters: bool = Field(
+        False, description="with likelihood: a speaker's mixture also holds the adapters of every task learned after its "
+                           "last one (backward transfer where later adapters grew from earlier ones; ≤ ln C nats/utterance)")
 
 
 class AdaptersSettings(WarmStartSettings, RoutingSettings):
@@ -204,8 +210,11 @@ class Adapters(Strategy):
 
     def router(self) -> Router:
         tasks = [self.adapter_for_task(i) for i in range(len(self.ctx.tasks))]
-        routes = {t: [adapter_name(i) for i in indices] for t, indices in self.routes().items()}
-        return AdapterRouter(self.ctx.model, tasks, routes, self.cfg.shared_speakers == "likelihood")
+        likelihood = self.cfg.shared_speakers == "likelihood"
+        later = range(self.learned) if likelihood and self.cfg.later_adapters else range(0)
+        routes = {t: [adapter_name(i) for i in [*indices, *(j for j in later if j > indices[-1])]]
+                  for t, indices in self.routes().items()}
+        return AdapterRouter(self.ctx.model, tasks, routes, likelihood)
 
 
 STRATEGY = Adapters
