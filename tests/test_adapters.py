@@ -197,7 +197,7 @@ def test_later_adapters_join_each_speakers_mixture(tiny_config, strategy):
     session.strategy.before_task(session.tasks[1])  # two tasks learned (as far as routing goes)
     routes = session.strategy.router().routes
     assert routes == {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default", "task2"], "<GUEST_B>": ["task2"]}
-    plain = build_session(tiny_config(strategy))
+    plain = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=false"]))
     plain.strategy.before_task(plain.tasks[1])
     assert plain.strategy.router().routes["<GUEST_A>"] == ["default"]
     latest = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=true", f"{strategy}.shared_speakers=latest"]))

@@ -130,7 +130,7 @@ class BaseRunConfig(Strict):
     name: str = Field("run", description="run name; outputs go to output_dir/name")
     seed: int = Field(0, description="seed for splits, sampling, data order and initialization")
     output_dir: Path = Field(Path("checkpoints"), description="parent folder of run folders")
-    strategy: str = Field("ewc_replay", description="continual-learning strategy (see `cltune strategies`)")
+    strategy: str = Field("progressive", description="continual-learning strategy (see `cltune strategies`)")
     model: ModelSettings = Field(default_factory=ModelSettings, description="base model (section below)")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter (section below)")
     data: DataSettings = Field(default_factory=DataSettings, description="reading and splitting the datasets")

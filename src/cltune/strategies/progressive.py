@@ -47,9 +47,13 @@ LATERALS = "laterals"
 
 
 class ProgressiveSettings(RoutingSettings):
+    # The defaults are the measured best of the four combinations (docs/benchmarks/strategies_added.md).
     new_column: Literal["fresh", "copy"] = Field(
-        "fresh", description="fresh: the column's adapter starts at zero (LoRA's B = 0) with gain 1 on the previous "
-                             "adapter; copy: it starts as a copy of the previous adapter, whose gain starts at 0")
+        "copy", description="copy: the column's adapter starts as a copy of the previous adapter, whose gain starts at 0; "
+                            "fresh: it starts at zero (LoRA's B = 0) with gain 1 on the previous adapter")
+    later_adapters: bool = Field(
+        True, description="with likelihood: a speaker's mixture also holds the columns of every task learned after its "
+                          "last one (they grew from the earlier ones: backward transfer; ≤ ln C nats/utterance)")
 
 
 class Laterals(torch.nn.Module):
