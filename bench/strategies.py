@@ -100,12 +100,13 @@ def kept_notes(doc: Path) -> list[str]:
     return [text[text.index(NOTES[0]) : text.index(NOTES[1]) + len(NOTES[1])], ""]
 
 
-def section(stream: str, tasks: list[dict], compare_dir: Path, doc_dir: Path) -> list[str]:
-    """The stream's compare.md under a stream heading (headings one level down), its plot and data copied beside the doc."""
+def section(stream: str, tasks: list[dict], compare_dir: Path, doc: Path) -> list[str]:
+    """The stream's compare.md under a stream heading (headings one level down), its plot and data copied beside the
+    doc, named after it (strategies.md → strategies_hard.png)."""
     text = (compare_dir / "compare.md").read_text(encoding="utf-8")
     body = text.split("\n", 1)[1]  # the page title is the stream heading here
     body = re.sub(r"^## ", "### ", body, flags=re.M)
-    png, data = doc_dir / f"strategies_{stream}.png", doc_dir / f"strategies_{stream}.json"
+    png, data = doc.parent / f"{doc.stem}_{stream}.png", doc.parent / f"{doc.stem}_{stream}.json"
     shutil.copyfile(compare_dir / "compare.png", png)
     shutil.copyfile(compare_dir / "compare.json", data)
     body = body.replace("(compare.png)", f"({png.name})")
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "bench-strategies")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks" / "strategies.md")
     parser.add_argument("--collect", action="store_true", help="only rebuild the doc from the finished compare folders")
+    parser.add_argument("--title", default="Strategy benchmark", help="the doc's heading")
     args = parser.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +160,7 @@ def main() -> None:
             names = (args.demo_strategies or args.strategies) if stream == "demo" else args.strategies
             subprocess.run([sys.executable, "-m", "cltune", "compare", str(config), "--strategies", names,
                             "--seeds", str(args.seeds), "--out", str(compare_dir)], check=True)
-        sections += section(stream, all_streams[stream], compare_dir, args.doc.parent)
+        sections += section(stream, all_streams[stream], compare_dir, args.doc)
         resolved.append(f"{stream}: {resolution(compare_dir)}")
 
     ran = ", ".join(sorted({json.loads(m.read_text(encoding="utf-8"))["precision"]
@@ -172,14 +174,14 @@ def main() -> None:
         if skip or arg == "--collect":
             skip = False
             continue
-        if arg in ("--out", "--doc"):
+        if arg in ("--out", "--doc", "--title"):
             skip = True
             continue
         shown.append(arg)
     command = " ".join(["python bench/strategies.py", *shown])
     b = budget(args)
     head = [
-        "# Strategy benchmark", "",
+        f"# {args.title}", "",
         f"Command: `{command}` · {datetime.date.today()} · {cpu['model_name']} ({flags}), {len(os.sched_getaffinity(0))} "
         f"cores, CPU only. Each stream is one `cltune compare` over {args.seeds} seeds (each seed reseeds the split, "
         "sampling and initialization); its runs are in the compare folder's `runs/`.", "",
