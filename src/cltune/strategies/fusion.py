@@ -142,7 +142,10 @@ class FusionRouter(Router):
         if not weights:
             raise UserError(f"{Path(folder)}: a fusion checkpoint without its gate; restore the checkpoint folder")
         gate = gate_for(model, weights["proj.0.bias"].shape[0], token_dependent)
-        gate.load_state_dict(weights)
+        try:
+            gate.load_state_dict(weights)
+        except RuntimeError:
+            raise UserError(f"{Path(folder)}: the fusion gate does not fit this model; restore the checkpoint folder") from None
         return cls(adapters, token_dependent, install(model, gate, adapters))
 
 

@@ -5,8 +5,8 @@ PEFT sums the active adapters of a LoRA layer, ΔW x = Σ_i s_i B_i A_i x. An `A
 list of adapters in every LoRA layer and multiplies adapter i's output B_i A_i x by a weight that
 `scales(layer, x)` returns for that layer's input x: a tensor broadcast against the output (one value
 per token, per channel, or both), or None for 1. PEFT's adapters stay the only weights that change the
-model; the mix adds forward hooks (one on each LoRA layer to compute the weights, one on each scaled
-adapter's B to apply them) and removes them exactly.
+model; the mix adds forward hooks (one on each LoRA layer to compute the weights, one on each adapter's
+B to apply them) and removes them exactly.
 
 The last adapter of the list is the primary one: the model's active adapter, whose trainable token
 rows (speaker tokens) the embedding uses (PEFT serves one adapter's rows at a time).
@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from peft.tuners.lora import LoraLayer
 
-# scales(layer index, layer input) -> one weight per adapter of the mix (None: weight 1, no hook)
+# scales(layer index, layer input) -> one weight per adapter of the mix (None: weight 1, the output untouched)
 Scales = Callable[[int, torch.Tensor], Sequence[torch.Tensor | None]]
 
 
