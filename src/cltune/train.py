@@ -303,7 +303,8 @@ def train_phase(
     plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, *sizes)
     if strategy.shared_budget() and len(examples) > len(task.train):
         # Replayed utterances take new ones' places: as many steps as the task's own split gives.
-        plan = plan[: len(plan_steps([len(s) for s in ctx.encode(task.train)], settings, ctx.seed + phase, *sizes))]
+        own = [len(s) for e, s in zip(examples, encoded) if e.task == task.index]
+        plan = plan[: len(plan_steps(own, settings, ctx.seed + phase, *sizes))]
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     pack = settings.pack_length if settings.packing else None
 
