@@ -34,6 +34,7 @@ from pydantic import Field
 from cltune.config import Strict
 from cltune.model import lora_config
 from cltune.strategies.base import Context, Router, Strategy
+from cltune.strategies.mixing import trainability_kept
 
 
 class WarmStartSettings(Strict):
@@ -42,13 +43,18 @@ class WarmStartSettings(Strict):
     )
 
 
+def later_adapters_field(default: bool):
+    """The `later_adapters` setting; `progressive` turns it on by default."""
+    return Field(default, description="with likelihood: a speaker's mixture also holds the adapters (columns) of every task "
+                                      "learned after its last one (backward transfer where they grew from earlier ones; "
+                                      "≤ ln C nats/utterance)")
+
+
 class RoutingSettings(Strict):
     shared_speakers: Literal["likelihood", "latest"] = Field(
         "likelihood", description="agnostic scoring of a speaker several tasks share: an equal-prior mixture of their "
                                   "adapters (each token predicted from the earlier ones only), or the latest task's")
-    later_adapters: bool = Field(
-        False, description="with likelihood: a speaker's mixture also holds the adapters of every task learned after its "
-                           "last one (backward transfer where later adapters grew from earlier ones; ≤ ln C nats/utterance)")
+    later_adapters: bool = later_adapters_field(False)
 
 
 class AdaptersSettings(WarmStartSettings, RoutingSettings):
@@ -113,19 +119,16 @@ def using_adapter(model, adapter: str | None) -> Iterator[None]:
     """Run with `adapter` active (None: the base model alone), then restore the active adapter and
     exactly which parameters were trainable (PEFT's set_adapter also flips requires_grad)."""
     previous = model.active_adapter
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    try:
+    with trainability_kept(model):
         if adapter is None:
             with model.disable_adapter():
                 yield
         else:
             model.set_adapter(adapter)
-            yield
-    finally:
-        if adapter is not None:
-            model.set_adapter(previous)
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable)
+            try:
+                yield
+            finally:
+                model.set_adapter(previous)
 
 
 def speaker_routes(task_tokens: Sequence[Iterable[str]]) -> dict[str, list[int]]:

@@ -170,11 +170,20 @@ class Strategy:
 
     def load_full_state(self, state: dict[str, torch.Tensor]) -> None:
         for name, module in self.modules().items():
-            prefix = f"module.{name}."
-            weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            weights = module_weights(state, name)
             if weights:
                 module.load_state_dict(weights)
         self.load_state({k: v for k, v in state.items() if not k.startswith("module.")})
+
+
+def under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` whose key starts with `prefix`, with the prefix taken off."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def module_weights(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """A strategy module's weights in a saved `full_state()` (a router rebuilding the module reads them too)."""
+    return under(state, f"module.{name}.")
 
 
 def _sum(terms) -> torch.Tensor | None:
@@ -250,5 +259,4 @@ class Composite(Strategy):
 
     def load_state(self, state):
         for i, m in enumerate(self.members):
-            prefix = f"{i}."
-            m.load_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            m.load_state(under(state, f"{i}."))

@@ -39,7 +39,7 @@ from cltune.checkpoint import load_strategy_state
 from cltune.config import Strict
 from cltune.errors import UserError
 from cltune.strategies.adapters import adapter_name, add_task_adapter, copy_adapter, fresh_row_mask
-from cltune.strategies.base import Router
+from cltune.strategies.base import Router, module_weights
 from cltune.strategies.mixing import AdapterMix, lora_layers
 from cltune.strategies.replay import Replay
 
@@ -137,8 +137,7 @@ class FusionRouter(Router):
         adapters, token_dependent = list(data["adapters"]), bool(data.get("gate_input", True))
         if len(adapters) < 2:
             return cls(adapters, token_dependent)
-        prefix = f"module.{GATE}."
-        weights = {k[len(prefix):]: v for k, v in load_strategy_state(folder).items() if k.startswith(prefix)}
+        weights = module_weights(load_strategy_state(folder), GATE)
         if not weights:
             raise UserError(f"{Path(folder)}: a fusion checkpoint without its gate; restore the checkpoint folder")
         gate = gate_for(model, weights["proj.0.bias"].shape[0], token_dependent)

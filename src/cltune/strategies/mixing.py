@@ -14,7 +14,8 @@ rows (speaker tokens) the embedding uses (PEFT serves one adapter's rows at a ti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -38,16 +39,15 @@ class AdapterMix:
     def __init__(self, model, adapters: Sequence[str], scales: Scales):
         self.model, self.adapters, self.scales = model, list(adapters), scales
         self.previous = model.active_adapter
-        trainable = {id(p) for p in model.parameters() if p.requires_grad}
         self._weights: dict[int, Sequence[torch.Tensor | None]] = {}
         self._hooks = []
-        model.set_adapter(self.adapters[-1])
-        for index, layer in enumerate(lora_layers(model)):
-            layer.set_adapter(self.adapters)
-            self._hooks.append(layer.register_forward_pre_hook(self._compute(index)))
-            for position, name in enumerate(self.adapters):
-                self._hooks.append(layer.lora_B[name].register_forward_hook(self._apply(index, position)))
-        _set_trainable(model, trainable)
+        with trainability_kept(model):
+            model.set_adapter(self.adapters[-1])
+            for index, layer in enumerate(lora_layers(model)):
+                layer.set_adapter(self.adapters)
+                self._hooks.append(layer.register_forward_pre_hook(self._compute(index)))
+                for position, name in enumerate(self.adapters):
+                    self._hooks.append(layer.lora_B[name].register_forward_hook(self._apply(index, position)))
 
     def _compute(self, index: int):
         def hook(module, args):
@@ -61,14 +61,20 @@ class AdapterMix:
         return hook
 
     def remove(self) -> None:
-        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
         for handle in self._hooks:
             handle.remove()
         self._hooks, self._weights = [], {}
-        self.model.set_adapter(self.previous)
-        _set_trainable(self.model, trainable)
+        with trainability_kept(self.model):
+            self.model.set_adapter(self.previous)
 
 
-def _set_trainable(model, trainable: set[int]) -> None:
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
+@contextmanager
+def trainability_kept(model) -> Iterator[None]:
+    """Inside, switch adapters freely; after, exactly the parameters that were trainable are (PEFT's
+    set_adapter, model-wide or per layer, marks the adapters it activates trainable)."""
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)

@@ -39,11 +39,12 @@ from cltune.strategies.adapters import (
     adapter_name,
     add_task_adapter,
     copy_adapter,
+    later_adapters_field,
     token_rows,
     using_adapter,
 )
-from cltune.strategies.base import Router
-from cltune.strategies.mixing import AdapterMix, lora_layers
+from cltune.strategies.base import Router, module_weights
+from cltune.strategies.mixing import AdapterMix, lora_layers, trainability_kept
 
 LATERALS = "laterals"
 
@@ -53,9 +54,7 @@ class ProgressiveSettings(RoutingSettings):
     new_column: Literal["fresh", "copy"] = Field(
         "copy", description="copy: the column's adapter starts as a copy of the previous adapter, whose gain starts at 0; "
                             "fresh: it starts at zero (LoRA's B = 0) with gain 1 on the previous adapter")
-    later_adapters: bool = Field(
-        True, description="with likelihood: a speaker's mixture also holds the columns of every task learned after its "
-                          "last one (they grew from the earlier ones: backward transfer; ≤ ln C nats/utterance)")
+    later_adapters: bool = later_adapters_field(True)
 
 
 class Laterals(torch.nn.Module):
@@ -103,20 +102,18 @@ class Columns:
     def use(self, column: int | None) -> None:
         if column == self.current:
             return
-        trainable = {id(p) for p in self.model.parameters() if p.requires_grad}
-        if self._mix is not None:
-            self._mix.remove()
-            self._mix = None
-        if column == 0:
-            self.model.set_adapter(adapter_name(0))
-        elif column is not None:
-            gains = self.laterals.columns[column]
-            # adapters 0..column: the earlier ones through the column's gains, its own at weight 1
-            self._mix = AdapterMix(self.model, [adapter_name(i) for i in range(column + 1)],
-                                   lambda layer, x: [*gains[layer], None])
+        with trainability_kept(self.model):
+            if self._mix is not None:
+                self._mix.remove()
+                self._mix = None
+            if column == 0:
+                self.model.set_adapter(adapter_name(0))
+            elif column is not None:
+                gains = self.laterals.columns[column]
+                # adapters 0..column: the earlier ones through the column's gains, its own at weight 1
+                self._mix = AdapterMix(self.model, [adapter_name(i) for i in range(column + 1)],
+                                       lambda layer, x: [*gains[layer], None])
         self.current = column
-        for p in self.model.parameters():
-            p.requires_grad_(id(p) in trainable)
 
     @contextmanager
     def serving(self, adapter: str | None) -> Iterator[None]:
@@ -153,8 +150,7 @@ class ProgressiveRouter(AdapterRouter):
         """The saved lateral gains (the checkpoint's strategy state, `module.laterals.`) bound to a loaded
         model, with the column the run left at rest installed."""
         plain = AdapterRouter.from_json(data, model)
-        prefix = f"module.{LATERALS}."
-        weights = {k[len(prefix):]: v for k, v in load_strategy_state(folder).items() if k.startswith(prefix)}
+        weights = module_weights(load_strategy_state(folder), LATERALS)
         laterals = laterals_for(model, 1 + max((int(k.split(".")[1]) for k in weights), default=0))
         try:
             laterals.load_state_dict(weights)
