@@ -314,6 +314,7 @@ COMMAND_TESTS = {  # command → its end-to-end test (module::function)
     "report": "test_cli.py::test_train_then_generate_then_report",
     "generate": "test_cli.py::test_train_then_generate_then_report",
     "strategies": "test_cli.py::test_strategies_lists_the_registry",
+    "chat": "test_context.py::test_chat_script_end_to_end",
     "config-reference": "test_cli.py::test_config_reference_prints_and_rewrites_a_readme",
 }
 

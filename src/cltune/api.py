@@ -103,39 +103,44 @@ def run_demo(out: Path, data: Path, config_path: Path, sets: Sequence[str] = (),
     return run_config(demo_config(config_path, data, out, sets), overwrite=True, console=console)
 
 
-def speaker_token(tokens: dict[str, str], speaker: str, where: Path) -> str:
-    """The token of `speaker`, given as a name (any case and spacing) or as the token itself."""
-    from cltune.data.speakers import speaker_key
-
-    if speaker in tokens.values():
-        return speaker
-    by_key = {speaker_key(name): token for name, token in tokens.items()}
-    token = by_key.get(speaker_key(speaker))
-    if token is None:
-        known = ", ".join(f"{name} {token}" for name, token in tokens.items())
-        raise UserError(f"{where}: unknown speaker {speaker!r}; known: {known}")
-    return token
-
-
-def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, max_new_tokens: int = 40,
-                  temperature: float = 0.8, top_p: float = 0.95, seed: int = 0) -> str:
+def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, context: Path | None = None,
+                  context_turns: int | None = None, max_new_tokens: int = 40, temperature: float = 0.8,
+                  top_p: float = 0.95, seed: int = 0, warn=None) -> str:
     """A continuation of `prompt` in `speaker`'s voice from a saved phase checkpoint (the prompt not repeated),
-    from the weights the checkpoint's router gives that speaker, as the run's agnostic evaluation scored it: a
-    speaker several tasks share is sampled from the mixture of their weights."""
-    from cltune.checkpoint import load_checkpoint
-    from cltune.generate import generate_mixture, generate_text
-    from cltune.routing import load_router
+    after the earlier turns of `context` (a speaker,text dialogue file; the last `context_turns` of them, by
+    default as many as the run trained with), from the weights the checkpoint's router gives that speaker."""
+    from cltune.chat import Sampling, Talker, read_context
 
-    model, tokenizer, meta = load_checkpoint(checkpoint)
-    token = speaker_token(meta.get("speaker_tokens", {}), speaker, checkpoint)
-    router = load_router(checkpoint, model)
-    if len(router.agnostic_choices(token)) > 1:
-        ids = [tokenizer.convert_tokens_to_ids(token)] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return generate_mixture(model, tokenizer, lambda: router.agnostic_choices(token), ids,
-                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    with router.agnostic(token):
-        return generate_text(model, tokenizer, token, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed)
+    talker = Talker(checkpoint, context_turns)
+    history = read_context(talker, context) if context is not None else []
+    if history and talker.context_turns == 0 and warn is not None:
+        warn(f"{checkpoint} was trained without context turns (data.context_turns: 0): {context} is not shown to the "
+             "model; pass --context-turns N to show it the last N turns anyway")
+    return talker.reply(history, talker.token(speaker), prompt, Sampling(max_new_tokens, temperature, top_p, seed))
+
+
+def chat_with(checkpoint: Path, speaker: str, user: str | None = None, *, script: Path | None = None, console,
+              context_turns: int | None = None, max_new_tokens: int = 60, temperature: float = 0.8,
+              top_p: float = 0.95, seed: int = 0) -> list[tuple[str, str]]:
+    """A conversation with `speaker` from a saved checkpoint, printed to `console`: the lines of `script`
+    ("-": standard input) or, without one, typed at the console's prompt."""
+    import sys
+
+    from cltune.chat import HELP, Sampling, Talker, chat
+
+    talker = Talker(checkpoint, context_turns)
+    sampling = Sampling(max_new_tokens, temperature, top_p, seed)
+    if script is None:
+        console.print(f"talking to {talker.name(talker.token(speaker))} ({checkpoint}); {HELP}", markup=False)
+        return chat(talker, speaker, user, None, console, sampling=sampling, ask=lambda label: console.input(label))
+    if str(script) == "-":
+        return chat(talker, speaker, user, sys.stdin, console, sampling=sampling)
+    try:
+        lines = script.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{script}: cannot read the script ({type(err).__name__}); pass a UTF-8 text file, one turn "
+                        "per line") from None
+    return chat(talker, speaker, user, lines, console, sampling=sampling)
 
 
 def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str | None = None,

@@ -1,13 +1,15 @@
 """Utterances → token ids → length-grouped (optionally packed) micro-batches.
 
-Each utterance is `<SPEAKER> text <eos>`: the speaker token is context, every later token is a
-target. Packed rows restart position ids at each utterance; transformers reads that as a
-block-diagonal causal mask, so a packed utterance sees exactly what it would see alone.
+Each example is `[context turns] <SPEAKER> text <eos>`: the context turns (each `<SPEAKER> text
+<eos>`, with `data.context_turns` > 0) and the speaker token are context, every later token is a
+target. Packed rows restart position ids at each example; transformers reads that as a
+block-diagonal causal mask, so a packed example sees exactly what it would see alone.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,11 +19,51 @@ from cltune.data.split import Example
 IGNORE = -100
 
 
-def encode(examples: list[Example], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids of each example: speaker token, text, end-of-sequence token — at most `max_length`.
+class Tokens(list):
+    """One example's token ids; the first `context` of them are earlier turns (context only, never targets)."""
 
-    An utterance that does not fit is cut to `max_length − 1` text tokens and gets no end token:
-    its end was not reached, so neither training nor perplexity may claim it was.
+    def __init__(self, ids=(), context: int = 0):
+        super().__init__(ids)
+        self.context = context
+
+
+def context_of(seq: Sequence[int]) -> int:
+    """How many leading ids of an encoded example are context turns (0 for a plain list)."""
+    return getattr(seq, "context", 0)
+
+
+def target_count(seq: Sequence[int]) -> int:
+    """Target tokens of an encoded example: every id after the context and the speaker token."""
+    return len(seq) - context_of(seq) - 1
+
+
+def turn_ids(speaker_id: int, text_ids: list[int], end: list[int]) -> list[int]:
+    """One context turn: `<SPEAKER> text <eos>`."""
+    return [speaker_id, *text_ids, *end]
+
+
+def fit_context(turns: list[list[int]], budget: int) -> list[int]:
+    """The context that fits `budget` tokens: the latest turns whole, oldest dropped first; the oldest kept
+    turn may lose the start of its text (keeping its speaker token and end) when at least one text token fits."""
+    kept: list[int] = []
+    for turn in reversed(turns):
+        if len(turn) <= budget:
+            kept, budget = turn + kept, budget - len(turn)
+            continue
+        if budget >= 3:  # speaker token, the last budget − 2 tokens of text and end token
+            kept = [turn[0], *turn[len(turn) - budget + 1 :]] + kept
+        break
+    return kept
+
+
+def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
+    """Token ids of each example: context turns, speaker token, text, end-of-sequence token — at most `max_length`.
+
+    The target utterance comes first: one that does not fit alone is cut to `max_length − 1` text
+    tokens and gets no end token (its end was not reached, so neither training nor perplexity may
+    claim it was), and leaves no room for context. The context turns fill the rest (`fit_context`).
+    The target's ids do not depend on its context, so perplexity with and without context scores
+    the same target tokens.
     """
     if not examples:
         return []
@@ -29,7 +71,18 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[list[int
     speaker_ids = tokenizer.convert_tokens_to_ids([e.token for e in examples])
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     whole = max_length - 1 - len(end)  # text tokens that fit with the end token
-    return [[s] + t + end if len(t) <= whole else [s] + t[: max_length - 1] for s, t in zip(speaker_ids, texts)]
+    targets = [[s] + t + end if len(t) <= whole else [s] + t[: max_length - 1] for s, t in zip(speaker_ids, texts)]
+    turns = list(dict.fromkeys((turn.token, turn.text) for e in examples for turn in e.context))
+    if not turns:
+        return [Tokens(t) for t in targets]
+    turn_texts = tokenizer([text for _, text in turns], add_special_tokens=False)["input_ids"]
+    turn_speakers = tokenizer.convert_tokens_to_ids([token for token, _ in turns])
+    encoded_turns = {key: turn_ids(s, t, end) for key, s, t in zip(turns, turn_speakers, turn_texts)}
+    out = []
+    for example, target in zip(examples, targets):
+        context = fit_context([encoded_turns[turn.token, turn.text] for turn in example.context], max_length - len(target))
+        out.append(Tokens(context + target, len(context)))
+    return out
 
 
 @dataclass
@@ -63,7 +116,8 @@ def _pack(order: list[int], lengths: list[int], pack_length: int) -> list[list[i
 
 
 def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_length: int | None = None) -> Batch:
-    """One micro-batch: rows of one utterance each, or packed rows when pack_length is set."""
+    """One micro-batch: rows of one example each, or packed rows when pack_length is set. Labels hold
+    the target tokens only: context turns and speaker tokens are IGNORE."""
     lengths = [len(s) for s in encoded]
     rows = _pack(indices, lengths, pack_length) if pack_length else [[i] for i in indices]
     width = max(sum(lengths[i] for i in row) for row in rows)
@@ -75,9 +129,9 @@ def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_leng
         at = 0
         for i in row:
             seq = torch.tensor(encoded[i])
-            n = len(seq)
+            n, first = len(seq), context_of(encoded[i]) + 1  # the first target follows the speaker token
             ids[r, at : at + n] = seq
-            labels[r, at + 1 : at + n] = seq[1:]
+            labels[r, at + first : at + n] = seq[first:]
             owner[r, at : at + n] = i
             positions[r, at : at + n] = torch.arange(n)
             at += n

@@ -1,4 +1,4 @@
-"""The `cltune` command line: demo-data, eda, train, run, sweep, compare, report, generate, strategies, demo,
+"""The `cltune` command line: demo-data, eda, train, run, sweep, compare, report, generate, chat, strategies, demo,
 config-reference. Each command parses its arguments and calls one plain function (`cltune.api` and friends)."""
 
 from __future__ import annotations
@@ -92,15 +92,38 @@ def train(data: Path = typer.Option(..., help="dialogue CSV/JSONL"),
                   f"({phase.wall_s:.0f} s, {phase.tokens_per_s:.0f} tok/s); checkpoint: {out / 'phase1'}")
 
 
+CONTEXT_TURNS_HELP = "earlier turns shown before the reply (default: as many as the run trained with, data.context_turns)"
+
+
 @app.command()
 def generate(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. checkpoints/demo/phase2"),
              speaker: str = typer.Option(..., help='speaker name (e.g. "Lee Cronin") or token (e.g. "<LEE>")'),
              prompt: str = typer.Option("", help="text to continue after the speaker token"),
+             context: Path | None = typer.Option(None, help="earlier turns of the conversation: a CSV/JSONL file of "
+                                                 "speaker,text rows, oldest first"),
+             context_turns: int | None = typer.Option(None, min=0, help=CONTEXT_TURNS_HELP),
              max_new_tokens: int = typer.Option(40), temperature: float = typer.Option(0.8),
              top_p: float = typer.Option(0.95), seed: int = typer.Option(0)) -> None:
-    """Sample what a speaker would say, from a saved checkpoint."""
-    console.print(api.generate_from(checkpoint, speaker, prompt, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, seed=seed))
+    """Sample what a speaker would say (next, after --context), from a saved checkpoint."""
+    console.print(api.generate_from(checkpoint, speaker, prompt, context=context, context_turns=context_turns,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                    warn=lambda note: err_console.print(f"warning: {note}", markup=False)),
+                  markup=False, highlight=False)
+
+
+@app.command()
+def chat(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. checkpoints/demo/phase2"),
+         as_: str = typer.Option(..., "--as", help='the speaker the model plays, e.g. "Guest A"'),
+         user: str | None = typer.Option(None, help="the speaker you play (default: who that speaker talks with in "
+                                         "the training data)"),
+         script: Path | None = typer.Option(None, help="read your turns (and /commands) from this file, one per line, "
+                                            "instead of typing them; - reads standard input"),
+         context_turns: int | None = typer.Option(None, min=0, help=CONTEXT_TURNS_HELP),
+         max_new_tokens: int = typer.Option(60), temperature: float = typer.Option(0.8),
+         top_p: float = typer.Option(0.95), seed: int = typer.Option(0)) -> None:
+    """Talk with a speaker of a saved checkpoint: /reset, /speaker NAME, /quit."""
+    api.chat_with(checkpoint, as_, user, script=script, console=console, context_turns=context_turns,
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
 @app.command()

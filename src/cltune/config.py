@@ -61,7 +61,13 @@ class DataSettings(Strict):
     aliases: dict[str, str] = Field(default_factory=dict, description='speaker aliases, e.g. {"Lex": "Lex Fridman"}')
     speaker_tokens: dict[str, str] = Field(default_factory=dict, description='token overrides, e.g. {"Lex Fridman": "<LF>"}')
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
-    max_length: int = Field(100, ge=4, description="tokens per utterance, speaker token and end token included")
+    max_length: int = Field(100, ge=4, description="tokens per example: the target utterance (its speaker token and "
+                            "end token included) and its context turns; the target is kept first (cut only when it "
+                            "alone is longer), then the context fills what is left, oldest turns dropped first")
+    context_turns: int = Field(0, ge=0, description="earlier turns of the same conversation shown before each "
+                               "utterance (each with its speaker token, context only: never targets, never in the "
+                               "perplexity); conversations come from the conversation column or, without one, from "
+                               "blank rows between them; 0: every utterance alone")
     drop_missing: bool = Field(False, description="drop rows with missing text instead of stopping with an error")
 
     @field_validator("split")

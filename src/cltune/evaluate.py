@@ -1,8 +1,8 @@
 """Held-out perplexity and speaker attribution.
 
 Perplexity of a split = exp(total NLL of target tokens / number of target tokens), where the
-target tokens of an utterance are its text tokens and its end token (the speaker token is
-context only). Batched, no gradients, dropout off, deterministic order; in fp32 arithmetic whatever
+target tokens of an utterance are its text tokens and its end token (its speaker token and, with
+`data.context_turns` > 0, the earlier turns before it are context only). Batched, no gradients, dropout off, deterministic order; in fp32 arithmetic whatever
 the run's precision (a bf16 run's frozen base is upcast meanwhile, `TokenScorer.fp32_arithmetic`), or
 in the run's precision with `eval.precision: run`; NLL sums in fp64.
 """
@@ -10,7 +10,7 @@ in the run's precision with `eval.precision: run`; NLL sums in fp64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from accelerate import Accelerator
@@ -77,16 +77,15 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
                 batch_size: int = 32, route=None) -> Scores:
     """Perplexity and attribution of `examples`, from one scoring of every utterance per candidate token.
 
-    Each utterance is scored once per candidate token (the dataset's speakers); the text and end
-    tokens are the same targets in every variant, so the summed NLLs compare directly, and the
+    Each utterance is scored once per candidate token (the dataset's speakers), after the same
+    context turns; the text and end tokens are the same targets in every variant, so the summed NLLs compare directly, and the
     variant with the utterance's own token is exactly what perplexity scores. Without `route` all
     variants go through the model as it is, in one pass; with it, each variant is scored by the
     weights `route(token)` gives its speaker token (agnostic routing: what a user who knows only
     the speaker gets): one candidate, or several scored as an equal-prior mixture (`mixture_nll`).
     """
     attribute = len(tokens) >= 2
-    variants = [Example(e.task, e.speaker, t, e.text, e.split, e.line) for e in examples for t in tokens] if attribute \
-        else list(examples)
+    variants = [replace(e, token=t) for e in examples for t in tokens] if attribute else list(examples)
     pad = tokenizer.pad_token_id
     if route is None:
         total, count = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), pad, batch_size)

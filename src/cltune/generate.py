@@ -1,25 +1,61 @@
-"""Sampling continuations in a speaker's style: the speaker token, then an optional prompt."""
+"""Sampling continuations in a speaker's style: context turns (optional), the speaker token, then an optional prompt."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+from transformers.generation.streamers import BaseStreamer
+
+from cltune.batching import context_of, encode
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations and generate_text's defaults
+
+
+class TextStream(BaseStreamer):
+    """Hands `emit` each new piece of a generation's text as tokens arrive (the generation's streamer).
+
+    The first `put` is the prompt and is skipped, as `generate` sends it first. The text is decoded
+    whole each time and only its new end emitted, so a character split over several tokens comes
+    out once complete; leading spaces are dropped, as the returned text is stripped.
+    """
+
+    def __init__(self, tokenizer, emit: Callable[[str], None]):
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.ids += torch.as_tensor(value).view(-1).tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        if not text.endswith("\ufffd"):  # not in the middle of a multi-byte character
+            self.emit(text[self.shown :])
+            self.shown = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()
+        if len(text) > self.shown:
+            self.emit(text[self.shown :])
+        self.shown = len(text)
 
 
 @torch.no_grad()
 def sample_continuations(
     model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, batch_size: int,
+    seed: int, batch_size: int, streamer: BaseStreamer | None = None,
 ) -> list[str]:
     """One sampled continuation per prompt (token ids), decoded and stripped (empty ones included).
 
     The prompts must all have one length, so rows need no padding and `batch_size` of them share
     a forward pass. Each chunk reseeds with seed + its first row, so samples depend on `seed` and
-    `batch_size`, not on earlier calls. Temperature 0 is greedy decoding.
+    `batch_size`, not on earlier calls. Temperature 0 is greedy decoding. A `streamer` (one prompt)
+    receives the tokens as they come.
     """
     if len({len(p) for p in prompts}) > 1:
         raise ValueError("sample_continuations: prompts of different lengths would need padding")
@@ -35,7 +71,7 @@ def sample_continuations(
             out = model.generate(
                 input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                 do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
             )
             texts += [t.strip() for t in tokenizer.batch_decode(out[:, inputs.shape[1]:], skip_special_tokens=True)]
     finally:
@@ -64,10 +100,15 @@ def sample_utterances(
 
 
 def sample_rows(ctx, router, tasks, settings, phase: int, seed: int) -> list[dict]:
-    """`settings.samples_per_speaker` generations per speaker of each task (one seeded batch per task),
-    each task served by the weights `router.oracle` gives it; the report's sample table."""
+    """`settings.samples_per_speaker` generations per speaker of each task, each task served by the weights
+    `router.oracle` gives it; the report's sample table. Without context turns each is prompted by the speaker
+    token alone (one seeded batch per task); with them, each answers a test utterance's real context (seeded
+    choice among the test utterances that have one) and the true reply is kept beside it."""
     out = []
     for task in tasks:
+        if any(e.context for e in task.test):
+            out += _replies_in_context(ctx, router, task, settings, phase, seed)
+            continue
         rows = [(speaker, token) for speaker, token in task.tokens.items() for _ in range(settings.samples_per_speaker)]
         if not rows:
             continue
@@ -81,24 +122,46 @@ def sample_rows(ctx, router, tasks, settings, phase: int, seed: int) -> list[dic
     return out
 
 
+def _replies_in_context(ctx, router, task, settings, phase: int, seed: int) -> list[dict]:
+    rng = random.Random(seed * 1_000 + task.index)
+    chosen = []
+    for speaker in task.tokens:
+        candidates = [e for e in task.test if e.context and e.speaker == speaker]
+        chosen += rng.sample(candidates, min(settings.samples_per_speaker, len(candidates)))
+    rows = []
+    with router.oracle(task.index):
+        for i, (example, encoded) in enumerate(zip(chosen, encode(chosen, ctx.tokenizer, ctx.max_length))):
+            prompt = list(encoded[: context_of(encoded) + 1])  # the context as training saw it, then the speaker token
+            text = sample_continuations(ctx.model, ctx.tokenizer, [prompt], max_new_tokens=settings.max_new_tokens,
+                                        temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed + i,
+                                        batch_size=1)[0]
+            rows.append({"phase": phase, "task": task.name, "speaker": example.speaker, "token": example.token,
+                         "text": text, "context": [[t.speaker, t.text] for t in example.context],
+                         "reference": example.text})
+    return rows
+
+
 @torch.no_grad()
 def generate_mixture(
     model, tokenizer, candidates: Callable[[], list[AbstractContextManager]], ids: list[int], *, max_new_tokens: int,
-    temperature: float = SAMPLE_TEMPERATURE, top_p: float = SAMPLE_TOP_P, seed: int = 0,
+    temperature: float = SAMPLE_TEMPERATURE, top_p: float = SAMPLE_TOP_P, seed: int = 0, start: int = 0,
+    streamer: BaseStreamer | None = None,
 ) -> str:
-    """A continuation of `ids` (the speaker token, then the prompt) sampled from the equal-prior mixture of several
-    candidate weights — what evaluation scores for a speaker several tasks share.
+    """A continuation of `ids` (context turns, the speaker token at index `start`, then the prompt) sampled from the
+    equal-prior mixture of several candidate weights — what evaluation scores for a speaker several tasks share.
 
-    Each token is drawn from Σ_c π_c p_c(· | x<t) with the posterior π_c ∝ p_c(x_1..x_{t−1}), the tokens after the
-    speaker token (prompt and sampled ones, untempered); temperature and top-p then shape that distribution.
-    `candidates()` gives fresh contexts, one per candidate. One forward per candidate per token, without a cache:
-    turns are short.
+    Each token is drawn from Σ_c π_c p_c(· | x<t) with the posterior π_c ∝ p_c(x_{start+1}..x_{t−1}), the tokens
+    after the speaker token (prompt and sampled ones, untempered; the context, like evaluation's, is not scored);
+    temperature and top-p then shape that distribution. `candidates()` gives fresh contexts, one per candidate. One
+    forward per candidate per token, without a cache: turns are short.
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     sequence = list(ids)
+    if streamer is not None:
+        streamer.put(torch.tensor(ids))  # the prompt, as generate sends it first
     try:
         for _ in range(max_new_tokens):
             inputs = torch.tensor([sequence], dtype=torch.long, device=device)
@@ -107,15 +170,19 @@ def generate_mixture(
                 with weights:
                     log_probs.append(torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1).cpu())
             stacked = torch.stack(log_probs)  # (candidates, positions, vocab)
-            seen = torch.tensor(sequence[1:], dtype=torch.long)
-            posterior = stacked[:, :-1].gather(-1, seen.view(1, -1, 1).expand(len(log_probs), -1, 1)).sum(dim=(1, 2))
-            mixture = torch.logsumexp(torch.log_softmax(posterior, dim=0)[:, None] + stacked[:, -1], dim=0)
+            seen = torch.tensor(sequence[start + 1 :], dtype=torch.long)
+            scored = stacked[:, start:-1].gather(-1, seen.view(1, -1, 1).expand(len(log_probs), -1, 1))
+            mixture = torch.logsumexp(torch.log_softmax(scored.sum(dim=(1, 2)), dim=0)[:, None] + stacked[:, -1], dim=0)
             token = sample_token(mixture, temperature, top_p, generator)
             sequence.append(token)
+            if streamer is not None:
+                streamer.put(torch.tensor([token]))
             if token == tokenizer.eos_token_id:
                 break
     finally:
         model.train(was_training)
+        if streamer is not None:
+            streamer.end()
     return tokenizer.decode(sequence[len(ids):], skip_special_tokens=True).strip()
 
 

@@ -63,6 +63,7 @@ def _header(session: Session) -> RunMetrics:
         processes=session.accelerator.num_processes, tasks=[t.name for t in session.tasks],
         speaker_tokens=session.speaker_tokens, parameters=session.counts,
         split_sizes=[{"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in session.tasks],
+        context_turns=config.data.context_turns,
     )
 
 
@@ -111,7 +112,9 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         staging_log.unlink(missing_ok=True)
     set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
     passes_at_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
-    meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens}
+    meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens,
+            "context_turns": config.data.context_turns, "max_length": config.data.max_length,
+            "tasks": [{"name": t.name, "speakers": t.speakers} for t in session.tasks]}
     checkpoints = None if reuse_phase1 is not None else resuming.StepCheckpoints(
         resuming.steps_folder(run_dir, k), config.phase(k).checkpoint_every, config.phase(k).save_total_limit, meta,
         resume=resume)

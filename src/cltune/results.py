@@ -29,7 +29,11 @@ class Sample(_Record):
     task: str
     speaker: str
     token: str
-    text: str
+    text: str  # the model's generation
+    # With context turns: the test utterance's earlier turns ([speaker, text], oldest first) the generation
+    # answers, and the utterance itself (the true reply)
+    context: list[list[str]] = Field(default_factory=list)
+    reference: str | None = None
 
 
 class PhaseRecord(_Record):
@@ -77,6 +81,7 @@ class RunMetrics(_Record):
     speaker_tokens: dict[str, str]
     parameters: dict[str, int]
     split_sizes: list[dict[str, int]]
+    context_turns: int = 0  # earlier turns shown before each utterance (`data.context_turns`); never targets
     # The process's peak resident memory when the last phase ended (per run when each run has its own
     # process, as under `cltune compare`; in a notebook, the notebook's peak so far).
     peak_rss_mb: float | None = None

@@ -109,7 +109,7 @@ def load_tasks(config: BaseRunConfig) -> tuple[list[Dataset], list[TaskData], di
     if len(set(names)) != len(names):
         raise UserError(f"tasks: names {names} repeat; give each task a distinct `name`")
     tokens = assign_speaker_tokens([s for d in datasets for s in d.speakers], data.speaker_tokens)
-    tasks = [build_task(d, i, tokens, data.split, config.seed) for i, d in enumerate(datasets)]
+    tasks = [build_task(d, i, tokens, data.split, config.seed, data.context_turns) for i, d in enumerate(datasets)]
     return datasets, tasks, tokens
 
 

@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from transformers import get_scheduler
 
-from cltune.batching import collate, length_grouped_batches
+from cltune.batching import collate, length_grouped_batches, target_count
 from cltune.config import PhaseSettings
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError, UserError
@@ -253,8 +253,8 @@ def _average_module_grads(acc, strategy: Strategy) -> None:
 
 
 def _targets(encoded: list[list[int]], micro_batches: list[list[int]]) -> int:
-    """Target tokens of a step: every token of an utterance but its first (the speaker token)."""
-    return sum(len(encoded[i]) - 1 for mb in micro_batches for i in mb)
+    """Target tokens of a step: every token of an example after its context turns and speaker token."""
+    return sum(target_count(encoded[i]) for mb in micro_batches for i in mb)
 
 
 def _resume(checkpoints: StepCheckpoints, ctx: Context, strategy, optimizer, scheduler, log_path, plan_sha: str,

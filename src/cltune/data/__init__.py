@@ -2,7 +2,7 @@
 
 from cltune.data.loading import Dataset, LoadReport, Utterance, load_dialogue
 from cltune.data.speakers import assign_speaker_tokens, normalize_speaker
-from cltune.data.split import Example, Split, TaskData, build_task, require_no_test
+from cltune.data.split import Example, Split, TaskData, Turn, build_task, require_no_test
 
 __all__ = [
     "Dataset",
@@ -10,6 +10,7 @@ __all__ = [
     "LoadReport",
     "Split",
     "TaskData",
+    "Turn",
     "Utterance",
     "assign_speaker_tokens",
     "build_task",

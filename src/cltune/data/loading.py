@@ -29,6 +29,7 @@ class Utterance:
     text: str
     line: int  # 1-based line of the source file where this record starts
     conversation: str | None = None  # the conversation id, when the file has a conversation column
+    block: int = 0  # the blank-row-separated section of the file it is in (conversations without an id column)
 
 
 @dataclass
@@ -213,6 +214,7 @@ def load_dialogue(
     s_name = t_name = ""
     c_name: str | None = None
     spellings: dict[str, str] = {}  # "Guest A" and "guest  a" are one speaker: the first spelling names it
+    block, after_blank = 0, False
     for kind, line, row in records:
         if kind == "header":
             s_name, t_name = _columns(path, row, speaker_col, text_col)
@@ -222,6 +224,7 @@ def load_dialogue(
             continue
         if not any(str(c).strip() for c in row if c is not None):
             report.blank_rows += 1
+            after_blank = bool(utterances)  # a blank row between utterances starts the next section
             continue
         speaker = normalize_speaker(_cell(row, s_idx), aliases)
         speaker = spellings.setdefault(speaker_key(speaker), speaker)
@@ -243,7 +246,8 @@ def load_dialogue(
                             "--conversation-col none (data.conversation_col: none) to split by utterance")
         report.trimmed += body != raw_text
         report.multiline += "\n" in body
-        utterances.append(Utterance(speaker, body, line, conversation))
+        block, after_blank = block + after_blank, False
+        utterances.append(Utterance(speaker, body, line, conversation, block))
     if s_idx < 0:
         raise UserError(f"{path}: no header row; add one such as `speaker,text`")
     if not utterances:

@@ -1,13 +1,13 @@
 """Deterministic train/validation/test splits — speaker-stratified per utterance, or by whole
-conversations when the data names them — and the guard that keeps test utterances out of
-training, replay and Fisher estimation."""
+conversations when the data names them — each utterance's context (the earlier turns of its
+conversation), and the guard that keeps test utterances out of training, replay and Fisher estimation."""
 
 from __future__ import annotations
 
 import math
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from cltune.data.loading import Dataset
@@ -21,8 +21,19 @@ class Split(str, Enum):
 
 
 @dataclass(frozen=True)
+class Turn:
+    """An earlier turn of an utterance's conversation: shown to the model, never a target."""
+
+    speaker: str
+    token: str
+    text: str
+    line: int
+
+
+@dataclass(frozen=True)
 class Example:
-    """One utterance ready for the model: the speaker token is context, the text is the target."""
+    """One utterance ready for the model: its context (up to `data.context_turns` earlier turns of the
+    same conversation and split, oldest first) and its speaker token are context, the text is the target."""
 
     task: int
     speaker: str
@@ -30,6 +41,7 @@ class Example:
     text: str
     split: Split
     line: int
+    context: tuple[Turn, ...] = field(default=())
 
 
 @dataclass
@@ -119,17 +131,55 @@ def grouped_split(conversations: list[str], fractions: tuple[float, float, float
     return [chosen.get(c, Split.TRAIN) for c in conversations]
 
 
+def conversation_keys(dataset: Dataset, context_turns: int) -> list[str] | None:
+    """Each utterance's conversation: its id column, else (only when context is asked for) its
+    blank-row-separated section of the file; None: utterances stand alone (split one by one)."""
+    if dataset.conversation_col is not None:
+        return [u.conversation for u in dataset.utterances]
+    if context_turns == 0:
+        return None
+    blocks = [str(u.block) for u in dataset.utterances]
+    if len(set(blocks)) < 3:
+        raise UserError(
+            f"{dataset.path}: data.context_turns {context_turns} needs the file's conversations, and it has no "
+            f"conversation column and {len(set(blocks))} blank-row-separated section(s) (a split by conversation needs "
+            "3); add a conversation column (e.g. conversation_id), separate conversations with a blank row, or set "
+            "data.context_turns: 0")
+    return blocks
+
+
+def with_context(examples: list[Example], keys: list[str] | None, context_turns: int) -> list[Example]:
+    """`examples` (in file order) each with up to `context_turns` earlier turns of its conversation.
+
+    A turn is context only for later turns of the same conversation *and* split: context never
+    crosses a conversation or a split boundary (a split by conversation keeps them together anyway).
+    """
+    if context_turns == 0 or keys is None:
+        return examples
+    history: dict[tuple[str, Split], list[Turn]] = defaultdict(list)
+    out = []
+    for example, key in zip(examples, keys):
+        earlier = history[key, example.split]
+        out.append(Example(example.task, example.speaker, example.token, example.text, example.split, example.line,
+                           tuple(earlier[-context_turns:])))
+        earlier.append(Turn(example.speaker, example.token, example.text, example.line))
+    return out
+
+
 def build_task(
-    dataset: Dataset, index: int, tokens: dict[str, str], fractions: tuple[float, float, float], seed: int
+    dataset: Dataset, index: int, tokens: dict[str, str], fractions: tuple[float, float, float], seed: int,
+    context_turns: int = 0,
 ) -> TaskData:
     utts = dataset.utterances
     pct = "/".join(f"{round(f * 100)}" for f in fractions)
-    if dataset.conversations is not None:
-        if len(dataset.conversations) < 3:
-            raise UserError(f"{dataset.path}: {len(dataset.conversations)} conversation(s) in column "
-                            f"{dataset.conversation_col!r} are too few for a {pct} split by conversation (needs 3); "
-                            "add conversations, or set data.conversation_col: none to split by utterance")
-        assignment = grouped_split([u.conversation for u in utts], fractions, seed)
+    keys = conversation_keys(dataset, context_turns)
+    if keys is not None:
+        where = f"in column {dataset.conversation_col!r}" if dataset.conversation_col else "(blank-row-separated)"
+        if len(set(keys)) < 3:
+            raise UserError(f"{dataset.path}: {len(set(keys))} conversation(s) {where} are too few for a {pct} split "
+                            "by conversation (needs 3); add conversations, or set data.conversation_col: none to "
+                            "split by utterance")
+        assignment = grouped_split(keys, fractions, seed)
     else:
         assignment = stratified_split([u.speaker for u in utts], fractions, seed)
     counts = {s: assignment.count(s) for s in Split}
@@ -138,9 +188,10 @@ def build_task(
             f"{dataset.path}: {len(utts)} utterance rows are too few for a {pct} split "
             f"(needs at least {min_rows(fractions)}); add rows or change data.split"
         )
+    examples = [Example(index, u.speaker, tokens[u.speaker], u.text, split, u.line) for u, split in zip(utts, assignment)]
     parts: dict[Split, list[Example]] = {s: [] for s in Split}
-    for u, split in zip(utts, assignment):
-        parts[split].append(Example(index, u.speaker, tokens[u.speaker], u.text, split, u.line))
+    for example in with_context(examples, keys, context_turns):
+        parts[example.split].append(example)
     return TaskData(
         index,
         dataset.name,

@@ -93,15 +93,28 @@ def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str]) 
              "strategy before / after phase s"],
             [[p.phase, p.task, p.steps, p.target_tokens, p.wall_s, p.tokens_per_s, p.best_val_loss, _hooks(p.strategy)]
              for p in metrics.phases]) + ["", f"![loss curves]({images['loss']})", ""]
-    if metrics.samples:
+    alone = [s for s in metrics.samples if not s.context]
+    if alone:
         lines += ["## Sample generations", ""] + _table(
-            ["phase", "speaker", "text"],
-            [[s.phase, f"{s.speaker} `{s.token}`", s.text.replace("|", "\\|").replace("\n", " ")[:160]] for s in metrics.samples])
+            ["phase", "speaker", "text"], [[s.phase, f"{s.speaker} `{s.token}`", _cell(s.text)] for s in alone])
+        lines.append("")
+    replies = [s for s in metrics.samples if s.context]
+    if replies:
+        lines += ["## Replies in context", "", f"The model's reply to real test-split contexts (the last "
+                  f"{metrics.context_turns} turns), beside the true reply.", ""] + _table(
+            ["phase", "context", "speaker", "model's reply", "true reply"],
+            [[s.phase, " / ".join(f"{_cell(who, 40)}: {_cell(text, 80)}" for who, text in s.context), f"{s.speaker} `{s.token}`",
+              _cell(s.text), _cell(s.reference or "")] for s in replies])
         lines.append("")
     config = run_dir / "config.resolved.yaml"
     if config.exists():
         lines += ["## Resolved config", "", "```yaml", config.read_text(encoding="utf-8").rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """Text for one Markdown table cell: one line, no column breaks, at most `limit` characters."""
+    return text.replace("|", "\\|").replace("\n", " ")[:limit]
 
 
 def html_page(markdown: str, folder: Path, title: str = "cltune report") -> str:

@@ -1,0 +1,319 @@
+"""Context turns (`data.context_turns`): the encoding and its masks, which turns an utterance sees, the
+scores, every strategy on a stream with context, and the report's replies in context."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from cltune.batching import IGNORE, collate, encode, fit_context
+from cltune.data import Example, Split, Turn, build_task, load_dialogue
+from cltune.errors import UserError
+from conftest import WORDS, prepared, tiny_run_config
+
+
+def write_conversations(path: Path, guest: str, conversations: int, seed: int = 0, *, column: bool = True,
+                        interleave: bool = False) -> Path:
+    """`conversations` Host↔guest conversations of 3–7 turns: a conversation column, or (column=False)
+    blank rows between them. `interleave`: the rows of consecutive conversations alternate in the file."""
+    rng = random.Random(seed)
+    talks = []
+    for c in range(conversations):
+        turns = rng.randint(3, 7)
+        talks.append([(f"c{c}", "Host" if i % 2 == 0 else guest, " ".join(rng.choices(WORDS["Host" if i % 2 == 0 else
+                                                                                          guest], k=rng.randint(2, 6))))
+                      for i in range(turns)])
+    rows = []
+    if interleave:
+        for a, b in zip(talks[::2], talks[1::2]):
+            rows += [r for pair in zip(a, b) for r in pair] + a[len(b):] + b[len(a):]
+        rows += talks[-1] if len(talks) % 2 else []
+    else:
+        for talk in talks:
+            rows += talk + ([("", "", "")] if not column else [])
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["conversation", "speaker", "text"] if column else ["speaker", "text"])
+        for c, speaker, text in rows:
+            writer.writerow([c, speaker, text] if column else ([speaker, text] if speaker else []))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_model(tiny_model_dir):
+    model, tokenizer, _ = prepared(tiny_model_dir, tokens=("<HOST>", "<GUEST_A>"))
+    return model, tokenizer
+
+
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_context_turns_are_context_only_in_the_encoding_and_the_labels(tok_model):
+    """A hand-built example: `<HOST> so tell me </s> <GUEST_A> i love pizza </s> <HOST> what do you think </s>`;
+    only the last utterance's text and end token are targets, packed beside a plain utterance or alone."""
+    _, tok = tok_model
+    host, guest, end = tok.convert_tokens_to_ids(["<HOST>", "<GUEST_A>"]) + [tok.eos_token_id]
+    context = (Turn("Host", "<HOST>", "so tell me", 2), Turn("Guest A", "<GUEST_A>", "i love pizza", 3))
+    example = Example(0, "Host", "<HOST>", "what do you think", Split.TRAIN, 4, context)
+    plain = Example(0, "Guest A", "<GUEST_A>", "music", Split.TRAIN, 5)
+    seq, alone = encode([example, plain], tok, 64)
+    prefix = [host, *_ids(tok, "so tell me"), end, guest, *_ids(tok, "i love pizza"), end]
+    target = [host, *_ids(tok, "what do you think"), end]
+    assert list(seq) == prefix + target and seq.context == len(prefix)
+    assert list(alone) == [guest, *_ids(tok, "music"), end] and alone.context == 0
+
+    batch = collate([seq, alone], [0, 1], pad_id=0, pack_length=128)  # one packed row: the longer example first
+    assert batch.input_ids.tolist() == [list(seq) + list(alone)]
+    assert batch.labels.tolist() == [[IGNORE] * (len(prefix) + 1) + target[1:] + [IGNORE] + list(alone)[1:]]
+    assert batch.position_ids.tolist() == [list(range(len(seq))) + list(range(len(alone)))]
+    assert batch.n_targets == len(target) - 1 + len(alone) - 1
+    assert batch.target_example.tolist() == [0] * (len(target) - 1) + [1] * (len(alone) - 1)
+
+    rows = collate([seq, alone], [0, 1], pad_id=0)  # one row each, padded
+    assert rows.labels[0].tolist() == [IGNORE] * (len(prefix) + 1) + target[1:]
+    assert rows.labels[1].tolist() == [IGNORE] + list(alone)[1:] + [IGNORE] * (len(seq) - len(alone))
+
+
+def test_truncation_drops_the_oldest_context_first_and_never_the_target(tok_model):
+    _, tok = tok_model
+    host, guest, end = tok.convert_tokens_to_ids(["<HOST>", "<GUEST_A>"]) + [tok.eos_token_id]
+    old, recent = "so tell me what do you think", "i really love pizza"
+    example = Example(0, "Host", "<HOST>", "question today", Split.TEST, 9,
+                      (Turn("Host", "<HOST>", old, 7), Turn("Guest A", "<GUEST_A>", recent, 8)))
+    target = [host, *_ids(tok, "question today"), end]
+    first, second = [host, *_ids(tok, old), end], [guest, *_ids(tok, recent), end]
+
+    def encoded(max_length):
+        [seq] = encode([example], tok, max_length)
+        return list(seq[: seq.context]), list(seq[seq.context :])
+
+    assert encoded(len(target) + len(first) + len(second)) == (first + second, target)  # everything fits
+    # three tokens short of the whole: the oldest turn keeps its speaker token, the end of its text and its end
+    assert encoded(len(target) + len(first) + len(second) - 3) == ([host, *first[4:]] + second, target)
+    assert encoded(len(target) + len(second) + 2) == (second, target)  # two tokens: too few for a turn, dropped
+    assert encoded(len(target)) == ([], target)
+    # a target longer than max_length is cut (no end token) and leaves no room for context, as without context
+    assert encoded(3) == ([], target[:3]) == ([], list(encode([Example(0, "Host", "<HOST>", "question today",
+                                                                       Split.TEST, 9)], tok, 3)[0]))
+    assert fit_context([[1, 2, 8, 3], [4, 5, 6, 7]], 8) == [1, 2, 8, 3, 4, 5, 6, 7]
+    assert fit_context([[1, 2, 8, 3], [4, 5, 6, 7]], 7) == [1, 8, 3, 4, 5, 6, 7]  # speaker, last text token, end
+    assert fit_context([[1, 2, 8, 3], [4, 5, 6, 7]], 6) == [4, 5, 6, 7]
+    assert fit_context([[1, 2, 8, 3], [4, 5, 6, 7]], 2) == []
+
+
+def _task(path: Path, k: int, seed: int = 0, **load):
+    dataset = load_dialogue(path, **load)
+    tokens = {"Host": "<HOST>", "Guest A": "<GUEST_A>"}
+    return dataset, build_task(dataset, 0, tokens, (0.6, 0.2, 0.2), seed, k)
+
+
+@pytest.mark.parametrize("layout", ["column", "interleaved column", "blank rows"])
+def test_context_never_crosses_a_conversation_or_a_split(tmp_path, layout):
+    path = write_conversations(tmp_path / "a.csv", "Guest A", 12, seed=3, column=layout != "blank rows",
+                               interleave=layout == "interleaved column")
+    dataset, task = _task(path, 2)
+    talk = {u.line: (u.conversation if u.conversation is not None else u.block) for u in dataset.utterances}
+    split_of = {e.line: e.split for e in task.train + task.val + task.test}
+    in_order = {}  # each conversation's lines in file order
+    for u in dataset.utterances:
+        in_order.setdefault(talk[u.line], []).append(u.line)
+    assert len(in_order) == 12
+    for example in task.train + task.val + task.test:
+        lines = in_order[talk[example.line]]
+        earlier = lines[: lines.index(example.line)]
+        assert [t.line for t in example.context] == earlier[-2:]  # the two turns before it in its conversation
+        assert all(split_of[t.line] is example.split for t in example.context)
+        by_line = {u.line: u for u in dataset.utterances}
+        assert [(t.speaker, t.text) for t in example.context] == [(by_line[n].speaker, by_line[n].text)
+                                                                  for n in earlier[-2:]]
+    test_lines = {e.line for e in task.test}
+    trained = {e.line for e in task.train} | {t.line for e in task.train for t in e.context}
+    assert test_lines and not test_lines & trained  # no test target, and no test target's context, is trained on
+    assert sum(bool(e.context) for e in task.test) > 0
+
+
+def test_context_turns_zero_keeps_every_utterance_alone(tmp_path, two_tasks):
+    path = write_conversations(tmp_path / "a.csv", "Guest A", 12, seed=3, column=False)
+    _, blank_k0 = _task(path, 0)
+    _, blank_k2 = _task(path, 2)
+    assert all(not e.context for e in blank_k0.train + blank_k0.val + blank_k0.test)
+    # without context the blank rows do not group the split (per-utterance, stratified: as before)
+    assert {e.line: e.split for e in blank_k0.test} != {e.line: e.split for e in blank_k2.test}
+    with pytest.raises(UserError, match=r"guest_a.csv: data.context_turns 2 needs the file's conversations.*1 "
+                                        r"blank-row-separated section.*separate conversations with a blank row"):
+        _task(two_tasks[0], 2)
+
+
+def test_a_score_with_context_counts_the_target_tokens_only(tok_model):
+    """The scorer's NLL of an example with context equals −Σ log p over its target tokens from a plain forward
+    of the whole sequence; its target count is the target's, as without context."""
+    from accelerate import Accelerator
+
+    from cltune.evaluate import example_nll
+    from cltune.scoring import TokenScorer
+
+    model, tok = tok_model
+    context = (Turn("Host", "<HOST>", "so tell me", 2), Turn("Guest A", "<GUEST_A>", "i love pizza", 3))
+    example = Example(0, "Host", "<HOST>", "what do you think", Split.TEST, 4, context)
+    [seq] = encode([example], tok, 64)
+    total, count = example_nll(Accelerator(cpu=True), TokenScorer(model), [seq], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(seq)])).logits[0].double()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    first = seq.context + 1
+    by_hand = -sum(log_probs[i - 1, seq[i]].item() for i in range(first, len(seq)))
+    assert total.item() == pytest.approx(by_hand, rel=1e-5)
+    assert count.item() == len(seq) - first == len(encode([Example(0, "Host", "<HOST>", "what do you think",
+                                                                   Split.TEST, 4)], tok, 64)[0]) - 1
+
+
+@pytest.fixture(scope="module")
+def context_streams(tiny_model_dir, tmp_path_factory):
+    """`streams(strategy, k)` → (run folder, RunMetrics) of a two-task stream whose files have a conversation
+    column, with `data.context_turns` k; run once per (strategy, k) per module."""
+    from cltune.api import make_config
+    from cltune.pipeline import run
+
+    folder, cache = tmp_path_factory.mktemp("context"), {}
+    csvs = [write_conversations(folder / "guest_a.csv", "Guest A", 14, 1),
+            write_conversations(folder / "guest_b.csv", "Guest B", 10, 2)]
+
+    def streams(strategy: str, k: int = 2):
+        if (strategy, k) not in cache:
+            raw = tiny_run_config(tiny_model_dir, csvs, folder / "runs", strategy, name=f"{strategy}-k{k}")
+            raw["data"] = {"max_length": 48, "context_turns": k}
+            if strategy == "reptile":
+                raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
+            cache[strategy, k] = (Path(raw["output_dir"]) / raw["name"], run(make_config(raw)))
+        return cache[strategy, k]
+
+    return streams
+
+
+def test_a_stream_with_context_scores_the_same_targets_and_shows_replies_in_context(context_streams):
+    from cltune.report import write_report
+
+    alone_dir, alone = context_streams("naive", 0)
+    run_dir, metrics = context_streams("naive", 2)
+    assert (alone.context_turns, metrics.context_turns) == (0, 2)
+    assert json.loads((run_dir / "metrics.json").read_text())["context_turns"] == 2
+    # the same test utterances and target tokens with and without context: perplexities compare directly
+    with_context, without = (json.loads((d / "test_nll.json").read_text())["single"] for d in (run_dir, alone_dir))
+    for task in ("guest_a", "guest_b"):
+        assert with_context[task]["lines"] == without[task]["lines"]
+        assert with_context[task]["targets"] == without[task]["targets"]
+        assert with_context[task]["nll"] != without[task]["nll"]
+    assert [p.target_tokens for p in metrics.phases] == [p.target_tokens for p in alone.phases]
+    # samples: one per speaker of each task after each phase, each answering a real test context
+    assert [(s.phase, s.task, s.speaker) for s in metrics.samples] == [
+        (phase, task, speaker) for phase in (1, 2) for task, guest in (("guest_a", "Guest A"), ("guest_b", "Guest B"))
+        for speaker in ("Host", guest)]
+    by_line = {}
+    for path in (run_dir.parent.parent / "guest_a.csv", run_dir.parent.parent / "guest_b.csv"):
+        by_line[path.stem] = [(u.speaker, u.text) for u in load_dialogue(path).utterances]
+    for sample in metrics.samples:
+        turns = by_line[sample.task]
+        at = [i for i, turn in enumerate(turns) if turn == (sample.speaker, sample.reference)]
+        assert at and any([list(t) for t in turns[i - len(sample.context) : i]] == sample.context for i in at)
+        assert 1 <= len(sample.context) <= 2
+    assert all(not s.context and s.reference is None for s in alone.samples)
+    md, _ = write_report(run_dir)
+    report = md.read_text()
+    assert "## Replies in context" in report and metrics.samples[0].reference[:40] in report
+
+
+@pytest.mark.parametrize("strategy", sorted(__import__("cltune.strategies", fromlist=["REGISTRY"]).REGISTRY))
+def test_every_strategy_learns_with_context_turns(context_streams, strategy):
+    """Replay, Fisher, distillation, projections, pseudo-data and routers all take the examples with their context."""
+    import math
+
+    _, metrics = context_streams(strategy, 2)
+    assert metrics.context_turns == 2 and len(metrics.ppl) == 3
+    assert all(math.isfinite(v) and v > 1 for row in metrics.ppl for v in row)
+    assert metrics.ppl[1][0] < metrics.ppl[0][0]
+
+
+def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp_path, monkeypatch, capsys):
+    """`cltune generate --context` prompts with the turns as training encodes a target's context, and prints
+    what the library's own call returns; an unknown speaker in the file is refused with its line."""
+    from contextlib import nullcontext
+
+    from cltune.chat import Sampling, Talker, read_context
+    from cltune.generate import generate_mixture, sample_continuations
+    from test_cli import cltune
+
+    run_dir, _ = context_streams("naive", 2)
+    phase = run_dir / "phase2"
+    talker = Talker(phase)
+    assert (talker.context_turns, talker.max_length) == (2, 48)
+    context = tmp_path / "context.csv"
+    context.write_text("speaker,text\nHost,so tell me\nGuest A,i love pizza\nHost,what do you think\n")
+    history = read_context(talker, context)
+    ids, start = talker.prompt(history, "<GUEST_A>")
+    turns = tuple(Turn(s, t, x, 0) for (t, x), s in zip(history[-2:], ("Guest A", "Host")))
+    [training] = encode([Example(0, "Guest A", "<GUEST_A>", "music", Split.TEST, 5, turns)], talker.tokenizer, 48)
+    assert ids == list(training[: training.context + 1]) and start == training.context
+
+    direct = talker.reply(history, "<GUEST_A>", sampling=Sampling(max_new_tokens=6, seed=4))
+    result = cltune(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context,
+                    "--max-new-tokens", "6", "--seed", "4")
+    assert result.code == 0, result.err
+    assert result.out.strip() == direct
+    assert cltune(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context,
+                  "--context-turns", "0", "--max-new-tokens", "6", "--seed", "4").out.strip() == \
+        Talker(phase, 0).reply(history, "<GUEST_A>", sampling=Sampling(max_new_tokens=6, seed=4))
+    context.write_text("speaker,text\nHost,so tell me\nNobody,hello\n")
+    refused = cltune(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context)
+    assert refused.code == 2 and f"{context}: line 3: unknown speaker 'Nobody'" in refused.err
+
+    # the mixture of one candidate after a context is greedy decoding's output
+    model, tokenizer = talker.model, talker.tokenizer
+    greedy = sample_continuations(model, tokenizer, [ids], max_new_tokens=5, temperature=0, top_p=1, seed=0,
+                                  batch_size=1)[0]
+    assert generate_mixture(model, tokenizer, lambda: [nullcontext()], ids, max_new_tokens=5, temperature=0,
+                            start=start) == greedy
+
+
+def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
+    """`cltune chat --script`: each line is the user's turn or a command; the replies are streamed as
+    `Name: text` and are exactly what the library gives for the conversation so far (last two turns)."""
+    from cltune.chat import Sampling, Talker
+    from test_cli import cltune
+
+    run_dir, _ = context_streams("naive", 2)
+    phase = run_dir / "phase2"
+    script = tmp_path / "script.txt"
+    script.write_text("so tell me\nwhat do you think\n/speaker Nobody\n/reset\n/speaker host\nquestion today\n"
+                      "/quit\nnever answered\n")
+    result = cltune(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", script,
+                    "--max-new-tokens", "5", "--seed", "1")
+    assert result.code == 0, result.err
+
+    talker = Talker(phase)
+    HOST, GUEST = "<HOST>", "<GUEST_A>"
+
+    def reply(history, voice, line_number):
+        return talker.reply(history, voice, sampling=Sampling(5, 0.8, 0.95, 1 + line_number))
+
+    first = reply([(HOST, "so tell me")], GUEST, 0)
+    second = reply([(HOST, "so tell me"), (GUEST, first), (HOST, "what do you think")], GUEST, 1)
+    third = reply([(HOST, "question today")], HOST, 5)
+    lines = result.out.splitlines()
+    assert lines[0] == f"Guest A: {first}" and lines[1] == f"Guest A: {second}"
+    assert lines[2].startswith("error: ") and "unknown speaker 'Nobody'" in lines[2]
+    assert lines[3:] == ["(conversation reset)", "(Host answers now)", f"Host: {third}"]
+    assert talker.prompt([(HOST, "so tell me"), (GUEST, first), (HOST, "what do you think")], GUEST) == \
+        talker.prompt([(GUEST, first), (HOST, "what do you think")], GUEST)  # only the last two turns are shown
+
+    alone_dir, _ = context_streams("naive", 0)
+    without = cltune(monkeypatch, capsys, "chat", alone_dir / "phase2", "--as", "Guest A", "--script", script,
+                     "--max-new-tokens", "3")
+    assert without.code == 0 and "trained without context turns" in without.out
+    missing = cltune(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", tmp_path / "nope.txt")
+    assert missing.code == 2 and "nope.txt: cannot read the script" in missing.err
