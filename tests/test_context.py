@@ -317,3 +317,85 @@ def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
     assert without.code == 0 and "trained without context turns" in without.out
     missing = cltune(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", tmp_path / "nope.txt")
     assert missing.code == 2 and "nope.txt: cannot read the script" in missing.err
+
+
+def test_chat_stops_a_reply_on_ctrl_c_and_ends_at_end_of_input():
+    """Ctrl-C while a reply is generated drops that exchange and the conversation goes on; typed input ends
+    at end of input (EOFError) with the conversation so far."""
+    import io
+
+    from rich.console import Console
+
+    from cltune.chat import chat
+
+    class Fake:
+        checkpoint, context_turns = Path("ckpt"), 2
+        tokens = {"Host": "<HOST>", "Guest A": "<GUEST_A>"}
+        calls = 0
+
+        def token(self, speaker, where=None):
+            return self.tokens[speaker]
+
+        def partner(self, token):
+            return "<HOST>"
+
+        def name(self, token):
+            return {v: k for k, v in self.tokens.items()}[token]
+
+        def reply(self, history, token, sampling, emit):
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyboardInterrupt
+            emit("fine")
+            return "fine"
+
+    typed = iter(["hello", "how are you", "/quit"])
+
+    def ask(label):
+        assert label == "Host: "
+        return next(typed)
+
+    buffer = io.StringIO()
+    history = chat(Fake(), "Guest A", None, None, Console(file=buffer, width=200), ask=ask)
+    assert buffer.getvalue().splitlines() == ["Guest A:  (stopped)", "Guest A: fine"]
+    assert history == [("<HOST>", "how are you"), ("<GUEST_A>", "fine")]
+
+    def ended(label):
+        raise EOFError
+
+    assert chat(Fake(), "Guest A", None, None, Console(file=io.StringIO()), ask=ended) == []
+
+
+def test_the_text_stream_emits_whole_characters_and_the_stripped_text(tok_model):
+    from cltune.generate import TextStream
+
+    _, tok = tok_model
+    ids = _ids(tok, " so é tell me  ✓ ")
+    pieces = []
+    stream = TextStream(tok, pieces.append)
+    stream.put(torch.tensor([[5, 6]]))  # the prompt, skipped
+    for i in ids:
+        stream.put(torch.tensor([i]))
+    stream.end()
+    assert "".join(pieces) == tok.decode(ids).strip() == "so é tell me  ✓"
+    assert all(piece and "\ufffd" not in piece for piece in pieces) and len(pieces) > 3
+
+
+def test_packing_gives_the_same_steps_with_context_as_one_example_per_row(tiny_model_dir, tmp_path):
+    """Packed rows restart positions at each example (context included), so each example attends to its own
+    context only: the step losses match the unpacked run's."""
+    from cltune.api import make_config
+    from cltune.pipeline import run
+
+    csvs = [write_conversations(tmp_path / "guest_a.csv", "Guest A", 14, 1)]
+    losses = {}
+    for packing in (False, True):
+        raw = tiny_run_config(tiny_model_dir, csvs, tmp_path / "runs", "naive", name=f"packed-{packing}")
+        raw["data"] = {"max_length": 48, "context_turns": 2}
+        raw["train"].update(packing=packing, pack_length=128, max_steps=3)
+        raw["eval"] = {"attribution": False, "samples_per_speaker": 0, "batch_size": 16}
+        run(make_config(raw))
+        log = tmp_path / "runs" / f"packed-{packing}" / "phase1" / "train_log.jsonl"
+        losses[packing] = [json.loads(line)["loss"] for line in log.read_text().splitlines() if '"loss"' in line]
+    assert len(losses[True]) == 3
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

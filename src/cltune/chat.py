@@ -143,8 +143,13 @@ def chat(talker: Talker, speaker: str, user: str | None, lines: Iterable[str] | 
         history.append((user_token, line))
         out.print(f"{talker.name(voice)}: ", end="", markup=False)
         turn = Sampling(sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed + number)
-        text = talker.reply(history, voice, sampling=turn,
-                            emit=lambda piece: out.print(piece, end="", markup=False, highlight=False))
+        try:
+            text = talker.reply(history, voice, sampling=turn,
+                                emit=lambda piece: out.print(piece, end="", markup=False, highlight=False))
+        except KeyboardInterrupt:  # Ctrl-C while a reply is generated stops that reply, not the conversation
+            out.print(" (stopped)", markup=False)
+            history.pop()
+            continue
         out.print(markup=False)
         history.append((voice, text))
     return history

@@ -92,6 +92,10 @@ class PhaseSettings(Strict):
     lr: float = Field(2e-4, gt=0, description="peak learning rate (AdamW)")
     token_lr: float | None = Field(None, gt=0, description="learning rate of the new token rows (speaker tokens, "
                                    "[PAD]); null: `lr`")
+    speaker_loss: float = Field(0.0, ge=0, description="weight of a speaker-discrimination loss added to the LM loss: "
+                                "the mean over a step's utterances of −log p(own speaker | text, context), p ∝ the "
+                                "text's likelihood after each speaker token of its dataset (what attribution scores); "
+                                "each other speaker costs one more forward and backward per utterance; 0: off")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
     batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the seed's 2 × 16)")

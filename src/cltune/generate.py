@@ -19,7 +19,7 @@ class TextStream(BaseStreamer):
 
     The first `put` is the prompt and is skipped, as `generate` sends it first. The text is decoded
     whole each time and only its new end emitted, so a character split over several tokens comes
-    out once complete; leading spaces are dropped, as the returned text is stripped.
+    out once complete; the text is stripped as the returned text is (a space comes out with the word after it).
     """
 
     def __init__(self, tokenizer, emit: Callable[[str], None]):
@@ -33,8 +33,8 @@ class TextStream(BaseStreamer):
             self.prompt_seen = True
             return
         self.ids += torch.as_tensor(value).view(-1).tolist()
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
-        if not text.endswith("\ufffd"):  # not in the middle of a multi-byte character
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).strip()  # spaces wait for what follows them
+        if len(text) > self.shown and not text.endswith("\ufffd"):  # not inside a multi-byte character
             self.emit(text[self.shown :])
             self.shown = len(text)
 

@@ -37,6 +37,7 @@ from cltune.resume import StepCheckpoints, derived_seed, fingerprint
 from cltune.memory import release_free_memory
 from cltune.model import is_adapter_weight
 from cltune.scoring import target_nll
+from cltune.speaker_loss import SpeakerContrast
 from cltune.strategies.base import Context, Outputs, StepInfo, Strategy
 
 logger = logging.getLogger(__name__)
@@ -198,14 +199,16 @@ def _sum_over_processes(acc, values: list[float]) -> list[float]:
 
 
 def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, scheduler, params, batches, step_targets: int,
-                    settings: PhaseSettings, info: StepInfo, where: str) -> float:
+                    settings: PhaseSettings, info: StepInfo, where: str, contrast: SpeakerContrast | None = None,
+                    step_examples: int = 0) -> float:
     """One optimizer step over this process's share; returns the step's mean target NLL over all processes.
 
     Token-weighted: every target token of the step weighs the same, so micro_batch_size and the
     number of processes change speed only, never the math. DDP averages gradients over
     processes, so each loss is scaled by their number to make that average a sum. The strategy's
     step penalty enters once, with the last micro-batch (the one DDP synchronizes), unscaled: its
-    average over processes is itself.
+    average over processes is itself. With `contrast` (`speaker_loss` > 0), the speaker-discrimination
+    loss of each utterance is added, weighted by `speaker_loss` / the step's utterances (`step_examples`).
     """
     acc = ctx.accelerator
     hidden = strategy.wants_hidden_states
@@ -216,8 +219,11 @@ def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, schedul
         with nullcontext() if last else acc.no_sync(scorer):  # DDP syncs on the last one
             with acc.autocast():
                 outputs = Outputs(*scorer(**inputs, return_hidden=True)) if hidden else Outputs(scorer(**inputs))
-                nll = target_nll(outputs.logits, inputs["labels"]).sum()
+                token_nll = target_nll(outputs.logits, inputs["labels"])
+                nll = token_nll.sum()
                 loss = nll / step_targets
+                if contrast is not None:  # the other speakers' passes go through the unwrapped scorer: one DDP forward
+                    loss = loss + contrast.batch_sum(ctx.scorer, batch, token_nll) * (settings.speaker_loss / step_examples)
                 extra = strategy.batch_loss(batch, outputs, info)
                 if extra is not None:
                     loss = loss + extra * (batch.n_targets / step_targets)
@@ -306,6 +312,7 @@ def train_phase(
         own = [len(s) for e, s in zip(examples, encoded) if e.task == task.index]
         plan = plan[: len(plan_steps(own, settings, ctx.seed + phase, *sizes))]
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
+    contrast = SpeakerContrast(examples, encoded, ctx.tasks, ctx.tokenizer, pad_id) if settings.speaker_loss else None
     pack = settings.pack_length if settings.packing else None
 
     # Model order for clipping: the gradient norm sums per-parameter norms, and the order sets its last bits.
@@ -343,7 +350,7 @@ def train_phase(
             info = StepInfo(phase=phase, step=step, steps=len(plan), epoch=epoch)
             try:
                 step_loss = _optimizer_step(ctx, strategy, scorer, optimizer, scheduler, params, batches, step_targets,
-                                            settings, info, where)
+                                            settings, info, where, contrast, sum(map(len, micro_batches)))
             except DivergedError:
                 optimizer.zero_grad(set_to_none=True)
                 _restore(ctx.model, loop.best_state, strategy)
