@@ -1,4 +1,5 @@
-"""Read one dialogue file (CSV or JSONL, one utterance per row) into validated utterances.
+"""Read one dialogue file (CSV or JSONL, one utterance per row; or chat-format JSONL, one conversation
+per line) into validated utterances.
 
 Unrecoverable problems raise `UserError` with one line naming the file, the line and the fix;
 recoverable ones (blank rows, stray whitespace, BOM, CRLF, quoted newlines) are fixed and counted.
@@ -12,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cltune.data.messages import chat_records, is_chat_format
 from cltune.data.speakers import normalize_speaker, speaker_key
 from cltune.errors import UserError
 
@@ -111,45 +113,48 @@ def _names(names, limit: int = 12) -> str:
     return ", ".join(shown[:limit]) + more
 
 
-def _pick_column(path: Path, headers: list[str], wanted: str | None, known: tuple[str, ...], role: str, flag: str) -> str:
+def _pick_column(path: Path, headers: list[str], wanted: str | None, known: tuple[str, ...], role: str, flag: str,
+                 at: str = "line 1") -> str:
     folded = [h.strip().casefold() for h in headers]
     if wanted is not None:
         if wanted.strip().casefold() not in folded:
-            raise UserError(f"{path}: line 1: no column named {_names([wanted])} (columns: {_names(headers)}); fix {flag}")
+            raise UserError(f"{path}: {at}: no column named {_names([wanted])} (columns: {_names(headers)}); fix {flag}")
         return headers[folded.index(wanted.strip().casefold())]
     hits = [h for h, f in zip(headers, folded) if f in known]
     if not hits:
         raise UserError(
-            f"{path}: line 1: no {role} column found among ({_names(headers) or 'nothing'}); "
+            f"{path}: {at}: no {role} column found among ({_names(headers) or 'nothing'}); "
             f"add a header row with one of {', '.join(known)} or pass {flag}"
         )
     if len(hits) > 1:
-        raise UserError(f"{path}: line 1: columns {_names(map(repr, hits))} could each be the {role} column; pass {flag}")
+        raise UserError(f"{path}: {at}: columns {_names(map(repr, hits))} could each be the {role} column; pass {flag}")
     return hits[0]
 
 
-def _conversation_column(path: Path, headers: list[str], wanted: str | None, taken: set[str]) -> str | None:
+def _conversation_column(path: Path, headers: list[str], wanted: str | None, taken: set[str],
+                         at: str = "line 1") -> str | None:
     """The conversation column: `wanted` (must exist; "none" turns detection off), or the one detected."""
     if wanted is not None and wanted.strip().casefold() == "none":
         return None
     if wanted is not None:
-        return _pick_column(path, headers, wanted, CONVERSATION_COLUMNS, "conversation", "--conversation-col")
+        return _pick_column(path, headers, wanted, CONVERSATION_COLUMNS, "conversation", "--conversation-col", at)
     hits = [h for h in headers if h.strip().casefold() in CONVERSATION_COLUMNS and h not in taken]
     if len(hits) > 1:
-        raise UserError(f"{path}: line 1: columns {_names(map(repr, hits))} could each be the conversation column; "
+        raise UserError(f"{path}: {at}: columns {_names(map(repr, hits))} could each be the conversation column; "
                         "pass --conversation-col (or data.conversation_col)")
     return hits[0] if hits else None
 
 
-def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: str | None) -> tuple[str, str]:
+def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: str | None,
+             at: str = "line 1") -> tuple[str, str]:
     folded = [h.strip().casefold() for h in headers]
     dupes = sorted({h for h in folded if folded.count(h) > 1 and h})
     if dupes:
-        raise UserError(f"{path}: line 1: duplicate column name(s) {_names(dupes)}; rename them so each is unique")
-    speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker", "--speaker-col")
-    text = _pick_column(path, headers, text_col, TEXT_COLUMNS, "text", "--text-col")
+        raise UserError(f"{path}: {at}: duplicate column name(s) {_names(dupes)}; rename them so each is unique")
+    speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker", "--speaker-col", at)
+    text = _pick_column(path, headers, text_col, TEXT_COLUMNS, "text", "--text-col", at)
     if speaker == text:
-        raise UserError(f"{path}: line 1: speaker and text are the same column {_names([repr(speaker)])}; pass distinct columns")
+        raise UserError(f"{path}: {at}: speaker and text are the same column {_names([repr(speaker)])}; pass distinct columns")
     return speaker, text
 
 
@@ -189,6 +194,36 @@ def _records_jsonl(path: Path, text: str):
         yield "row", number, [obj.get(h) for h in headers]
 
 
+def _records_parquet(path: Path):
+    """A Parquet file's column names, then its rows (numbered from 1), read a row group at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow; run `pip install pyarrow`") from None
+    try:
+        table = pq.ParquetFile(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; check the path") from None
+    except (OSError, ValueError) as err:  # not Parquet, truncated, no permission
+        raise UserError(f"{path}: not a readable Parquet file ({type(err).__name__}); check the file") from None
+    headers = list(table.schema_arrow.names)
+    yield "header", 0, headers
+    number = 0
+    for group in range(table.num_row_groups):
+        for row in table.read_row_group(group).to_pylist():
+            number += 1
+            yield "row", number, [row[h] for h in headers]
+
+
+CHAT_COLUMNS = ("name/role", "content", "conversation")  # what chat-format messages give each row
+
+
+def _records_chat(path: Path, text: str):
+    yield "header", 1, list(CHAT_COLUMNS)
+    for line, speaker, content, conversation in chat_records(path, text):
+        yield "row", line, [speaker, content, conversation]
+
+
 def _cell(row: list, index: int) -> str:
     value = row[index] if index < len(row) else None
     return "" if value is None else str(value)
@@ -206,9 +241,17 @@ def load_dialogue(
 ) -> Dataset:
     """Load and validate one dialogue file; `UserError` on anything that cannot be fixed safely."""
     path = Path(path)
-    text, report = _decode(path)
-    is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
-    records = _records_jsonl(path, text) if is_jsonl else _records_csv(path, text)
+    unit, header_at = "line", "line 1"  # how messages name a record and the header
+    if path.suffix.lower() == ".parquet":
+        records, report, unit, header_at = _records_parquet(path), LoadReport(), "row", "columns"
+    else:
+        text, report = _decode(path)
+        is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
+        if is_jsonl and is_chat_format(text):  # one conversation per line: its messages are the rows
+            records = _records_chat(path, text)
+            speaker_col, text_col, conversation_col = CHAT_COLUMNS
+        else:
+            records = _records_jsonl(path, text) if is_jsonl else _records_csv(path, text)
     utterances: list[Utterance] = []
     s_idx = t_idx = c_idx = -1
     s_name = t_name = ""
@@ -217,9 +260,9 @@ def load_dialogue(
     block, after_blank = 0, False
     for kind, line, row in records:
         if kind == "header":
-            s_name, t_name = _columns(path, row, speaker_col, text_col)
+            s_name, t_name = _columns(path, row, speaker_col, text_col, header_at)
             s_idx, t_idx = row.index(s_name), row.index(t_name)
-            c_name = _conversation_column(path, row, conversation_col, {s_name, t_name})
+            c_name = _conversation_column(path, row, conversation_col, {s_name, t_name}, header_at)
             c_idx = row.index(c_name) if c_name else -1
             continue
         if not any(str(c).strip() for c in row if c is not None):
@@ -231,18 +274,18 @@ def load_dialogue(
         raw_text = _cell(row, t_idx)
         body = raw_text.strip()
         if not speaker:
-            raise UserError(f"{path}: line {line}: empty speaker in column {s_name!r}; fill it in or delete the row")
+            raise UserError(f"{path}: {unit} {line}: empty speaker in column {s_name!r}; fill it in or delete the row")
         if not body or body.casefold() in MISSING_MARKERS:
             if drop_missing:
                 report.missing_dropped += 1
                 continue
             raise UserError(
-                f"{path}: line {line}: missing text in column {t_name!r}; fill it in, delete the row, "
+                f"{path}: {unit} {line}: missing text in column {t_name!r}; fill it in, delete the row, "
                 "or set data.drop_missing: true"
             )
         conversation = _cell(row, c_idx).strip() if c_name else None
         if c_name and not conversation:
-            raise UserError(f"{path}: line {line}: empty conversation id in column {c_name!r}; fill it in, or pass "
+            raise UserError(f"{path}: {unit} {line}: empty conversation id in column {c_name!r}; fill it in, or pass "
                             "--conversation-col none (data.conversation_col: none) to split by utterance")
         report.trimmed += body != raw_text
         report.multiline += "\n" in body
