@@ -315,6 +315,7 @@ COMMAND_TESTS = {  # command → its end-to-end test (module::function)
     "generate": "test_cli.py::test_train_then_generate_then_report",
     "strategies": "test_cli.py::test_strategies_lists_the_registry",
     "chat": "test_context.py::test_chat_script_end_to_end",
+    "export": "test_export.py::test_a_merged_export_loads_in_plain_transformers_with_the_checkpoint_logits",
     "config-reference": "test_cli.py::test_config_reference_prints_and_rewrites_a_readme",
 }
 

@@ -35,6 +35,7 @@ class Talker:
 
         self.checkpoint = Path(checkpoint)
         self.model, self.tokenizer, meta = load_checkpoint(checkpoint)
+        self.meta: dict = meta
         self.router = load_router(checkpoint, self.model)
         self.tokens: dict[str, str] = meta.get("speaker_tokens", {})
         self.task_speakers: list[list[str]] = [t["speakers"] for t in meta.get("tasks", [])]

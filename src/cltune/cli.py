@@ -1,5 +1,5 @@
-"""The `cltune` command line: demo-data, eda, train, run, sweep, compare, report, generate, chat, strategies, demo,
-config-reference. Each command parses its arguments and calls one plain function (`cltune.api` and friends)."""
+"""The `cltune` command line: demo-data, eda, train, run, sweep, compare, report, generate, chat, export, strategies,
+demo, config-reference. Each command parses its arguments and calls one plain function (`cltune.api` and friends)."""
 
 from __future__ import annotations
 
@@ -124,6 +124,19 @@ def chat(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. check
     """Talk with a speaker of a saved checkpoint: /reset, /speaker NAME, /quit."""
     api.chat_with(checkpoint, as_, user, script=script, console=console, context_turns=context_turns,
                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+@app.command()
+def export(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. checkpoints/demo/phase2"),
+           out: Path = typer.Option(..., help="folder to write (new, empty, or an earlier export)"),
+           speaker: str | None = typer.Option(None, help="per-task strategies: export the weights this speaker is "
+                                              "served by (default: one folder per dataset)"),
+           adapter: bool = typer.Option(False, "--adapter", help="a PEFT adapter folder instead of a merged model")) -> None:
+    """Export a checkpoint as a Hugging Face model folder (LoRA merged, speaker tokens in the tokenizer) or a PEFT adapter."""
+    from cltune.export import export_checkpoint
+
+    for folder in export_checkpoint(checkpoint, out, speaker=speaker, adapter=adapter):
+        console.print(f"wrote {folder}", markup=False, highlight=False)
 
 
 @app.command()
