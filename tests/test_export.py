@@ -103,3 +103,32 @@ def test_an_adapter_export_loads_with_peft_on_the_resized_base(strategy_streams,
     mixed = cltune(monkeypatch, capsys, "export", Path(raw["output_dir"]) / raw["name"] / "phase2", "--out",
                    tmp_path / "p", "--adapter")
     assert mixed.code == 2 and "not one PEFT adapter" in mixed.err
+
+
+@pytest.mark.parametrize(("kind", "tolerance"), [("f16", 1e-3), ("q8_0", 2e-2)])  # measured 1.9e-4 and 4.7e-3
+def test_a_gguf_export_loads_in_transformers_with_the_merged_logits(strategy_streams, tmp_path, monkeypatch, capsys,
+                                                                    kind, tolerance):
+    """transformers' GGUF reader loads the file (weights and tokenizer with the speaker tokens whole) and its
+    logits match the merged folder's within the format's rounding, relative to the largest logit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    raw, _ = strategy_streams("naive")
+    phase = Path(raw["output_dir"]) / raw["name"] / "phase2"
+    result = cltune(monkeypatch, capsys, "export", phase, "--out", tmp_path / "gguf", "--gguf", kind)
+    assert result.code == 0, result.err
+    name = f"model-{kind}.gguf"
+    assert name in {p.name for p in (tmp_path / "gguf").iterdir()}
+    merged = tmp_path / "merged"
+    assert cltune(monkeypatch, capsys, "export", phase, "--out", merged).code == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=name)
+    reference = AutoTokenizer.from_pretrained(merged)
+    for text in ["<GUEST_A> so tell me what do you think", "[PAD]<HOST> i love pizza</s>"]:
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference(text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        loaded = torch.stack([model(input_ids=_ids(tokenizer, "<GUEST_B>", t)).logits[0, :6] for t in TEXTS])
+    expected = _plain_logits(merged, "<GUEST_B>")
+    error = ((loaded - expected).abs().max() / expected.abs().max()).item()
+    assert 1e-6 < error < tolerance  # rounded (so really stored as `kind`), within that format's rounding
+    bad = cltune(monkeypatch, capsys, "export", phase, "--out", tmp_path / "x", "--gguf", "q4")
+    assert bad.code == 2 and "unknown --gguf type 'q4'" in bad.err

@@ -131,11 +131,14 @@ def export(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. che
            out: Path = typer.Option(..., help="folder to write (new, empty, or an earlier export)"),
            speaker: str | None = typer.Option(None, help="per-task strategies: export the weights this speaker is "
                                               "served by (default: one folder per dataset)"),
-           adapter: bool = typer.Option(False, "--adapter", help="a PEFT adapter folder instead of a merged model")) -> None:
-    """Export a checkpoint as a Hugging Face model folder (LoRA merged, speaker tokens in the tokenizer) or a PEFT adapter."""
+           adapter: bool = typer.Option(False, "--adapter", help="a PEFT adapter folder instead of a merged model"),
+           gguf: str | None = typer.Option(None, help="a GGUF file of the merged model instead: f16 or q8_0 "
+                                           "(llama.cpp, Ollama, LM Studio)")) -> None:
+    """Export a checkpoint as a Hugging Face model folder (LoRA merged, speaker tokens in the tokenizer), a PEFT
+    adapter, or a GGUF file."""
     from cltune.export import export_checkpoint
 
-    for folder in export_checkpoint(checkpoint, out, speaker=speaker, adapter=adapter):
+    for folder in export_checkpoint(checkpoint, out, speaker=speaker, adapter=adapter, gguf=gguf):
         console.print(f"wrote {folder}", markup=False, highlight=False)
 
 

@@ -9,6 +9,7 @@
   (speaker tokens included) are read by looking every token up.
 - **adapter** (`--adapter`): a standard PEFT adapter folder with the tokenizer, for strategies whose
   served weights are one adapter.
+- **GGUF** (`--gguf f16|q8_0`): the merged model as one GGUF file for llama.cpp (`export_gguf`).
 
 What is exported: one model for strategies with one model; for per-task ones, the weights the router
 gives `--speaker`, or, without it, one folder per dataset (the weights that dataset's oracle row scored).
@@ -27,6 +28,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from cltune.errors import UserError
+from cltune.export_gguf import GGUF_TYPES, source_pre_tokenizer, write_gguf
 from cltune.files import write_json
 
 EXPORT_NOTE = "cltune_export.json"
@@ -119,7 +121,8 @@ def _selections(router, meta: dict, speaker_token: str | None) -> Iterator[tuple
             yield task["name"], router.oracle(index)
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None, adapter: bool = False) -> list[Path]:
+def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None, adapter: bool = False,
+                      gguf: str | None = None) -> list[Path]:
     """Write the export(s) of `checkpoint` under `out` (each folder built aside and swapped in whole); returns the
     folders written. A folder that exists must be empty or an earlier export."""
     from cltune.chat import Talker
@@ -128,6 +131,10 @@ def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None
     talker = Talker(checkpoint)
     token = talker.token(speaker) if speaker else None
     kind = talker.router.kind
+    if adapter and gguf:
+        raise UserError("export: --adapter and --gguf are two formats; pick one")
+    if gguf and gguf not in GGUF_TYPES:
+        raise UserError(f"export: unknown --gguf type {gguf!r}; choose one of {', '.join(GGUF_TYPES)}")
     if adapter and kind not in ONE_ADAPTER_ROUTERS:
         raise UserError(f"{checkpoint}: the {kind} router serves several adapters at once, not one PEFT adapter; "
                         "export the merged model (without --adapter) instead")
@@ -141,12 +148,17 @@ def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None
         def fill(tmp: Path, sub: str | None = sub) -> None:
             if adapter:
                 _write_adapter(talker, tmp)
+            elif gguf:
+                model = plain_model(talker.meta, talker.tokenizer, served_weights(talker.model))
+                write_gguf(model, talker.tokenizer, tmp / f"model-{gguf}.gguf", gguf,
+                           source_pre_tokenizer(talker.meta["model"]["name"]))
             else:
                 model = plain_model(talker.meta, talker.tokenizer, served_weights(talker.model))
                 model.save_pretrained(tmp, safe_serialization=True)
                 talker.tokenizer.save_pretrained(tmp)
+            kind_written = "peft-adapter" if adapter else f"gguf-{gguf}" if gguf else "merged"
             write_json(tmp / EXPORT_NOTE, {"checkpoint": str(checkpoint), "router": kind, "speaker": speaker,
-                                           "dataset": sub, "format": "peft-adapter" if adapter else "merged",
+                                           "dataset": sub, "format": kind_written,
                                            "speaker_tokens": talker.tokens, "context_turns": talker.trained_turns})
 
         with weights:
