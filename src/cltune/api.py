@@ -41,15 +41,16 @@ def _is_main() -> bool:
 
 
 def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool = False, console=None,
-               report: bool = True, phase1_from: Path | None = None) -> RunMetrics:
+               report: bool = True, phase1_from: Path | None = None, log_with: Sequence[str] = ()) -> RunMetrics:
     """Run (or with `resume`, continue) the stream `config` describes; writes the report; returns the metrics.
-    `phase1_from`: a finished phase-1 checkpoint with the same phase-1 settings, used instead of training."""
+    `phase1_from`: a finished phase-1 checkpoint with the same phase-1 settings, used instead of training.
+    `log_with`: experiment trackers (tensorboard, wandb, mlflow) to log to."""
     from cltune.pipeline import run
     from cltune.report import print_summary, write_report
     from cltune.rundir import check_run_dir
 
     check_run_dir(config.run_dir, overwrite, resume=resume)
-    metrics = run(config, console=console, resume=resume, reuse_phase1=phase1_from)
+    metrics = run(config, console=console, resume=resume, reuse_phase1=phase1_from, log_with=log_with)
     if report and _is_main():
         write_report(config.run_dir)
         if console is not None:
@@ -66,7 +67,7 @@ def config_from(config_path: Path | None, sets: Sequence[str] = (), fixed: dict 
 
 
 def train_single(data: Path, out: Path, *, model: str | None = None, config_path: Path | None = None,
-                 sets: Sequence[str] = (), overwrite: bool = False, console=None) -> RunMetrics:
+                 sets: Sequence[str] = (), overwrite: bool = False, console=None, log_with: Sequence[str] = ()) -> RunMetrics:
     """Phase 1 alone: LoRA fine-tuning on one dataset; the checkpoint goes to `out/phase1`."""
     from cltune.pipeline import run
     from cltune.rundir import check_run_dir
@@ -77,7 +78,7 @@ def train_single(data: Path, out: Path, *, model: str | None = None, config_path
         fixed["model.name"] = model
     config = config_from(config_path, sets, fixed)
     check_run_dir(config.run_dir, overwrite, resumable=False)
-    return run(config, console=console)
+    return run(config, console=console, log_with=log_with)
 
 
 def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = ()) -> BaseRunConfig:
@@ -93,14 +94,15 @@ def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = 
     return config.model_copy(update={"tasks": tasks})
 
 
-def run_demo(out: Path, data: Path, config_path: Path, sets: Sequence[str] = (), console=None) -> RunMetrics:
+def run_demo(out: Path, data: Path, config_path: Path, sets: Sequence[str] = (), console=None,
+             log_with: Sequence[str] = ()) -> RunMetrics:
     """The main job: write the demo corpus to `data`, then run the demo config (replacing an earlier demo run)."""
     from cltune.data.demo import write_demo_corpus
 
     for path in write_demo_corpus(data):
         if console is not None:
             console.print(f"wrote {path}")
-    return run_config(demo_config(config_path, data, out, sets), overwrite=True, console=console)
+    return run_config(demo_config(config_path, data, out, sets), overwrite=True, console=console, log_with=log_with)
 
 
 def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, context: Path | None = None,

@@ -62,6 +62,7 @@ def eda(files: list[Path] = typer.Argument(..., help="CSV/JSONL dialogue files")
 
 
 SET_HELP = "override a config key, e.g. --set phase2.epochs=2 --set ewc.lambda=20"
+LOG_WITH_HELP = "log to an experiment tracker: tensorboard (under RUN/logs), wandb or mlflow; repeat for several"
 
 
 @app.command()
@@ -71,10 +72,11 @@ def run(config: Path = typer.Argument(..., help="run config (YAML)"),
         resume: bool = typer.Option(False, help="continue the run in the run folder from its last complete checkpoint "
                                     "(same config and data; finished phases are not retrained)"),
         phase1_from: Path | None = typer.Option(None, help="take phase 1 from a finished run's phase1 folder with the "
-                                                "same model, LoRA, data, seed and phase-1 settings instead of training it")) -> None:
+                                                "same model, LoRA, data, seed and phase-1 settings instead of training it"),
+        log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
     """Run a whole continual-learning stream from a config (or continue one with --resume)."""
     api.run_config(api.config_from(config, set_), overwrite=overwrite, resume=resume, console=console,
-                   phase1_from=phase1_from)
+                   phase1_from=phase1_from, log_with=log_with)
 
 
 @app.command()
@@ -83,10 +85,11 @@ def train(data: Path = typer.Option(..., help="dialogue CSV/JSONL"),
           model: str | None = typer.Option(None, help="bundled name, local model folder or cached hub id"),
           config: Path | None = typer.Option(None, help="YAML with model/lora/data/train settings"),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-          overwrite: bool = typer.Option(False, help="replace an existing checkpoint folder")) -> None:
+          overwrite: bool = typer.Option(False, help="replace an existing checkpoint folder"),
+          log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
     """Phase 1 alone: LoRA fine-tuning on one dataset, with before/after perplexity."""
     metrics = api.train_single(data, out, model=model, config_path=config, sets=set_, overwrite=overwrite,
-                               console=console)
+                               console=console, log_with=log_with)
     phase = metrics.phases[0]
     console.print(f"test PPL {phase.before['test_ppl']:.2f} → {phase.after['test_ppl']:.2f} "
                   f"({phase.wall_s:.0f} s, {phase.tokens_per_s:.0f} tok/s); checkpoint: {out / 'phase1'}")
@@ -204,9 +207,10 @@ def compare(config: Path = typer.Argument(..., help="run config (YAML): the stre
 def demo(out: Path = typer.Option(Path("checkpoints"), help="where runs go"),
          data: Path = typer.Option(Path("data"), help="where the demo CSVs go; the config's task files are read from here"),
          config: Path = typer.Option(Path("configs/demo.yaml"), help="the demo run config"),
-         set_: list[str] = typer.Option([], "--set", help=SET_HELP)) -> None:
+         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+         log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
     """The main job: demo corpus → EDA → phase 1 → phase 2 (ewc_replay) → evaluation → report."""
-    api.run_demo(out, data, config, set_, console=console)
+    api.run_demo(out, data, config, set_, console=console, log_with=log_with)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -35,6 +36,7 @@ from cltune.model import adapter_parameters, settle_dtypes
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
 from cltune.session import Session, build_session
+from cltune.tracking import flat_settings, phase_scalars
 from cltune.train import PhaseResult, served_fingerprint, train_phase
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,20 @@ def _header(session: Session) -> RunMetrics:
     )
 
 
-def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None, resume: bool = False) -> RunMetrics:
-    """Run the stream (or, with `resume`, continue it); returns the metrics also written to RUN/metrics.json."""
+def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None, resume: bool = False,
+        log_with: Sequence[str] = ()) -> RunMetrics:
+    """Run the stream (or, with `resume`, continue it); returns the metrics also written to RUN/metrics.json.
+    `log_with`: Accelerate trackers to log to (`cltune.tracking`)."""
     set_seed(config.seed)
-    session = build_session(config)
+    session = build_session(config, log_with=log_with)
+    try:
+        return _run(session, reuse_phase1, console, resume, tracked=bool(log_with))
+    finally:
+        session.accelerator.end_training()
+
+
+def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tracked: bool) -> RunMetrics:
+    config = session.config
     acc, ctx, strategy = session.accelerator, session.ctx, session.strategy
     resolved, inputs = dump_config(config), rundir.input_hashes(config)
     saved = rundir.saved_progress(config.run_dir, resolved, inputs) if resume else None
@@ -80,6 +92,9 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
     acc.wait_for_everyone()
     if acc.is_main_process:
         _prepare_run_dir(session, resolved, inputs, fresh=fresh)
+    acc.wait_for_everyone()
+    if tracked:  # after a fresh run has cleared an earlier run's logs
+        acc.init_trackers(config.name, config=flat_settings(config.model_dump(mode="json")))
 
     metrics = _header(session)
     if saved is not None and saved.phases:  # finished phases are not retrained: their rows come from metrics.json
@@ -111,6 +126,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     if acc.is_main_process:  # the one writer of the log; another process must not unlink it under it
         staging_log.unlink(missing_ok=True)
     set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
+    step_offset = sum(p.steps for p in metrics.phases)  # trackers count optimizer steps over the whole stream
     passes_at_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens,
             "context_turns": config.data.context_turns, "max_length": config.data.max_length,
@@ -151,7 +167,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     if reuse_phase1 is not None:
         result = _reuse_phase(reuse_phase1, ctx.model, staging_log if acc.is_main_process else None)
     else:
-        result = train_phase(ctx, strategy, task, examples, config.phase(k), k, staging_log, checkpoints)
+        result = train_phase(ctx, strategy, task, examples, config.phase(k), k, staging_log, checkpoints, step_offset)
     loop_end = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     hook_start = time.perf_counter()
     strategy.after_task(task)
@@ -180,6 +196,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     )
     metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb(),
                                          "adapter_params": adapter_parameters(ctx.model)}).with_summary()
+    acc.log(phase_scalars(metrics.tasks, metrics.ppl, metrics.speaker_attribution), step=step_offset + result.steps)
     if acc.is_main_process:
         samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1, config.seed)]
         metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]})

@@ -102,8 +102,9 @@ def saved_progress(run_dir: Path, resolved: str, inputs: list[dict]) -> RunMetri
 
 
 def start_fresh(run_dir: Path, inputs: list[dict]) -> None:
-    """Forget an earlier run's progress (its step checkpoints and metrics) and record the inputs."""
+    """Forget an earlier run's progress (its step checkpoints, metrics and tracker logs) and record the inputs."""
     shutil.rmtree(run_dir / STEPS_DIR, ignore_errors=True)
+    shutil.rmtree(run_dir / "logs", ignore_errors=True)
     (run_dir / "metrics.json").unlink(missing_ok=True)
     write_json(run_dir / INPUTS, inputs)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from cltune.model import (
 from cltune.memory import release_free_memory
 from cltune.scoring import TokenScorer
 from cltune.strategies import REGISTRY, Context, Registry, Strategy
+from cltune.tracking import check_trackers
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -70,7 +72,7 @@ def base_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(precision: str, log_with: Sequence[str] = (), project_dir: Path | None = None) -> Accelerator:
     """A fresh Accelerator for one run at `precision` (a `model.precision` setting or what it resolved to).
 
     Only fp16 uses Accelerate's autocast (and its loss scaling); a bf16 run stores the frozen base in
@@ -86,7 +88,8 @@ def make_accelerator(precision: str) -> Accelerator:
     # process would run the whole stream alone and all would write the same files.
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     mode = "fp16" if resolve_precision(precision) == "fp16" else "no"
-    return Accelerator(mixed_precision=mode, cpu=several and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mode, cpu=several and not torch.cuda.is_available(),
+                       log_with=list(log_with) or None, project_dir=project_dir)
 
 
 def safe_name(name: str) -> str:
@@ -157,11 +160,13 @@ class Session:
         return self.ctx.scorer
 
 
-def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strategy: str | None = None) -> Session:
-    """Assemble a run: precision (chosen once), accelerator, tasks, model with speaker tokens and LoRA,
-    and the config's strategy (or `strategy`, by name, from `registry`)."""
+def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strategy: str | None = None,
+                  log_with: Sequence[str] = ()) -> Session:
+    """Assemble a run: precision (chosen once), accelerator (with the trackers `log_with` names, logging under
+    RUN/logs), tasks, model with speaker tokens and LoRA, and the config's strategy (or `strategy`, by name,
+    from `registry`)."""
     precision = resolve_precision(config.model.precision)
-    accelerator = make_accelerator(precision)
+    accelerator = make_accelerator(precision, check_trackers(log_with), config.run_dir / "logs")
     datasets, tasks, tokens = load_tasks(config)
     model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), accelerator, precision)
     ctx = Context(accelerator, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, config.run_dir,

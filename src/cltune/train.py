@@ -294,12 +294,13 @@ def _require_finite(model, where: str, best_state: dict[str, torch.Tensor], stra
 
 def train_phase(
     ctx: Context, strategy: Strategy, task: TaskData, examples: list[Example], settings: PhaseSettings, phase: int,
-    log_path: Path | None, checkpoints: StepCheckpoints | None = None,
+    log_path: Path | None, checkpoints: StepCheckpoints | None = None, step_offset: int = 0,
 ) -> PhaseResult:
     """Train on `examples` (the strategy's `train_data(task)`); returns throughput and validation figures.
 
     With `checkpoints`, saves step checkpoints as it goes and, when its `resume` is set, first
-    continues from the latest one.
+    continues from the latest one. Trackers (if the accelerator has any) get each step's loss, learning
+    rate and tokens/s and each validation loss at step `step_offset` + step (steps of earlier phases first).
     """
     acc = ctx.accelerator
     examples = require_no_test(examples, "training")
@@ -367,6 +368,8 @@ def train_phase(
                 eta = (len(plan) - step) * elapsed / step
                 progress.console.print(f"phase {phase + 1} · {task.name}: step {step}/{len(plan)}, loss {step_loss:.3f}, "
                                        f"{tps:.0f} tok/s, about {eta / 60:.1f} min left")
+            acc.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps},
+                    step=step_offset + step)
             if log:
                 row = {"phase": phase + 1, "task": task.name, "epoch": epoch + 1, "step": step, "loss": round(step_loss, 5),
                        "lr": scheduler.get_last_lr()[0], "target_tokens": result.target_tokens, "tokens_per_s": round(tps, 1),
@@ -380,6 +383,7 @@ def train_phase(
                 result.last_val = (served_fingerprint(ctx.model, strategy), val_ppl)
                 scorer.train()
                 result.val_losses.append(val)
+                acc.log({"val/loss": val}, step=step_offset + step)
                 if log:
                     log.write(json.dumps({"phase": phase + 1, "task": task.name, "step": step, "val_loss": round(val, 5)}) + "\n")
                 if result.best_val_loss is None or val < result.best_val_loss:
