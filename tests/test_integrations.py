@@ -1,0 +1,172 @@
+"""`cltune.integrations`: replay, EWC, LwF and A-GEM inside `transformers.Trainer` give the loss and gradients of
+cltune's own loop on the same batch, and a Trainer with them trains."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cltune.batching import collate
+from cltune.strategies.base import Outputs, StepInfo
+from conftest import PPL_ONLY
+
+STEP = StepInfo(phase=1, step=1, steps=1, epoch=0)
+
+
+def _session_after_run(tiny_config, captured, strategy: str, sets=()):
+    from cltune.pipeline import run
+
+    config = tiny_config(strategy, [*PPL_ONLY, *sets])
+    run(config)
+    return config, captured[-1]
+
+
+def _batch(strategy, count: int = 6):
+    ctx = strategy.ctx
+    task = ctx.tasks[1]
+    encoded = ctx.encode(task.train[:count])
+    batch = collate(encoded, list(range(len(encoded))), ctx.tokenizer.pad_token_id)
+    return batch, batch.model_inputs()
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _trainer(model, tmp_path, strategies, **extra):
+    from transformers import TrainingArguments
+
+    from cltune.integrations import ContinualTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, remove_unused_columns=False, save_strategy="no", logging_strategy="no",
+                             **extra)
+    return ContinualTrainer(model=model, args=args, strategies=strategies)
+
+
+def _cltune_loss(strategy, batch, inputs, extra_loss: bool = True):
+    """The loop's loss for a one-micro-batch step: mean target NLL, the strategy's batch loss and step penalty."""
+    from cltune.scoring import target_nll
+
+    scorer = strategy.ctx.scorer
+    logits = scorer(**inputs)
+    loss = target_nll(logits, inputs["labels"]).sum() / batch.n_targets
+    if extra_loss and (extra := strategy.batch_loss(batch, Outputs(logits), STEP)) is not None:
+        loss = loss + extra
+    if (penalty := strategy.step_penalty(STEP)) is not None:
+        loss = loss + penalty
+    return loss
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
+    assert set(a) == set(b) and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_ewc_from_a_checkpoint_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path):
+    from cltune.integrations import EWC
+
+    config, strategy = _session_after_run(tiny_config, captured, "ewc_replay", ["ewc.lambda=50"])
+    model = strategy.ctx.model
+    model.train()
+    batch, inputs = _batch(strategy)
+    ewc = EWC.from_checkpoint(config.run_dir / "phase2", model)
+    assert ewc.lam == 50 and len(ewc.anchors) == 2  # one anchor per finished phase
+    with torch.no_grad():  # move the weights off the latest anchor, so the penalty is not zero
+        for p in strategy.ctx.trainable().values():
+            p.add_(0.01 * torch.randn_like(p))
+    ours = _cltune_loss(strategy, batch, inputs)
+    ours.backward()
+    loop = _grads(model)
+    theirs = _trainer(model, tmp_path, [ewc]).compute_loss(model, inputs)
+    theirs.backward()
+    assert ewc.loss(model, inputs, None) > 1e-3
+    assert theirs.item() == pytest.approx(ours.item(), rel=1e-5)
+    _assert_same(_grads(model), loop)
+
+
+def test_ewc_estimated_on_the_fly_is_cltunes_fisher(tiny_config, captured):
+    from cltune.integrations import EWC
+    from cltune.per_example import per_example_grads
+    from cltune.strategies.ewc import fisher_diagonal
+
+    _, strategy = _session_after_run(tiny_config, captured, "naive")
+    ctx = strategy.ctx
+    examples = ctx.tasks[0].train[:5]
+    encoded = ctx.encode(examples)
+    singles = [collate(encoded, [i], ctx.tokenizer.pad_token_id).model_inputs() for i in range(len(encoded))]
+    ewc = EWC.estimate(ctx.model, singles, lam=3.0)
+    expected = fisher_diagonal(per_example_grads(ctx, examples))
+    [(theta, fisher)] = ewc.anchors
+    assert set(fisher) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(fisher[name], expected[name], atol=1e-9, rtol=1e-4)
+    assert all(torch.equal(theta[n], p.detach()) for n, p in ctx.trainable().items())
+
+
+def test_lwf_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path):
+    from cltune.integrations import LwF
+
+    _, strategy = _session_after_run(tiny_config, captured, "lwf")
+    model = strategy.ctx.model
+    lwf = LwF(model, temperature=2.0, weight=1.0)  # the teacher: the weights now, as the strategy's after phase 2
+    for name, value in strategy.teacher.items():
+        assert torch.equal(value, lwf.teacher[name])
+    with torch.no_grad():  # the student moves away from the teacher, as training the next phase would
+        for p in strategy.ctx.trainable().values():
+            p.add_(0.02 * torch.randn_like(p))
+    model.train()
+    batch, inputs = _batch(strategy)
+    ours = _cltune_loss(strategy, batch, inputs)
+    ours.backward()
+    loop = _grads(model)
+    theirs = _trainer(model, tmp_path, [lwf]).compute_loss(model, inputs)
+    theirs.backward()
+    assert theirs.item() == pytest.approx(ours.item(), rel=1e-5)
+    assert lwf.loss(model, inputs, model(**inputs).logits).item() > 1e-4
+    _assert_same(_grads(model), loop)
+
+
+def test_agem_projects_as_the_loop_does_and_a_trainer_trains_with_it(tiny_config, captured, tmp_path):
+    from cltune.integrations import AGEM, EWC, replay_mix
+
+    _, strategy = _session_after_run(tiny_config, captured, "agem", ["agem.memory_batch=1000"])
+    ctx = strategy.ctx
+    model = ctx.model
+    memory = collate(strategy.encoded, list(range(len(strategy.encoded))), ctx.tokenizer.pad_token_id).model_inputs()
+    agem = AGEM(model, memory)
+    params = ctx.trainable()
+    reference = agem.reference_gradient(model, params)
+    torch.testing.assert_close(reference, strategy.reference_gradient(params, STEP), atol=1e-7, rtol=1e-4)
+    # a gradient that conflicts with the memory's: both must project it, identically
+    conflicting = -reference + 0.1 * torch.randn_like(reference)
+
+    def set_grad():
+        offset = 0
+        for p in params.values():
+            p.grad = conflicting[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    set_grad()
+    strategy.after_backward(STEP)
+    loop = _grads(model)
+    set_grad()
+    agem.after_backward(model)
+    _assert_same(_grads(model), loop)
+    assert agem.projected == 1 and strategy.projected == 1
+
+    # a Trainer with the strategies runs its steps: A-GEM sees every one
+    encoded = ctx.encode(ctx.tasks[1].train[:8])
+    pad = ctx.tokenizer.pad_token_id
+    trainer = _trainer(model, tmp_path, [agem, EWC.estimate(model, [memory], lam=1.0)], max_steps=2,
+                       learning_rate=1e-3)
+    trainer.data_collator = lambda rows: collate(rows, list(range(len(rows))), pad).model_inputs()
+    trainer.train_dataset = replay_mix(encoded, strategy.encoded, ratio=0.5, seed=0)
+    assert len(trainer.train_dataset) == 8 + round(0.5 * len(strategy.encoded))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    trainer.train()
+    assert agem.steps == 1 + 2
+    assert any(not torch.equal(before[n], p) for n, p in params.items())
