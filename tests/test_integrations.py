@@ -170,3 +170,49 @@ def test_agem_projects_as_the_loop_does_and_a_trainer_trains_with_it(tiny_config
     trainer.train()
     assert agem.steps == 1 + 2
     assert any(not torch.equal(before[n], p) for n, p in params.items())
+
+
+def test_with_gradient_accumulation_the_penalty_counts_once_per_step(tiny_config, captured, tmp_path):
+    """Two micro-batches per step: the step's gradient with EWC minus the one without is the penalty's gradient
+    (taken once), whatever the Trainer's loss normalization."""
+    from transformers import TrainerCallback
+
+    from cltune.integrations import EWC
+    from cltune.strategies.ewc import ewc_penalty
+
+    _, strategy = _session_after_run(tiny_config, captured, "naive")
+    ctx = strategy.ctx
+    model = ctx.model
+    params = ctx.trainable()
+    start = {n: p.detach().clone() for n, p in params.items()}
+    anchor = {n: t + 0.05 for n, t in start.items()}
+    fisher = {n: torch.rand_like(t) for n, t in start.items()}
+    encoded = ctx.encode(ctx.tasks[1].train[:8])
+    pad = ctx.tokenizer.pad_token_id
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.grads = {n: p.grad.detach().clone() for n, p in params.items()}
+
+    def step_gradient(strategies):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(start[n])
+        capture = Capture()
+        trainer = _trainer(model, tmp_path, strategies, max_steps=1, gradient_accumulation_steps=2,
+                           learning_rate=0.0, max_grad_norm=1e9, seed=0)
+        trainer.data_collator = lambda rows: collate(rows, list(range(len(rows))), pad).model_inputs()
+        trainer.train_dataset = encoded
+        trainer.add_callback(capture)
+        trainer.train()
+        return capture.grads
+
+    with_penalty = step_gradient([EWC(model, [(anchor, fisher)], lam=2.0)])
+    without = step_gradient([])
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(start[n])
+    penalty = ewc_penalty(params, [(anchor, fisher)], 2.0)
+    expected = dict(zip(params, torch.autograd.grad(penalty, list(params.values()))))
+    for name in params:
+        torch.testing.assert_close(with_penalty[name] - without[name], expected[name], atol=1e-6, rtol=1e-4)

@@ -191,11 +191,24 @@ class ContinualMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        # With gradient accumulation every micro-batch adds the extra losses; scaled as the Trainer scales its own
+        # loss, they count once per optimizer step. A loss already normalized by the step's token count
+        # (num_items_in_batch) is not divided by the Trainer again, so the extra losses are divided here.
+        share = 1 / getattr(self, "current_gradient_accumulation_steps", 1) if self._scaled_for_accumulation(
+            num_items_in_batch) else 1.0
         for strategy in self.strategies:
             extra = strategy.loss(model, inputs, outputs.logits)
             if extra is not None:
-                loss = loss + extra
+                loss = loss + extra * share
         return (loss, outputs) if return_outputs else loss
+
+    def _scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether the Trainer leaves this loss undivided by the accumulation steps (transformers' own rule)."""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return bool((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
