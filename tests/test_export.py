@@ -54,6 +54,7 @@ def test_a_merged_export_loads_in_plain_transformers_with_the_checkpoint_logits(
         assert f"wrote {folder}" in result.out
         files = {p.name for p in folder.iterdir()}
         assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "cltune_export.json"} <= files
+        assert all(p.stat().st_mode & 0o444 == 0o444 for p in [folder, *folder.iterdir()])  # readable by all
         assert not any(name.startswith("adapter") for name in files)
         torch.testing.assert_close(_plain_logits(folder, token), _served_logits(phase, token, task), atol=1e-4, rtol=0)
     note = json.loads((next(iter(folders.values()))[0] / "cltune_export.json").read_text())

@@ -163,7 +163,16 @@ def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None
 
         with weights:
             write_folder(folder, fill)
+        _readable(folder)
     return folders
+
+
+def _readable(folder: Path) -> None:
+    """An export is meant to be shared and served (Ollama runs as its own user): world-readable, unlike the
+    private temporary folder and files it was built in."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _write_adapter(talker, tmp: Path) -> None:
