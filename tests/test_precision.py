@@ -160,7 +160,7 @@ def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_
     raw["model"]["precision"] = "bf16"
     raw["eval"]["samples_per_speaker"] = 0
     built = []
-    monkeypatch.setattr(pipeline, "build_session", lambda config: built.append(session.build_session(config)) or built[-1])
+    monkeypatch.setattr(pipeline, "build_session", lambda config, **kw: built.append(session.build_session(config, **kw)) or built[-1])
     metrics = pipeline.run(make_config(raw))
     assert metrics.precision == "bf16" and all(map(math.isfinite, metrics.ppl[-1]))
     dtypes: dict = {}
