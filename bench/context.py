@@ -66,6 +66,8 @@ def summarize(out: Path, runs: dict[str, list[Path]], reference: str) -> dict:
                                   for j in range(len(tasks))],
             "target_tokens_per_s": [mean_interval([t[j] for t in train]) for j in range(len(tasks))],
             "wall_s": mean_interval([sum(p["wall_s"] for p in m["phases"]) for m in metrics]),
+            "training_forward_tokens": mean_interval([sum(p["strategy"]["training_forward_tokens"] for p in m["phases"])
+                                                      for m in metrics]),
             "test_utterances": [len(nll[0][t]["nll"]) for t in tasks],
         }
         if variant != reference:
@@ -93,6 +95,7 @@ def cell(values, digits: int = 1, scale: float = 1.0) -> str:
 
 def tables(summary: dict, sets: dict[str, list[str]]) -> list[str]:
     tasks, ref = summary["tasks"], summary["reference"]
+    reference_positions = summary["variants"][ref]["training_forward_tokens"][0]
     lines = ["| variant | settings | " + " | ".join(f"{t} final PPL" for t in tasks) + " | "
              + " | ".join(f"{t} vs {ref}" for t in tasks) + " |",
              "|---|---|" + "---|" * (2 * len(tasks))]
@@ -102,12 +105,14 @@ def tables(summary: dict, sets: dict[str, list[str]]) -> list[str]:
                      + " | ".join("—" if d is None else f"{d[0]:+.1f}% [{d[1]:+.1f}, {d[2]:+.1f}]" for d in diffs) + " |")
     lines += ["", "| variant | " + " | ".join(f"{t} attribution after learning it" for t in tasks) + " | "
               + " | ".join(f"{t} attribution at the end" for t in tasks) + " | "
-              + " | ".join(f"phase {j + 1} target tokens/s" for j in range(len(tasks))) + " | training s |",
-              "|---|" + "---|" * (3 * len(tasks) + 1)]
+              + " | ".join(f"phase {j + 1} target tokens/s" for j in range(len(tasks))) + " | training s | "
+              f"training positions vs {ref} |",
+              "|---|" + "---|" * (3 * len(tasks) + 2)]
     for name, row in summary["variants"].items():
         lines.append(f"| {name} | " + " | ".join(cell(v, 1, 100) + "%" for v in row["attribution"]) + " | "
                      + " | ".join(cell(v, 1, 100) + "%" for v in row["final_attribution"]) + " | "
-                     + " | ".join(cell(v, 0) for v in row["target_tokens_per_s"]) + f" | {cell(row['wall_s'], 0)} |")
+                     + " | ".join(cell(v, 0) for v in row["target_tokens_per_s"]) + f" | {cell(row['wall_s'], 0)} | "
+                     f"{row['training_forward_tokens'][0] / reference_positions:.2f}× |")
     sizes = next(iter(summary["variants"].values()))["test_utterances"]
     lines += ["", f"Test utterances per seed: {', '.join(f'{t} {n}' for t, n in zip(tasks, sizes))} (split by "
               "conversation, so each seed has its own test set; every variant of a seed scores the same one)."]
@@ -128,7 +133,8 @@ def write_doc(doc: Path, summary: dict, sets: dict[str, list[str]], machine: str
              "bootstrap over seeds and utterances. Attribution: share of test utterances whose text is most "
              "likely after their own speaker token (same context for every candidate), mean over seeds with a "
              "t-interval. Target tokens/s: training throughput counting target tokens only (context positions "
-             "cost compute but are not counted).", "", f"Machine: {machine}.", "", *tables(summary, sets), "",
+             "cost compute but are not counted); training positions: token positions through the model in the "
+             "training loops (forward), against the reference, a cost free of machine load.", "", f"Machine: {machine}.", "", *tables(summary, sets), "",
              NOTES[0], *kept, NOTES[1], ""]
     doc.write_text("\n".join(lines), encoding="utf-8")
 

@@ -35,6 +35,7 @@ from cltune.strategies.ewc import ewc_penalty, fisher_diagonal
 from cltune.strategies.lwf import lwf_loss, swapped_in
 
 Tensors = dict[str, torch.Tensor]
+MODEL_INPUTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids"}
 _ANCHOR = re.compile(r"^((?:\d+\.)*)(\d+)\.(theta|fisher)\.(.+)$")  # [composite member.]anchor.kind.parameter
 
 
@@ -47,12 +48,20 @@ def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits[:, :-1][labels[:, 1:] != -100]
 
 
+def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Σ over target tokens of −log p in fp32, the number of target tokens) of a causal LM's logits."""
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    return nn.functional.cross_entropy(target_logits(logits, labels).float(), targets, reduction="sum"), targets.numel()
+
+
+def forward(model: nn.Module, inputs: dict):
+    """The model's own forward of a batch's model inputs (labels and a collator's other keys left out)."""
+    return model(**{k: v for k, v in inputs.items() if k in MODEL_INPUTS})
+
+
 def summed_nll(model: nn.Module, inputs: dict) -> torch.Tensor:
     """Σ over target tokens of −log p, from a forward of `inputs` (input_ids, labels, optional masks/positions)."""
-    labels = inputs["labels"]
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-    targets = labels[:, 1:][labels[:, 1:] != -100]
-    return nn.functional.cross_entropy(target_logits(logits, labels).float(), targets, reduction="sum")
+    return nll_sum(forward(model, inputs).logits, inputs["labels"])[0]
 
 
 class EWC:
@@ -139,7 +148,7 @@ class LwF:
         model.eval()
         try:
             with torch.no_grad(), swapped_in(trainable(model), self.teacher):
-                teacher = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+                teacher = forward(model, inputs).logits
         finally:
             model.train(was_training)
         labels = inputs["labels"]
@@ -190,7 +199,13 @@ class ContinualMixin:
         self.strategies = list(strategies)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        """The causal-LM loss from the model's own logits — Σ target NLL over the step's target count
+        (`num_items_in_batch`) or the batch's — plus the strategies' losses. Computed here rather than by the
+        parent class: TRL's fused LM head reads the head's base weight and misses PEFT's trainable token rows."""
+        outputs = forward(model, inputs)
+        nll, targets = nll_sum(outputs.logits, inputs["labels"])
+        count = num_items_in_batch if num_items_in_batch is not None else targets
+        loss = nll / torch.as_tensor(count, device=nll.device).clamp(min=1)
         # With gradient accumulation every micro-batch adds the extra losses; scaled as the Trainer scales its own
         # loss, they count once per optimizer step. A loss already normalized by the step's token count
         # (num_items_in_batch) is not divided by the Trainer again, so the extra losses are divided here.
