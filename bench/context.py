@@ -50,6 +50,18 @@ def run_one(out: Path, config: Path, variant: str, sets: list[str], seed: int) -
     return run_dir
 
 
+def geometric_interval(values: list[float]) -> tuple[float, float | None, float | None]:
+    """Geometric mean and 95% t-interval of positive figures (PPLs), computed on their logarithms."""
+    mean, low, high = mean_interval([math.log(v) for v in values])
+    return math.exp(mean), None if low is None else math.exp(low), None if high is None else math.exp(high)
+
+
+def share_interval(values: list[float]) -> tuple[float, float | None, float | None]:
+    """Mean and 95% t-interval of shares, the interval clipped to [0, 1]."""
+    mean, low, high = mean_interval(values)
+    return mean, None if low is None else max(0.0, low), None if high is None else min(1.0, high)
+
+
 def summarize(out: Path, runs: dict[str, list[Path]], reference: str) -> dict:
     tasks = json.loads((runs[reference][0] / "metrics.json").read_text())["tasks"]
     summary: dict = {"tasks": tasks, "reference": reference, "variants": {}}
@@ -59,10 +71,11 @@ def summarize(out: Path, runs: dict[str, list[Path]], reference: str) -> dict:
         train = [[p["tokens_per_s"] for p in m["phases"]] for m in metrics]
         row = {
             "seeds": len(folders),
-            "final_ppl": [mean_interval([m["ppl"][-1][j] for m in metrics]) for j in range(len(tasks))],
-            "learned_ppl": [mean_interval([m["ppl"][j + 1][j] for m in metrics]) for j in range(len(tasks))],
-            "attribution": [mean_interval([m["speaker_attribution"][j + 1][j] for m in metrics]) for j in range(len(tasks))],
-            "final_attribution": [mean_interval([m["speaker_attribution"][-1][j] for m in metrics])
+            "final_ppl": [geometric_interval([m["ppl"][-1][j] for m in metrics]) for j in range(len(tasks))],
+            "learned_ppl": [geometric_interval([m["ppl"][j + 1][j] for m in metrics]) for j in range(len(tasks))],
+            "attribution": [share_interval([m["speaker_attribution"][j + 1][j] for m in metrics])
+                            for j in range(len(tasks))],
+            "final_attribution": [share_interval([m["speaker_attribution"][-1][j] for m in metrics])
                                   for j in range(len(tasks))],
             "target_tokens_per_s": [mean_interval([t[j] for t in train]) for j in range(len(tasks))],
             "wall_s": mean_interval([sum(p["wall_s"] for p in m["phases"]) for m in metrics]),
@@ -128,11 +141,11 @@ def write_doc(doc: Path, summary: dict, sets: dict[str, list[str]], machine: str
     lines = ["# Context turns on the demo stream", "",
              f"`bench/context.py`: `cltune run configs/demo.yaml` (ewc_replay, λ 10, 10% replay, token_lr 1e-2) with "
              f"each variant's settings, {seeds} seeds (each reseeds split, sampling and initialization). Final PPL: "
-             "mean over seeds with a 95% t-interval. \"vs\" columns: the change in final test PPL against "
+             "geometric mean over seeds with a 95% t-interval on log PPL. \"vs\" columns: the change in final test PPL against "
              f"`{summary['reference']}` on the same test utterances and target tokens, pooled over seeds, 95% "
              "bootstrap over seeds and utterances. Attribution: share of test utterances whose text is most "
              "likely after their own speaker token (same context for every candidate), mean over seeds with a "
-             "t-interval. Target tokens/s: training throughput counting target tokens only (context positions "
+             "t-interval clipped to 0–100%. Target tokens/s: training throughput counting target tokens only (context positions "
              "cost compute but are not counted); training positions: token positions through the model in the "
              "training loops (forward), against the reference, a cost free of machine load.", "", f"Machine: {machine}.", "", *tables(summary, sets), "",
              NOTES[0], *kept, NOTES[1], ""]

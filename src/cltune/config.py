@@ -93,7 +93,7 @@ class PhaseSettings(Strict):
     token_lr: float | None = Field(None, gt=0, description="learning rate of the new token rows (speaker tokens, "
                                    "[PAD]); null: `lr`")
     speaker_loss: float = Field(0.0, ge=0, description="weight of a speaker-discrimination loss added to the LM loss: "
-                                "the mean over a step's utterances of −log p(own speaker | text, context), p ∝ the "
+                                "the mean over a step's utterances of −log p(own speaker given the text and context), p ∝ the "
                                 "text's likelihood after each speaker token of its dataset (what attribution scores); "
                                 "each other speaker costs one more forward and backward per utterance; 0: off")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")

@@ -46,7 +46,7 @@ def section(title: str, model: type[BaseModel]) -> list[str]:
     lines = [f"**`{title}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         key = field.alias or name
-        lines.append(f"| `{key}` | {_type(field.annotation)} | `{_default(field)}` | {field.description or ''} |")
+        lines.append(f"| `{key}` | {_type(field.annotation)} | `{_default(field)}` | {_cell(field.description)} |")
     return lines + [""]
 
 
@@ -59,7 +59,7 @@ def config_reference() -> str:
     top = {k: v for k, v in BaseRunConfig.model_fields.items()}
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for name, field in top.items():
-        lines.append(f"| `{name}` | `{_default(field)}` | {field.description or ''} |")
+        lines.append(f"| `{name}` | `{_default(field)}` | {_cell(field.description)} |")
     lines.append("")
     for title, model in (("model", ModelSettings), ("lora", LoraSettings), ("data", DataSettings),
                          ("train / phases[i] (phaseK.* in --set)", PhaseSettings), ("eval", EvalSettings)):
@@ -74,3 +74,8 @@ def readme_with_reference(readme: str) -> str:
     """The README text with its config-reference block regenerated."""
     a, b = readme.index(START) + len(START), readme.index(END)
     return readme[:a] + "\n" + config_reference().rstrip() + "\n" + readme[b:]
+
+
+def _cell(text: str | None) -> str:
+    """A description as one Markdown table cell: a `|` in it would end the cell."""
+    return (text or "").replace("|", "\\|")
