@@ -63,6 +63,7 @@ def served_weights(model) -> dict[str, torch.Tensor]:
     effective weight (and bias) and the full rows of every embedding with trainable token rows."""
     out: dict[str, torch.Tensor] = {}
     base = model.get_base_model()
+    tied = bool(getattr(base.config, "tie_word_embeddings", False))  # the head's rows are the embedding's
     was_training = base.training
     base.eval()
     try:
@@ -76,7 +77,7 @@ def served_weights(model) -> dict[str, torch.Tensor]:
                 inner = module.token_adapter.base_layer
                 if isinstance(inner, nn.Embedding):
                     out[f"{name}.weight"] = module(torch.arange(inner.num_embeddings, device=inner.weight.device))
-                elif isinstance(inner, nn.Linear):  # an untied output head with its own rows
+                elif isinstance(inner, nn.Linear) and not tied:  # an untied output head with its own rows
                     eye = torch.eye(inner.in_features, dtype=inner.weight.dtype, device=inner.weight.device)
                     out[f"{name}.weight"] = module(eye).T.contiguous()
     finally:
@@ -93,10 +94,9 @@ def plain_model(meta: dict, tokenizer, weights: dict[str, torch.Tensor]):
     resize_for(model, tokenizer)
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, value in weights.items():
-        key = name.replace(".base_layer", "").replace(".token_adapter", "")
-        if key not in params:
-            raise UserError(f"export: {key} is not a parameter of the base model; the checkpoint does not fit it")
-        params[key].data.copy_(value)
+        if name not in params:
+            raise UserError(f"export: {name} is not a parameter of the base model; the checkpoint does not fit it")
+        params[name].data.copy_(value)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Trainer
 
 from cltune.errors import UserError
+from cltune.scoring import target_nll
 from cltune.strategies.agem import AGEM as _AGEMStrategy
 from cltune.strategies.agem import agem_project, flatten
 from cltune.strategies.ewc import ewc_penalty, fisher_diagonal
@@ -49,9 +50,10 @@ def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(Σ over target tokens of −log p in fp32, the number of target tokens) of a causal LM's logits."""
-    targets = labels[:, 1:][labels[:, 1:] != -100]
-    return nn.functional.cross_entropy(target_logits(logits, labels).float(), targets, reduction="sum"), targets.numel()
+    """(Σ over target tokens of −log p in fp32, the number of target tokens) of a causal LM's logits: cltune's
+    `target_nll` on the logits at the target positions."""
+    nll = target_nll(target_logits(logits, labels), labels)
+    return nll.sum(), nll.numel()
 
 
 def forward(model: nn.Module, inputs: dict):

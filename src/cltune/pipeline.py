@@ -92,8 +92,7 @@ def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tra
     acc.wait_for_everyone()
     if acc.is_main_process:
         _prepare_run_dir(session, resolved, inputs, fresh=fresh)
-    acc.wait_for_everyone()
-    if tracked:  # after a fresh run has cleared an earlier run's logs
+    if tracked:  # after a fresh run has cleared an earlier run's logs (trackers live on the main process)
         acc.init_trackers(config.name, config=flat_settings(config.model_dump(mode="json")))
 
     metrics = _header(session)

@@ -13,6 +13,7 @@ import importlib.util
 import math
 from collections.abc import Sequence
 
+from cltune import metrics as cl_metrics
 from cltune.errors import UserError
 
 # tracker → (a module that must import, the install command)
@@ -51,9 +52,9 @@ def flat_settings(tree: dict, prefix: str = "") -> dict[str, str | int | float |
 def phase_scalars(tasks: list[str], ppl: list[list[float]], attribution: list[list[float | None]]) -> dict[str, float]:
     """The scalars of the latest matrix row: each task's test PPL and attribution, and each learned earlier task's
     forgetting (final vs just learned, in %)."""
-    k = len(ppl) - 2  # the phase just finished, 0-based
-    row = ppl[-1]
-    values = {f"test_ppl/{t}": row[j] for j, t in enumerate(tasks)}
+    learned = len(ppl) - 1  # tasks learned so far: the matrix of their columns is a complete one
+    values = {f"test_ppl/{t}": v for t, v in zip(tasks, ppl[-1])}
     values.update({f"attribution/{t}": a for t, a in zip(tasks, attribution[-1]) if a is not None and not math.isnan(a)})
-    values.update({f"forgetting_pct/{tasks[j]}": 100 * (row[j] - ppl[j + 1][j]) / ppl[j + 1][j] for j in range(k)})
+    so_far = cl_metrics.forgetting_pct([row[:learned] for row in ppl])
+    values.update({f"forgetting_pct/{t}": v for t, v in zip(tasks, so_far)})
     return values
