@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import statistics
+from collections import Counter
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cltune.data import load_dialogue
-from cltune.data.eda import summarize, write_eda
+from cltune.data.eda import _stats, summarize, write_eda
 
 
 def test_eda_numbers_on_a_hand_made_csv(tmp_path):
@@ -32,3 +37,12 @@ def test_write_eda_files(tmp_path):
     assert json.loads((tmp_path / "out" / "eda.json").read_text())["datasets"][0]["utterances"] == 2
     assert "| talk | 2 | 2 |" in (tmp_path / "out" / "eda.md").read_text()
     assert summary["tokenizer"] == "whitespace words"
+
+
+@given(st.lists(st.integers(min_value=0, max_value=60), min_size=1, max_size=200), st.integers(min_value=0, max_value=60))
+def test_length_statistics_from_counts_equal_those_of_the_values(values, max_len):
+    """EDA keeps {length: utterances}, not one number per utterance: its statistics must not change."""
+    assert _stats(Counter(values), max_len) == {
+        "min": min(values), "mean": round(statistics.fmean(values), 2), "median": statistics.median(values),
+        "p90": sorted(values)[min(len(values) - 1, int(0.9 * len(values)))], "max": max(values),
+        "share_within_max_len": round(sum(v <= max_len for v in values) / len(values), 4)}

@@ -6,9 +6,9 @@ PNG histograms.
 
 from __future__ import annotations
 
+import heapq
 import json
 import re
-import statistics
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -20,14 +20,26 @@ DOMINANCE_THRESHOLD = 0.60
 _WORD = re.compile(r"[\w']+")
 
 
-def _stats(values: list[int], max_len: int) -> dict:
+def _stats(counts: Counter, max_len: int) -> dict:
+    """Summary statistics of a length distribution given as {length: utterances}."""
+    lengths, n = sorted(counts), sum(counts.values())
+
+    def at(rank: int) -> int:  # the length at 0-based `rank` of the sorted lengths
+        seen = 0
+        for length in lengths:
+            seen += counts[length]
+            if seen > rank:
+                return length
+        raise IndexError(rank)
+
+    low, high = at((n - 1) // 2), at(n // 2)
     return {
-        "min": min(values),
-        "mean": round(statistics.fmean(values), 2),
-        "median": statistics.median(values),
-        "p90": sorted(values)[min(len(values) - 1, int(0.9 * len(values)))],
-        "max": max(values),
-        "share_within_max_len": round(sum(v <= max_len for v in values) / len(values), 4),
+        "min": lengths[0],
+        "mean": round(sum(k * v for k, v in counts.items()) / n, 2),
+        "median": low if low == high else (low + high) / 2,
+        "p90": at(min(n - 1, int(0.9 * n))),
+        "max": lengths[-1],
+        "share_within_max_len": round(sum(v for k, v in counts.items() if k <= max_len) / n, 4),
     }
 
 
@@ -48,14 +60,15 @@ def summarize(dataset: Dataset, count_tokens: Callable[[str], int] | None = None
     `task` (TaskData), the sizes of its splits too."""
     utts = dataset.utterances
     count_tokens = count_tokens or (lambda t: len(t.split()))
-    chars = [len(u.text) for u in utts]
-    tokens = [count_tokens(u.text) for u in utts]
+    # Length distributions as {length: utterances}: a million rows summarize in a few kilobytes.
+    chars = Counter(len(u.text) for u in utts)
+    tokens = Counter(count_tokens(u.text) for u in utts)
     per_speaker = Counter(u.speaker for u in utts)
     vocab: dict[str, set[str]] = {}
     for u in utts:
         vocab.setdefault(u.speaker, set()).update(w.lower() for w in _WORD.findall(u.text))
     shares = {s: round(n / len(utts), 4) for s, n in per_speaker.items()}
-    by_length = sorted(utts, key=lambda u: (len(u.text), u.line))
+    by_length = (lambda u: (len(u.text), u.line))
     report = dataset.report
     return {
         "name": dataset.name,
@@ -66,11 +79,11 @@ def summarize(dataset: Dataset, count_tokens: Callable[[str], int] | None = None
         "dominant_speakers": [s for s, v in shares.items() if v > DOMINANCE_THRESHOLD],
         "chars": _stats(chars, max_len),
         "tokens": _stats(tokens, max_len),
-        "char_lengths": chars,
-        "token_lengths": tokens,
+        "char_lengths": sorted(chars.items()),  # [[length, utterances], ...]
+        "token_lengths": sorted(tokens.items()),
         "missing": {"blank_rows": report.blank_rows, "missing_text_dropped": report.missing_dropped},
-        "shortest": [{"line": u.line, "speaker": u.speaker, "text": u.text} for u in by_length[:5]],
-        "longest": [{"line": u.line, "speaker": u.speaker, "text": u.text} for u in by_length[-5:][::-1]],
+        "shortest": [{"line": u.line, "speaker": u.speaker, "text": u.text} for u in heapq.nsmallest(5, utts, by_length)],
+        "longest": [{"line": u.line, "speaker": u.speaker, "text": u.text} for u in heapq.nlargest(5, utts, by_length)],
         "vocabulary": {s: len(v) for s, v in vocab.items()},
         "vocabulary_total": len(set().union(*vocab.values())),
         "conversations": None if dataset.conversations is None else len(dataset.conversations),
@@ -127,7 +140,8 @@ def _histograms(summary: dict, out: Path) -> list[Path]:
     for d in summary["datasets"]:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for ax, key, unit in ((axes[0], "char_lengths", "characters"), (axes[1], "token_lengths", summary["tokenizer"])):
-            ax.hist(d[key], bins=40, color="#4c72b0")
+            lengths, counts = zip(*d[key])
+            ax.hist(lengths, bins=40, weights=counts, color="#4c72b0")
             ax.set_xlabel(f"length ({unit})")
             ax.set_ylabel("utterances")
         axes[1].axvline(summary["max_len"], color="#c44e52", linestyle="--", label="max length")

@@ -8,12 +8,13 @@ recoverable ones (blank rows, stray whitespace, BOM, CRLF, quoted newlines) are 
 from __future__ import annotations
 
 import csv
-import io
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cltune.data.messages import chat_records, is_chat_format
+from cltune.data.source import cell_too_long, check_cell, text_lines
 from cltune.data.speakers import normalize_speaker, speaker_key
 from cltune.errors import UserError
 
@@ -25,7 +26,7 @@ CONVERSATION_COLUMNS = ("conversation", "conversation_id", "conv_id", "dialogue"
 MISSING_MARKERS = {"nan", "na", "n/a", "null", "none"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million utterances take a third of the memory
 class Utterance:
     speaker: str
     text: str
@@ -82,30 +83,6 @@ class Dataset:
         return list(dict.fromkeys(u.speaker for u in self.utterances))
 
 
-def _decode(path: Path) -> tuple[str, LoadReport]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a CSV/JSONL file; pass the file itself") from None
-    except (OSError, ValueError) as err:  # no permission, a name too long, a NUL in the name
-        raise UserError(f"{path}: cannot read the file ({type(err).__name__}); check the path and its permissions") from None
-    if not raw.strip():
-        raise UserError(f"{path}: file is empty; it needs a header row and one utterance per row")
-    report = LoadReport(bom=raw.startswith(b"\xef\xbb\xbf"), crlf=b"\r\n" in raw)
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        offset = err.start
-        line = raw[:offset].count(b"\n") + 1
-        raise UserError(
-            f"{path}: line {line}: byte 0x{raw[offset]:02x} at offset {offset} is not UTF-8; "
-            "re-save the file with UTF-8 encoding"
-        ) from None
-    return text, report
-
-
 def _names(names, limit: int = 12) -> str:
     """Column names for a one-line message: odd or long ones quoted and cut, at most `limit` of them."""
     shown = [n if n.isprintable() and len(n) <= 40 else repr(n[:40]) + ("..." if len(n) > 40 else "") for n in names]
@@ -158,8 +135,8 @@ def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: 
     return speaker, text
 
 
-def _records_csv(path: Path, text: str):
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _records_csv(path: Path, lines):
+    reader = csv.reader(lines)
     start, headers = 1, None
     try:
         for row in reader:
@@ -171,12 +148,14 @@ def _records_csv(path: Path, text: str):
                 yield "row", start, row
             start = reader.line_num + 1
     except csv.Error as err:
+        if "field limit" in str(err):  # the reader stops at MAX_CELL_CHARS (its default field_size_limit)
+            raise cell_too_long(path, f"line {start}") from None
         raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({err}); check the quoting on that line") from None
 
 
-def _records_jsonl(path: Path, text: str):
+def _records_jsonl(path: Path, lines):
     headers = None
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             yield "row", number, []
             continue
@@ -218,15 +197,15 @@ def _records_parquet(path: Path):
 CHAT_COLUMNS = ("name/role", "content", "conversation")  # what chat-format messages give each row
 
 
-def _records_chat(path: Path, text: str):
+def _records_chat(path: Path, lines):
     yield "header", 1, list(CHAT_COLUMNS)
-    for line, speaker, content, conversation in chat_records(path, text):
+    for line, speaker, content, conversation in chat_records(path, lines):
         yield "row", line, [speaker, content, conversation]
 
 
-def _cell(row: list, index: int) -> str:
+def _cell(path: Path, where: str, row: list, index: int) -> str:
     value = row[index] if index < len(row) else None
-    return "" if value is None else str(value)
+    return "" if value is None else check_cell(path, where, str(value))
 
 
 def load_dialogue(
@@ -245,18 +224,27 @@ def load_dialogue(
     if path.suffix.lower() == ".parquet":
         records, report, unit, header_at = _records_parquet(path), LoadReport(), "row", "columns"
     else:
-        text, report = _decode(path)
+        flags: dict = {}
+        lines = text_lines(path, flags)
         is_jsonl = path.suffix.lower() in {".jsonl", ".ndjson"}
-        if is_jsonl and is_chat_format(text):  # one conversation per line: its messages are the rows
-            records = _records_chat(path, text)
+        leading = []  # up to the first line with content (reading it sets the flags, or refuses the file)
+        for line in lines:
+            leading.append(line)
+            if line.strip():
+                break
+        lines = itertools.chain(leading, lines)
+        report = LoadReport(bom=flags["bom"], crlf=flags["crlf"])
+        if is_jsonl and is_chat_format(leading[-1]):  # one conversation per line: its messages are the rows
+            records = _records_chat(path, lines)
             speaker_col, text_col, conversation_col = CHAT_COLUMNS
         else:
-            records = _records_jsonl(path, text) if is_jsonl else _records_csv(path, text)
+            records = _records_jsonl(path, lines) if is_jsonl else _records_csv(path, lines)
     utterances: list[Utterance] = []
     s_idx = t_idx = c_idx = -1
     s_name = t_name = ""
     c_name: str | None = None
     spellings: dict[str, str] = {}  # "Guest A" and "guest  a" are one speaker: the first spelling names it
+    ids: dict[str, str] = {}  # one string per conversation id, however many rows name it
     block, after_blank = 0, False
     for kind, line, row in records:
         if kind == "header":
@@ -269,9 +257,10 @@ def load_dialogue(
             report.blank_rows += 1
             after_blank = bool(utterances)  # a blank row between utterances starts the next section
             continue
-        speaker = normalize_speaker(_cell(row, s_idx), aliases)
+        where = f"{unit} {line}"
+        speaker = normalize_speaker(_cell(path, where, row, s_idx), aliases)
         speaker = spellings.setdefault(speaker_key(speaker), speaker)
-        raw_text = _cell(row, t_idx)
+        raw_text = _cell(path, where, row, t_idx)
         body = raw_text.strip()
         if not speaker:
             raise UserError(f"{path}: {unit} {line}: empty speaker in column {s_name!r}; fill it in or delete the row")
@@ -283,7 +272,10 @@ def load_dialogue(
                 f"{path}: {unit} {line}: missing text in column {t_name!r}; fill it in, delete the row, "
                 "or set data.drop_missing: true"
             )
-        conversation = _cell(row, c_idx).strip() if c_name else None
+        conversation = None
+        if c_name:
+            conversation = _cell(path, where, row, c_idx).strip()
+            conversation = ids.setdefault(conversation, conversation)
         if c_name and not conversation:
             raise UserError(f"{path}: {unit} {line}: empty conversation id in column {c_name!r}; fill it in, or pass "
                             "--conversation-col none (data.conversation_col: none) to split by utterance")

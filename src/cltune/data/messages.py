@@ -9,7 +9,7 @@ splits keep conversations whole and context turns stay inside them. Other keys a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from cltune.errors import UserError
@@ -19,16 +19,13 @@ ID_KEYS = ("id", "conversation_id", "conversation", "dialogue_id", "dialog_id", 
 FIX = 'each line must be {"messages": [{"role": ..., "content": ...}, ...]}'
 
 
-def is_chat_format(text: str) -> bool:
-    """Whether a JSONL text's first object holds a list of messages."""
-    for line in text.splitlines():
-        if line.strip():
-            try:
-                first = json.loads(line)
-            except (ValueError, RecursionError):
-                return False
-            return isinstance(first, dict) and isinstance(first.get(MESSAGES), list)
-    return False
+def is_chat_format(first_line: str) -> bool:
+    """Whether a JSONL file whose first line with content is `first_line` holds a list of messages."""
+    try:
+        first = json.loads(first_line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(first, dict) and isinstance(first.get(MESSAGES), list)
 
 
 def _content(path: Path, number: int, index: int, value) -> str:
@@ -40,10 +37,10 @@ def _content(path: Path, number: int, index: int, value) -> str:
                     "give it a string (or a list of text parts)")
 
 
-def chat_records(path: Path, text: str) -> Iterator[tuple[int, str, str, str]]:
-    """(line, speaker, text, conversation id) of every message of a chat-format JSONL text, in order; blank
-    lines are skipped. A malformed line raises `UserError` naming it."""
-    for number, line in enumerate(text.splitlines(), start=1):
+def chat_records(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, str, str, str]]:
+    """(line, speaker, text, conversation id) of every message of a chat-format JSONL file's lines, in order;
+    blank lines are skipped. A malformed line raises `UserError` naming it."""
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
