@@ -14,6 +14,16 @@ import pytest
 # make each step many times slower; subprocesses (CLI tests) inherit this too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def pytest_configure(config) -> None:
+    """Every test's temporary folder has a quote, double quotes, a space and non-ASCII letters in its
+    path, so each command test also checks that no command breaks on such paths (issue: a path pasted
+    into YAML text). An explicit --basetemp wins."""
+    if config.option.basetemp is None:
+        import tempfile
+
+        config.option.basetemp = tempfile.mkdtemp(prefix="cltune it's \"odd\" é ")
+
 WORDS = {
     "Host": "so tell me what do you think about that question today".split(),
     "Guest A": "i really love pizza and music and long walks outside".split(),

@@ -85,6 +85,8 @@ class TaskSpec(Strict):
     text_col: str | None = None
     conversation_col: str | None = None
 
+    _home = field_validator("path")(lambda v: v.expanduser())  # `~` is the user's home, in YAML and --set alike
+
 
 class PhaseSettings(Strict):
     epochs: float = Field(2, gt=0, description="passes over the phase's training data")
@@ -148,6 +150,8 @@ class BaseRunConfig(Strict):
     train: PhaseSettings = Field(default_factory=PhaseSettings, description="defaults for every phase")
     phases: list[PhaseOverride] = Field(default_factory=list, description="per-phase overrides; `phase2.epochs` = phases[1]")  # type: ignore[valid-type]
     eval: EvalSettings = Field(default_factory=EvalSettings, description="evaluation after each phase")
+
+    _home = field_validator("output_dir")(lambda v: v.expanduser())
 
     @property
     def run_dir(self) -> Path:
@@ -284,7 +288,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, catalog
     base = path.parent
     tasks = raw.get("tasks")
     for task in tasks if isinstance(tasks, list) else []:  # task paths are relative to the config file
-        if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).is_absolute():
+        if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).expanduser().is_absolute():
             candidate = base / str(task["path"])
             task["path"] = str(candidate if candidate.exists() or not Path(str(task["path"])).exists() else task["path"])
     return build_config(raw, overrides, source=str(path), catalog=catalog, fixed=fixed)
