@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from transformers import get_scheduler
 
+from cltune import interrupt
 from cltune.batching import collate, length_grouped_batches, target_count
 from cltune.config import PhaseSettings
 from cltune.data.split import Example, TaskData, require_no_test
@@ -336,7 +337,7 @@ def train_phase(
     start = time.perf_counter() - loop.elapsed_s
     scorer.train()
     next_line = time.perf_counter() + PLAIN_PROGRESS_S
-    with _progress(acc.is_main_process) as progress:
+    with _progress(acc.is_main_process) as progress, interrupt.deferred():
         bar = progress.add_task(f"phase {phase + 1} · {task.name}", total=len(plan), completed=loop.step,
                                 loss=float("nan"), tps=0.0)
         for step in range(loop.step + 1, len(plan) + 1):
@@ -392,7 +393,8 @@ def train_phase(
                     loop.since_best += 1
                     result.stopped_early = bool(settings.early_stopping_patience
                                                 and loop.since_best >= settings.early_stopping_patience)
-            if checkpoints and checkpoints.due(step, len(plan), result.stopped_early):
+            stop = interrupt.requested(acc)  # Ctrl-C/SIGTERM: stop here, with a checkpoint of this very step
+            if checkpoints and (stop or checkpoints.due(step, len(plan), result.stopped_early)):
                 _require_finite(ctx.model, where, loop.best_state, strategy)
                 loop.elapsed_s = time.perf_counter() - start
                 if log:
@@ -403,6 +405,9 @@ def train_phase(
                                          ctx.scorer.forward_tokens - counted[0], ctx.scorer.backward_tokens - counted[1]]},
                                      loop.best_state,
                                      log_path.read_text(encoding="utf-8") if log_path and log_path.exists() else "")
+            if stop:
+                raise interrupt.Interrupted(stop, f"in phase {phase + 1} at step {step} of {len(plan)}, after saving a "
+                                            "step checkpoint")
     if log:
         log.close()
     if settings.early_stopping_patience:
