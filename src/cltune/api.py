@@ -49,14 +49,25 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
     from cltune.report import print_summary, write_report
     from cltune.rundir import check_run_dir
 
-    check_run_dir(config.run_dir, overwrite, resume=resume)
-    metrics = run(config, console=console, resume=resume, reuse_phase1=phase1_from, log_with=log_with)
-    if report and _is_main():
-        write_report(config.run_dir)
-        if console is not None:
-            print_summary(console, metrics)
-            console.print(f"report: {config.run_dir / 'report.md'} and {config.run_dir / 'report.html'}")
+    with _claimed(config, console):  # before anything reads or replaces what the folder holds
+        check_run_dir(config.run_dir, overwrite, resume=resume)
+        metrics = run(config, console=console, resume=resume, reuse_phase1=phase1_from, log_with=log_with)
+        if report and _is_main():
+            write_report(config.run_dir)
+    if report and _is_main() and console is not None:
+        print_summary(console, metrics)
+        console.print(f"report: {config.run_dir / 'report.md'} and {config.run_dir / 'report.html'}")
     return metrics
+
+
+def _claimed(config: BaseRunConfig, console=None):
+    """This process's hold on the run folder (the main process's, in a distributed run): a second run into
+    it refuses at start, naming the holder; an unwritable folder is refused before any training."""
+    from cltune.runlock import claim
+
+    main = _is_main()
+    return claim(config.run_dir, enabled=main, notify=(lambda note: console.print(f"note: {note}", markup=False))
+                 if console is not None and main else None)
 
 
 def config_from(config_path: Path | None, sets: Sequence[str] = (), fixed: dict | None = None) -> BaseRunConfig:
@@ -67,8 +78,10 @@ def config_from(config_path: Path | None, sets: Sequence[str] = (), fixed: dict 
 
 
 def train_single(data: Path, out: Path, *, model: str | None = None, config_path: Path | None = None,
-                 sets: Sequence[str] = (), overwrite: bool = False, console=None, log_with: Sequence[str] = ()) -> RunMetrics:
-    """Phase 1 alone: LoRA fine-tuning on one dataset; the checkpoint goes to `out/phase1`."""
+                 sets: Sequence[str] = (), overwrite: bool = False, resume: bool = False, console=None,
+                 log_with: Sequence[str] = ()) -> RunMetrics:
+    """Phase 1 alone: LoRA fine-tuning on one dataset; the checkpoint goes to `out/phase1`; `resume`
+    continues a stopped one."""
     from cltune.pipeline import run
     from cltune.rundir import check_run_dir
 
@@ -77,8 +90,9 @@ def train_single(data: Path, out: Path, *, model: str | None = None, config_path
     if model:
         fixed["model.name"] = model
     config = config_from(config_path, sets, fixed)
-    check_run_dir(config.run_dir, overwrite, resumable=False)
-    return run(config, console=console, log_with=log_with)
+    with _claimed(config, console):
+        check_run_dir(config.run_dir, overwrite, resume=resume)
+        return run(config, console=console, resume=resume, log_with=log_with)
 
 
 def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = ()) -> BaseRunConfig:
@@ -95,14 +109,16 @@ def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = 
 
 
 def run_demo(out: Path, data: Path, config_path: Path, sets: Sequence[str] = (), console=None,
-             log_with: Sequence[str] = ()) -> RunMetrics:
-    """The main job: write the demo corpus to `data`, then run the demo config (replacing an earlier demo run)."""
+             log_with: Sequence[str] = (), resume: bool = False) -> RunMetrics:
+    """The main job: write the demo corpus to `data`, then run the demo config (replacing an earlier demo run,
+    or with `resume` continuing a stopped one)."""
     from cltune.data.demo import write_demo_corpus
 
     for path in write_demo_corpus(data):
         if console is not None:
             console.print(f"wrote {path}")
-    return run_config(demo_config(config_path, data, out, sets), overwrite=True, console=console, log_with=log_with)
+    return run_config(demo_config(config_path, data, out, sets), overwrite=not resume, resume=resume, console=console,
+                      log_with=log_with)
 
 
 def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, context: Path | None = None,
@@ -156,8 +172,10 @@ def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str 
     """
     from cltune.data import load_dialogue
     from cltune.data.eda import summarize, write_eda
+    from cltune.files import writable_folder
 
     warn = warn or (lambda message: None)
+    writable_folder(out, "EDA")
     datasets = [load_dialogue(f, speaker_col=speaker_col, text_col=text_col, conversation_col=conversation_col)
                 for f in files]
     for dataset in datasets:

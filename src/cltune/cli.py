@@ -12,12 +12,17 @@ import typer
 from rich.console import Console
 
 from cltune import api
-from cltune.errors import DivergedError, UserError
+from cltune.errors import DivergedError, UserError, WriteError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Continual LoRA fine-tuning of causal LMs on a sequence of dialogue styles.")
 console = Console(soft_wrap=True)  # paths stay whole when the output is piped or captured
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def user_path(value: str | Path) -> Path:
+    """A path as the user meant it: `~` is their home folder even where no shell expanded it (--out=~/runs)."""
+    return Path(value).expanduser()
 
 
 def _quiet_libraries() -> None:
@@ -34,7 +39,7 @@ def _quiet_libraries() -> None:
 
 
 @app.command("demo-data")
-def demo_data(out: Path = typer.Option(Path("data"), help="folder for host_guest_{a,b,c}.csv"),
+def demo_data(out: Path = typer.Option(Path("data"), parser=user_path, help="folder for host_guest_{a,b,c}.csv"),
               seed: int = typer.Option(0, help="seed for the sample of conversations")) -> None:
     """Write the demo corpus (one host, three guests) from the chitchat-dataset package."""
     from cltune.data.demo import write_demo_corpus
@@ -44,8 +49,8 @@ def demo_data(out: Path = typer.Option(Path("data"), help="folder for host_guest
 
 
 @app.command()
-def eda(files: list[Path] = typer.Argument(..., help="CSV/JSONL dialogue files"),
-        out: Path = typer.Option(Path("eda"), help="output folder"),
+def eda(files: list[Path] = typer.Argument(..., parser=user_path, help="CSV/JSONL dialogue files"),
+        out: Path = typer.Option(Path("eda"), parser=user_path, help="output folder"),
         max_len: int = typer.Option(100, help="token length to report the share under"),
         model: str | None = typer.Option(None, help="tokenizer for token lengths (default: the bundled model's)"),
         whitespace: bool = typer.Option(False, help="count whitespace words instead of model tokens"),
@@ -66,12 +71,12 @@ LOG_WITH_HELP = "log to an experiment tracker: tensorboard (under RUN/logs), wan
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="run config (YAML)"),
+def run(config: Path = typer.Argument(..., parser=user_path, help="run config (YAML)"),
         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
         overwrite: bool = typer.Option(False, help="replace an existing run folder"),
         resume: bool = typer.Option(False, help="continue the run in the run folder from its last complete checkpoint "
                                     "(same config and data; finished phases are not retrained)"),
-        phase1_from: Path | None = typer.Option(None, help="take phase 1 from a finished run's phase1 folder with the "
+        phase1_from: Path | None = typer.Option(None, parser=user_path, help="take phase 1 from a finished run's phase1 folder with the "
                                                 "same model, LoRA, data, seed and phase-1 settings instead of training it"),
         log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
     """Run a whole continual-learning stream from a config (or continue one with --resume)."""
@@ -80,16 +85,17 @@ def run(config: Path = typer.Argument(..., help="run config (YAML)"),
 
 
 @app.command()
-def train(data: Path = typer.Option(..., help="dialogue CSV/JSONL"),
-          out: Path = typer.Option(..., help="checkpoint folder to write"),
+def train(data: Path = typer.Option(..., parser=user_path, help="dialogue CSV/JSONL"),
+          out: Path = typer.Option(..., parser=user_path, help="checkpoint folder to write"),
           model: str | None = typer.Option(None, help="bundled name, local model folder or cached hub id"),
-          config: Path | None = typer.Option(None, help="YAML with model/lora/data/train settings"),
+          config: Path | None = typer.Option(None, parser=user_path, help="YAML with model/lora/data/train settings"),
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           overwrite: bool = typer.Option(False, help="replace an existing checkpoint folder"),
+          resume: bool = typer.Option(False, help="continue a stopped training in --out from its last step checkpoint"),
           log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
     """Phase 1 alone: LoRA fine-tuning on one dataset, with before/after perplexity."""
     metrics = api.train_single(data, out, model=model, config_path=config, sets=set_, overwrite=overwrite,
-                               console=console, log_with=log_with)
+                               resume=resume, console=console, log_with=log_with)
     phase = metrics.phases[0]
     console.print(f"test PPL {phase.before['test_ppl']:.2f} → {phase.after['test_ppl']:.2f} "
                   f"({phase.wall_s:.0f} s, {phase.tokens_per_s:.0f} tok/s); checkpoint: {out / 'phase1'}")
@@ -99,10 +105,10 @@ CONTEXT_TURNS_HELP = "earlier turns shown before the reply (default: as many as 
 
 
 @app.command()
-def generate(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. checkpoints/demo/phase2"),
+def generate(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phase folder, e.g. checkpoints/demo/phase2"),
              speaker: str = typer.Option(..., help='speaker name (e.g. "Lee Cronin") or token (e.g. "<LEE>")'),
              prompt: str = typer.Option("", help="text to continue after the speaker token"),
-             context: Path | None = typer.Option(None, help="earlier turns of the conversation: a CSV/JSONL file of "
+             context: Path | None = typer.Option(None, parser=user_path, help="earlier turns of the conversation: a CSV/JSONL file of "
                                                  "speaker,text rows, oldest first"),
              context_turns: int | None = typer.Option(None, min=0, help=CONTEXT_TURNS_HELP),
              max_new_tokens: int = typer.Option(40), temperature: float = typer.Option(0.8),
@@ -115,11 +121,11 @@ def generate(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. c
 
 
 @app.command()
-def chat(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. checkpoints/demo/phase2"),
+def chat(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phase folder, e.g. checkpoints/demo/phase2"),
          as_: str = typer.Option(..., "--as", help='the speaker the model plays, e.g. "Guest A"'),
          user: str | None = typer.Option(None, help="the speaker you play (default: who that speaker talks with in "
                                          "the training data)"),
-         script: Path | None = typer.Option(None, help="read your turns (and /commands) from this file, one per line, "
+         script: Path | None = typer.Option(None, parser=user_path, help="read your turns (and /commands) from this file, one per line, "
                                             "instead of typing them; - reads standard input"),
          context_turns: int | None = typer.Option(None, min=0, help=CONTEXT_TURNS_HELP),
          max_new_tokens: int = typer.Option(60), temperature: float = typer.Option(0.8),
@@ -130,8 +136,8 @@ def chat(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. check
 
 
 @app.command()
-def export(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. checkpoints/demo/phase2"),
-           out: Path = typer.Option(..., help="folder to write (new, empty, or an earlier export)"),
+def export(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phase folder, e.g. checkpoints/demo/phase2"),
+           out: Path = typer.Option(..., parser=user_path, help="folder to write (new, empty, or an earlier export)"),
            speaker: str | None = typer.Option(None, help="per-task strategies: export the weights this speaker is "
                                               "served by (default: one folder per dataset)"),
            adapter: bool = typer.Option(False, "--adapter", help="a PEFT adapter folder instead of a merged model"),
@@ -146,7 +152,7 @@ def export(checkpoint: Path = typer.Argument(..., help="a phase folder, e.g. che
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="a run folder holding metrics.json")) -> None:
+def report(run_dir: Path = typer.Argument(..., parser=user_path, help="a run folder holding metrics.json")) -> None:
     """Rebuild report.md and report.html from a run's metrics.json and logs."""
     from cltune.report import write_report
 
@@ -155,7 +161,7 @@ def report(run_dir: Path = typer.Argument(..., help="a run folder holding metric
 
 
 @app.command("config-reference")
-def config_reference(readme: Path | None = typer.Option(None, help="rewrite this README's reference block instead")) -> None:
+def config_reference(readme: Path | None = typer.Option(None, parser=user_path, help="rewrite this README's reference block instead")) -> None:
     """Print the config reference (Markdown) generated from the config models."""
     from cltune.files import atomic_write_text
     from cltune.reference import config_reference as reference
@@ -177,10 +183,10 @@ def strategies() -> None:
 
 
 @app.command()
-def sweep(config: Path = typer.Argument(..., help="run config (YAML)"),
+def sweep(config: Path = typer.Argument(..., parser=user_path, help="run config (YAML)"),
           grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid ewc.lambda=0,10,20"),
           set_: list[str] = typer.Option([], "--set", help="fixed override for every point"),
-          out: Path | None = typer.Option(None, help="sweep folder (default: output_dir/name-sweep)")) -> None:
+          out: Path | None = typer.Option(None, parser=user_path, help="sweep folder (default: output_dir/name-sweep)")) -> None:
     """Run a grid of configs (the seed's ablations), reusing phase-1 checkpoints where settings allow."""
     from cltune.sweep import run_sweep
 
@@ -189,11 +195,11 @@ def sweep(config: Path = typer.Argument(..., help="run config (YAML)"),
 
 
 @app.command()
-def compare(config: Path = typer.Argument(..., help="run config (YAML): the stream and budget every strategy gets"),
+def compare(config: Path = typer.Argument(..., parser=user_path, help="run config (YAML): the stream and budget every strategy gets"),
             strategies: str = typer.Option(..., help="comma-separated strategy names; naive always runs as the reference"),
             seeds: int = typer.Option(3, help="seeds per strategy (each reseeds split, sampling and initialization)"),
             set_: list[str] = typer.Option([], "--set", help="fixed override for every run"),
-            out: Path | None = typer.Option(None, help="compare folder (default: output_dir/compare)"),
+            out: Path | None = typer.Option(None, parser=user_path, help="compare folder (default: output_dir/compare)"),
             bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances")) -> None:
     """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
     from cltune.compare import run_compare
@@ -204,31 +210,59 @@ def compare(config: Path = typer.Argument(..., help="run config (YAML): the stre
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("checkpoints"), help="where runs go"),
-         data: Path = typer.Option(Path("data"), help="where the demo CSVs go; the config's task files are read from here"),
-         config: Path = typer.Option(Path("configs/demo.yaml"), help="the demo run config"),
+def demo(out: Path = typer.Option(Path("checkpoints"), parser=user_path, help="where runs go"),
+         data: Path = typer.Option(Path("data"), parser=user_path, help="where the demo CSVs go; the config's task files are read from here"),
+         config: Path = typer.Option(Path("configs/demo.yaml"), parser=user_path, help="the demo run config"),
          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+         resume: bool = typer.Option(False, help="continue a stopped demo run instead of starting it over"),
          log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
     """The main job: demo corpus → EDA → phase 1 → phase 2 (ewc_replay) → evaluation → report."""
-    api.run_demo(out, data, config, set_, console=console, log_with=log_with)
+    api.run_demo(out, data, config, set_, console=console, log_with=log_with, resume=resume)
+
+
+RESUMABLE = {"run", "train", "demo"}  # commands that continue a stopped run with --resume
+
+
+def _resume_hint() -> str:
+    """How to continue the command that just stopped: the same arguments, --resume instead of --overwrite."""
+    import shlex
+
+    args = sys.argv[1:]
+    if args and args[0] == "compare":
+        return "; run the same command again to continue (finished runs are reused, a stopped one resumes)"
+    if not args or args[0] not in RESUMABLE:
+        return ""
+    args = [a for a in args if a != "--overwrite"] + ([] if "--resume" in args else ["--resume"])
+    return f"; continue with: {shlex.join(['cltune', *args])}"
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 def main() -> None:
+    import click
+
+    from cltune import interrupt
+
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        with interrupt.handlers():
+            app(standalone_mode=False)
+    except WriteError as err:
+        _fail(f"{err}{_resume_hint()}", 2)
     except UserError as err:
-        err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except Exception as err:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        if isinstance(err, DivergedError):
-            err_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(3)
-        raise
+        _fail(str(err), 2)
+    except interrupt.Interrupted as err:
+        _fail(f"{err}{_resume_hint()}", err.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+        _fail(f"stopped by Ctrl-C (SIGINT){_resume_hint()}", 130)
+    except click.exceptions.ClickException as err:  # usage errors arrive here in non-standalone mode
+        err.show()
+        sys.exit(err.exit_code)
+    except DivergedError as err:
+        _fail(str(err), 3)
+    except OSError as err:  # what the environment refuses (a full disk, permissions) that no check caught first
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"{where}{err.strerror or type(err).__name__} (errno {err.errno}){_resume_hint()}", 2)

@@ -17,6 +17,8 @@ by speaker token, what every other strategy and a user get — and labelled so.
 from __future__ import annotations
 
 import math
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +31,7 @@ from cltune.api import make_config, read_config
 from cltune import rundir
 from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
-from cltune.files import atomic_write_text, read_json
+from cltune.files import atomic_write_text, read_json, writable_folder
 from cltune.pipeline import TEST_NLL
 from cltune.results import RunMetrics
 from cltune.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences
@@ -75,10 +77,13 @@ def _differs(saved: Path, config: BaseRunConfig) -> bool:
     text = saved.read_text(encoding="utf-8")
     try:
         text = dump_config(make_config(yaml.safe_load(text) or {}))
-    except (UserError, ValueError, TypeError, AttributeError):
+    except (UserError, ValueError, TypeError, AttributeError, yaml.YAMLError):
         pass  # compared as written: a removed or renamed setting is a difference
     unread = set(REGISTRY.sections()) - set(REGISTRY[config.strategy].sections)
-    return rundir.text_difference(text, dump_config(config), unread) is not None
+    try:
+        return rundir.text_difference(text, dump_config(config), unread) is not None
+    except (ValueError, yaml.YAMLError):
+        return True  # a damaged saved config: that run is replaced
 
 
 def run_state(config: BaseRunConfig) -> tuple[str, RunMetrics | None]:
@@ -111,7 +116,7 @@ def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]
                 command += ["--phase1-from", str(plan.phase1_from)]
             if console:
                 console.print(f"{label}: running{_eta(started, ran, len(planned) - i + 1)}")
-            proc = subprocess.run(command, capture_output=True, text=True)
+            proc = _run_child(command)
             if proc.returncode != 0:
                 last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
                 raise UserError(f"compare: {plan.strategy}, seed {plan.seed} failed ({last}); its run folder is "
@@ -122,6 +127,20 @@ def execute(planned: list[Planned], out: Path, console=None) -> list[RunMetrics]
             console.print(f"{label}: reused (finished earlier)")
         results.append(metrics)
     return results
+
+
+def _run_child(command: list[str]) -> subprocess.CompletedProcess:
+    """Run one `cltune run` in its own session, so that a Ctrl-C at the terminal reaches this process only:
+    it is passed on once, and the run saves a step checkpoint and stops before this process does."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException as stop:
+            proc.send_signal(getattr(stop, "signum", signal.SIGINT))  # Interrupted carries SIGTERM; Ctrl-C is SIGINT
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def _eta(started: float, ran: int, left: int) -> str:
@@ -257,9 +276,10 @@ def run_compare(config_path: Path, strategies: list[str], seeds: int, sets: list
     if bootstrap < 1:
         raise UserError("--bootstrap: at least 1 resample (1000 for intervals worth reading)")
     out = out or read_config(config_path, sets).output_dir / "compare"
+    writable_folder(out, "comparison")
     planned = plan_runs(config_path, strategies, seeds, sets, out)
     results = execute(planned, out, console)
     summary = summarize(planned, results, bootstrap)
-    command = " ".join(["cltune compare", str(config_path), "--strategies", ",".join(strategies), "--seeds", str(seeds),
-                        *(f"--set {s}" for s in sets)])
+    command = shlex.join(["cltune", "compare", str(config_path), "--strategies", ",".join(strategies), "--seeds",
+                          str(seeds), *(arg for s in sets for arg in ("--set", s))])
     return write_outputs(summary, out, command)

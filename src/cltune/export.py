@@ -126,8 +126,10 @@ def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None
     """Write the export(s) of `checkpoint` under `out` (each folder built aside and swapped in whole); returns the
     folders written. A folder that exists must be empty or an earlier export."""
     from cltune.chat import Talker
+    from cltune.files import writable_folder
     from cltune.verified import write_folder
 
+    writable_folder(out if out.exists() else out.parent, "export")  # before the model loads
     talker = Talker(checkpoint)
     token = talker.token(speaker) if speaker else None
     kind = talker.router.kind

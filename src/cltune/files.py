@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
+
+from cltune.errors import DamagedFile, UserError, WriteError
+
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_full(path: str | Path) -> WriteError:
+    return WriteError(f"{path}: no space left on device while writing it; nothing already on disk was replaced. "
+                      "Free disk space")
+
+
+def writable_folder(folder: str | Path, what: str) -> None:
+    """Refuse in one line, before any work, an output folder that cannot be created or written: a read-only
+    disk, no permission, a file in the way. Creates nothing: the probe goes to its nearest existing ancestor."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        probe = existing / f".cltune-write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"{folder}: cannot write the {what} here ({reason} at {existing}); choose a writable "
+                        "folder or fix its permissions") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -18,8 +45,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            raise disk_full(path) from None
         raise
 
 
@@ -32,4 +61,10 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file's value; a truncated or garbled file is a `DamagedFile` naming it (a missing one, OSError)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise DamagedFile(f"{path}: damaged ({type(err).__name__}: not the JSON cltune wrote); restore it, or re-run "
+                          "what wrote it") from None

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from accelerate import PartialState
 from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -35,6 +36,7 @@ from cltune.memory import peak_rss_mb
 from cltune.model import adapter_parameters, settle_dtypes
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
+from cltune.runlock import claim
 from cltune.session import Session, build_session
 from cltune.tracking import flat_settings, phase_scalars
 from cltune.train import PhaseResult, served_fingerprint, train_phase
@@ -74,11 +76,12 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
     """Run the stream (or, with `resume`, continue it); returns the metrics also written to RUN/metrics.json.
     `log_with`: Accelerate trackers to log to (`cltune.tracking`)."""
     set_seed(config.seed)
-    session = build_session(config, log_with=log_with)
-    try:
-        return _run(session, reuse_phase1, console, resume, tracked=bool(log_with))
-    finally:
-        session.accelerator.end_training()
+    with claim(config.run_dir, enabled=PartialState().is_main_process):  # one run per run folder at a time
+        session = build_session(config, log_with=log_with)
+        try:
+            return _run(session, reuse_phase1, console, resume, tracked=bool(log_with))
+        finally:
+            session.accelerator.end_training()
 
 
 def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tracked: bool) -> RunMetrics:
@@ -86,6 +89,9 @@ def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tra
     acc, ctx, strategy = session.accelerator, session.ctx, session.strategy
     resolved, inputs = dump_config(config), rundir.input_hashes(config)
     saved = rundir.saved_progress(config.run_dir, resolved, inputs) if resume else None
+    if saved is not None and saved.phases:  # verified and loaded before anything in the folder is rewritten
+        resuming.restore_phase(ctx, strategy, config.run_dir / f"phase{len(saved.phases)}")
+        settle_dtypes(ctx.model, ctx.base_dtype)
     # --resume on a folder that holds no run yet starts one (and records its inputs); otherwise a resumed
     # run keeps its step checkpoints. Every process has read the saved state before the main one rewrites it.
     fresh = not resume or not rundir.holds_run(config.run_dir)
@@ -99,8 +105,6 @@ def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tra
     if saved is not None and saved.phases:  # finished phases are not retrained: their rows come from metrics.json
         metrics = metrics.model_copy(update={k: getattr(saved, k) for k in ("ppl", "speaker_attribution", "phases", "samples",
                                                                              "routing", "agnostic")})
-        resuming.restore_phase(ctx, strategy, config.run_dir / f"phase{len(saved.phases)}")
-        settle_dtypes(ctx.model, ctx.base_dtype)
     else:
         metrics, _ = _with_row(metrics, session, strategy.router())
     if console and acc.is_main_process:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from cltune.verified import remove_temp_leftovers
-from cltune.errors import UserError
+from cltune.errors import DamagedFile, UserError
 from cltune.files import read_json, write_json
 from cltune.results import RunMetrics
 from cltune.resume import STEPS_DIR, steps_folder
@@ -27,14 +27,14 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").exists() or (run_dir / RESOLVED).exists()
 
 
-def check_run_dir(run_dir: Path, overwrite: bool, resume: bool = False, resumable: bool = True) -> None:
+def check_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
     """Refuse to start over a folder that holds a run unless told to replace or continue it."""
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other; pass one of them")
     if overwrite or resume or not holds_run(run_dir):
         return
-    resume_hint = ", --resume to continue it," if resumable else ""
-    raise UserError(f"{run_dir}: already holds a run; pass --overwrite to replace it{resume_hint} or choose another name/output_dir")
+    raise UserError(f"{run_dir}: already holds a run; pass --overwrite to replace it, --resume to continue it, "
+                    "or choose another name/output_dir")
 
 
 def input_hashes(config) -> list[dict]:
@@ -51,6 +51,9 @@ def input_hashes(config) -> list[dict]:
 
 def _comparable(resolved: str) -> dict:
     tree = yaml.safe_load(resolved) or {}
+    if not isinstance(tree, dict):
+        raise ValueError("not a mapping")
+    tree.pop("output_dir", None)  # where the folder is: the same run read through another path, or moved
     for section in [tree.get("train") or {}, *(tree.get("phases") or [])]:
         for key in _NO_EFFECT:
             section.pop(key, None)
@@ -72,7 +75,12 @@ def _first_difference(a, b, where: str = "") -> str | None:
 def config_difference(run_dir: Path, resolved: str, ignore: Iterable[str] = ()) -> str | None:
     """Where the config of the run in `run_dir` differs from `resolved` (checkpoint frequency aside);
     None when they are the same run's."""
-    return text_difference((run_dir / RESOLVED).read_text(encoding="utf-8"), resolved, ignore)
+    path = run_dir / RESOLVED
+    try:
+        return text_difference(path.read_text(encoding="utf-8"), resolved, ignore)
+    except (ValueError, yaml.YAMLError):  # undecodable, unparsable or not a mapping
+        raise DamagedFile(f"{path}: damaged (not the config cltune wrote); restore it, or pass --overwrite to start "
+                          "over") from None
 
 
 def text_difference(saved_text: str, resolved: str, ignore: Iterable[str] = ()) -> str | None:
@@ -94,6 +102,9 @@ def saved_progress(run_dir: Path, resolved: str, inputs: list[dict]) -> RunMetri
         raise UserError(f"{run_dir}: holds a different run (config differs at {diff}); resume with the same config, "
                         "or pass --overwrite to replace it")
     saved_inputs = read_json(run_dir / INPUTS) if (run_dir / INPUTS).exists() else inputs
+    if not (isinstance(saved_inputs, list) and all(isinstance(i, dict) and "sha256" in i for i in saved_inputs)):
+        raise DamagedFile(f"{run_dir / INPUTS}: damaged (not the list of data files cltune wrote); restore it, or pass "
+                          "--overwrite to start over")
     for old, new in zip(saved_inputs, inputs):
         if old["sha256"] != new["sha256"]:
             raise UserError(f"{new['path']}: changed since the run in {run_dir} started; resume needs the same data, "

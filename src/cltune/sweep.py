@@ -17,7 +17,7 @@ from pathlib import Path
 from cltune.api import read_config
 from cltune.config import BaseRunConfig
 from cltune.errors import UserError
-from cltune.files import atomic_write_text
+from cltune.files import atomic_write_text, writable_folder
 from cltune.results import RunMetrics
 from cltune.strategies import REGISTRY
 
@@ -78,6 +78,7 @@ def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | N
     points = expand_grid(grid)
     base = read_config(config_path, sets)
     out = out or base.output_dir / f"{base.name}-sweep"
+    writable_folder(out, "sweep")
     phase1_dirs: dict[str, Path] = {}
     rows = []
     for i, point in enumerate(points):

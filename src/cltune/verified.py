@@ -4,7 +4,6 @@ folder and never harms the previous one; a folder whose files do not match its m
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -12,8 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from cltune.errors import UserError
-from cltune.files import read_json, write_json
+from cltune.errors import UserError, WriteError
+from cltune.files import DISK_FULL, disk_full, read_json, write_json
 
 MANIFEST = "manifest.json"
 
@@ -58,7 +57,6 @@ def verify(folder: str | Path, required: tuple[str, ...] = ()) -> None:
 
 
 TEMP_SUFFIX = ".tmp"  # every temporary file or folder ends so; leftovers of a crash are safe to delete
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -92,14 +90,10 @@ def write_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
         os.replace(tmp, folder)
         if old:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno in _DISK_FULL:
-            raise UserError(f"{folder}: no space left on device while saving; the previous checkpoint is unchanged. "
-                            "Free disk space, then continue with `cltune run CONFIG --resume`") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, WriteError) or (isinstance(err, OSError) and err.errno in DISK_FULL):
+            raise disk_full(folder) from None  # named by the folder, not the temporary file that ran out
         raise
     return folder
 

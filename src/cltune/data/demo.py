@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
-import os
 import random
 from pathlib import Path
 
 from cltune.errors import UserError
+from cltune.files import atomic_write_text, writable_folder
 
 HOST = "31267496-e50f-4f91-a197-c5b1bfde803b"
 GUESTS = {
@@ -67,17 +68,16 @@ def write_demo_corpus(out_dir: str | Path, sizes: dict[str, int | None] | None =
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     corpus = json.loads(_corpus_path().read_text(encoding="utf-8"))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(out_dir, "demo corpus")
     paths = []
     for letter, guest in GUESTS.items():
         turns = sample_turns(pair_conversations(corpus, HOST, guest), sizes[letter], seed)
         names = {HOST: "Host", guest: f"Guest {letter}"}
         path = out_dir / f"host_guest_{letter.lower()}.csv"
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh, lineterminator="\n")
-            writer.writerow(["conversation", "speaker", "text"])
-            writer.writerows((c, names[s], t) for c, s, t in turns)
-        os.replace(tmp, path)
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(["conversation", "speaker", "text"])
+        writer.writerows((c, names[s], t) for c, s, t in turns)
+        atomic_write_text(path, text.getvalue())  # two demos at once, or a Ctrl-C, never leave half a file
         paths.append(path)
     return paths

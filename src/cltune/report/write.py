@@ -9,16 +9,19 @@ import re
 from pathlib import Path
 
 from cltune.errors import UserError
-from cltune.files import atomic_write_text, read_json
+from cltune.files import atomic_write_text, read_json, writable_folder
 from cltune.report.plots import forgetting_bars, loss_curves, ppl_heatmap
 from cltune.results import RunMetrics
+from cltune.verified import verify
 
 
 def _read_logs(run_dir: Path) -> dict[int, list[dict]]:
+    """Each phase checkpoint's training log, read only once its folder matches its manifest."""
     logs = {}
     for folder in sorted(run_dir.glob("phase*")):
         path = folder / "train_log.jsonl"
         if folder.is_dir() and path.exists() and folder.name[5:].isdigit():
+            verify(folder)
             logs[int(folder.name[5:])] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
     return logs
 
@@ -41,15 +44,13 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return out
 
 
-def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str]) -> str:
+def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str], eda: dict | None = None) -> str:
     tasks = metrics.tasks
     lines = [f"# cltune report — {metrics.run}", "",
              f"Strategy **{metrics.strategy}** on model `{metrics.model}` ({metrics.precision} training, "
              f"{metrics.eval_precision} evaluation, {metrics.processes} process(es)). Trainable: {metrics.parameters['lora']:,} LoRA + "
              f"{metrics.parameters['new_token_rows']:,} new-token parameters.", ""]
-    eda_path = run_dir / "eda" / "eda.json"
-    if eda_path.exists():
-        eda = read_json(eda_path)
+    if eda is not None:
         lines += ["## Data", ""] + _table(
             ["dataset", "utterances", "speakers", "mean tokens", f"≤ {eda['max_len']} tokens", "vocabulary"],
             [[d["name"], d["utterances"], ", ".join(f"{s} ({100 * v:.0f}%)" for s, v in d["speaker_share"].items()),
@@ -166,15 +167,19 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if not (run_dir / "metrics.json").exists():
         raise UserError(f"{run_dir}: no metrics.json; point at a run folder (e.g. checkpoints/demo)")
     metrics = RunMetrics.read(run_dir / "metrics.json")
+    logs = _read_logs(run_dir)
+    eda_path = run_dir / "eda" / "eda.json"
+    eda = read_json(eda_path) if eda_path.exists() else None  # everything read (or refused) before anything is written
+    writable_folder(run_dir, "report")
     assets = run_dir / "report_assets"
     assets.mkdir(exist_ok=True)
     images = {"loss": "report_assets/loss.png", "heatmap": "report_assets/ppl.png", "forgetting": "report_assets/forgetting.png"}
-    loss_curves(_read_logs(run_dir), run_dir / images["loss"])
+    loss_curves(logs, run_dir / images["loss"])
     if metrics.ppl:
         ppl_heatmap(metrics.ppl, metrics.tasks, run_dir / images["heatmap"])
     if metrics.forgetting_pct:
         forgetting_bars(metrics.forgetting_pct, metrics.tasks, run_dir / images["forgetting"])
-    markdown = render_markdown(run_dir, metrics, images)
+    markdown = render_markdown(run_dir, metrics, images, eda)
     atomic_write_text(run_dir / "report.md", markdown)
     atomic_write_text(run_dir / "report.html", html_page(markdown, run_dir))
     return run_dir / "report.md", run_dir / "report.html"
