@@ -1,5 +1,6 @@
 """The README stays in sync with the code: config reference, strategy list, commands and flags, the example strategy."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -105,3 +106,25 @@ def test_the_readme_example_strategy_runs_end_to_end(tiny_config):
     # A strong pull keeps task 1 where phase 1 left it; without it phase 2 moves it.
     assert abs(pinned.ppl[2][0] - pinned.ppl[1][0]) < 0.2 * abs(free.ppl[2][0] - free.ppl[1][0])
     assert namespace["l2_penalty"]({"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([0.0, 1.0])}, 2.0).item() == 10.0
+
+
+def _fault_table_tests() -> list[tuple[str, str]]:
+    """(test file, test function) of every test the README's fault table names."""
+    section = README.read_text(encoding="utf-8").split("| fault | what cltune does | test |", 1)[1].split("\n\n", 1)[0]
+    named = []
+    for row in section.splitlines()[2:]:
+        cells = row.split(" | ")
+        assert len(cells) == 3 and "test_" in cells[2], row  # every fault names a test
+        for name in re.findall(r"`((?:test_\w+\.py::)?test_\w+)(?:\[[^\]]*\])?`", cells[2]):
+            file, _, function = name.rpartition("::")
+            named.append((file or "test_faults.py", function))
+    return named
+
+
+def test_every_fault_in_the_readme_table_names_a_test_that_exists():
+    named = _fault_table_tests()
+    assert len(named) >= 15
+    tests = Path(__file__).resolve().parent
+    missing = [f"{file}::{function}" for file, function in named
+               if not re.search(rf"^def {function}\(", (tests / file).read_text(encoding="utf-8"), re.M)]
+    assert not missing, missing

@@ -98,6 +98,7 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
     (home / "dáta").mkdir(parents=True)
     write_dialogue(home / "dáta" / "it's a.csv", "Guest A", 60, 1)
     write_dialogue(home / "dáta" / "b b.csv", "Guest B", 40, 2)
+    shutil.copytree(tiny_model_dir, home / "mó del")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(home)
     raw = raw_config(tiny_model_dir, home, "naive", name="it's", max_steps=1)
@@ -112,7 +113,7 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
     for argv in (["report", "~/rüns/it's"], ["generate", "~/rüns/it's/phase2", "--speaker", "Host", "--max-new-tokens", "2"],
                  ["export", "~/rüns/it's/phase2", "--out=~/ex port/é", "--adapter"],
                  ["eda", "~/dáta/it's a.csv", "--out=~/é da", "--whitespace"],
-                 ["train", "--data=~/dáta/b b.csv", "--out=rel/it's", "--model", str(tiny_model_dir), "--set",
+                 ["train", "--data=~/dáta/b b.csv", "--out=rel/it's", "--model=~/mó del", "--set",
                   "train.max_steps=1", "--set", "eval.samples_per_speaker=0", "--set", "data.max_length=24"]):
         code, err = _main(monkeypatch, capsys, *argv)
         assert code == 0, (argv, err)

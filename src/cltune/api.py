@@ -63,9 +63,9 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
 def _claimed(config: BaseRunConfig, console=None):
     """This process's hold on the run folder (the main process's, in a distributed run): a second run into
     it refuses at start, naming the holder; an unwritable folder is refused before any training."""
-    from cltune.runlock import claim
+    from cltune.runlock import claim, main_process
 
-    main = _is_main()
+    main = main_process()
     return claim(config.run_dir, enabled=main, notify=(lambda note: console.print(f"note: {note}", markup=False))
                  if console is not None and main else None)
 
@@ -171,7 +171,7 @@ def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str 
     words, with a warning through `warn`.
     """
     from cltune.data import load_dialogue
-    from cltune.data.eda import summarize, write_eda
+    from cltune.data.eda import TokenCounter, summarize, write_eda
     from cltune.files import writable_folder
 
     warn = warn or (lambda message: None)
@@ -189,7 +189,7 @@ def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str 
 
             settings = ModelSettings(name=model) if model else ModelSettings()
             tokenizer = load_tokenizer(settings)
-            count, unit = (lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])), f"{settings.name} tokenizer"
+            count, unit = TokenCounter(tokenizer), f"{settings.name} tokenizer"
         except UserError as err:
             warn(f"no tokenizer ({err}); counting whitespace words")
     return write_eda([summarize(d, count, max_len) for d in datasets], out, unit, max_len)

@@ -265,4 +265,4 @@ def main() -> None:
         _fail(str(err), 3)
     except OSError as err:  # what the environment refuses (a full disk, permissions) that no check caught first
         where = f"{err.filename}: " if err.filename else ""
-        _fail(f"{where}{err.strerror or type(err).__name__} (errno {err.errno}){_resume_hint()}", 2)
+        _fail(f"{where}{err.strerror or err}{_resume_hint()}", 2)

@@ -18,7 +18,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from accelerate import PartialState
 from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -28,7 +27,7 @@ from cltune import rundir
 from cltune.checkpoint import save_checkpoint, verify
 from cltune.config import BaseRunConfig, dump_config
 from cltune.data import TaskData
-from cltune.data.eda import summarize, write_eda
+from cltune.data.eda import TokenCounter, summarize, write_eda
 from cltune.evaluate import Scores, perplexity, test_row
 from cltune.files import atomic_write_text, read_json, write_json
 from cltune.generate import sample_rows
@@ -36,7 +35,7 @@ from cltune.memory import peak_rss_mb
 from cltune.model import adapter_parameters, settle_dtypes
 from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
 from cltune.routing import ROUTER_FILE
-from cltune.runlock import claim
+from cltune.runlock import claim, main_process
 from cltune.session import Session, build_session
 from cltune.tracking import flat_settings, phase_scalars
 from cltune.train import PhaseResult, served_fingerprint, train_phase
@@ -54,7 +53,7 @@ def _prepare_run_dir(session: Session, resolved: str, inputs: list[dict], fresh:
     if fresh:
         rundir.start_fresh(run_dir, inputs)
     atomic_write_text(run_dir / "config.resolved.yaml", resolved)
-    summaries = [summarize(d, lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"]), config.data.max_length,
+    summaries = [summarize(d, TokenCounter(tokenizer), config.data.max_length,
                            task) for d, task in zip(session.datasets, session.tasks)]
     write_eda(summaries, run_dir / "eda", f"{config.model.name} tokenizer", config.data.max_length)
 
@@ -76,7 +75,7 @@ def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None
     """Run the stream (or, with `resume`, continue it); returns the metrics also written to RUN/metrics.json.
     `log_with`: Accelerate trackers to log to (`cltune.tracking`)."""
     set_seed(config.seed)
-    with claim(config.run_dir, enabled=PartialState().is_main_process):  # one run per run folder at a time
+    with claim(config.run_dir, enabled=main_process()):  # one run per run folder at a time
         session = build_session(config, log_with=log_with)
         try:
             return _run(session, reuse_phase1, console, resume, tracked=bool(log_with))

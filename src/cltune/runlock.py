@@ -55,6 +55,12 @@ def _lock(path: Path, run_dir: Path) -> int:
         os.close(fd)
 
 
+def main_process() -> bool:
+    """Whether this is the main process of a launched run (global rank 0), read from the launcher's environment
+    so that nothing initializes Accelerate's process state before the run's Accelerator does."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextmanager
 def claim(run_dir: Path, *, enabled: bool = True, notify: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold `run_dir` for this process (re-entrant); creates it, or refuses in one line when it cannot be
@@ -72,7 +78,7 @@ def claim(run_dir: Path, *, enabled: bool = True, notify: Callable[[str], None] 
             _held[key] -= 1
         return
     writable_folder(run_dir, "run folder")
-    created = not run_dir.exists()
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -94,5 +100,7 @@ def claim(run_dir: Path, *, enabled: bool = True, notify: Callable[[str], None] 
         del _held[key]
         path.unlink(missing_ok=True)  # before letting go, so a waiting claimant never locks a file that is gone
         os.close(fd)
-        if created and not any(run_dir.iterdir()):  # refused before writing anything: leave no trace
-            run_dir.rmdir()
+        for folder in created:  # stopped before writing anything: leave no trace
+            if any(folder.iterdir()):
+                break
+            folder.rmdir()

@@ -12,6 +12,7 @@ import hashlib
 import io
 import itertools
 import json
+import shlex
 from pathlib import Path
 
 from cltune.api import read_config
@@ -97,7 +98,8 @@ def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | N
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "sweep.csv", buffer.getvalue())
-    command = "cltune sweep " + " ".join([str(config_path), *(f"--grid {g}" for g in grid), *(f"--set {s}" for s in sets)])
+    command = shlex.join(["cltune", "sweep", str(config_path), *(a for g in grid for a in ("--grid", g)),
+                          *(a for s in sets for a in ("--set", s))])
     atomic_write_text(out / "sweep.md", _markdown(rows, command))
     labels = [", ".join(f"{k}={v}" for k, v in p.items()) for p in points]
     tradeoff_scatter([{"label": lab, "forgetting": r["forgetting_pct"] or 0.0, "new_ppl": r["new_task_ppl"]}
