@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 import socket
 import sys
 import time
@@ -91,14 +92,14 @@ def claim(run_dir: Path, *, enabled: bool = True, notify: Callable[[str], None] 
         notify(f"{path}: taking over a stale lock ({_holder(left)}; that process is no longer running)")
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
     _held[key] = 1
     try:
         yield
     finally:
         del _held[key]
-        path.unlink(missing_ok=True)  # before letting go, so a waiting claimant never locks a file that is gone
+        path.unlink(missing_ok=True)  # while still locked: a claimant that opened it meanwhile finds it gone and retries
         os.close(fd)
         for folder in created:  # stopped before writing anything: leave no trace
             if any(folder.iterdir()):

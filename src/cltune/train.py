@@ -406,8 +406,8 @@ def train_phase(
                                      loop.best_state,
                                      log_path.read_text(encoding="utf-8") if log_path and log_path.exists() else "")
             if stop:
-                raise interrupt.Interrupted(stop, f"in phase {phase + 1} at step {step} of {len(plan)}, after saving a "
-                                            "step checkpoint")
+                saved = ", after saving a step checkpoint" if checkpoints else ""
+                raise interrupt.Interrupted(stop, f"in phase {phase + 1} at step {step} of {len(plan)}{saved}")
     if log:
         log.close()
     if settings.early_stopping_patience:
