@@ -121,6 +121,35 @@ def stream_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", n
     return raw
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread in the test process (CLI subprocesses get it from OMP_NUM_THREADS above): the tiny
+    model's ops take microseconds while thread barriers on a busy 2-core machine take milliseconds, and equal
+    thread counts keep float results comparable across processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def stream(tmp_path_factory) -> Path:
+    """A module's folder for the tiny stream's data and runs (`stream_config`)."""
+    return tmp_path_factory.mktemp("stream")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, stream):
+    """An uninterrupted in-process run of the tiny ewc_replay stream (replay buffer and Fisher state) with step
+    checkpoints every 2 steps, in stream/runs/reference: what resumed and faulted runs must equal."""
+    from cltune.api import make_config
+    from cltune.pipeline import run
+
+    return run(make_config(stream_config(tiny_model_dir, stream, name="reference", checkpoint_every=2)))
+
+
 @pytest.fixture(scope="session")
 def strategy_streams(tiny_model_dir, tmp_path_factory):
     """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream, run once per

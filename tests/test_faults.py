@@ -37,29 +37,7 @@ SLOW = ("import time, cltune.train as t; step = t._optimizer_step; "
         "from cltune.cli import main; main()")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs and CLI subprocesses compare exactly at one intra-op thread (as test_reliability's)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stream")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir, stream):
-    """An uninterrupted in-process run of the tiny ewc_replay stream (EDA included), in stream/runs/reference."""
-    from cltune.api import make_config
-    from cltune.pipeline import run
-
-    return run(make_config(raw_config(tiny_model_dir, stream, name="reference")))
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs compare exactly with CLI subprocesses
 
 
 def _write(path: Path, raw: dict) -> Path:

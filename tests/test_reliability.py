@@ -77,27 +77,11 @@ def crash_after_saves(monkeypatch, count: int) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fast_runs():
-    """One intra-op thread here and in the CLI subprocesses: the tiny model's ops take microseconds,
-    while thread barriers on a busy 2-core machine take milliseconds; equal thread counts also keep
-    float results comparable across processes. In-process runs skip the EDA plots (a second each)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def fast_runs(one_thread):
+    """One intra-op thread (conftest's `one_thread`); in-process runs here skip the EDA plots (a second each)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("cltune.pipeline.write_eda", lambda *args, **kwargs: None)
         yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def stream(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stream")
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_model_dir, stream) -> dict:
-    """An uninterrupted in-process run of the tiny stream (ewc_replay: replay buffer and Fisher state)."""
-    return run(make_config(raw_config(tiny_model_dir, stream, name="reference")))
 
 
 # --- resume ------------------------------------------------------------------------------------
