@@ -173,3 +173,19 @@ def test_conversation_problems_are_one_line_errors(tmp_path):
     two = load_dialogue(_conversations(tmp_path, counts=(20, 20)))
     with pytest.raises(UserError, match="2 conversation.* too few for a 80/10/10 split by conversation"):
         build_task(two, 0, {"Host": "<H>", "Guest": "<G>"}, (0.8, 0.1, 0.1), 0)
+
+
+def test_a_bad_byte_after_a_character_split_across_read_chunks_is_found_exactly(tmp_path):
+    """Files are decoded a megabyte at a time: a two-byte letter across the boundary is no error, and the
+    first bad byte after it is named by its line and its offset in the whole file."""
+    head = b"speaker,text\n" + (b"Host," + b"a" * 94 + b"\n") * 10_400
+    head += b"Host," + b"a" * ((1 << 20) - 1 - len(head) - 5)  # 'é' starts on the first chunk's last byte
+    raw = head + "é".encode() + b"\nGuest,ok\nHost,bad \xff byte\n"
+    path = tmp_path / "chunks.csv"
+    path.write_bytes(raw)
+    bad = raw.index(b"\xff")
+    assert raw[(1 << 20) - 1 : (1 << 20) + 1] == "é".encode() and raw[:bad].count(b"\n") + 1 == 10_404
+    with pytest.raises(UserError, match=f"line 10404: byte 0xff at offset {bad} is not UTF-8"):
+        load_dialogue(path)
+    path.write_bytes(raw.replace(b"\xff", b"!"))
+    assert load_dialogue(path).utterances[10_400].text.endswith("aé")
