@@ -82,12 +82,12 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
     raw = raw_config(tiny_model_dir, home, "naive", name="it's", max_steps=1)
     raw |= {"output_dir": "~/rüns", "tasks": [{"path": "~/dáta/it's a.csv"}, {"path": "dáta/b b.csv"}]}
     _write(home / "cónfigs" / "my run.yaml", raw)
-    # `--out=~/...` reaches the program unexpanded (no shell expands a tilde after `=`)
     code, err = _main(monkeypatch, capsys, "run", "~/cónfigs/my run.yaml", "--set", "eval.samples_per_speaker=0")
     assert code == 0, err
     run_dir = home / "rüns" / "it's"
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text(encoding="utf-8"))
     assert [t["path"] for t in resolved["tasks"]] == [str(home / "dáta" / "it's a.csv"), "dáta/b b.csv"]
+    # `--out=~/...` reaches the program unexpanded (no shell expands a tilde after `=`)
     for argv in (["report", "~/rüns/it's"], ["generate", "~/rüns/it's/phase2", "--speaker", "Host", "--max-new-tokens", "2"],
                  ["export", "~/rüns/it's/phase2", "--out=~/ex port/é", "--adapter"],
                  ["eda", "~/dáta/it's a.csv", "--out=~/é da", "--whitespace"],
@@ -121,10 +121,16 @@ def test_a_second_run_into_a_busy_folder_refuses_and_changes_nothing(reference, 
             assert code == 2, err
             _one_line_error(err, str(run_dir), "another cltune run is using this run folder", f"PID {holder.pid}")
     finally:
-        holder.kill()
+        holder.kill()  # as kill -9 would: its lock file stays behind, stale
         holder.wait()
-        (run_dir / LOCK_FILE).unlink()  # what a killed holder leaves: a stale lock (the next test takes one over)
     assert {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != LOCK_FILE} == before
+    from cltune.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cltune", "run", str(config), "--resume"])
+    main()  # the finished run, continued: nothing to train, the report rewritten
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"note: {run_dir / LOCK_FILE}: taking over a stale lock (PID {holder.pid}" in out, out
+    assert not (run_dir / LOCK_FILE).exists()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
