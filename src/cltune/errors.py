@@ -1,4 +1,4 @@
-"""The one exception type that the CLI turns into a one-line message and exit code 2."""
+"""The exceptions the CLI turns into one-line messages: `UserError` and its kinds (exit code 2), `DivergedError` (3)."""
 
 
 class UserError(Exception):
