@@ -33,7 +33,7 @@ from cltune.verified import verify
 # Each optimizer step says where it is (its `where` argument) and sleeps a little, so that a signal sent
 # at a given step lands inside it.
 SLOW = ("import time, cltune.train as t; step = t._optimizer_step; "
-        "t._optimizer_step = lambda *a, **k: (print('STEP', a[10], flush=True), time.sleep(0.2), step(*a, **k))[2]; "
+        "t._optimizer_step = lambda *a, **k: (print('STEP', a[10], flush=True), time.sleep(0.4), step(*a, **k))[2]; "
         "from cltune.cli import main; main()")
 
 
@@ -151,7 +151,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_of_processes_claiming_one_folder_at_once_exactly_one_wins(tmp_path):
-    claimants = [subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run"), "3"], stdout=subprocess.PIPE,
+    claimants = [subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run"), "6"], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outcomes = [c.communicate() for c in claimants]
     assert sum(out.strip() == "held" for out, _ in outcomes) == 1, outcomes
