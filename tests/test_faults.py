@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from conftest import write_dialogue
-from test_reliability import _cli, _flip_byte, _main, deterministic, raw_config
+from test_reliability import _cli, _disk_full, _flip_byte, _main, deterministic, raw_config
 
 from cltune import files, interrupt
 from cltune.runlock import LOCK_FILE, claim
@@ -150,6 +150,21 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert not (run_dir / LOCK_FILE).exists()
 
 
+@pytest.mark.parametrize("env,main", [({}, True), ({"RANK": "1"}, False), ({"PMI_RANK": "1"}, False),
+                                      ({"OMPI_COMM_WORLD_RANK": "0"}, True)])
+def test_only_the_main_process_of_a_launched_run_holds_the_folder(monkeypatch, tmp_path, env, main):
+    """torchrun/accelerate launch set RANK, MPI launchers their own variables: each non-main process holds nothing."""
+    from cltune.runlock import main_process
+
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main_process() is main
+    with claim(tmp_path / "run", enabled=main_process()):
+        assert (tmp_path / "run" / LOCK_FILE).exists() is main
+
+
 def test_of_processes_claiming_one_folder_at_once_exactly_one_wins(tmp_path):
     claimants = [subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run"), "6"], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(4)]
@@ -159,10 +174,6 @@ def test_of_processes_claiming_one_folder_at_once_exactly_one_wins(tmp_path):
 
 
 # --- a full disk -------------------------------------------------------------------------------
-
-
-def _disk_full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_disk_full_at_a_checkpoint_then_resume_once_space_is_back(reference, stream, tiny_model_dir, tmp_path,

@@ -34,12 +34,6 @@ def read_config(path: Path | str, sets: Sequence[str] | None = (), *, fixed: dic
     return load_config(path, list(sets or ()), catalog=_catalog(), fixed=fixed)
 
 
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
 def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool = False, console=None,
                report: bool = True, phase1_from: Path | None = None, log_with: Sequence[str] = ()) -> RunMetrics:
     """Run (or with `resume`, continue) the stream `config` describes; writes the report; returns the metrics.
@@ -48,13 +42,14 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
     from cltune.pipeline import run
     from cltune.report import print_summary, write_report
     from cltune.rundir import check_run_dir
+    from cltune.runlock import main_process
 
     with _claimed(config, console):  # before anything reads or replaces what the folder holds
         check_run_dir(config.run_dir, overwrite, resume=resume)
         metrics = run(config, console=console, resume=resume, reuse_phase1=phase1_from, log_with=log_with)
-        if report and _is_main():
+        if report and main_process():
             write_report(config.run_dir)
-    if report and _is_main() and console is not None:
+    if report and main_process() and console is not None:
         print_summary(console, metrics)
         console.print(f"report: {config.run_dir / 'report.md'} and {config.run_dir / 'report.html'}")
     return metrics

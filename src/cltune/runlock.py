@@ -57,9 +57,12 @@ def _lock(path: Path, run_dir: Path) -> int:
 
 
 def main_process() -> bool:
-    """Whether this is the main process of a launched run (global rank 0), read from the launcher's environment
-    so that nothing initializes Accelerate's process state before the run's Accelerator does."""
-    return os.environ.get("RANK", "0") == "0"
+    """Whether this is the main process of a launched run (global rank 0), read as Accelerate reads it from the
+    launcher's environment (torchrun, accelerate launch, MPI), without initializing Accelerate's process state
+    before the run's Accelerator does."""
+    from accelerate.utils import get_cpu_distributed_information
+
+    return get_cpu_distributed_information().rank == 0
 
 
 @contextmanager
@@ -80,11 +83,7 @@ def claim(run_dir: Path, *, enabled: bool = True, notify: Callable[[str], None] 
         return
     writable_folder(run_dir, "run folder")
     created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # deepest first
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{run_dir}: cannot create the run folder ({err.strerror or type(err).__name__}); choose a "
-                        "writable folder or fix its permissions") from None
+    run_dir.mkdir(parents=True, exist_ok=True)  # writable_folder has just probed where it goes
     path = run_dir / LOCK_FILE
     fd = _lock(path, run_dir)
     left = _read(fd)
