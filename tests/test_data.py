@@ -189,3 +189,10 @@ def test_a_bad_byte_after_a_character_split_across_read_chunks_is_found_exactly(
         load_dialogue(path)
     path.write_bytes(raw.replace(b"\xff", b"!"))
     assert load_dialogue(path).utterances[10_400].text.endswith("aé")
+
+
+def test_crlf_line_ends_after_the_first_4_kb_are_still_seen(tmp_path):
+    """The reader looks for CRLF in the first megabyte (its read buffer), not in the first 4 KB only."""
+    path = tmp_path / "late.csv"
+    path.write_bytes(b"speaker,text\n" + b"Host,hi there\n" * 400 + b"Guest,bye\r\n")
+    assert load_dialogue(path).report.crlf

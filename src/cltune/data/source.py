@@ -58,7 +58,7 @@ def text_lines(path: Path, flags: dict) -> Iterator[str]:
     """The file's lines (UTF-8, a byte-order mark dropped, line ends kept as csv wants them). Sets
     flags["bom"] and flags["crlf"] (CRLF seen in the first megabyte) before the first line."""
     try:
-        fh = path.open("rb")
+        fh = path.open("rb", buffering=_CHUNK)  # so that peek below sees the first megabyte, not 4 KB
     except FileNotFoundError:
         raise UserError(f"{path}: file not found; check the path") from None
     except IsADirectoryError:
@@ -66,7 +66,7 @@ def text_lines(path: Path, flags: dict) -> Iterator[str]:
     except (OSError, ValueError) as err:  # no permission, a name too long, a NUL in the name
         raise UserError(f"{path}: cannot read the file ({type(err).__name__}); check the path and its permissions") from None
     with fh:
-        head = fh.peek(_CHUNK)[:_CHUNK] if hasattr(fh, "peek") else b""
+        head = fh.peek(_CHUNK)[:_CHUNK]
         flags["bom"], flags["crlf"] = head.startswith(_BOM), b"\r\n" in head
         text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")
         content, number = False, 0
