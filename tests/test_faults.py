@@ -273,6 +273,25 @@ def test_a_signal_mid_phase_saves_a_step_checkpoint_and_resume_continues(referen
     assert deterministic(json.loads((run_dir / "metrics.json").read_text())) == deterministic(reference)
 
 
+# Building the run's session (model loading) says so and then takes a while: a signal sent then lands outside the loop.
+SLOW_START = ("import time, cltune.session as s\n"
+              "def slow(*a, **k):\n    print('BUILDING', flush=True); time.sleep(60)\n"
+              "s.build_session = slow\nfrom cltune.cli import main; main()")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_training_stops_at_once_with_the_continue_command(tiny_model_dir, stream, tmp_path, signum):
+    config = _write(tmp_path / "early.yaml", raw_config(tiny_model_dir, stream, name="early") | {"output_dir": str(tmp_path)})
+    proc = subprocess.Popen(_cli("run", config, code=SLOW_START), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "BUILDING"
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signum, err
+    name = "Ctrl-C (SIGINT)" if signum == signal.SIGINT else "SIGTERM"
+    _one_line_error(err, f"error: stopped by {name}; continue with: cltune run {shlex.quote(str(config))} --resume")
+    assert not (tmp_path / "early").exists()  # the lock released, the folder it had created removed
+
+
 def test_a_second_signal_or_one_outside_the_loop_stops_at_once():
     with interrupt.handlers():
         with pytest.raises(KeyboardInterrupt):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -249,15 +250,20 @@ def main() -> None:
     _quiet_libraries()
     try:
         with interrupt.handlers():
-            app(standalone_mode=False)
+            code = app(standalone_mode=False)  # Typer returns an exit code instead of raising Exit here
+        if code == 130:  # Typer's own mapping of a KeyboardInterrupt: Ctrl-C outside the training loop
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except WriteError as err:
         _fail(f"{err}{_resume_hint()}", 2)
     except UserError as err:
         _fail(str(err), 2)
     except interrupt.Interrupted as err:
         _fail(f"{err}{_resume_hint()}", err.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns Ctrl-C into Abort
-        _fail(f"stopped by Ctrl-C (SIGINT){_resume_hint()}", 130)
+    except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C outside the training loop (Abort: end of input)
+        stop = interrupt.Interrupted(signal.SIGINT)
+        _fail(f"{stop}{_resume_hint()}", stop.exit_code)
     except click.exceptions.ClickException as err:  # usage errors arrive here in non-standalone mode
         err.show()
         sys.exit(err.exit_code)
