@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = ROOT / "src" / "cltune" / "configs" / "demo.yaml"  # the shipped demo config
+DEMO_DATA = ROOT / "data"  # where `make demo` writes the demo CSVs; the demo config names its files only
 
 
 def cpu_description() -> dict:
@@ -59,9 +60,8 @@ def machine_line(info: dict) -> str:
             f"{info['threads']} threads{env}{gpu}; load avg at start {info['load_avg_start']}")
 
 
-def ensure_demo_data(config_path: Path = DEMO_CONFIG) -> None:
+def ensure_demo_data(data: Path = DEMO_DATA) -> None:
     """Write the demo CSVs (from the installed chitchat-dataset package) when they are missing."""
-    data = config_path.parent.parent / "data"
     if not (data / "host_guest_a.csv").exists():
         from cltune.data.demo import write_demo_corpus
 
@@ -81,11 +81,12 @@ def demo_stream(config_path: Path = DEMO_CONFIG, precision: str | None = None, o
     """Accelerator, tasks, model and Context exactly as `cltune.pipeline.run` builds them (`build_session`)."""
     from accelerate.utils import set_seed
 
-    from cltune.api import read_config
+    from cltune.api import demo_config
     from cltune.session import build_session
 
-    ensure_demo_data(config_path)
-    config = read_config(config_path, [*(overrides or []), *([f"model.precision={precision}"] if precision else [])])
+    ensure_demo_data()
+    sets = [*(overrides or []), *([f"model.precision={precision}"] if precision else [])]
+    config = demo_config(config_path, DEMO_DATA, ROOT / "checkpoints", sets)
     set_seed(config.seed)
     session = build_session(config)
     counts = session.counts

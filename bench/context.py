@@ -1,7 +1,7 @@
 """Context-turns benchmark: the demo stream with `data.context_turns` 0 and 2 (and any other settings
 given as variants), several seeds, paired utterance by utterance.
 
-Each run is `cltune run configs/demo.yaml` with the variant's `--set` overrides (resumable: a run
+Each run is `cltune run` on src/cltune/configs/demo.yaml with the variant's `--set` overrides (resumable: a run
 whose metrics.json is complete is reused). The test split is by conversation and the target tokens
 of an utterance do not depend on its context, so every variant scores the same utterances and
 targets: the perplexity differences are paired exactly (bootstrap over seeds and test utterances).
@@ -139,7 +139,7 @@ def write_doc(doc: Path, summary: dict, sets: dict[str, list[str]], machine: str
         if NOTES[0] in text and NOTES[1] in text:
             kept = text[text.index(NOTES[0]) + len(NOTES[0]) : text.index(NOTES[1])].strip("\n").splitlines()
     lines = ["# Context turns on the demo stream", "",
-             f"`bench/context.py`: `cltune run configs/demo.yaml` (ewc_replay, λ 10, 10% replay, token_lr 1e-2) with "
+             f"`bench/context.py`: `cltune run` on the shipped demo config (ewc_replay, λ 10, 10% replay, token_lr 1e-2) with "
              f"each variant's settings, {seeds} seeds (each reseeds split, sampling and initialization). Final PPL: "
              "geometric mean over seeds with a 95% t-interval on log PPL. \"vs\" columns: the change in final test PPL against "
              f"`{summary['reference']}` on the same test utterances and target tokens, pooled over seeds, 95% "

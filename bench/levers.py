@@ -1,6 +1,6 @@
 """Speed levers of cltune's training loop, each timed through the real `train_phase`, interleaved.
 
-Variants (guest A of configs/demo.yaml, Naive strategy, batch 32 utterances per step):
+Variants (guest A of src/cltune/configs/demo.yaml, Naive strategy, batch 32 utterances per step):
 micro_batch_size 4/8/16/32, packing (rows of --pack-length tokens), torch.set_num_threads(1),
 the LM head at every position instead of only at target positions, and PEFT's own trainable-token
 forward instead of scoring.py's new-token fast path. Every round runs every variant once, in a

@@ -63,7 +63,7 @@ def streams(data: Path, rows: int) -> dict[str, list[dict]]:
     a, b, _ = write_demo_corpus(data, sizes={"A": rows, "B": rows, "C": rows}, seed=0)
     docs = python_docs_csv(data / "python_docs.csv", rows, seed=0)
     return {
-        # The demo's own pair (configs/demo.yaml). Guest C's conversations are long: 200 of its turns are one
+        # The demo's own pair (src/cltune/configs/demo.yaml). Guest C's conversations are long: 200 of its turns are one
         # conversation, too few for a split that keeps conversations whole.
         "demo": [{"name": "guest_a", "path": str(a)}, {"name": "guest_b", "path": str(b)}],
         "hard": [{"name": "guest_a", "path": str(a)},

@@ -1,7 +1,7 @@
 """Training throughput of cltune's loop against the seed's stack, and the machine's matmul ceiling.
 
 Both sides train the same bundled model (SmolLM2-135M-Instruct + LoRA r16, α32, dropout .05 on
-q,k,v,o) on the same utterances (guest A's train split of configs/demo.yaml) on this machine:
+q,k,v,o) on the same utterances (guest A's train split of src/cltune/configs/demo.yaml) on this machine:
 
 - baseline, written the way the seed did it: HF `Trainer` + PEFT, every utterance padded to
   max_length=100, batch 2 × gradient accumulation 16, fp32, full-vocabulary logits;

@@ -183,3 +183,30 @@ def captured(monkeypatch):
 
     monkeypatch.setattr(REGISTRY, "create", capture)
     return made
+
+
+class CliResult:
+    """What one `cltune` command did: its exit code and what it printed."""
+
+    def __init__(self, code: int, out: str, err: str):
+        self.code, self.out, self.err = code, out, err
+
+
+@pytest.fixture()
+def cli(monkeypatch, capsys):
+    """`cli(*argv)` runs `cltune ARGV` in this process through the console script's entry point."""
+    import sys
+
+    def run(*argv) -> CliResult:
+        from cltune.cli import main
+
+        monkeypatch.setattr(sys, "argv", ["cltune", *map(str, argv)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exited:
+            code = exited.code if isinstance(exited.code, int) else 1
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

@@ -27,9 +27,13 @@ def test_set_overrides_phases_and_strategy_sections():
 
 
 @pytest.mark.parametrize("raw,sets,message", [
-    ({**BASE, "colour": "red"}, [], "colour: Extra inputs are not permitted"),
-    (BASE, ["ewc.lamda=3"], "ewc.lamda: Extra inputs are not permitted"),
-    (BASE, ["strategy=magic"], "unknown 'magic'"),
+    ({**BASE, "colour": "red"}, [], r"colour: unknown key; every key: `cltune config-reference`"),
+    (BASE, ["ewc.lamda=3"], r"ewc.lamda: unknown key \(did you mean ewc.lambda\?\)"),
+    (BASE, ["phase2.epoch=3"], r"phases.1.epoch: unknown key \(did you mean phases.1.epochs\?\)"),
+    ({**BASE, "tasks": [{"path": "a.csv", "speker_col": "x"}]}, [], r"did you mean tasks.0.speaker_col\?"),
+    ({**BASE, "trian": {}}, [], r"trian: unknown key \(did you mean train\?\)"),
+    (BASE, ["strategy=magic"], "unknown 'magic'; choose one of"),
+    (BASE, ["strategy=progresive"], r"unknown 'progresive' \(did you mean progressive\?\)"),
     (BASE, ["train.lr=-1"], "train.lr"),
     ({"tasks": []}, [], "tasks"),
     (BASE, ["novalue"], "expected KEY=VALUE"),

@@ -72,11 +72,28 @@ def config_from(config_path: Path | None, sets: Sequence[str] = (), fixed: dict 
     return make_config({}, sets, source="command line", fixed=fixed)
 
 
+def column_settings(speaker_col: str | None = None, text_col: str | None = None,
+                    conversation_col: str | None = None) -> dict[str, str]:
+    """The columns the command line named (--speaker-col and friends): {"speaker_col": "who", ...}."""
+    given = {"speaker_col": speaker_col, "text_col": text_col, "conversation_col": conversation_col}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def with_columns(config: BaseRunConfig, columns: dict[str, str] | None) -> BaseRunConfig:
+    """`config` with the command line's columns for every task: they win over the config's own, per task too."""
+    if not columns:
+        return config
+    return config.model_copy(update={
+        "data": config.data.model_copy(update=columns),
+        "tasks": [spec.model_copy(update=columns) for spec in config.tasks],
+    })
+
+
 def train_single(data: Path, out: Path, *, model: str | None = None, config_path: Path | None = None,
                  sets: Sequence[str] = (), overwrite: bool = False, resume: bool = False, console=None,
-                 log_with: Sequence[str] = ()) -> RunMetrics:
+                 log_with: Sequence[str] = (), columns: dict[str, str] | None = None) -> RunMetrics:
     """Phase 1 alone: LoRA fine-tuning on one dataset; the checkpoint goes to `out/phase1`; `resume`
-    continues a stopped one."""
+    continues a stopped one. `columns`: the command line's columns (`column_settings`)."""
     from cltune.pipeline import run
     from cltune.rundir import check_run_dir
 
@@ -84,14 +101,26 @@ def train_single(data: Path, out: Path, *, model: str | None = None, config_path
     fixed = {"tasks": [{"path": str(data)}], "strategy": "naive", "output_dir": str(out.parent), "name": out.name}
     if model:
         fixed["model.name"] = model
-    config = config_from(config_path, sets, fixed)
+    config = with_columns(config_from(config_path, sets, fixed), columns)
     with _claimed(config, console):
         check_run_dir(config.run_dir, overwrite, resume=resume)
         return run(config, console=console, resume=resume, log_with=log_with)
 
 
-def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = ()) -> BaseRunConfig:
-    """The demo config with its task files read from `data` (by file name) and its run under `out`."""
+def shipped_config(name: str):
+    """A run config shipped inside the package (`configs/NAME.yaml`), as a context manager giving its path:
+    it works from any folder and after a plain `pip install`."""
+    from importlib.resources import as_file, files
+
+    return as_file(files("cltune").joinpath("configs", f"{name}.yaml"))
+
+
+def demo_config(config_path: Path | None, data: Path, out: Path, sets: Sequence[str] = ()) -> BaseRunConfig:
+    """The demo config (the shipped one when `config_path` is None) with its task files read from `data`
+    (by file name) and its run under `out`."""
+    if config_path is None:
+        with shipped_config("demo") as path:
+            return demo_config(path, data, out, sets)
     config = read_config(config_path, sets, fixed={"output_dir": str(out)})
     tasks = []
     for spec in config.tasks:
@@ -103,7 +132,7 @@ def demo_config(config_path: Path, data: Path, out: Path, sets: Sequence[str] = 
     return config.model_copy(update={"tasks": tasks})
 
 
-def run_demo(out: Path, data: Path, config_path: Path, sets: Sequence[str] = (), console=None,
+def run_demo(out: Path, data: Path, config_path: Path | None = None, sets: Sequence[str] = (), console=None,
              log_with: Sequence[str] = (), resume: bool = False) -> RunMetrics:
     """The main job: write the demo corpus to `data`, then run the demo config (replacing an earlier demo run,
     or with `resume` continuing a stopped one)."""

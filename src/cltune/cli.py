@@ -1,5 +1,5 @@
-"""The `cltune` command line: demo-data, eda, train, run, sweep, compare, report, generate, chat, export, strategies,
-demo, config-reference. Each command parses its arguments and calls one plain function (`cltune.api` and friends)."""
+"""The `cltune` command line: demo-data, eda, init, train, run, sweep, compare, report, generate, chat, export,
+strategies, demo, config-reference. Each command parses its arguments and calls one plain function (`cltune.api` and friends)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,22 @@ def _quiet_libraries() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
 
+def _column_option(role: str, example: str, detected: str):
+    return typer.Option(None, f"--{role}-col", help=f"the {role} column, e.g. {example} (default: detected: {detected})")
+
+
+def speaker_col_option():
+    return _column_option("speaker", "who", "speaker, name, role, ...")
+
+
+def text_col_option():
+    return _column_option("text", "line", "text, utterance, message, ...")
+
+
+def conversation_col_option():
+    return _column_option("conversation", "episode", "conversation, dialogue_id, episode, ...; none: split by utterance")
+
+
 @app.command("demo-data")
 def demo_data(out: Path = typer.Option(Path("data"), parser=user_path, help="folder for host_guest_{a,b,c}.csv"),
               seed: int = typer.Option(0, help="seed for the sample of conversations")) -> None:
@@ -55,8 +71,8 @@ def eda(files: list[Path] = typer.Argument(..., parser=user_path, help="CSV/JSON
         max_len: int = typer.Option(100, help="token length to report the share under"),
         model: str | None = typer.Option(None, help="tokenizer for token lengths (default: the bundled model's)"),
         whitespace: bool = typer.Option(False, help="count whitespace words instead of model tokens"),
-        speaker_col: str | None = typer.Option(None), text_col: str | None = typer.Option(None),
-        conversation_col: str | None = typer.Option(None, help="conversation id column (default: detected; none: off)")) -> None:
+        speaker_col: str | None = speaker_col_option(), text_col: str | None = text_col_option(),
+        conversation_col: str | None = conversation_col_option()) -> None:
     """Explore datasets: counts, speaker balance, lengths, missing values, vocabulary."""
     from cltune.report.tables import eda_table
 
@@ -72,6 +88,35 @@ LOG_WITH_HELP = "log to an experiment tracker: tensorboard (under RUN/logs), wan
 
 
 @app.command()
+def init(files: list[Path] = typer.Argument(..., parser=user_path, help="your dialogue files (CSV/JSONL/Parquet), in "
+                                           "the order to learn them"),
+         out: Path = typer.Option(Path("cltune.yaml"), parser=user_path, help="the config file to write"),
+         name: str | None = typer.Option(None, help="run name: the run folder is checkpoints/NAME (default: the "
+                                         "config file's name)"),
+         strategy: str | None = typer.Option(None, help="continual-learning strategy (default: progressive; see "
+                                             "`cltune strategies`)"),
+         model: str | None = typer.Option(None, help="base model: bundled name or local model folder (default: the "
+                                          "bundled SmolLM2-135M-Instruct)"),
+         overwrite: bool = typer.Option(False, help="replace an existing config file"),
+         speaker_col: str | None = speaker_col_option(), text_col: str | None = text_col_option(),
+         conversation_col: str | None = conversation_col_option()) -> None:
+    """Write a commented starter config for your own dialogue files, and print the command that runs it."""
+    import shlex
+
+    from cltune.starter import write_starter
+
+    starter = write_starter(files, out, name=name, strategy=strategy, model=model, overwrite=overwrite,
+                            speaker_col=speaker_col, text_col=text_col, conversation_col=conversation_col,
+                            warn=lambda note: err_console.print(f"warning: {note}", markup=False))
+    config = starter.config
+    for spec in config.tasks:
+        console.print(f"task {spec.name}: {spec.path}", markup=False, highlight=False)
+    console.print(f"wrote {out} (strategy {config.strategy}, {len(config.tasks)} tasks); run it with:", markup=False)
+    console.print(f"  cltune run {shlex.quote(str(out))}", markup=False, highlight=False)
+    console.print(f"then open {config.run_dir / 'report.html'}", markup=False, highlight=False)
+
+
+@app.command()
 def run(config: Path = typer.Argument(..., parser=user_path, help="run config (YAML)"),
         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
         overwrite: bool = typer.Option(False, help="replace an existing run folder"),
@@ -79,10 +124,13 @@ def run(config: Path = typer.Argument(..., parser=user_path, help="run config (Y
                                     "(same config and data; finished phases are not retrained)"),
         phase1_from: Path | None = typer.Option(None, parser=user_path, help="take phase 1 from a finished run's phase1 folder with the "
                                                 "same model, LoRA, data, seed and phase-1 settings instead of training it"),
-        log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
+        log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
+        speaker_col: str | None = speaker_col_option(), text_col: str | None = text_col_option(),
+        conversation_col: str | None = conversation_col_option()) -> None:
     """Run a whole continual-learning stream from a config (or continue one with --resume)."""
-    api.run_config(api.config_from(config, set_), overwrite=overwrite, resume=resume, console=console,
-                   phase1_from=phase1_from, log_with=log_with)
+    columns = api.column_settings(speaker_col, text_col, conversation_col)
+    api.run_config(api.with_columns(api.config_from(config, set_), columns), overwrite=overwrite, resume=resume,
+                   console=console, phase1_from=phase1_from, log_with=log_with)
 
 
 @app.command()
@@ -93,10 +141,13 @@ def train(data: Path = typer.Option(..., parser=user_path, help="dialogue CSV/JS
           set_: list[str] = typer.Option([], "--set", help=SET_HELP),
           overwrite: bool = typer.Option(False, help="replace an existing checkpoint folder"),
           resume: bool = typer.Option(False, help="continue a stopped training in --out from its last step checkpoint"),
-          log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
+          log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
+          speaker_col: str | None = speaker_col_option(), text_col: str | None = text_col_option(),
+          conversation_col: str | None = conversation_col_option()) -> None:
     """Phase 1 alone: LoRA fine-tuning on one dataset, with before/after perplexity."""
     metrics = api.train_single(data, out, model=model, config_path=config, sets=set_, overwrite=overwrite,
-                               resume=resume, console=console, log_with=log_with)
+                               resume=resume, console=console, log_with=log_with,
+                               columns=api.column_settings(speaker_col, text_col, conversation_col))
     phase = metrics.phases[0]
     console.print(f"test PPL {phase.before['test_ppl']:.2f} → {phase.after['test_ppl']:.2f} "
                   f"({phase.wall_s:.0f} s, {phase.tokens_per_s:.0f} tok/s); checkpoint: {out / 'phase1'}")
@@ -188,7 +239,7 @@ def sweep(config: Path = typer.Argument(..., parser=user_path, help="run config 
           grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid ewc.lambda=0,10,20"),
           set_: list[str] = typer.Option([], "--set", help="fixed override for every point"),
           out: Path | None = typer.Option(None, parser=user_path, help="sweep folder (default: output_dir/name-sweep)")) -> None:
-    """Run a grid of configs (the seed's ablations), reusing phase-1 checkpoints where settings allow."""
+    """Run a grid of configs (ablations such as the reference pipeline's), reusing phase-1 checkpoints where settings allow."""
     from cltune.sweep import run_sweep
 
     md = run_sweep(config, grid, set_, out, console=console)
@@ -213,7 +264,8 @@ def compare(config: Path = typer.Argument(..., parser=user_path, help="run confi
 @app.command()
 def demo(out: Path = typer.Option(Path("checkpoints"), parser=user_path, help="where runs go"),
          data: Path = typer.Option(Path("data"), parser=user_path, help="where the demo CSVs go; the config's task files are read from here"),
-         config: Path = typer.Option(Path("configs/demo.yaml"), parser=user_path, help="the demo run config"),
+         config: Path | None = typer.Option(None, parser=user_path, help="a run config to use instead of the shipped "
+                                            "demo config (its task files are read by name from --data)"),
          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
          resume: bool = typer.Option(False, help="continue a stopped demo run instead of starting it over"),
          log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:
@@ -242,8 +294,29 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def main() -> None:
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """What a usage error (unknown command or option, bad value, missing argument) is raised as: Click's
+    exceptions and, from Typer 0.29 on, Typer's own vendored copies, which do not subclass Click's."""
     import click
+
+    return (click.exceptions.ClickException, *_typer_exceptions("TyperException"))
+
+
+def _aborts() -> tuple[type[BaseException], ...]:
+    """End of input at a prompt, as Click and Typer raise it."""
+    import click
+
+    return (click.exceptions.Abort, *_typer_exceptions("Abort"))
+
+
+def _typer_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    import typer
+
+    found = getattr(getattr(typer, "exceptions", None), name, None)
+    return (found,) if isinstance(found, type) else ()
+
+
+def main() -> None:
 
     from cltune import interrupt
 
@@ -261,11 +334,15 @@ def main() -> None:
         _fail(str(err), 2)
     except interrupt.Interrupted as err:
         _fail(f"{err}{_resume_hint()}", err.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C outside the training loop (Abort: end of input)
+    except (KeyboardInterrupt, *_aborts()):  # Ctrl-C outside the training loop (Abort: end of input)
         stop = interrupt.Interrupted(signal.SIGINT)
         _fail(f"{stop}{_resume_hint()}", stop.exit_code)
-    except click.exceptions.ClickException as err:  # usage errors arrive here in non-standalone mode
+    except _usage_errors() as err:  # usage errors arrive here in non-standalone mode
         err.show()
+        if getattr(err, "ctx", None) is None and err.exit_code == 2:  # Click had no usage line to show: point at help
+            command = next((a for a in sys.argv[1:2] if not a.startswith("-")), "")
+            err_console.print(f"Try '{' '.join(['cltune', command, '--help'] if command else ['cltune', '--help'])}' "
+                              "for help.", markup=False, highlight=False)
         sys.exit(err.exit_code)
     except DivergedError as err:
         _fail(str(err), 3)

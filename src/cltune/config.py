@@ -8,7 +8,9 @@ adds one section per settings class, so `ewc: {lambda: 10}` is validated by the 
 
 from __future__ import annotations
 
+import difflib
 import functools
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -234,11 +236,51 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+REFERENCE_HINT = "every key: `cltune config-reference`"
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The settings model a field holds, through list[...], X | None and Annotated[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys (names and aliases) a config section accepts, the section named by `loc` (e.g. ("ewc",),
+    ("tasks", 0)); empty where `loc` leaves the models."""
+    for part in loc:
+        if isinstance(part, int):  # an item of a list: the list's own model already stands for it
+            continue
+        fields = {f.alias or name: f for name, f in model.model_fields.items()}
+        field = fields.get(part) or model.model_fields.get(part)
+        model = _section_model(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def did_you_mean(word: str, choices: list[str], prefix: str = "") -> str:
+    """ " (did you mean PREFIX+X?)" for the choice closest to `word`, or "" where none is close."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)  # 0.6 offered olora for colour
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _format_error(err: ValidationError, source: str, model: type[BaseModel] = BaseRunConfig) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = tuple(first["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    message = f"{source}: {where}: {first['msg']}{more}; fix the config or its --set override"
+    if first["type"] == "extra_forbidden" and loc:
+        section = "".join(f"{part}." for part in loc[:-1])
+        hint = did_you_mean(str(loc[-1]), known_keys(model, loc[:-1]), section)
+        message = f"{source}: {where}: unknown key{hint}{more}; {REFERENCE_HINT}"
+    else:
+        message = f"{source}: {where}: {first['msg']}{more}; fix the config or its --set override"
     return " ".join(message.split())  # keys come from the user: one line whatever they hold
 
 
@@ -252,17 +294,19 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
     tree = dict(raw)
     for key, value in [*parse_overrides(overrides or []), *(fixed or {}).items()]:
         _set_path(tree, key, value)
+    model = run_config_model(catalog)
     try:
-        config = run_config_model(catalog).model_validate(tree)
+        config = model.model_validate(tree)
     except ValidationError as err:
-        raise UserError(_format_error(err, source)) from None
+        raise UserError(_format_error(err, source, model)) from None
     for k in range(len(config.phases)):  # overrides carry no bounds of their own: check each merged phase now
         try:
             config.phase(k)
         except ValidationError as err:
-            raise UserError(_format_error(err, f"{source}: phase{k + 1}")) from None
+            raise UserError(_format_error(err, f"{source}: phase{k + 1}", PhaseSettings)) from None
     if config.strategy not in catalog.names:
-        raise UserError(f"{source}: strategy: unknown {config.strategy!r}; choose one of {', '.join(catalog.names)}")
+        raise UserError(f"{source}: strategy: unknown {config.strategy!r}{did_you_mean(config.strategy, list(catalog.names))}; "
+                        f"choose one of {', '.join(catalog.names)} (`cltune strategies` describes them)")
     return config
 
 

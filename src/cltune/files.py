@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from cltune.errors import DamagedFile, UserError, WriteError
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -68,3 +70,9 @@ def read_json(path: str | Path):
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise DamagedFile(f"{path}: damaged ({type(err).__name__}: not the JSON cltune wrote); restore it, or re-run "
                           "what wrote it") from None
+
+
+def safe_name(name: str) -> str:
+    """A task name usable as a file name: no separators, no leading dots (no path traversal)."""
+    cleaned = _UNSAFE.sub("_", name).strip("._") or "task"
+    return cleaned[:64]

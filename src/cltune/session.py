@@ -7,7 +7,6 @@ benchmarks and the tests all start here, so a run is built the same way wherever
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from cltune.data import (
     load_dialogue,
 )
 from cltune.errors import UserError
+from cltune.files import safe_name
 from cltune.model import (
     add_special_tokens,
     attach_lora,
@@ -38,7 +38,6 @@ from cltune.scoring import TokenScorer
 from cltune.strategies import REGISTRY, Context, Registry, Strategy
 from cltune.tracking import check_trackers
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
@@ -92,22 +91,20 @@ def make_accelerator(precision: str, log_with: Sequence[str] = (), project_dir: 
                        log_with=list(log_with) or None, project_dir=project_dir)
 
 
-def safe_name(name: str) -> str:
-    """A task name usable as a file name: no separators, no leading dots (no path traversal)."""
-    cleaned = _UNSAFE.sub("_", name).strip("._") or "task"
-    return cleaned[:64]
-
-
 def load_tasks(config: BaseRunConfig) -> tuple[list[Dataset], list[TaskData], dict[str, str]]:
     """The datasets, their train/val/test splits as tasks, and the speaker → token table."""
     data = config.data
     datasets = []
-    for spec in config.tasks:
-        datasets.append(load_dialogue(
-            spec.path, speaker_col=spec.speaker_col or data.speaker_col, text_col=spec.text_col or data.text_col,
-            conversation_col=spec.conversation_col or data.conversation_col,
-            aliases=data.aliases, drop_missing=data.drop_missing, name=safe_name(spec.name or Path(spec.path).stem),
-        ))
+    for i, spec in enumerate(config.tasks):
+        name = safe_name(spec.name or Path(spec.path).stem)
+        try:
+            datasets.append(load_dialogue(
+                spec.path, speaker_col=spec.speaker_col or data.speaker_col, text_col=spec.text_col or data.text_col,
+                conversation_col=spec.conversation_col or data.conversation_col,
+                aliases=data.aliases, drop_missing=data.drop_missing, name=name,
+            ))
+        except UserError as err:  # which task of the config the file belongs to, before what is wrong with it
+            raise type(err)(f"task {i + 1} ({name}, tasks[{i}] of the config): {err}") from None
     names = [d.name for d in datasets]
     if len(set(names)) != len(names):
         raise UserError(f"tasks: names {names} repeat; give each task a distinct `name`")

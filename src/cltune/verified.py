@@ -47,7 +47,14 @@ def verify(folder: str | Path, required: tuple[str, ...] = ()) -> None:
     """Refuse a folder with a missing or damaged manifest (or one that lists none of `required`), or files
     that are missing or changed."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: {'is a file' if folder.exists() else 'no such folder'}; pass a phase folder of a run, "
+                        "e.g. checkpoints/demo/phase2")
     if not (folder / MANIFEST).is_file():
+        phases = sorted((p.name for p in folder.glob("phase[0-9]*") if (p / MANIFEST).is_file()), key=lambda n: (len(n), n))
+        if phases:  # a run folder: name the phase folders it holds
+            raise UserError(f"{folder}: a run folder, not a checkpoint; pass one of its phase folders: "
+                            + ", ".join(str(folder / name) for name in phases))
         raise UserError(f"{folder}: not a complete cltune checkpoint (no {MANIFEST}); point at a phase folder or re-run")
     for name, (size, digest) in _manifest_entries(folder, required).items():
         path = folder / name

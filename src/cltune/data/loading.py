@@ -114,7 +114,7 @@ def _conversation_column(path: Path, headers: list[str], wanted: str | None, tak
     if wanted is not None and wanted.strip().casefold() == "none":
         return None
     if wanted is not None:
-        return _pick_column(path, headers, wanted, CONVERSATION_COLUMNS, "conversation", "--conversation-col", at)
+        return _pick_column(path, headers, wanted, CONVERSATION_COLUMNS, "conversation", "--conversation-col NAME (conversation_col in a config)", at)
     hits = [h for h in headers if h.strip().casefold() in CONVERSATION_COLUMNS and h not in taken]
     if len(hits) > 1:
         raise UserError(f"{path}: {at}: columns {_names(map(repr, hits))} could each be the conversation column; "
@@ -128,8 +128,8 @@ def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: 
     dupes = sorted({h for h in folded if folded.count(h) > 1 and h})
     if dupes:
         raise UserError(f"{path}: {at}: duplicate column name(s) {_names(dupes)}; rename them so each is unique")
-    speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker", "--speaker-col", at)
-    text = _pick_column(path, headers, text_col, TEXT_COLUMNS, "text", "--text-col", at)
+    speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker", "--speaker-col NAME (speaker_col in a config)", at)
+    text = _pick_column(path, headers, text_col, TEXT_COLUMNS, "text", "--text-col NAME (text_col in a config)", at)
     if speaker == text:
         raise UserError(f"{path}: {at}: speaker and text are the same column {_names([repr(speaker)])}; pass distinct columns")
     return speaker, text
