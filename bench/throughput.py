@@ -1,9 +1,9 @@
-"""Training throughput of cltune's loop against the seed's stack, and the machine's matmul ceiling.
+"""Training throughput of cltune's loop against the reference pipeline's stack, and the machine's matmul ceiling.
 
 Both sides train the same bundled model (SmolLM2-135M-Instruct + LoRA r16, α32, dropout .05 on
 q,k,v,o) on the same utterances (guest A's train split of src/cltune/configs/demo.yaml) on this machine:
 
-- baseline, written the way the seed did it: HF `Trainer` + PEFT, every utterance padded to
+- baseline, written the way the reference pipeline did it: HF `Trainer` + PEFT, every utterance padded to
   max_length=100, batch 2 × gradient accumulation 16, fp32, full-vocabulary logits;
 - cltune: the real `cltune.train.train_phase` (Naive strategy, the Context built as
   `cltune.pipeline.run` builds it) with the config's defaults (`micro_batch_size: auto`, LM head
@@ -84,7 +84,7 @@ class TokenCounter:
 
 
 def baseline_model(stream, device: str):
-    """The seed's model: same base, same added tokens, plain PEFT LoRA (no trainable token rows)."""
+    """The reference pipeline's model: same base, same added tokens, plain PEFT LoRA (no trainable token rows)."""
     from peft import LoraConfig, get_peft_model
 
     from cltune.model import add_special_tokens, load_base, resize_for
@@ -98,7 +98,7 @@ def baseline_model(stream, device: str):
 
 
 def padded_dataset(torch, encoded: list[list[int]], pad_id: int, max_length: int = 100):
-    """Every utterance padded to max_length, labels -100 at pads (the seed's collator does the same)."""
+    """Every utterance padded to max_length, labels -100 at pads (the reference pipeline's collator does the same)."""
     rows = []
     for seq in encoded:
         pad = max_length - len(seq)
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     n_params = first.base_params
     summary = {"base_params": n_params, "fp32_peak_flops_median": median(peaks["fp32"]),
                "bf16_peak_flops_median": median(peaks["bf16"]), "sides": {}}
-    reference = names[0]  # the seed's stack, or (with --skip-baseline) the first cltune side
+    reference = names[0]  # the reference pipeline's stack, or (with --skip-baseline) the first cltune side
     rows = []
     for name in names:
         tps = median(r[name].tokens_per_s for r in rounds)

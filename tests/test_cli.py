@@ -82,7 +82,7 @@ def test_demo_data_writes_the_three_guest_files(monkeypatch, capsys, tmp_path):
         assert len(runs) == len(set(runs)) >= 3  # whole conversations, each in one run of rows
         assert all(r["text"].strip() for r in rows)
         sizes[letter] = len(rows)
-    assert sizes["a"] == 791 and sizes["b"] == 219  # the seed's dataset sizes (README)
+    assert sizes["a"] == 791 and sizes["b"] == 219  # the reference pipeline's dataset sizes
 
 
 def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model_dir):

@@ -1,33 +1,63 @@
-"""The README stays in sync with the code: config reference, strategy list, commands and flags, the example strategy."""
+"""The README and the docs site stay in sync with the code: commands and flags, make targets, the strategy list, the
+example strategy, the fault table, the README's size, and a strict build of the site with its generated reference."""
 
+import importlib.util
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from cltune.reference import readme_with_reference
 from cltune.strategies import REGISTRY
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.rglob("*.md"))]  # every page a user reads, the benchmark pages included
+STRATEGIES_PAGE = DOCS / "howto" / "strategies.md"
+TROUBLESHOOTING_PAGE = DOCS / "howto" / "troubleshooting.md"
+README_LIMIT = 15_000  # bytes: the README is a door (what it does, set-up, a first run, links), the docs the house
 
 
-def test_readme_config_reference_is_generated_from_the_models():
-    text = README.read_text(encoding="utf-8")
-    assert readme_with_reference(text) == text, "run `cltune config-reference --readme README.md`"
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
 
 
-def test_readme_documents_every_registered_strategy():
-    text = README.read_text(encoding="utf-8")
+def _name(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def test_the_readme_is_a_door_not_the_house():
+    size = len(README.read_bytes())
+    assert size <= README_LIMIT, f"README.md is {size:,} bytes; move detail into docs/ (limit {README_LIMIT:,})"
+
+
+def test_the_readme_links_resolve():
+    """The README is read on GitHub, outside the site's strict build: its relative links must name existing files."""
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", _text(README))
+    local = [t for t in targets if "://" not in t]
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert len(local) >= 10 and not missing, missing
+
+
+def test_the_strategies_page_documents_every_registered_strategy():
+    text = _text(STRATEGIES_PAGE)
     block = text[text.index("<!-- strategies:start -->"): text.index("<!-- strategies:end -->")]
     missing = [name for name in REGISTRY if f"**`{name}`**" not in block]
-    assert not missing, f"README lacks a paragraph for {missing}"
+    assert not missing, f"{_name(STRATEGIES_PAGE)} lacks a paragraph for {missing}"
+
+
+def test_the_readme_strategy_table_lists_every_registered_strategy():
+    rows = re.findall(r"^\| `(\w+)`", _text(README), flags=re.M)
+    assert sorted(rows) == sorted(REGISTRY), set(rows) ^ set(REGISTRY)
 
 
 def _cltune_invocations(text: str) -> list[list[str]]:
-    """The argument lists after `cltune` in the README's fenced bash blocks and inline `cltune …` spans."""
-    import re
-    import shlex
-
+    """The argument lists after `cltune` in a page's fenced bash blocks and inline `cltune …` spans."""
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     lines = [line for block in blocks for line in block.splitlines()]
     lines += re.findall(r"`((?:\.venv/bin/)?cltune [^`]+)`", text)
@@ -45,54 +75,62 @@ def _unknown_commands_and_flags(text: str) -> list[str]:
 
     from cltune.cli import app
 
-    commands = get_command(app).commands
+    group = get_command(app)
+    commands = group.commands
     problems = []
     for args in _cltune_invocations(text):
         name = args[0] if args else ""
+        if name.startswith("-"):  # an option of cltune itself, e.g. `cltune --help`
+            known = {opt for param in group.params for opt in param.opts} | {"--help"}
+            problems += [f"cltune {' '.join(args)}: cltune has no {name}"] if name not in known else []
+            continue
         if name not in commands:
             problems.append(f"cltune {' '.join(args)}: no command {name!r}")
             continue
-        flags = {opt for param in commands[name].params for opt in param.opts + param.secondary_opts}
+        flags = {opt for param in commands[name].params for opt in param.opts + param.secondary_opts} | {"--help"}
         problems += [f"cltune {' '.join(args)}: {name} has no {flag}"
                      for flag in (a.split("=")[0] for a in args[1:] if a.startswith("--")) if flag not in flags]
     return problems
 
 
-def test_readme_commands_and_flags_exist_in_the_cli():
-    text = README.read_text(encoding="utf-8")
-    assert len(_cltune_invocations(text)) >= 8  # the parser finds the README's commands
-    assert not _unknown_commands_and_flags(text)
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_commands_and_flags_on_every_page_exist_in_the_cli(page):
+    problems = _unknown_commands_and_flags(_text(page))
+    assert not problems, problems
 
 
-def test_the_readme_check_catches_made_up_commands_and_flags():
+def test_the_pages_show_commands_the_check_can_see():
+    assert len(_cltune_invocations(_text(README))) >= 5
+    assert sum(len(_cltune_invocations(_text(page))) for page in PAGES) >= 60
+
+
+def test_the_command_check_catches_made_up_commands_and_flags():
     text = ("```bash\n.venv/bin/cltune run my.yaml --sett x=1  # a typo\ncltune trian --data a.csv\n"
-            "accelerate launch --multi_gpu -m cltune sweep c.yaml --grid a=1,2\n```\nsee `cltune run x.yaml --resume`")
+            "accelerate launch --multi_gpu -m cltune sweep c.yaml --grid a=1,2\n```\nsee `cltune run x.yaml --resume`,"
+            " `cltune run --help` and `cltune --hlep`")
     assert _unknown_commands_and_flags(text) == ["cltune run my.yaml --sett x=1: run has no --sett",
-                                                 "cltune trian --data a.csv: no command 'trian'"]
+                                                 "cltune trian --data a.csv: no command 'trian'",
+                                                 "cltune --hlep: cltune has no --hlep"]
 
 
-def test_readme_make_targets_exist():
-    import re
-
-    makefile = (README.parent / "Makefile").read_text(encoding="utf-8")
+def test_make_targets_on_every_page_exist():
+    makefile = _text(ROOT / "Makefile")
     targets = set(re.findall(r"^([a-z-]+):", makefile, flags=re.M))
-    blocks = "".join(re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S))
-    used = set(re.findall(r"^make ([a-z-]+)", blocks, flags=re.M))
-    assert used and used <= targets, used - targets
+    blocks = "".join(block for page in PAGES for block in re.findall(r"```bash\n(.*?)```", _text(page), flags=re.S))
+    used = set(re.findall(r"^\s*make ([a-z-]+)", blocks, flags=re.M))
+    assert {"demo", "test"} <= used and used <= targets, used - targets
 
 
-def test_the_readme_example_strategy_runs_end_to_end(tiny_config):
+def test_the_example_strategy_runs_end_to_end(tiny_config):
     """The "Writing a strategy" example, executed as written: registered, configured, trained, resumed state."""
-    import re
-
     from cltune.api import make_config
     from cltune.pipeline import run
 
-    text = README.read_text(encoding="utf-8")
-    block = text[text.index("### Writing a strategy"):]
+    text = _text(STRATEGIES_PAGE)
+    block = text[text.index("## Writing a strategy"):]
     code = re.search(r"```python\n(.*?)```", block, flags=re.S).group(1)
     namespace: dict = {}
-    exec(compile(code, "README.md (Writing a strategy)", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(code, f"{_name(STRATEGIES_PAGE)} (Writing a strategy)", "exec"), namespace)  # noqa: S102 - our own docs
     cls = namespace["STRATEGY"]
     REGISTRY.add(cls)
     try:
@@ -109,8 +147,8 @@ def test_the_readme_example_strategy_runs_end_to_end(tiny_config):
 
 
 def _fault_table_tests() -> list[tuple[str, str]]:
-    """(test file, test function) of every test the README's fault table names."""
-    section = README.read_text(encoding="utf-8").split("| fault | what cltune does | test |", 1)[1].split("\n\n", 1)[0]
+    """(test file, test function) of every test the troubleshooting page's fault table names."""
+    section = _text(TROUBLESHOOTING_PAGE).split("| fault | what cltune does | test |", 1)[1].split("\n\n", 1)[0]
     named = []
     for row in section.splitlines()[2:]:
         cells = row.split(" | ")
@@ -121,10 +159,49 @@ def _fault_table_tests() -> list[tuple[str, str]]:
     return named
 
 
-def test_every_fault_in_the_readme_table_names_a_test_that_exists():
+def test_every_fault_in_the_table_names_a_test_that_exists():
     named = _fault_table_tests()
     assert len(named) >= 15
     tests = Path(__file__).resolve().parent
     missing = [f"{file}::{function}" for file, function in named
                if not re.search(rf"^def {function}\(", (tests / file).read_text(encoding="utf-8"), re.M)]
     assert not missing, missing
+
+
+def _built_page(site: Path, page: str) -> str:
+    """A built page's HTML, whichever URL style mkdocs.yml picks (page.html or page/index.html)."""
+    path = site / f"{page}.html"
+    return (path if path.exists() else site / page / "index.html").read_text(encoding="utf-8")
+
+
+def _section(html: str, anchor: str) -> str:
+    """The HTML from the heading with id `anchor` to the next heading of the same level."""
+    start = html.index(f'id="{anchor}"')
+    level = html.rfind("<h", 0, start)
+    tag = html[level:level + 3]
+    end = html.find(tag, start)
+    return html[start:end if end != -1 else len(html)]
+
+
+def test_the_docs_site_builds_strictly_with_the_reference_generated_from_the_code(tmp_path):
+    if importlib.util.find_spec("mkdocs") is None:
+        pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
+    from typer.main import get_command
+
+    from cltune.cli import app
+
+    site = tmp_path / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    build = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout + build.stderr  # strict: a broken link or anchor fails the build
+
+    config = _built_page(site, "reference/config")
+    assert "<code>lambda</code>" in _section(config, "ewc")  # the `ewc` section's key, from its settings model
+    for section in REGISTRY.sections():
+        assert f'id="{section}"' in config, section
+    cli = _built_page(site, "reference/cli")
+    assert "--resume" in _section(cli, "cltune-run")  # the `run` command's option, from the Typer app
+    for name in get_command(app).commands:
+        assert f'id="cltune-{name}"' in cli, name
+    assert "-reference -->" not in config + cli  # every marker was replaced

@@ -1,4 +1,4 @@
-"""Replay buffer selection: random (the seed's), highest-loss and a fixed-size reservoir."""
+"""Replay buffer selection: random (the reference pipeline's), highest-loss and a fixed-size reservoir."""
 
 from __future__ import annotations
 

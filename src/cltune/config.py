@@ -102,7 +102,7 @@ class PhaseSettings(Strict):
                                 "each other speaker costs one more forward and backward per utterance; 0: off")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps with linear warmup")
-    batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the seed's 2 × 16)")
+    batch_size: int = Field(32, ge=1, description="utterances per optimizer step (the reference pipeline's 2 × 16)")
     micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="utterances per forward pass (speed and memory only: which utterances share a step, and "
         "the token-weighted loss, do not depend on it); auto: 32 where matmuls run in bf16 (AMX/AVX-512 BF16 CPUs, "

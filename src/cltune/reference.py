@@ -42,8 +42,13 @@ def _default(field) -> str:
     return str(field.default) if hasattr(field.default, "as_posix") else repr(field.default)
 
 
-def section(title: str, model: type[BaseModel]) -> list[str]:
-    lines = [f"**`{title}`**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+def _title(title: str, level: int | None) -> str:
+    """A section's title: bold (the CLI's printout) or a Markdown heading (the docs site, whose table of contents lists it)."""
+    return f"**`{title}`**" if level is None else f"{'#' * level} `{title}`"
+
+
+def section(title: str, model: type[BaseModel], level: int | None = None) -> list[str]:
+    lines = [_title(title, level), "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         key = field.alias or name
         lines.append(f"| `{key}` | {_type(field.annotation)} | `{_default(field)}` | {_cell(field.description)} |")
@@ -53,7 +58,8 @@ def section(title: str, model: type[BaseModel]) -> list[str]:
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
-def config_reference() -> str:
+def config_reference(level: int | None = None) -> str:
+    """Every config key with its type, default and meaning; `level` makes each section's title a heading of that level."""
     from cltune.strategies import REGISTRY
 
     top = {k: v for k, v in BaseRunConfig.model_fields.items()}
@@ -63,10 +69,11 @@ def config_reference() -> str:
     lines.append("")
     for title, model in (("model", ModelSettings), ("lora", LoraSettings), ("data", DataSettings),
                          ("train / phases[i] (phaseK.* in --set)", PhaseSettings), ("eval", EvalSettings)):
-        lines += section(title, model)
-    lines += ["`tasks[i]`: `path` (required), `name`, `speaker_col`, `text_col`, `conversation_col`.", ""]
+        lines += section(title, model, level)
+    keys = "`path` (required), `name`, `speaker_col`, `text_col`, `conversation_col`."
+    lines += ([f"`tasks[i]`: {keys}"] if level is None else [_title("tasks[i]", level), "", f"Each task's keys: {keys}"]) + [""]
     for name, model in REGISTRY.sections().items():
-        lines += section(name, model)
+        lines += section(name, model, level)
     return "\n".join(lines)
 
 

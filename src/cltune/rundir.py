@@ -34,7 +34,7 @@ def check_run_dir(run_dir: Path, overwrite: bool, resume: bool = False) -> None:
     if overwrite or resume or not holds_run(run_dir):
         return
     raise UserError(f"{run_dir}: already holds a run; pass --overwrite to replace it, --resume to continue it, "
-                    "or choose another name/output_dir")
+                    "or choose another run folder (run, demo: --set name=NEW; train: another --out)")
 
 
 def input_hashes(config) -> list[dict]:

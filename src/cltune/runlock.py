@@ -47,7 +47,7 @@ def _lock(path: Path, run_dir: Path) -> int:
             owner = _holder(_read(fd))
             os.close(fd)
             raise UserError(f"{run_dir}: another cltune run is using this run folder ({owner}); wait for it to "
-                            "finish or stop it, or choose another name/output_dir") from None
+                            "finish or stop it, or choose another run folder (run, demo: --set name=NEW; train: another --out)") from None
         try:  # the owner unlinks the file as it lets go: the file we locked must still be the one on disk
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 return fd

@@ -1,4 +1,4 @@
-"""Grid sweeps (the seed's ablations): one run per grid point, sharing phase-1 checkpoints.
+"""Grid sweeps (the reference pipeline's ablations): one run per grid point, sharing phase-1 checkpoints.
 
 Points whose phase 1 would train identically (same model, LoRA, data, first task, seed and
 phase-1 settings, and a strategy that trains phase 1 like `naive`) reuse the first such

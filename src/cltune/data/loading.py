@@ -270,7 +270,7 @@ def load_dialogue(
                 continue
             raise UserError(
                 f"{path}: {unit} {line}: missing text in column {t_name!r}; fill it in, delete the row, "
-                "or set data.drop_missing: true"
+                "or pass --set data.drop_missing=true (drop_missing: true under data: in a config)"
             )
         conversation = None
         if c_name:

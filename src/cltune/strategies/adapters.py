@@ -1,4 +1,4 @@
-"""`adapters`: one LoRA adapter per task (parameter isolation, the seed's "progressive networks").
+"""`adapters`: one LoRA adapter per task (parameter isolation, the reference pipeline's "progressive networks").
 
 Task 1 trains PEFT's "default" adapter; task k ≥ 2 adds `task{k}` (same LoRA settings, its own
 trainable speaker-token rows) and trains only it. Earlier adapters are never touched, so an earlier

@@ -3,9 +3,9 @@
 After each phase the diagonal empirical Fisher — the mean over utterances of the squared gradient
 of each utterance's log-likelihood (summed over its target tokens; the sum, not the mean: the Fisher of
 a sequence is the expected squared score of its log-likelihood, and squaring the gradient of the mean
-shrank it by the squared length, ≈ 20² for a chat turn, which made the seed's λ = 10 a no-op) — is
+shrank it by the squared length, ≈ 20² for a chat turn, which made the reference pipeline's λ = 10 a no-op) — is
 estimated, from batched passes (`cltune.per_example`), on that task's
-replay sample (the seed's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
+replay sample (the reference pipeline's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
 add  λ · Σ_tasks Σ_i F_i (θ_i − θ*_i)²  — no ½ factor. `mode: separate` keeps one (F, θ*) per
 earlier task and sums their penalties; `mode: online` keeps one running F ← γ·F + F_new with
 θ* the latest weights.

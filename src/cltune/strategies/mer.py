@@ -9,7 +9,7 @@ of their movement they agree on, which favours directions good for new and repla
 a phase's last window may be shorter.
 
 Unlike `reptile`, which meta-trains the starting point once before phase 1 and does nothing afterwards,
-this acts during every phase; both are kept (`reptile` is the seed's, measured in
+this acts during every phase; both are kept (`reptile` is the reference pipeline's, measured in
 docs/benchmarks/strategies.md).
 """
 

@@ -2,7 +2,7 @@
 phase (shuffled in with the new data, not appended).
 
 Which utterances are kept (`selection`):
-- `random`: a seeded uniform sample of `ratio` of each finished dataset (the seed's choice);
+- `random`: a seeded uniform sample of `ratio` of each finished dataset (the reference pipeline's choice);
 - `highest_loss`: the same number, the utterances with the highest mean token NLL under the model at the
   end of their phase (the ones it found hardest; one scoring pass over the training split);
 - `reservoir`: one buffer of fixed size for the whole stream (`capacity`, default `ratio` × the first
