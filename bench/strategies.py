@@ -80,7 +80,7 @@ def budget(args) -> dict:
         "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "micro_batch_size": args.batch_size,
                   "schedule": "constant", "warmup_ratio": 0.0},
         "eval": {"samples_per_speaker": 0, "attribution": args.attribution},
-        # Reptile's meta-training is capped so its cost stays comparable; the README documents the default cost.
+        # Reptile's meta-training is capped so its cost stays comparable; docs/howto/strategies.md documents the default cost.
         "reptile": {"meta_iterations": args.reptile_iterations},
     }
 

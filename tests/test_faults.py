@@ -1,4 +1,4 @@
-"""Faults a real user meets, each injected and its outcome asserted (README, Troubleshooting → faults):
+"""Faults a real user meets, each injected and its outcome asserted (docs: Troubleshooting → Faults cltune handles):
 odd paths, two runs into one folder, a full disk, Ctrl-C and SIGTERM, an unwritable output folder,
 damaged files, and inputs of a million rows or a 100 MB cell.
 

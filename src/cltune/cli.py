@@ -213,16 +213,11 @@ def report(run_dir: Path = typer.Argument(..., parser=user_path, help="a run fol
 
 
 @app.command("config-reference")
-def config_reference(readme: Path | None = typer.Option(None, parser=user_path, help="rewrite this README's reference block instead")) -> None:
-    """Print the config reference (Markdown) generated from the config models."""
-    from cltune.files import atomic_write_text
+def config_reference() -> None:
+    """Print the config reference (Markdown): every key with its type, default and meaning."""
     from cltune.reference import config_reference as reference
-    from cltune.reference import readme_with_reference
 
-    if readme is None:
-        print(reference())
-    else:
-        atomic_write_text(readme, readme_with_reference(readme.read_text(encoding="utf-8")))
+    print(reference())
 
 
 @app.command()

@@ -55,9 +55,6 @@ def section(title: str, model: type[BaseModel], level: int | None = None) -> lis
     return lines + [""]
 
 
-START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-
-
 def config_reference(level: int | None = None) -> str:
     """Every config key with its type, default and meaning; `level` makes each section's title a heading of that level."""
     from cltune.strategies import REGISTRY
@@ -75,12 +72,6 @@ def config_reference(level: int | None = None) -> str:
     for name, model in REGISTRY.sections().items():
         lines += section(name, model, level)
     return "\n".join(lines)
-
-
-def readme_with_reference(readme: str) -> str:
-    """The README text with its config-reference block regenerated."""
-    a, b = readme.index(START) + len(START), readme.index(END)
-    return readme[:a] + "\n" + config_reference().rstrip() + "\n" + readme[b:]
 
 
 def _cell(text: str | None) -> str:

@@ -3,7 +3,7 @@
 Each module of this package declares its strategy with one line, `STRATEGY = TheClass`; the
 registry reads those declarations (importing a module registers nothing by itself), checks that
 names are unique and that two strategies reading one config section agree on its settings model.
-Adding a strategy is one file here plus its README paragraph. A strategy defined elsewhere (a
+Adding a strategy is one file here plus its paragraph in docs/howto/strategies.md. A strategy defined elsewhere (a
 test, a plugin) joins with `REGISTRY.add(cls)` and leaves with `REGISTRY.remove(name)`.
 """
 
