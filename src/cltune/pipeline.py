@@ -66,7 +66,7 @@ def _header(session: Session) -> RunMetrics:
         processes=session.accelerator.num_processes, tasks=[t.name for t in session.tasks],
         speaker_tokens=session.speaker_tokens, parameters=session.counts,
         split_sizes=[{"train": len(t.train), "val": len(t.val), "test": len(t.test)} for t in session.tasks],
-        context_turns=config.data.context_turns,
+        context_turns=config.data.context_turns, settings_sections=list(session.strategy.sections),
     )
 
 

@@ -1,5 +1,5 @@
 """The typed, versioned contents of RUN/metrics.json: written by the pipeline, read by the report,
-the sweep, resume and comparisons. Field meanings are in the README's metrics table.
+the sweep, resume and comparisons. Field meanings are in docs/reference/metrics.md.
 
 Version history: 1 — the untyped dict (no `schema_version` key); 2 — this model (same keys, plus
 `schema_version`). Version 1 files still load.
@@ -77,6 +77,9 @@ class RunMetrics(_Record):
     # "single": one model serves every task, the matrix needs no task id. "oracle": the matrix gives each
     # task its own weights (the task id, which users do not have); `agnostic` holds the speaker-routed matrix.
     routing: str = "single"
+    # The strategy's own config sections (e.g. ewc and replay for ewc_replay), so a report can show its settings
+    # without importing the strategies; None in files written before it was recorded.
+    settings_sections: list[str] | None = None
     tasks: list[str]
     speaker_tokens: dict[str, str]
     parameters: dict[str, int]
@@ -90,7 +93,7 @@ class RunMetrics(_Record):
     speaker_attribution: list[list[float | None]] = Field(default_factory=list)
     phases: list[PhaseRecord] = Field(default_factory=list)
     samples: list[Sample] = Field(default_factory=list)
-    forgetting_pct: list[float] | None = None  # final vs just learned (the seed's convention)
+    forgetting_pct: list[float] | None = None  # final vs just learned (the reference pipeline's convention)
     max_forgetting_pct: float | None = None
     peak_forgetting_pct: list[float] | None = None  # worst rise over any later phase (Chaudhry et al. 2018)
     max_peak_forgetting_pct: float | None = None
@@ -102,6 +105,13 @@ class RunMetrics(_Record):
     @property
     def complete(self) -> bool:
         return len(self.ppl) == len(self.tasks) + 1
+
+    def scored(self) -> tuple[RunMetrics | AgnosticRows, str]:
+        """The rows the run's headline figures come from, and their routing ("single", "oracle" or "agnostic"): a
+        matrix that needed the task id is scored by its speaker-routed rows, what a user of the saved model gets."""
+        if self.routing == "oracle" and self.agnostic is not None and self.agnostic.ppl:
+            return self.agnostic, "agnostic"
+        return self, self.routing
 
     def with_summary(self) -> RunMetrics:
         """The forgetting, BWT/FWT and final-average figures, once every phase has its row."""

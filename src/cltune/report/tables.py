@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from cltune.results import RunMetrics
+from cltune.report.words import (
+    BWT_MEANING,
+    FWT_MEANING,
+    attribution_words,
+    bwt_words,
+    final_ppl_words,
+    forgetting_lines,
+    fwt_words,
+    routing_caption,
+    routing_label,
+    speakers_per_task,
+)
+from cltune.results import AgnosticRows, RunMetrics
 
 
 def eda_table(summary: dict) -> Table:
@@ -18,23 +30,47 @@ def eda_table(summary: dict) -> Table:
     return table
 
 
-def ppl_table(metrics: RunMetrics) -> Table:
-    table = Table(title=f"Test perplexity — {metrics.run} ({metrics.strategy})")
-    table.add_column("after")
+def ppl_table(metrics: RunMetrics, rows: RunMetrics | AgnosticRows | None = None, routing: str = "") -> Table:
+    """The perplexity matrix (`rows`: the run's own unless given), titled with how it was routed."""
+    rows = metrics if rows is None else rows
+    title = f"Test perplexity — {metrics.run} ({metrics.strategy})"
+    caption = "lower is better" + (f"; {routing_label(routing)}" if routing else "")
+    table = Table(title=title, caption=caption, min_width=max(len(title), len(caption)) + 4)
+    table.add_column("after phase ↓ / evaluated on →")
     for name in metrics.tasks:
         table.add_column(name, justify="right")
-    for i, row in enumerate(metrics.ppl):
-        table.add_row("no training" if i == 0 else f"phase {i}", *(f"{v:.2f}" for v in row))
+    for i, row in enumerate(rows.ppl):
+        table.add_row("before training" if i == 0 else f"{i}: {metrics.tasks[i - 1]}", *(f"{v:.2f}" for v in row))
     return table
 
 
+def summary_lines(metrics: RunMetrics) -> list[str]:
+    """The closing summary's sentences: what each figure is and whether it is good, for the rows the run is
+    scored by (speaker-routed when its matrix needed the task id)."""
+    rows, routing = metrics.scored()
+    lines = [f"Scored by: {routing_label(routing)}. {routing_caption(metrics, routing)}"]
+    final = final_ppl_words(rows, metrics.tasks)
+    if final:
+        lines.append(final)
+    forgetting = forgetting_lines(metrics.tasks, rows)
+    if forgetting:
+        lines.append("Forgetting (test PPL at the end vs right after learning the task):")
+        lines += [f"  {line}" for line in forgetting]
+        for words, meaning in ((bwt_words(rows.bwt), BWT_MEANING), (fwt_words(rows.fwt), FWT_MEANING)):
+            if words:
+                lines += [words, f"  {meaning}"]
+    if routing == "agnostic" and metrics.forgetting_pct:
+        lines.append(f"With the task id given ({routing_label('oracle')}, which users do not have): "
+                     + "; ".join(forgetting_lines(metrics.tasks, metrics)) + ".")
+    if rows.speaker_attribution:
+        attribution = attribution_words(metrics.tasks, rows.speaker_attribution[-1], speakers_per_task(metrics))
+        if attribution:
+            lines.append(attribution)
+    return lines
+
+
 def print_summary(console, metrics: RunMetrics) -> None:
-    console.print(ppl_table(metrics))
-    if metrics.forgetting_pct:
-        peak = metrics.peak_forgetting_pct or metrics.forgetting_pct
-        parts = ", ".join(f"{t} {f:+.1f}% (peak {p:+.1f}%)" for t, f, p in zip(metrics.tasks, metrics.forgetting_pct, peak))
-        console.print(f"forgetting, final vs just learned: {parts}; BWT {metrics.bwt:+.4f}, FWT {metrics.fwt:+.4f} (log-PPL)"
-                      + (" — oracle task id" if metrics.routing == "oracle" else ""))
-        if metrics.agnostic is not None and metrics.agnostic.forgetting_pct:
-            parts = ", ".join(f"{t} {f:+.1f}%" for t, f in zip(metrics.tasks, metrics.agnostic.forgetting_pct))
-            console.print(f"forgetting routed by speaker token alone (agnostic): {parts}")
+    rows, routing = metrics.scored()
+    console.print(ppl_table(metrics, rows, routing))
+    for line in summary_lines(metrics):
+        console.print(line, markup=False, highlight=False)
