@@ -152,14 +152,9 @@ def _eta(started: float, ran: int, left: int) -> str:
 # --- figures -------------------------------------------------------------------------------------
 
 
-def matrix_of(metrics: RunMetrics):
-    """The matrix a comparison uses: the agnostic one for task-routed strategies (no oracle task id)."""
-    return (metrics.agnostic, "agnostic") if metrics.routing == "oracle" and metrics.agnostic else (metrics, "single")
-
-
 def _per_run(metrics: RunMetrics, reference: RunMetrics) -> dict:
-    rows, routing = matrix_of(metrics)
-    ref_rows, _ = matrix_of(reference)
+    rows, routing = metrics.scored()  # the speaker-routed rows for task-routed strategies: no oracle task id
+    ref_rows, _ = reference.scored()
     final = list(rows.ppl[-1])
     attribution = [v for v in rows.speaker_attribution[-1] if v is not None]
     phases = metrics.phases
