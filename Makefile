@@ -22,7 +22,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest
+	# One worker per core (each test owns its folder, and tiny models run one thread each); the 15 slowest are listed.
+	$(BIN)/python -m pytest -n auto --durations=15
 
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
