@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/cltune demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench docs/hooks
 	# One worker per core (each test owns its folder, and tiny models run one thread each); the 15 slowest are listed.
 	$(BIN)/python -m pytest -n auto --durations=15
 

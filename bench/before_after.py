@@ -20,8 +20,9 @@ sys.path.insert(0, f"{tree}/bench")
 sys.path.insert(0, f"{tree}/src")
 
 import cltune  # noqa: E402
-from benchlib import demo_stream, phase_settings, run_cltune, with_small_val  # noqa: E402
 from cltune.strategies import create_strategy  # noqa: E402
+
+from benchlib import demo_stream, phase_settings, run_cltune, with_small_val  # noqa: E402
 
 if not cltune.__file__.startswith(tree):
     raise SystemExit(f"imported cltune from {cltune.__file__}, not from {tree}")

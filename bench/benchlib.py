@@ -1,5 +1,5 @@
 """Shared pieces of the benchmark scripts: the machine's description, the demo stream's context
-built the way `cltune.pipeline.run` builds it, and tokens/s of the real `train_phase` read from
+built the way `cltune.studies.pipeline.run` builds it, and tokens/s of the real `train_phase` read from
 its own train log.
 
 Not part of the package or the tests: run the scripts in this folder directly.
@@ -78,11 +78,11 @@ class Stream:
 
 
 def demo_stream(config_path: Path = DEMO_CONFIG, precision: str | None = None, overrides: list[str] | None = None) -> Stream:
-    """Accelerator, tasks, model and Context exactly as `cltune.pipeline.run` builds them (`build_session`)."""
+    """Accelerator, tasks, model and Context exactly as `cltune.studies.pipeline.run` builds them (`build_session`)."""
     from accelerate.utils import set_seed
 
     from cltune.api import demo_config
-    from cltune.session import build_session
+    from cltune.training.session import build_session
 
     ensure_demo_data()
     sets = [*(overrides or []), *([f"model.precision={precision}"] if precision else [])]
@@ -129,8 +129,8 @@ def window(points: list[tuple[float, int]], load: float) -> Timed:
 
 
 def run_cltune(stream: Stream, strategy, task, settings, phase: int = 0) -> Timed:
-    """One call of the real `cltune.train.train_phase`, timed from its own train log."""
-    from cltune.train import train_phase
+    """One call of the real `cltune.training.loop.train_phase`, timed from its own train log."""
+    from cltune.training.loop import train_phase
 
     with tempfile.TemporaryDirectory() as tmp:
         log_path = Path(tmp) / "train_log.jsonl"

@@ -53,7 +53,7 @@ def part_timings(stream, strategies: dict, task_b, micro_batch_size: int, batch_
     """Seconds of each strategy's own work for one optimizer step of phase 2, timed alone."""
     import torch
 
-    from cltune.batching import collate, length_grouped_batches
+    from cltune.modeling.batching import collate, length_grouped_batches
     from cltune.strategies.ewc import ewc_penalty
 
     ctx = stream.ctx
@@ -91,11 +91,22 @@ def part_timings(stream, strategies: dict, task_b, micro_batch_size: int, batch_
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from benchlib import demo_stream, describe_machine, load1, machine_line, median, phase_settings, run_cltune, table, \
-        with_small_val, write_json
     from cltune.strategies import create_strategy
     from cltune.strategies.ewc import fisher_diagonal, per_example_grads
-    from cltune.train import plan_steps
+    from cltune.training.loop import plan_steps
+
+    from benchlib import (
+        demo_stream,
+        describe_machine,
+        load1,
+        machine_line,
+        median,
+        phase_settings,
+        run_cltune,
+        table,
+        with_small_val,
+        write_json,
+    )
 
     machine = describe_machine()
     print(machine_line(machine), flush=True)

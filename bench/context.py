@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import DEMO_CONFIG, describe_machine, machine_line  # noqa: E402
 from cltune.data.demo import write_demo_corpus  # noqa: E402
-from cltune.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences  # noqa: E402
+from cltune.evaluation.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences  # noqa: E402
+
+from benchlib import DEMO_CONFIG, describe_machine, machine_line  # noqa: E402
 
 NOTES = ("<!-- notes:start -->", "<!-- notes:end -->")
 VARIANTS = {"k0": ["data.context_turns=0"], "k2": ["data.context_turns=2"]}

@@ -1,5 +1,5 @@
 """The EWC Fisher on the demo's guest-A replay sample: one backward per utterance against batched
-passes (`cltune.per_example`), for runs of each precision (the Fisher itself is fp32 arithmetic),
+passes (`cltune.modeling.per_example`), for runs of each precision (the Fisher itself is fp32 arithmetic),
 alternated, with the largest difference between them.
 
     python bench/fisher.py [--rounds 3] [--precisions fp32,bf16] [--batch-sizes 8,16,32]
@@ -21,11 +21,11 @@ def main(argv=None) -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--batch-sizes", default="8,16,32")
     args = parser.parse_args(argv)
-    from benchlib import demo_stream, describe_machine, machine_line, median
-
-    from cltune.per_example import per_example_grads
+    from cltune.modeling.per_example import per_example_grads
     from cltune.strategies import create_strategy
     from cltune.strategies.ewc import fisher_diagonal
+
+    from benchlib import demo_stream, describe_machine, machine_line, median
 
     print(machine_line(describe_machine()), flush=True)
     sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -32,7 +32,7 @@ def prepare(target: Path) -> None:
     """Config and tokenizer of the bundled model (converted once by cltune) into `target`."""
     sys.path.insert(0, str(ROOT / "src"))
     from cltune.config import ModelSettings
-    from cltune.model import resolve_model_dir
+    from cltune.modeling.model import resolve_model_dir
 
     source = Path(resolve_model_dir(ModelSettings().name)[0])
     target.mkdir(parents=True, exist_ok=True)

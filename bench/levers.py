@@ -50,8 +50,8 @@ def patched(owner, name: str, value):
 def full_logits_forward(self, input_ids, position_ids, labels):
     """TokenScorer.forward with the LM head at every position (as a plain model call does), then the
     target positions picked out: the same result, the cost of the logits it need not compute."""
-    from cltune.batching import IGNORE
-    from cltune.scoring import _embed, _head
+    from cltune.modeling.batching import IGNORE
+    from cltune.modeling.scoring import _embed, _head
 
     base = self._base()
     embeds = _embed(base.get_input_embeddings(), input_ids)
@@ -63,8 +63,8 @@ def full_logits_forward(self, input_ids, position_ids, labels):
 
 def variants(pack_length: int) -> dict:
     """name → (phase-setting changes, context manager factory around the run)."""
-    import cltune.scoring
-    from cltune.scoring import TokenScorer
+    import cltune.modeling.scoring
+    from cltune.modeling.scoring import TokenScorer
 
     return {
         "default": ({}, nullcontext),
@@ -76,13 +76,13 @@ def variants(pack_length: int) -> dict:
         "pack-mb32": ({"packing": True, "pack_length": pack_length, "micro_batch_size": 32}, nullcontext),
         "threads1": ({}, lambda: threads(1)),
         "full-logits": ({}, lambda: patched(TokenScorer, "forward", full_logits_forward)),
-        "peft-new-tokens": ({}, lambda: patched(cltune.scoring, "_new_rows", lambda module: None)),
+        "peft-new-tokens": ({}, lambda: patched(cltune.modeling.scoring, "_new_rows", lambda module: None)),
     }
 
 
 def micro_batches(stream, n: int = 4, size: int = 8):
     """The first n length-grouped micro-batches of guest A's training plan, as model inputs."""
-    from cltune.batching import collate, length_grouped_batches
+    from cltune.modeling.batching import collate, length_grouped_batches
 
     ctx = stream.ctx
     encoded = ctx.encode(stream.tasks[0].train)
@@ -94,7 +94,7 @@ def micro_step(stream, scorer, batches, autocast: bool = False) -> tuple[float, 
     """Seconds and target tokens of forward + backward over `batches` (gradients then dropped)."""
     import torch
 
-    from cltune.scoring import target_nll
+    from cltune.modeling.scoring import target_nll
 
     start = time.perf_counter()
     for batch in batches:
@@ -125,9 +125,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from benchlib import demo_stream, describe_machine, load1, machine_line, median, phase_settings, run_cltune, table, \
-        with_small_val, write_json
     from cltune.strategies import create_strategy
+
+    from benchlib import (
+        demo_stream,
+        describe_machine,
+        load1,
+        machine_line,
+        median,
+        phase_settings,
+        run_cltune,
+        table,
+        with_small_val,
+        write_json,
+    )
 
     machine = describe_machine()
     print(machine_line(machine), flush=True)

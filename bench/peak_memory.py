@@ -30,10 +30,11 @@ def main(argv=None) -> int:
 
     import torch
 
+    from cltune.evaluation.evaluate import example_nll
+    from cltune.modeling.batching import collate
+    from cltune.modeling.scoring import target_nll
+
     from benchlib import demo_stream
-    from cltune.batching import collate
-    from cltune.evaluate import example_nll
-    from cltune.scoring import target_nll
 
     stream = demo_stream()
     ctx = stream.ctx

@@ -29,11 +29,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.onednn_cache is not None:
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(args.onednn_cache)  # before cltune's default applies
-    from benchlib import demo_stream, phase_settings, run_cltune, with_small_val
-
-    import cltune.train as loop
-    from cltune.memory import peak_rss_mb, release_free_memory
+    import cltune.training.loop as loop
+    from cltune.modeling.memory import peak_rss_mb, release_free_memory
     from cltune.strategies import create_strategy
+
+    from benchlib import demo_stream, phase_settings, run_cltune, with_small_val
 
     stream = demo_stream()
     step, seen = loop._optimizer_step, []

@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import cpu_description  # noqa: E402
 from cltune.data.demo import write_demo_corpus  # noqa: E402
 from cltune.strategies import REGISTRY  # noqa: E402
+
+from benchlib import cpu_description  # noqa: E402
 
 NOTES = ("<!-- notes:start -->", "<!-- notes:end -->")
 

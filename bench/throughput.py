@@ -5,8 +5,8 @@ q,k,v,o) on the same utterances (guest A's train split of src/cltune/configs/dem
 
 - baseline, written the way the reference pipeline did it: HF `Trainer` + PEFT, every utterance padded to
   max_length=100, batch 2 × gradient accumulation 16, fp32, full-vocabulary logits;
-- cltune: the real `cltune.train.train_phase` (Naive strategy, the Context built as
-  `cltune.pipeline.run` builds it) with the config's defaults (`micro_batch_size: auto`, LM head
+- cltune: the real `cltune.training.loop.train_phase` (Naive strategy, the Context built as
+  `cltune.studies.pipeline.run` builds it) with the config's defaults (`micro_batch_size: auto`, LM head
   only at target positions), once per precision: fp32, and bf16 (base in bf16, matmuls in bf16,
   the rest fp32) where the CPU has AVX-512 BF16/AMX or the GPU has bf16.
 
@@ -87,7 +87,7 @@ def baseline_model(stream, device: str):
     """The reference pipeline's model: same base, same added tokens, plain PEFT LoRA (no trainable token rows)."""
     from peft import LoraConfig, get_peft_model
 
-    from cltune.model import add_special_tokens, load_base, resize_for
+    from cltune.modeling.model import add_special_tokens, load_base, resize_for
 
     model, tokenizer = load_base(stream.config.model)
     add_special_tokens(tokenizer, stream.speaker_tokens)
@@ -141,12 +141,22 @@ def main(argv=None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     import torch
 
-    from benchlib import demo_stream, describe_machine, machine_line, median, phase_settings, run_cltune, table, \
-        with_small_val, write_json
-    from cltune.batching import encode
-    from cltune.session import cpu_supports_bf16
+    from cltune.modeling.batching import encode
     from cltune.strategies import create_strategy
-    from cltune.train import micro_batch
+    from cltune.training.loop import micro_batch
+    from cltune.training.session import cpu_supports_bf16
+
+    from benchlib import (
+        demo_stream,
+        describe_machine,
+        machine_line,
+        median,
+        phase_settings,
+        run_cltune,
+        table,
+        with_small_val,
+        write_json,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

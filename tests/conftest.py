@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def prepared(model_dir: Path, tokens=("<HOST>", "<GUEST_A>"), r: int = 4):
     """(LoRA model with trainable speaker rows, tokenizer, new token ids) from a local model folder."""
     from cltune.config import LoraSettings, ModelSettings
-    from cltune.model import add_special_tokens, attach_lora, load_base, resize_for
+    from cltune.modeling.model import add_special_tokens, attach_lora, load_base, resize_for
 
     model, tokenizer = load_base(ModelSettings(name=str(model_dir)))
     new_ids = add_special_tokens(tokenizer, list(tokens))
@@ -145,7 +145,7 @@ def reference(tiny_model_dir, stream):
     """An uninterrupted in-process run of the tiny ewc_replay stream (replay buffer and Fisher state) with step
     checkpoints every 2 steps, in stream/runs/reference: what resumed and faulted runs must equal."""
     from cltune.api import make_config
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     return run(make_config(stream_config(tiny_model_dir, stream, name="reference", checkpoint_every=2)))
 
@@ -155,7 +155,7 @@ def strategy_streams(tiny_model_dir, tmp_path_factory):
     """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream, run once per
     strategy per session and shared by the end-to-end tests and the resume tests."""
     from cltune.api import make_config
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     folder, cache = tmp_path_factory.mktemp("streams"), {}
 

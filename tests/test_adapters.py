@@ -9,18 +9,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PPL_ONLY
-from cltune.batching import collate
-from cltune.checkpoint import load_checkpoint
-from cltune.pipeline import run
-from cltune.routing import load_router
-from cltune.session import build_session
+from cltune.modeling.batching import collate
+from cltune.modeling.checkpoint import load_checkpoint
 from cltune.strategies.adapters import (
-    AdapterRouter, original_token_rows, speaker_routes, token_rows, using_adapter,
+    AdapterRouter,
+    original_token_rows,
+    speaker_routes,
+    token_rows,
+    using_adapter,
 )
 from cltune.strategies.base import Context
+from cltune.strategies.routing import load_router
+from cltune.studies.pipeline import run
+from cltune.training.session import build_session
 
-
+from conftest import PPL_ONLY
 
 
 def logits_of(ctx: Context, examples) -> torch.Tensor:
@@ -39,7 +42,7 @@ def test_speaker_routes_list_every_task_with_that_speaker_in_stream_order():
 
 
 def test_the_mixture_nll_is_the_equal_prior_mixture_of_the_candidates():
-    from cltune.evaluate import mixture_nll
+    from cltune.evaluation.evaluate import mixture_nll
 
     nll = torch.tensor([[2.0, 10.0], [3.0, 1.0]])  # 2 candidates × 2 utterances
     expected = [-math.log((math.exp(-2.0) + math.exp(-3.0)) / 2), -math.log((math.exp(-10.0) + math.exp(-1.0)) / 2)]
@@ -155,11 +158,11 @@ def test_agnostic_rows_route_each_utterance_by_its_speaker(strategy_streams):
     """Oracle rows give each task its own adapter; agnostic rows give each test utterance the adapters its
     speaker token routes to — after phase 2 task 1's host turns are scored by the equal-prior mixture of
     both adapters (the host is in both tasks), Guest A's by task 1's adapter alone."""
-    from cltune.batching import encode
-    from cltune.evaluate import example_nll
-    from cltune.session import load_tasks, make_accelerator
     from cltune.api import make_config
-    from cltune.scoring import TokenScorer
+    from cltune.evaluation.evaluate import example_nll
+    from cltune.modeling.batching import encode
+    from cltune.modeling.scoring import TokenScorer
+    from cltune.training.session import load_tasks, make_accelerator
 
     raw, metrics = strategy_streams("adapters")
     assert metrics.routing == "oracle" and len(metrics.agnostic.ppl) == 3

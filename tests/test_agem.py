@@ -9,14 +9,15 @@ import re
 
 import torch
 
-from conftest import QUIET_EVAL
-from cltune import pipeline
-from cltune.batching import collate
 from cltune.data.split import Split
-from cltune.scoring import target_nll
+from cltune.modeling.batching import collate
+from cltune.modeling.scoring import target_nll
 from cltune.strategies.agem import AGEM, agem_project, flatten
 from cltune.strategies.base import StepInfo
 from cltune.strategies.replay import replay_sample
+from cltune.studies import pipeline
+
+from conftest import QUIET_EVAL
 
 STEP = StepInfo(phase=2, step=1, steps=1, epoch=0)  # a step of a third phase, after both tasks are in memory
 

@@ -14,16 +14,16 @@ import pytest
 import torch
 from pydantic import Field
 
-from conftest import PPL_ONLY, tiny_run_config
 from cltune.api import make_config
 from cltune.config import Strict
 from cltune.errors import UserError
-from cltune.pipeline import run
-from cltune.results import RunMetrics
+from cltune.evaluation.results import RunMetrics
 from cltune.strategies import REGISTRY, Composite, Registry, Strategy
 from cltune.strategies.ewc import EWC
 from cltune.strategies.replay import Replay, ReplaySettings
+from cltune.studies.pipeline import run
 
+from conftest import PPL_ONLY, tiny_run_config
 
 
 def test_validating_a_config_imports_no_torch():
@@ -37,7 +37,7 @@ def test_the_registry_finds_every_strategy_file_and_checks_names_and_sections():
     assert REGISTRY["ewc_replay"].sections == {"ewc": REGISTRY["ewc"].sections["ewc"], "replay": ReplaySettings}
     package = Path(__file__).resolve().parents[1] / "src" / "cltune" / "strategies"
     files = {p.stem for p in package.glob("*.py") if "\nSTRATEGY = " in p.read_text(encoding="utf-8")}
-    assert set(REGISTRY.catalog().names) == set(REGISTRY) == files and len(REGISTRY) == 19
+    assert set(REGISTRY.catalog().names) == set(REGISTRY) == files and {"naive", "ewc_replay", "progressive"} <= files
     registry = Registry([Replay])
     with pytest.raises(ValueError, match="taken"):
         registry.add(Replay)
@@ -130,7 +130,7 @@ def test_a_strategy_from_a_test_file_runs_end_to_end_and_keeps_its_module(tiny_m
 
 
 def test_composite_combines_every_members_data_losses_and_costs(tiny_config):
-    from cltune.session import build_session
+    from cltune.training.session import build_session
 
     class Doubled(Strategy):  # adds a copy of the first two training utterances and a constant penalty
         name = "doubled"

@@ -217,7 +217,7 @@ def test_run_resume_continues_after_a_crash_in_phase_2(monkeypatch, capsys, run_
     reference = cltune(monkeypatch, capsys, "run", run_yaml, "--set", "name=reference")
     assert reference.code == 0, reference.err
 
-    import cltune.pipeline as pipeline
+    import cltune.studies.pipeline as pipeline
 
     real_train = pipeline.train_phase
 
@@ -271,7 +271,7 @@ def test_strategies_lists_the_registry(monkeypatch, capsys):
 
 
 def test_config_reference_prints_every_key(monkeypatch, capsys):
-    from cltune.reference import config_reference
+    from cltune.studies.reference import config_reference
 
     printed = cltune(monkeypatch, capsys, "config-reference")
     assert printed.code == 0 and printed.out == config_reference() + "\n"
@@ -282,7 +282,7 @@ def test_redirected_output_gets_plain_progress_lines(monkeypatch, capsys, run_ya
     """No live bar in a log file: a line with step, loss, tokens/s and time left instead (every 30 s; here every step)."""
     import re
 
-    monkeypatch.setattr("cltune.train.PLAIN_PROGRESS_S", 0.0)
+    monkeypatch.setattr("cltune.training.loop.PLAIN_PROGRESS_S", 0.0)
     result = cltune(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=3")
     assert result.code == 0, result.err
     lines = re.findall(r"phase (\d) · guest_\w: step (\d)/3, loss \d+\.\d{3}, \d+ tok/s, about [\d.]+ min left", result.out)

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import QUIET_EVAL, tiny_run_config
-from cltune.stats import (
+from cltune.evaluation.stats import (
     hierarchical_draws,
     log_ppl,
     mean_interval,
@@ -23,6 +22,8 @@ from cltune.stats import (
     resamples,
     t975,
 )
+
+from conftest import QUIET_EVAL, tiny_run_config
 
 
 def test_t_intervals_match_hand_computation():
@@ -120,8 +121,8 @@ def test_compare_replaces_a_run_of_another_config_and_resumes_its_own(tiny_model
     """Its run folders are compare's own: another config's run is rerun (--overwrite), this config's
     unfinished run continued (--resume) — never a dead end telling the user to pass a flag compare lacks."""
     from cltune.api import make_config
-    from cltune.compare import run_state
     from cltune.config import dump_config
+    from cltune.studies.compare import run_state
 
     config = make_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive"))
     assert run_state(config) == ("other", None)  # nothing there: a fresh run

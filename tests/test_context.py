@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cltune.batching import IGNORE, collate, encode, fit_context
 from cltune.data import Example, Split, Turn, build_task, load_dialogue
 from cltune.errors import UserError
+from cltune.modeling.batching import IGNORE, collate, encode, fit_context
+
 from conftest import WORDS, prepared, tiny_run_config
 
 
@@ -155,8 +156,8 @@ def test_a_score_with_context_counts_the_target_tokens_only(tok_model):
     of the whole sequence; its target count is the target's, as without context."""
     from accelerate import Accelerator
 
-    from cltune.evaluate import example_nll
-    from cltune.scoring import TokenScorer
+    from cltune.evaluation.evaluate import example_nll
+    from cltune.modeling.scoring import TokenScorer
 
     model, tok = tok_model
     context = (Turn("Host", "<HOST>", "so tell me", 2), Turn("Guest A", "<GUEST_A>", "i love pizza", 3))
@@ -178,7 +179,7 @@ def context_streams(tiny_model_dir, tmp_path_factory):
     """`streams(strategy, k)` → (run folder, RunMetrics) of a two-task stream whose files have a conversation
     column, with `data.context_turns` k; run once per (strategy, k) per module."""
     from cltune.api import make_config
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     folder, cache = tmp_path_factory.mktemp("context"), {}
     csvs = [write_conversations(folder / "guest_a.csv", "Guest A", 14, 1),
@@ -244,8 +245,8 @@ def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp
     what the library's own call returns; an unknown speaker in the file is refused with its line."""
     from contextlib import nullcontext
 
-    from cltune.chat import Sampling, Talker, read_context
-    from cltune.generate import generate_mixture, sample_continuations
+    from cltune.modeling.generate import generate_mixture, sample_continuations
+    from cltune.serving.chat import Sampling, Talker, read_context
     from test_cli import cltune
 
     run_dir, _ = context_streams("naive", 2)
@@ -283,7 +284,7 @@ def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp
 def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
     """`cltune chat --script`: each line is the user's turn or a command; the replies are streamed as
     `Name: text` and are exactly what the library gives for the conversation so far (last two turns)."""
-    from cltune.chat import Sampling, Talker
+    from cltune.serving.chat import Sampling, Talker
     from test_cli import cltune
 
     run_dir, _ = context_streams("naive", 2)
@@ -326,7 +327,7 @@ def test_chat_stops_a_reply_on_ctrl_c_and_ends_at_end_of_input():
 
     from rich.console import Console
 
-    from cltune.chat import chat
+    from cltune.serving.chat import chat
 
     class Fake:
         checkpoint, context_turns = Path("ckpt"), 2
@@ -367,7 +368,7 @@ def test_chat_stops_a_reply_on_ctrl_c_and_ends_at_end_of_input():
 
 
 def test_the_text_stream_emits_whole_characters_and_the_stripped_text(tok_model):
-    from cltune.generate import TextStream
+    from cltune.modeling.generate import TextStream
 
     _, tok = tok_model
     ids = _ids(tok, " so é tell me  ✓ ")
@@ -385,7 +386,7 @@ def test_packing_gives_the_same_steps_with_context_as_one_example_per_row(tiny_m
     """Packed rows restart positions at each example (context included), so each example attends to its own
     context only: the step losses match the unpacked run's."""
     from cltune.api import make_config
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     csvs = [write_conversations(tmp_path / "guest_a.csv", "Guest A", 14, 1)]
     losses = {}

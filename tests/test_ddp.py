@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_run_config
+from cltune.modeling.checkpoint import verify
+from cltune.training.loop import my_share
 
-from cltune.checkpoint import verify
-from cltune.train import my_share
+from conftest import tiny_run_config
 
 pytestmark = pytest.mark.ddp
 

@@ -124,7 +124,7 @@ def test_make_targets_on_every_page_exist():
 def test_the_example_strategy_runs_end_to_end(tiny_config):
     """The "Writing a strategy" example, executed as written: registered, configured, trained, resumed state."""
     from cltune.api import make_config
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     text = _text(STRATEGIES_PAGE)
     block = text[text.index("## Writing a strategy"):]

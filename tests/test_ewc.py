@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import cltune.pipeline as pipeline
+import cltune.studies.pipeline as pipeline
 from cltune.strategies.ewc import ewc_penalty, fisher_diagonal
 
 
@@ -39,10 +39,10 @@ def test_huge_lambda_keeps_trainable_weights_at_theta_star(tiny_config, captured
 
 def test_the_fisher_squares_the_gradient_of_each_utterances_log_likelihood(tiny_config):
     """One utterance's Fisher sample is (∂ Σ_t NLL_t / ∂θ)², the square of a *sum* over its target tokens."""
-    from cltune.batching import collate
-    from cltune.scoring import target_nll
-    from cltune.session import build_session
+    from cltune.modeling.batching import collate
+    from cltune.modeling.scoring import target_nll
     from cltune.strategies.ewc import per_example_grads
+    from cltune.training.session import build_session
 
     session = build_session(tiny_config("ewc"))
     ctx = session.ctx
@@ -64,7 +64,7 @@ def test_the_fisher_squares_the_gradient_of_each_utterances_log_likelihood(tiny_
 
 def test_a_replay_fisher_without_replay_is_refused(tiny_config):
     from cltune.errors import UserError
-    from cltune.session import build_session
+    from cltune.training.session import build_session
 
     with pytest.raises(UserError, match="replay.ratio is 0"):
         build_session(tiny_config("ewc_replay", ["replay.ratio=0"]))

@@ -16,7 +16,7 @@ TEXTS = ["so tell me what do you think", "i really love pizza and music", "quant
 
 def _served_logits(phase: Path, token: str, task: int | None = None) -> torch.Tensor:
     """Logits of `<token> text` for TEXTS from the checkpoint, through its router (by task, or by speaker)."""
-    from cltune.chat import Talker
+    from cltune.serving.chat import Talker
 
     talker = Talker(phase)
     weights = talker.router.oracle(task) if task is not None else talker.router.agnostic(token)

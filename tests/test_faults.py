@@ -23,16 +23,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_dialogue
+from cltune.storage import files
+from cltune.storage.runlock import LOCK_FILE, claim
+from cltune.storage.verified import verify
+from cltune.training import interrupt
 from test_reliability import _cli, _disk_full, _flip_byte, _main, deterministic, raw_config
 
-from cltune import files, interrupt
-from cltune.runlock import LOCK_FILE, claim
-from cltune.verified import verify
+from conftest import write_dialogue
 
 # Each optimizer step says where it is (its `where` argument) and sleeps a little, so that a signal sent
 # at a given step lands inside it.
-SLOW = ("import time, cltune.train as t; step = t._optimizer_step; "
+SLOW = ("import time, cltune.training.loop as t; step = t._optimizer_step; "
         "t._optimizer_step = lambda *a, **k: (print('STEP', a[10], flush=True), time.sleep(0.4), step(*a, **k))[2]; "
         "from cltune.cli import main; main()")
 
@@ -104,7 +105,7 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
 # --- two runs into one run folder --------------------------------------------------------------
 
 
-HOLD = "import sys, time; from pathlib import Path; from cltune.runlock import claim\nwith claim(Path(sys.argv[1])):\n" \
+HOLD = "import sys, time; from pathlib import Path; from cltune.storage.runlock import claim\nwith claim(Path(sys.argv[1])):\n" \
        "    print('held', flush=True); time.sleep(float(sys.argv[2]))"
 
 
@@ -154,7 +155,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
                                       ({"OMPI_COMM_WORLD_RANK": "0"}, True)])
 def test_only_the_main_process_of_a_launched_run_holds_the_folder(monkeypatch, tmp_path, env, main):
     """torchrun/accelerate launch set RANK, MPI launchers their own variables: each non-main process holds nothing."""
-    from cltune.runlock import main_process
+    from cltune.storage.runlock import main_process
 
     for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -178,7 +179,7 @@ def test_of_processes_claiming_one_folder_at_once_exactly_one_wins(tmp_path):
 
 def test_disk_full_at_a_checkpoint_then_resume_once_space_is_back(reference, stream, tiny_model_dir, tmp_path,
                                                                    monkeypatch, capsys):
-    from cltune import resume as resuming
+    from cltune.training import resume as resuming
 
     config = _write(tmp_path / "full.yaml", raw_config(tiny_model_dir, stream, name="full") | {"output_dir": str(tmp_path)})
     original = resuming._torch_save
@@ -202,7 +203,7 @@ def test_disk_full_at_a_checkpoint_then_resume_once_space_is_back(reference, str
 
 def test_train_stopped_by_a_full_disk_resumes_with_the_command_it_names(tiny_model_dir, two_tasks, tmp_path,
                                                                          monkeypatch, capsys):
-    from cltune import resume as resuming
+    from cltune.training import resume as resuming
 
     settings = ["--model", tiny_model_dir, "--set", "train.checkpoint_every=2", "--set", "data.max_length=24",
                 "--set", "model.precision=fp32", "--set", "eval.samples_per_speaker=0", "--set", "lora.dropout=0.1"]
@@ -274,7 +275,7 @@ def test_a_signal_mid_phase_saves_a_step_checkpoint_and_resume_continues(referen
 
 
 # Building the run's session (model loading) says so and then takes a while: a signal sent then lands outside the loop.
-SLOW_START = ("import time, cltune.session as s\n"
+SLOW_START = ("import time, cltune.training.session as s\n"
               "def slow(*a, **k):\n    print('BUILDING', flush=True); time.sleep(60)\n"
               "s.build_session = slow\nfrom cltune.cli import main; main()")
 
@@ -322,7 +323,7 @@ def test_compare_passes_one_ctrl_c_to_its_running_child_and_waits_for_it(tmp_pat
     it on once, so the run stops at the end of a step with a checkpoint, and only then stops itself."""
     import threading
 
-    from cltune.compare import _run_child
+    from cltune.studies.compare import _run_child
 
     said = tmp_path / "child says"
 
@@ -343,7 +344,7 @@ def test_compare_passes_one_ctrl_c_to_its_running_child_and_waits_for_it(tmp_pat
 @pytest.mark.parametrize("fault", ["a file in the way", "read-only file system"])
 def test_an_unwritable_output_folder_is_refused_before_training(tiny_model_dir, two_tasks, tmp_path, monkeypatch,
                                                                 capsys, fault):
-    import cltune.session
+    import cltune.training.session
 
     blocked = tmp_path / "blocked"
     if fault == "a file in the way":
@@ -359,7 +360,7 @@ def test_an_unwritable_output_folder_is_refused_before_training(tiny_model_dir, 
                 return real(self, *args, **kwargs)
 
             monkeypatch.setattr(Path, method, read_only)
-    monkeypatch.setattr(cltune.session, "build_session", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(cltune.training.session, "build_session", lambda *a, **k: pytest.fail("training started"))
     code, err = _main(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", out, "--model", tiny_model_dir)
     assert code == 2
     _one_line_error(err, str(out), "cannot write the run folder here", reason)

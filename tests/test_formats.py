@@ -10,6 +10,7 @@ import pytest
 
 from cltune.data import load_dialogue
 from cltune.errors import UserError
+
 from conftest import PPL_ONLY, tiny_run_config, write_dialogue
 
 

@@ -9,16 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PPL_ONLY
-from test_adapters import logits_of
-from cltune.checkpoint import load_checkpoint
-from cltune.evaluate import perplexity
-from cltune.pipeline import run
-from cltune.routing import load_router
-from cltune.scoring import TokenScorer
-from cltune.session import build_session, load_tasks, make_accelerator
+from cltune.evaluation.evaluate import perplexity
+from cltune.modeling.checkpoint import load_checkpoint
+from cltune.modeling.scoring import TokenScorer
 from cltune.strategies.adapters import token_rows, using_adapter
 from cltune.strategies.mixing import AdapterMix
+from cltune.strategies.routing import load_router
+from cltune.studies.pipeline import run
+from cltune.training.session import build_session, load_tasks, make_accelerator
+from test_adapters import logits_of
+
+from conftest import PPL_ONLY
 
 
 def stand_in_for_training(model) -> None:
@@ -154,7 +155,7 @@ def test_progressive_stream_forgets_nothing_by_task_id_and_its_checkpoint_routes
 
 
 def test_sample_token_is_greedy_at_zero_and_keeps_only_the_top_p_mass():
-    from cltune.generate import sample_token
+    from cltune.modeling.generate import sample_token
 
     log_probs = torch.tensor([0.5, 0.3, 0.2]).log()
     generator = torch.Generator().manual_seed(0)
@@ -167,7 +168,7 @@ def test_sample_token_is_greedy_at_zero_and_keeps_only_the_top_p_mass():
 def test_mixture_generation_draws_from_the_equal_prior_mixture(tiny_config):
     from contextlib import nullcontext
 
-    from cltune.generate import generate_mixture, generate_text
+    from cltune.modeling.generate import generate_mixture, generate_text
 
     session = build_session(tiny_config("adapters"))
     ctx, model = session.ctx, session.model
@@ -201,10 +202,9 @@ def test_mixture_generation_draws_from_the_equal_prior_mixture(tiny_config):
 
 
 def test_cltune_generate_samples_a_shared_speaker_from_the_mixture(monkeypatch, capsys, tiny_config):
-    from test_cli import cltune
-
     from cltune.api import generate_from
-    from cltune.generate import generate_mixture
+    from cltune.modeling.generate import generate_mixture
+    from test_cli import cltune
 
     config = tiny_config("progressive", PPL_ONLY)
     run(config)

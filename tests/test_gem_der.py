@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 
-from cltune import pipeline
 from cltune.strategies.agem import agem_project
 from cltune.strategies.der import logit_match
 from cltune.strategies.gem import gem_project, nonnegative_qp
+from cltune.studies import pipeline
 
 
 def _brute_force_qp(gram: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:

@@ -7,12 +7,19 @@ import json
 
 import pytest
 
-from cltune import pipeline, session
 from cltune.data.split import Example, Split, TaskData
-from cltune.generate import sample_continuations, sample_utterances
+from cltune.modeling.generate import sample_continuations, sample_utterances
 from cltune.strategies.gen_replay import (
-    GENERATED_LINE, Draw, GenReplay, draw_seed, plan_draws, speaker_quotas, task_quota,
+    GENERATED_LINE,
+    Draw,
+    GenReplay,
+    draw_seed,
+    plan_draws,
+    speaker_quotas,
+    task_quota,
 )
+from cltune.studies import pipeline
+from cltune.training import session
 
 
 def _task(index: int, counts: dict[str, int]) -> TaskData:

@@ -1,4 +1,4 @@
-"""`cltune.integrations`: replay, EWC, LwF and A-GEM inside `transformers.Trainer` give the loss and gradients of
+"""`cltune.training.integrations`: replay, EWC, LwF and A-GEM inside `transformers.Trainer` give the loss and gradients of
 cltune's own loop on the same batch, and a Trainer with them trains."""
 
 from __future__ import annotations
@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cltune.batching import collate
+from cltune.modeling.batching import collate
 from cltune.strategies.base import Outputs, StepInfo
+
 from conftest import PPL_ONLY
 
 STEP = StepInfo(phase=1, step=1, steps=1, epoch=0)
 
 
 def _session_after_run(tiny_config, captured, strategy: str, sets=()):
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     config = tiny_config(strategy, [*PPL_ONLY, *sets])
     run(config)
@@ -38,7 +39,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def _trainer(model, tmp_path, strategies, **extra):
     from transformers import TrainingArguments
 
-    from cltune.integrations import ContinualTrainer
+    from cltune.training.integrations import ContinualTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, report_to=[],
                              use_cpu=True, remove_unused_columns=False, save_strategy="no", logging_strategy="no",
@@ -48,7 +49,7 @@ def _trainer(model, tmp_path, strategies, **extra):
 
 def _cltune_loss(strategy, batch, inputs, extra_loss: bool = True):
     """The loop's loss for a one-micro-batch step: mean target NLL, the strategy's batch loss and step penalty."""
-    from cltune.scoring import target_nll
+    from cltune.modeling.scoring import target_nll
 
     scorer = strategy.ctx.scorer
     logits = scorer(**inputs)
@@ -67,7 +68,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
 
 
 def test_ewc_from_a_checkpoint_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path):
-    from cltune.integrations import EWC
+    from cltune.training.integrations import EWC
 
     config, strategy = _session_after_run(tiny_config, captured, "ewc_replay", ["ewc.lambda=50"])
     model = strategy.ctx.model
@@ -89,9 +90,9 @@ def test_ewc_from_a_checkpoint_gives_the_loops_loss_and_gradients(tiny_config, c
 
 
 def test_ewc_estimated_on_the_fly_is_cltunes_fisher(tiny_config, captured):
-    from cltune.integrations import EWC
-    from cltune.per_example import per_example_grads
+    from cltune.modeling.per_example import per_example_grads
     from cltune.strategies.ewc import fisher_diagonal
+    from cltune.training.integrations import EWC
 
     _, strategy = _session_after_run(tiny_config, captured, "naive")
     ctx = strategy.ctx
@@ -108,7 +109,7 @@ def test_ewc_estimated_on_the_fly_is_cltunes_fisher(tiny_config, captured):
 
 
 def test_lwf_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path):
-    from cltune.integrations import LwF
+    from cltune.training.integrations import LwF
 
     _, strategy = _session_after_run(tiny_config, captured, "lwf")
     model = strategy.ctx.model
@@ -131,7 +132,7 @@ def test_lwf_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path)
 
 
 def test_agem_projects_as_the_loop_does_and_a_trainer_trains_with_it(tiny_config, captured, tmp_path):
-    from cltune.integrations import AGEM, EWC, replay_mix
+    from cltune.training.integrations import AGEM, EWC, replay_mix
 
     _, strategy = _session_after_run(tiny_config, captured, "agem", ["agem.memory_batch=1000"])
     ctx = strategy.ctx
@@ -177,8 +178,8 @@ def test_with_gradient_accumulation_the_penalty_counts_once_per_step(tiny_config
     (taken once), whatever the Trainer's loss normalization."""
     from transformers import TrainerCallback
 
-    from cltune.integrations import EWC
     from cltune.strategies.ewc import ewc_penalty
+    from cltune.training.integrations import EWC
 
     _, strategy = _session_after_run(tiny_config, captured, "naive")
     ctx = strategy.ctx

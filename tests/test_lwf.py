@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from conftest import QUIET_EVAL
-from cltune import pipeline
-from cltune.batching import collate
-from cltune.checkpoint import load_strategy_state
+from cltune.modeling.batching import collate
+from cltune.modeling.checkpoint import load_strategy_state
 from cltune.strategies.base import Outputs
 from cltune.strategies.lwf import LwF, distillation_kl, lwf_loss
+from cltune.studies import pipeline
 
+from conftest import QUIET_EVAL
 
 
 def test_kl_matches_hand_computed_values():

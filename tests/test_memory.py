@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cltune import memory
+from cltune.modeling import memory
 
 
 @pytest.mark.parametrize(("preset", "expected"), [(None, "64"), ("300", "300")])

@@ -9,16 +9,17 @@ import pytest
 import torch
 from peft.utils.merge_utils import ties
 from safetensors.torch import load_file
-from conftest import PPL_ONLY
 
-from cltune.checkpoint import load_checkpoint
 from cltune.errors import UserError
-from cltune.evaluate import perplexity
-from cltune.pipeline import run
-from cltune.session import build_session, load_tasks, make_accelerator
-from cltune.scoring import TokenScorer
+from cltune.evaluation.evaluate import perplexity
+from cltune.modeling.checkpoint import load_checkpoint
+from cltune.modeling.scoring import TokenScorer
 from cltune.strategies.adapters import original_token_rows, token_rows
 from cltune.strategies.merge import MERGED, merge_shares, merge_token_rows, peft_weights
+from cltune.studies.pipeline import run
+from cltune.training.session import build_session, load_tasks, make_accelerator
+
+from conftest import PPL_ONLY
 
 
 def test_merge_shares_normalize_over_the_adapters_merged_so_far():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cltune.metrics import bwt, forgetting_pct, fwt, peak_forgetting_pct, summary
+from cltune.evaluation.metrics import bwt, forgetting_pct, fwt, peak_forgetting_pct, summary
 
 PPL = [[100.0, 200.0, 300.0],
        [50.0, 180.0, 290.0],

@@ -7,18 +7,19 @@ import math
 
 import pytest
 import torch
-from conftest import prepared
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from cltune.batching import collate, encode
-from cltune.checkpoint import load_checkpoint, save_checkpoint, verify
 from cltune.config import LoraSettings, ModelSettings
 from cltune.data.split import Example, Split
 from cltune.errors import UserError
-from cltune.evaluate import example_nll, perplexity, perplexity_and_attribution
-from cltune.model import attach_lora, load_base, lora_targets, parameter_counts
-from cltune.session import make_accelerator
-from cltune.scoring import TokenScorer, target_nll
+from cltune.evaluation.evaluate import example_nll, perplexity, perplexity_and_attribution
+from cltune.modeling.batching import collate, encode
+from cltune.modeling.checkpoint import load_checkpoint, save_checkpoint, verify
+from cltune.modeling.model import attach_lora, load_base, lora_targets, parameter_counts
+from cltune.modeling.scoring import TokenScorer, target_nll
+from cltune.training.session import make_accelerator
+
+from conftest import prepared
 
 
 def test_distilgpt2_shape_has_the_seeds_811008_lora_parameters():

@@ -10,17 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import PPL_ONLY, tiny_run_config, write_dialogue
-from test_adapters import logits_of
-from cltune.checkpoint import load_checkpoint
 from cltune.api import make_config
-from cltune.evaluate import perplexity
-from cltune.pipeline import run
-from cltune.session import build_session, load_tasks, make_accelerator
-from cltune.scoring import TokenScorer
+from cltune.evaluation.evaluate import perplexity
+from cltune.modeling.checkpoint import load_checkpoint
+from cltune.modeling.scoring import TokenScorer
 from cltune.strategies import olora
 from cltune.strategies.adapters import token_rows
 from cltune.strategies.olora import SUMMED, OLoRA, l2_loss, orthogonality_loss
+from cltune.studies.pipeline import run
+from cltune.training.session import build_session, load_tasks, make_accelerator
+from test_adapters import logits_of
+
+from conftest import PPL_ONLY, tiny_run_config, write_dialogue
 
 
 def test_orthogonality_loss_sums_absolute_entries_over_layers():

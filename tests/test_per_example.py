@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cltune.per_example import _linear_layers, _passes, indexed_grads, per_example_grads
-from cltune.session import build_session
+from cltune.modeling.per_example import _linear_layers, _passes, indexed_grads, per_example_grads
+from cltune.training.session import build_session
 
 
 def _session(tiny_config, precision: str = "fp32"):
@@ -62,7 +62,7 @@ def test_a_trainable_weight_outside_lora_and_token_rows_falls_back_to_one_backwa
 
 
 def test_passes_group_similar_lengths_within_the_row_and_position_budget(monkeypatch):
-    from cltune import per_example
+    from cltune.modeling import per_example
 
     monkeypatch.setattr(per_example, "PASS_POSITIONS", 30)
     lengths = [5, 12, 3, 40, 6, 7, 11, 4]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from cltune.pipeline import run
+from cltune.evaluation.results import RunMetrics
 from cltune.report import write_report
-from cltune.results import RunMetrics
 from cltune.strategies import REGISTRY
+from cltune.studies.pipeline import run
 
 
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))
@@ -79,7 +79,7 @@ def test_nothing_is_scored_twice_when_the_model_is_the_same(tiny_config, monkeyp
     row's figure, not a second pass over the test set; adapters' phase 2 starts from a new adapter: scored.
     The `after` validation PPL is the loop's last validation when the phase ends on those weights; merge's
     after_task serves a merged adapter after every phase: validated again."""
-    from cltune import pipeline
+    from cltune.studies import pipeline
 
     calls, score = [], pipeline.perplexity
     monkeypatch.setattr(pipeline, "perplexity", lambda acc, scorer, tok, examples, *a: calls.append(examples) or score(

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from cltune import pipeline, session
-from cltune.checkpoint import load_checkpoint
-from cltune.evaluate import perplexity
-from cltune.scoring import TokenScorer
+from cltune.evaluation.evaluate import perplexity
+from cltune.modeling.checkpoint import load_checkpoint
+from cltune.modeling.scoring import TokenScorer
+from cltune.studies import pipeline
+from cltune.training import session
 
 XEON_AMX = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 EPYC_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nbugs\t\t: sysret_ss_attrs avx512_bf16_is_not_a_flag\n"
@@ -47,9 +48,9 @@ def _log_losses(run_dir, phase: int) -> list[float]:
 @pytest.fixture(scope="module")
 def three_runs(tiny_model_dir, tmp_path_factory):
     """fp32, then bf16, then fp32 again, in one process; `auto` resolved as on a CPU with and without bf16."""
-    from conftest import tiny_run_config, write_dialogue
-
     from cltune.api import make_config
+
+    from conftest import tiny_run_config, write_dialogue
 
     folder = tmp_path_factory.mktemp("precision")
     csvs = [write_dialogue(folder / "guest_a.csv", "Guest A", 60, 1), write_dialogue(folder / "guest_b.csv", "Guest B", 40, 2)]
@@ -83,12 +84,12 @@ def test_fp32_arithmetic_scores_the_stored_bf16_weights_in_fp32_and_puts_them_ba
     """Evaluation of a bf16 run: the frozen base is upcast for the window (exactly what an fp32 scorer over
     the same bf16-rounded weights computes), bf16 arithmetic outside it differs, and the bf16 tensors come
     back bit for bit."""
-    from conftest import prepared
-
-    from cltune.batching import collate, encode
     from cltune.data.split import Example
-    from cltune.model import settle_dtypes
-    from cltune.scoring import target_nll
+    from cltune.modeling.batching import collate, encode
+    from cltune.modeling.model import settle_dtypes
+    from cltune.modeling.scoring import target_nll
+
+    from conftest import prepared
 
     model, tokenizer, _ = prepared(tiny_model_dir)
     with torch.no_grad():  # LoRA B starts at zero: give the adapter something to add
@@ -150,10 +151,10 @@ def test_a_bf16_checkpoint_loads_in_fp32_and_scores_as_recorded(three_runs):
 @pytest.mark.parametrize("strategy", ["adapters", "merge", "olora", "lwf", "ewc_replay", "fusion", "progressive"])
 def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_dir, tmp_path, monkeypatch, strategy):
     """Strategies that add or merge adapters get them in the base's dtype from PEFT; the run settles them back."""
-    from conftest import tiny_run_config, write_dialogue
-
     from cltune.api import make_config
-    from cltune.model import is_adapter_weight
+    from cltune.modeling.model import is_adapter_weight
+
+    from conftest import tiny_run_config, write_dialogue
 
     csvs = [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 40, 1), write_dialogue(tmp_path / "guest_b.csv", "Guest B", 40, 2)]
     raw = tiny_run_config(tiny_model_dir, csvs, tmp_path / "runs", strategy)
@@ -174,7 +175,7 @@ def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_
 def test_low_precision_logits_get_fp32_nll_and_gradients(monkeypatch, dtype):
     """bf16 logits are scored chunk by chunk in fp32: the values and gradients of cross-entropy on an fp32
     copy, with several chunks and a masked label."""
-    from cltune.scoring import _ChunkedNLL, target_nll
+    from cltune.modeling.scoring import _ChunkedNLL, target_nll
 
     monkeypatch.setattr(_ChunkedNLL, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk: 7 rows make 3 chunks
     generator = torch.Generator().manual_seed(0)

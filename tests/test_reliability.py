@@ -23,17 +23,17 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import stream_config
-
-from cltune import resume as resuming
-from cltune.checkpoint import verify
 from cltune.api import make_config
 from cltune.errors import UserError
-from cltune.model import attach_lora
-from cltune.pipeline import run
-from cltune.session import safe_name
+from cltune.modeling.checkpoint import verify
+from cltune.modeling.model import attach_lora
 from cltune.strategies import REGISTRY
-from cltune.train import DivergedError
+from cltune.studies.pipeline import run
+from cltune.training import resume as resuming
+from cltune.training.loop import DivergedError
+from cltune.training.session import safe_name
+
+from conftest import stream_config
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cltune"
 
@@ -80,7 +80,7 @@ def crash_after_saves(monkeypatch, count: int) -> None:
 def fast_runs(one_thread):
     """One intra-op thread (conftest's `one_thread`); in-process runs here skip the EDA plots (a second each)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("cltune.pipeline.write_eda", lambda *args, **kwargs: None)
+        patch.setattr("cltune.studies.pipeline.write_eda", lambda *args, **kwargs: None)
         yield
 
 
@@ -91,7 +91,7 @@ def _cli(*args, code: str | None = None) -> list[str]:
     return [sys.executable, *(["-c", code] if code else ["-m", "cltune"]), *map(str, args)]
 
 
-SLOW_STEPS = ("import sys, time, cltune.resume as r; save = r.StepCheckpoints.save; "
+SLOW_STEPS = ("import sys, time, cltune.training.resume as r; save = r.StepCheckpoints.save; "
               "r.StepCheckpoints.save = lambda self, *a, **k: (save(self, *a, **k), time.sleep(0.5))[0]; "
               "from cltune.cli import main; main()")
 
@@ -145,7 +145,7 @@ def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_d
         if crash == "mid phase 1":
             crash_after_saves(patch, 2)
         else:  # phase 1's checkpoint is written, metrics.json is not: phase 1 resumes from its last step checkpoint
-            patch.setattr("cltune.results.write_json", lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
+            patch.setattr("cltune.evaluation.results.write_json", lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
         with pytest.raises(SimulatedCrash):
             run(config)
     assert not (config.run_dir / "metrics.json").exists()
@@ -247,7 +247,7 @@ def test_resume_refuses_pickled_objects_even_with_a_matching_manifest(crashed_in
     """weights_only loading: a forged optimizer.pt (manifest rewritten to match) is still not unpickled."""
     import pickle
 
-    from cltune.verified import _write_manifest
+    from cltune.storage.verified import _write_manifest
 
     config, step = crashed_in_phase_1
     (step / "optimizer.pt").write_bytes(pickle.dumps(os.system))  # would be a callable if unpickled
@@ -292,7 +292,7 @@ def test_disk_full_during_a_step_checkpoint_keeps_the_previous_one(tiny_model_di
 
 def test_disk_full_during_a_phase_checkpoint_keeps_the_previous_phase(tiny_model_dir, stream, tmp_path, monkeypatch):
     config = make_config(raw_config(tiny_model_dir, stream, "naive", name="full") | {"output_dir": str(tmp_path)})
-    from cltune import checkpoint
+    from cltune.modeling import checkpoint
 
     original = checkpoint.write_json
 
@@ -301,7 +301,7 @@ def test_disk_full_during_a_phase_checkpoint_keeps_the_previous_phase(tiny_model
             _disk_full()
         return original(path, obj)
 
-    monkeypatch.setattr("cltune.checkpoint.write_json", fill_up)
+    monkeypatch.setattr("cltune.modeling.checkpoint.write_json", fill_up)
     with pytest.raises(UserError, match="no space left"):
         run(config)
     verify(config.run_dir / "phase1")
@@ -310,7 +310,7 @@ def test_disk_full_during_a_phase_checkpoint_keeps_the_previous_phase(tiny_model
 
 
 def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monkeypatch):
-    from cltune import files
+    from cltune.storage import files
 
     files.write_json(tmp_path / "metrics.json", {"ppl": [[1.0]]})
     monkeypatch.setattr(files.os, "fsync", _disk_full)
@@ -357,7 +357,7 @@ def test_a_strategy_returning_nan_stops_the_phase_with_the_weights_restored(tiny
 
     monkeypatch.setattr(Naive, "batch_loss", nan_from_step_3, raising=False)
     models = []
-    monkeypatch.setattr("cltune.session.attach_lora", lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
+    monkeypatch.setattr("cltune.training.session.attach_lora", lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
     with pytest.raises(DivergedError, match="phase 1, step 3: loss is not finite"):
         run(config)
     lora_b = [p for n, p in models[0].named_parameters() if "lora_B" in n]
@@ -397,7 +397,7 @@ def test_task_names_become_safe_file_names(name):
 
 def test_a_traversing_task_name_stays_inside_the_run_folder(tiny_model_dir, stream, tmp_path):
     from cltune.data.eda import summarize, write_eda
-    from cltune.session import load_tasks
+    from cltune.training.session import load_tasks
 
     raw = raw_config(tiny_model_dir, stream, "naive")
     raw["tasks"] = [{"path": t["path"], "name": n} for t, n in zip(raw["tasks"], ["../../escape", "/etc/passwd"])]
@@ -433,8 +433,8 @@ def test_checkpoints_hold_no_pickled_weights(reference, stream, crashed_in_phase
 
 
 def test_remote_code_is_off_unless_the_config_allows_it(tiny_model_dir, monkeypatch):
-    from cltune import model as modeling
     from cltune.config import ModelSettings
+    from cltune.modeling import model as modeling
 
     seen = []
     for loader in (modeling.AutoModelForCausalLM, modeling.AutoTokenizer):
@@ -449,7 +449,7 @@ def test_remote_code_is_off_unless_the_config_allows_it(tiny_model_dir, monkeypa
 
 def test_a_writer_killed_between_its_renames_gets_the_previous_folder_back(tmp_path):
     """write_folder moves the old folder aside, then the new one in: killed in between, the old one is restored."""
-    from cltune.verified import remove_temp_leftovers, verify, write_folder
+    from cltune.storage.verified import remove_temp_leftovers, verify, write_folder
 
     write_folder(tmp_path / "phase1", lambda tmp: (tmp / "a.txt").write_text("first"))
     (tmp_path / "phase1").rename(tmp_path / ".phase1.old.tmp")  # the state after the first rename

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cltune import pipeline
 from cltune.data.split import Example, Split, TaskData
 from cltune.strategies import replay
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings, highest_loss
+from cltune.studies import pipeline
 
 
 def _task(index: int, n: int) -> TaskData:
@@ -63,8 +63,8 @@ def test_a_run_keeps_the_highest_loss_utterances_of_the_finished_phase(tiny_conf
 def test_utterance_losses_are_each_utterances_mean_target_nll(tiny_config):
     import math
 
-    from cltune.evaluate import perplexity
-    from cltune.session import build_session
+    from cltune.evaluation.evaluate import perplexity
+    from cltune.training.session import build_session
 
     ctx = build_session(tiny_config("replay")).ctx
     examples = ctx.tasks[0].train[:3]

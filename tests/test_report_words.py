@@ -13,11 +13,11 @@ from rich.console import Console
 
 from cltune.api import make_config
 from cltune.config import BaseRunConfig, dump_config
+from cltune.evaluation.results import AgnosticRows, RunMetrics, Sample
 from cltune.report import print_summary, write_report
 from cltune.report import write as report_write
 from cltune.report.plots import heatmap_figure
-from cltune.results import AgnosticRows, RunMetrics, Sample
-from cltune.verified import write_folder
+from cltune.storage.verified import write_folder
 
 TASKS = ["guest_a", "guest_b"]
 TOKENS = {"Host": "<HOST>", "Guest A": "<GUEST_A>", "Guest B": "<GUEST_B>"}

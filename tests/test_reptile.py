@@ -10,13 +10,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cltune import pipeline, session
+from cltune.data.split import Example, HeldOutLeakError, Split, TaskData
 from cltune.strategies import reptile
-from cltune.data.split import Example, Split, TaskData, HeldOutLeakError
 from cltune.strategies.base import Context
 from cltune.strategies.reptile import (
-    Reptile, ReptileSettings, adapt, meta_step_size, reptile_interpolate, sample_episode,
+    Reptile,
+    ReptileSettings,
+    adapt,
+    meta_step_size,
+    reptile_interpolate,
+    sample_episode,
 )
+from cltune.studies import pipeline
+from cltune.training import session
 
 
 def test_meta_step_size_anneals_linearly_towards_zero():

@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import QUIET_EVAL
-from cltune import pipeline
-from cltune.checkpoint import load_strategy_state
+from cltune.modeling.checkpoint import load_strategy_state
 from cltune.strategies.base import Context
 from cltune.strategies.si import SI, SISettings, consolidate, path_integral_step, si_penalty, si_penalty_grad
+from cltune.studies import pipeline
 
+from conftest import QUIET_EVAL
 
 
 def t(*values):

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from cltune.config import ModelSettings
-from cltune.model import bundled_gguf
+from cltune.modeling.model import bundled_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_bundled_model_trains_a_few_steps_and_generates(tmp_path):
     from cltune.api import make_config
     from cltune.data.demo import write_demo_corpus
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     try:
         bundled_gguf()

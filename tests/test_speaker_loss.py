@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from cltune.batching import collate, encode
 from cltune.data import Example, Split, TaskData, Turn
-from cltune.speaker_loss import SpeakerContrast, speaker_cross_entropy
+from cltune.modeling.batching import collate, encode
+from cltune.modeling.speaker_loss import SpeakerContrast, speaker_cross_entropy
+
 from conftest import PPL_ONLY, prepared
 
 
@@ -25,8 +26,8 @@ def test_the_loss_is_attribution_comparison_made_differentiable(tiny_model_dir):
     gradient reaches the speaker token rows; a one-speaker dataset's utterances add nothing."""
     from accelerate import Accelerator
 
-    from cltune.evaluate import example_nll
-    from cltune.scoring import TokenScorer, target_nll
+    from cltune.evaluation.evaluate import example_nll
+    from cltune.modeling.scoring import TokenScorer, target_nll
 
     model, tok, _ = prepared(tiny_model_dir, tokens=("<HOST>", "<GUEST_A>", "<DOCS>"))
     tasks = [TaskData(0, "a", ["Host", "Guest A"], {"Host": "<HOST>", "Guest A": "<GUEST_A>"}, [], [], []),
@@ -58,7 +59,7 @@ def test_the_loss_is_attribution_comparison_made_differentiable(tiny_model_dir):
 
 
 def test_a_run_with_the_speaker_loss_pays_one_more_pass_per_other_speaker(tiny_config):
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     plain = run(tiny_config("naive", PPL_ONLY, name="plain"))
     contrast = run(tiny_config("naive", [*PPL_ONLY, "train.speaker_loss=1.0"], name="contrast"))

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from cltune.errors import UserError
-from cltune.sweep import expand_grid, run_sweep
+from cltune.studies.sweep import expand_grid, run_sweep
+
 from conftest import tiny_run_config
 
 

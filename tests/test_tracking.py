@@ -9,8 +9,9 @@ import math
 import pytest
 import yaml
 
-from conftest import tiny_run_config
 from test_cli import cltune
+
+from conftest import tiny_run_config
 
 
 def _events(folder):
@@ -54,7 +55,7 @@ def test_nothing_is_logged_unless_asked_and_a_missing_tracker_is_named(tmp_path,
                                                                          monkeypatch, capsys):
     import importlib.util
 
-    from cltune.pipeline import run
+    from cltune.studies.pipeline import run
 
     metrics = run(tiny_config("naive", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
     assert math.isfinite(metrics.ppl[-1][0]) and not (tmp_path / "runs" / "tiny" / "logs").exists()

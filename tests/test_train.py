@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import prepared
 
-from cltune import pipeline
 from cltune.config import PhaseSettings
-from cltune.train import CPU_MICRO_BATCH_TOKENS, plan_steps, split_wide, token_budget
+from cltune.studies import pipeline
+from cltune.training.loop import CPU_MICRO_BATCH_TOKENS, plan_steps, split_wide, token_budget
+
+from conftest import prepared
 
 
 def test_split_wide_halves_until_each_part_fits():
@@ -57,7 +58,7 @@ def test_split_micro_batches_train_to_the_same_model(tiny_config):
 
 
 def test_token_rows_get_their_own_learning_rate(tiny_model_dir):
-    from cltune.train import param_groups
+    from cltune.training.loop import param_groups
 
     model, _, _ = prepared(tiny_model_dir)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -99,6 +100,6 @@ def test_the_micro_batch_size_changes_no_step():
 
 @pytest.mark.parametrize(("setting", "wide", "want"), [("auto", True, 32), ("auto", False, 8), (4, True, 4), (16, False, 16)])
 def test_auto_micro_batch_is_wide_where_matmul_units_are(setting, wide, want):
-    from cltune.train import micro_batch
+    from cltune.training.loop import micro_batch
 
     assert micro_batch(PhaseSettings(micro_batch_size=setting), wide) == want

@@ -1,7 +1,7 @@
 """mkdocs hook: fills the reference pages from the code at build time, so nothing committed can drift from it.
 
 A page's `<!-- config-reference -->` becomes every config key (from the typed config models, through
-`cltune.reference.config_reference`), and `<!-- cli-reference -->` every command and option of the Typer app
+`cltune.studies.reference.config_reference`), and `<!-- cli-reference -->` every command and option of the Typer app
 `cltune.cli:app`, read through `typer.main.get_command` as the CLI itself parses them.
 """
 
@@ -15,7 +15,7 @@ CLI_MARKER = "<!-- cli-reference -->"
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if CONFIG_MARKER in markdown:
-        from cltune.reference import config_reference
+        from cltune.studies.reference import config_reference
 
         markdown = markdown.replace(CONFIG_MARKER, config_reference(level=2))
     if CLI_MARKER in markdown:

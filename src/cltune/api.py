@@ -11,27 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cltune.config import BaseRunConfig, build_config, load_config
+from cltune.config import BaseRunConfig
 from cltune.errors import UserError
+from cltune.studies.runconfig import make_config, read_config
 
 if TYPE_CHECKING:
-    from cltune.results import RunMetrics
+    from cltune.data.starter import Starter
+    from cltune.evaluation.results import RunMetrics
 
-
-def _catalog():
-    from cltune.strategies import REGISTRY
-
-    return REGISTRY.catalog()
-
-
-def make_config(raw: dict, sets: Sequence[str] | None = (), *, source: str = "config", fixed: dict | None = None) -> BaseRunConfig:
-    """A validated run config from a dict, `--set` overrides and `fixed` values, with every registered strategy."""
-    return build_config(raw, list(sets or ()), source=source, catalog=_catalog(), fixed=fixed)
-
-
-def read_config(path: Path | str, sets: Sequence[str] | None = (), *, fixed: dict | None = None) -> BaseRunConfig:
-    """A validated run config from a YAML file (task paths relative to it), overrides and `fixed` values."""
-    return load_config(path, list(sets or ()), catalog=_catalog(), fixed=fixed)
+__all__ = ["make_config", "read_config"]  # with the functions below: what the CLI, notebook and tests call
 
 
 def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool = False, console=None,
@@ -39,10 +27,10 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
     """Run (or with `resume`, continue) the stream `config` describes; writes the report; returns the metrics.
     `phase1_from`: a finished phase-1 checkpoint with the same phase-1 settings, used instead of training.
     `log_with`: experiment trackers (tensorboard, wandb, mlflow) to log to."""
-    from cltune.pipeline import run
     from cltune.report import print_summary, write_report
-    from cltune.rundir import check_run_dir
-    from cltune.runlock import main_process
+    from cltune.storage.runlock import main_process
+    from cltune.studies.pipeline import run
+    from cltune.training.rundir import check_run_dir
 
     with _claimed(config, console):  # before anything reads or replaces what the folder holds
         check_run_dir(config.run_dir, overwrite, resume=resume)
@@ -58,7 +46,7 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
 def _claimed(config: BaseRunConfig, console=None):
     """This process's hold on the run folder (the main process's, in a distributed run): a second run into
     it refuses at start, naming the holder; an unwritable folder is refused before any training."""
-    from cltune.runlock import claim, main_process
+    from cltune.storage.runlock import claim, main_process
 
     main = main_process()
     return claim(config.run_dir, enabled=main, notify=(lambda note: console.print(f"note: {note}", markup=False))
@@ -89,13 +77,34 @@ def with_columns(config: BaseRunConfig, columns: dict[str, str] | None) -> BaseR
     })
 
 
+def init_config(files: Sequence[Path], out: Path, *, name: str | None = None, strategy: str | None = None,
+                model: str | None = None, overwrite: bool = False, columns: dict[str, str] | None = None,
+                warn=None) -> Starter:
+    """`cltune init`: read each dialogue file (an error names the file and the row), write a commented starter
+    config to `out` after checking that it loads as a run config; nothing is written when anything fails."""
+    from cltune.data.starter import Starter, read_files, starter_text
+    from cltune.storage.files import atomic_write_text
+
+    datasets = read_files(files, out, overwrite=overwrite, columns=columns or {}, warn=warn)
+    text = starter_text(files, datasets, out, name=name, strategy=strategy, model=model,
+                        no_conversations=(columns or {}).get("conversation_col", "").strip().casefold() == "none")
+    check = out.with_name(f".{out.name}.check")  # read back through the real loader (relative paths and all)
+    try:
+        atomic_write_text(check, text)
+        config = read_config(check)
+    finally:
+        check.unlink(missing_ok=True)
+    atomic_write_text(out, text)
+    return Starter(out, config)
+
+
 def train_single(data: Path, out: Path, *, model: str | None = None, config_path: Path | None = None,
                  sets: Sequence[str] = (), overwrite: bool = False, resume: bool = False, console=None,
                  log_with: Sequence[str] = (), columns: dict[str, str] | None = None) -> RunMetrics:
     """Phase 1 alone: LoRA fine-tuning on one dataset; the checkpoint goes to `out/phase1`; `resume`
     continues a stopped one. `columns`: the command line's columns (`column_settings`)."""
-    from cltune.pipeline import run
-    from cltune.rundir import check_run_dir
+    from cltune.studies.pipeline import run
+    from cltune.training.rundir import check_run_dir
 
     # User values go in as values, never pasted into YAML text: a path like O'Brien.csv stays a path.
     fixed = {"tasks": [{"path": str(data)}], "strategy": "naive", "output_dir": str(out.parent), "name": out.name}
@@ -151,7 +160,7 @@ def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, context: 
     """A continuation of `prompt` in `speaker`'s voice from a saved phase checkpoint (the prompt not repeated),
     after the earlier turns of `context` (a speaker,text dialogue file; the last `context_turns` of them, by
     default as many as the run trained with), from the weights the checkpoint's router gives that speaker."""
-    from cltune.chat import Sampling, Talker, read_context
+    from cltune.serving.chat import Sampling, Talker, read_context
 
     talker = Talker(checkpoint, context_turns)
     history = read_context(talker, context) if context is not None else []
@@ -168,7 +177,7 @@ def chat_with(checkpoint: Path, speaker: str, user: str | None = None, *, script
     ("-": standard input) or, without one, typed at the console's prompt."""
     import sys
 
-    from cltune.chat import HELP, Sampling, Talker, chat
+    from cltune.serving.chat import HELP, Sampling, Talker, chat
 
     talker = Talker(checkpoint, context_turns)
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
@@ -196,7 +205,7 @@ def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str 
     """
     from cltune.data import load_dialogue
     from cltune.data.eda import TokenCounter, summarize, write_eda
-    from cltune.files import writable_folder
+    from cltune.storage.files import writable_folder
 
     warn = warn or (lambda message: None)
     writable_folder(out, "EDA")
@@ -209,7 +218,7 @@ def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str 
     if not whitespace:
         try:
             from cltune.config import ModelSettings
-            from cltune.model import load_tokenizer
+            from cltune.modeling.model import load_tokenizer
 
             settings = ModelSettings(name=model) if model else ModelSettings()
             tokenizer = load_tokenizer(settings)

@@ -103,11 +103,9 @@ def init(files: list[Path] = typer.Argument(..., parser=user_path, help="your di
     """Write a commented starter config for your own dialogue files, and print the command that runs it."""
     import shlex
 
-    from cltune.starter import write_starter
-
-    starter = write_starter(files, out, name=name, strategy=strategy, model=model, overwrite=overwrite,
-                            speaker_col=speaker_col, text_col=text_col, conversation_col=conversation_col,
-                            warn=lambda note: err_console.print(f"warning: {note}", markup=False))
+    starter = api.init_config(files, out, name=name, strategy=strategy, model=model, overwrite=overwrite,
+                              columns=api.column_settings(speaker_col, text_col, conversation_col),
+                              warn=lambda note: err_console.print(f"warning: {note}", markup=False))
     config = starter.config
     for spec in config.tasks:
         console.print(f"task {spec.name}: {spec.path}", markup=False, highlight=False)
@@ -197,7 +195,7 @@ def export(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phas
                                            "(llama.cpp, Ollama, LM Studio)")) -> None:
     """Export a checkpoint as a Hugging Face model folder (LoRA merged, speaker tokens in the tokenizer), a PEFT
     adapter, or a GGUF file."""
-    from cltune.export import export_checkpoint
+    from cltune.serving.export import export_checkpoint
 
     for folder in export_checkpoint(checkpoint, out, speaker=speaker, adapter=adapter, gguf=gguf):
         console.print(f"wrote {folder}", markup=False, highlight=False)
@@ -215,7 +213,7 @@ def report(run_dir: Path = typer.Argument(..., parser=user_path, help="a run fol
 @app.command("config-reference")
 def config_reference() -> None:
     """Print the config reference (Markdown): every key with its type, default and meaning."""
-    from cltune.reference import config_reference as reference
+    from cltune.studies.reference import config_reference as reference
 
     print(reference())
 
@@ -235,7 +233,7 @@ def sweep(config: Path = typer.Argument(..., parser=user_path, help="run config 
           set_: list[str] = typer.Option([], "--set", help="fixed override for every point"),
           out: Path | None = typer.Option(None, parser=user_path, help="sweep folder (default: output_dir/name-sweep)")) -> None:
     """Run a grid of configs (ablations such as the reference pipeline's), reusing phase-1 checkpoints where settings allow."""
-    from cltune.sweep import run_sweep
+    from cltune.studies.sweep import run_sweep
 
     md = run_sweep(config, grid, set_, out, console=console)
     console.print(f"sweep: {md}")
@@ -249,7 +247,7 @@ def compare(config: Path = typer.Argument(..., parser=user_path, help="run confi
             out: Path | None = typer.Option(None, parser=user_path, help="compare folder (default: output_dir/compare)"),
             bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances")) -> None:
     """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
-    from cltune.compare import run_compare
+    from cltune.studies.compare import run_compare
 
     md = run_compare(config, [s.strip() for s in strategies.split(",") if s.strip()], seeds, set_, out, bootstrap,
                      console=console)
@@ -313,7 +311,7 @@ def _typer_exceptions(name: str) -> tuple[type[BaseException], ...]:
 
 def main() -> None:
 
-    from cltune import interrupt
+    from cltune.training import interrupt
 
     _quiet_libraries()
     try:

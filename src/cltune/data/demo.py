@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 from cltune.errors import UserError
-from cltune.files import atomic_write_text, writable_folder
+from cltune.storage.files import atomic_write_text, writable_folder
 
 HOST = "31267496-e50f-4f91-a197-c5b1bfde803b"
 GUESTS = {

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cltune.data.loading import Dataset
-from cltune.files import atomic_write_text
+from cltune.storage.files import atomic_write_text
 
 DOMINANCE_THRESHOLD = 0.60
 BATCH = 4096  # texts per tokenizer call

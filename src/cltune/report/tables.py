@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from cltune.evaluation.results import AgnosticRows, RunMetrics
 from cltune.report.words import (
     BWT_MEANING,
     FWT_MEANING,
@@ -16,7 +17,6 @@ from cltune.report.words import (
     routing_label,
     speakers_per_task,
 )
-from cltune.results import AgnosticRows, RunMetrics
 
 
 def eda_table(summary: dict) -> Table:

@@ -1,11 +1,11 @@
 """What a run's figures mean and whether they are good, in sentences: one source for the terminal summary
-and the report. The conventions are those of `cltune.metrics` (stated there as formulas)."""
+and the report. The conventions are those of `cltune.evaluation.metrics` (stated there as formulas)."""
 
 from __future__ import annotations
 
 import math
 
-from cltune.results import AgnosticRows, RunMetrics
+from cltune.evaluation.results import AgnosticRows, RunMetrics
 
 # A change smaller than this (in %) prints as 0.0%: "unchanged", not "0.0% worse".
 UNCHANGED_PCT = 0.05

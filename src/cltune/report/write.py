@@ -13,7 +13,7 @@ from markdown_it import MarkdownIt
 
 from cltune.config import BaseRunConfig
 from cltune.errors import UserError
-from cltune.files import atomic_write_text, read_json, writable_folder
+from cltune.evaluation.results import RunMetrics
 from cltune.report.plots import forgetting_bars, loss_curves, ppl_heatmap
 from cltune.report.words import (
     BWT_MEANING,
@@ -30,11 +30,11 @@ from cltune.report.words import (
     routing_label,
     speakers_per_task,
 )
-from cltune.results import RunMetrics
-from cltune.verified import verify
+from cltune.storage.files import atomic_write_text, read_json, writable_folder
+from cltune.storage.verified import verify
 
 RESOLVED = "config.resolved.yaml"
-ROUTER = "router.json"  # the router each phase checkpoint saved (cltune.routing reads it; written by the pipeline)
+ROUTER = "router.json"  # the router each phase checkpoint saved (cltune.strategies.routing reads it; written by the pipeline)
 IMAGES = {"loss": "report_assets/loss.png", "heatmap": "report_assets/ppl.png",
           "heatmap_agnostic": "report_assets/ppl_agnostic.png", "forgetting": "report_assets/forgetting.png"}
 

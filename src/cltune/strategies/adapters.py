@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from cltune.config import Strict
-from cltune.model import lora_config
+from cltune.modeling.model import lora_config
 from cltune.strategies.base import Context, Router, Strategy
 from cltune.strategies.mixing import trainability_kept
 

@@ -20,11 +20,11 @@ from collections import defaultdict
 import torch
 from pydantic import Field
 
-from cltune.batching import collate
 from cltune.config import Strict
 from cltune.data.split import TaskData, require_no_test
-from cltune.resume import derived_seed
-from cltune.scoring import target_nll
+from cltune.modeling.batching import collate
+from cltune.modeling.scoring import target_nll
+from cltune.storage.hashing import derived_seed
 from cltune.strategies.base import StepInfo, Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 

@@ -28,8 +28,8 @@ import torch
 from accelerate import Accelerator
 from pydantic import BaseModel
 
-from cltune.batching import Batch, encode
 from cltune.data.split import Example, TaskData
+from cltune.modeling.batching import Batch, encode
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Context:
 
     accelerator: Accelerator
     model: Any  # peft.PeftModel
-    scorer: Any  # cltune.scoring.TokenScorer
+    scorer: Any  # cltune.modeling.scoring.TokenScorer
     tokenizer: Any
     tasks: list[TaskData]
     max_length: int

@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from cltune.batching import collate
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
-from cltune.scoring import fp32_arithmetic
+from cltune.modeling.batching import collate
+from cltune.modeling.scoring import fp32_arithmetic
 from cltune.strategies.base import Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 

@@ -4,7 +4,7 @@ After each phase the diagonal empirical Fisher — the mean over utterances of t
 of each utterance's log-likelihood (summed over its target tokens; the sum, not the mean: the Fisher of
 a sequence is the expected squared score of its log-likelihood, and squaring the gradient of the mean
 shrank it by the squared length, ≈ 20² for a chat turn, which made the reference pipeline's λ = 10 a no-op) — is
-estimated, from batched passes (`cltune.per_example`), on that task's
+estimated, from batched passes (`cltune.modeling.per_example`), on that task's
 replay sample (the reference pipeline's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
 add  λ · Σ_tasks Σ_i F_i (θ_i − θ*_i)²  — no ½ factor. `mode: separate` keeps one (F, θ*) per
 earlier task and sums their penalties; `mode: online` keeps one running F ← γ·F + F_new with
@@ -22,7 +22,7 @@ from pydantic import Field
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData
 from cltune.errors import UserError
-from cltune.per_example import per_example_grads
+from cltune.modeling.per_example import per_example_grads
 from cltune.strategies.base import Strategy
 from cltune.strategies.replay import ReplaySettings, replay_sample
 

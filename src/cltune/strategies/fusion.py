@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from cltune.batching import IGNORE
-from cltune.checkpoint import load_strategy_state
 from cltune.config import Strict
 from cltune.errors import UserError
+from cltune.modeling.batching import IGNORE
+from cltune.modeling.checkpoint import load_strategy_state
 from cltune.strategies.adapters import adapter_name, add_task_adapter, copy_adapter, fresh_row_mask
 from cltune.strategies.base import Router, module_weights
 from cltune.strategies.mixing import AdapterMix, lora_layers

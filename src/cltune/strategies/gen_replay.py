@@ -23,8 +23,8 @@ from pydantic import Field
 
 from cltune.config import Strict
 from cltune.data.split import Example, Split, TaskData
-from cltune.files import atomic_write_text
-from cltune.generate import sample_utterances
+from cltune.modeling.generate import sample_utterances
+from cltune.storage.files import atomic_write_text
 from cltune.strategies.base import Strategy
 
 GENERATED_LINE = -1  # Example.line of a generated utterance: it comes from no file row

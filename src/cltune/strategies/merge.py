@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator
 
 from cltune.errors import UserError
-from cltune.model import add_weighted_adapter
+from cltune.modeling.model import add_weighted_adapter
 from cltune.strategies.adapters import (
     Adapters,
     WarmStartSettings,

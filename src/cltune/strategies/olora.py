@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from cltune.config import Strict
-from cltune.model import add_weighted_adapter
+from cltune.modeling.model import add_weighted_adapter
 from cltune.strategies.adapters import adapter_name, add_task_adapter, fresh_row_mask, token_rows
 from cltune.strategies.base import Strategy
 from cltune.strategies.mixing import lora_layers

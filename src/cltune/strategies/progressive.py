@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from cltune.checkpoint import load_strategy_state
 from cltune.errors import UserError
+from cltune.modeling.checkpoint import load_strategy_state
 from cltune.strategies.adapters import (
     AdapterRouter,
     Adapters,

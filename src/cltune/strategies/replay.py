@@ -21,7 +21,7 @@ from pydantic import Field
 
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
-from cltune.evaluate import example_nll
+from cltune.evaluation.evaluate import example_nll
 from cltune.strategies.base import Strategy
 
 

@@ -22,11 +22,11 @@ import torch
 from accelerate.utils import broadcast
 from pydantic import Field
 
-from cltune.batching import collate
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError
-from cltune.scoring import target_nll
+from cltune.modeling.batching import collate
+from cltune.modeling.scoring import target_nll
 from cltune.strategies.base import Context, Strategy
 
 Tensors = dict[str, torch.Tensor]

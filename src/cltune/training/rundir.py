@@ -11,11 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from cltune.verified import remove_temp_leftovers
 from cltune.errors import DamagedFile, UserError
-from cltune.files import read_json, write_json
-from cltune.results import RunMetrics
-from cltune.resume import STEPS_DIR, steps_folder
+from cltune.evaluation.results import RunMetrics
+from cltune.storage.files import read_json, write_json
+from cltune.storage.verified import remove_temp_leftovers
+from cltune.training.resume import STEPS_DIR, steps_folder
 
 INPUTS = "inputs.json"
 RESOLVED = "config.resolved.yaml"

@@ -13,8 +13,8 @@ import importlib.util
 import math
 from collections.abc import Sequence
 
-from cltune import metrics as cl_metrics
 from cltune.errors import UserError
+from cltune.evaluation import metrics as cl_metrics
 
 # tracker → (a module that must import, the install command)
 TRACKERS = {"tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),

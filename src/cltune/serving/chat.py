@@ -30,8 +30,8 @@ class Talker:
     """A loaded checkpoint, ready to reply as any of its speakers."""
 
     def __init__(self, checkpoint: Path, context_turns: int | None = None):
-        from cltune.checkpoint import load_checkpoint
-        from cltune.routing import load_router
+        from cltune.modeling.checkpoint import load_checkpoint
+        from cltune.strategies.routing import load_router
 
         self.checkpoint = Path(checkpoint)
         self.model, self.tokenizer, meta = load_checkpoint(checkpoint)
@@ -69,7 +69,7 @@ class Talker:
     def prompt(self, history: list[tuple[str, str]], token: str, text: str = "") -> tuple[list[int], int]:
         """(ids, index of the speaker token): the last `context_turns` (token, text) turns of `history` that fit
         `max_length` with the speaker token and `text`, then those."""
-        from cltune.batching import fit_context, turn_ids
+        from cltune.modeling.batching import fit_context, turn_ids
 
         tok = self.tokenizer
         end = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -84,7 +84,7 @@ class Talker:
               emit: Callable[[str], None] | None = None) -> str:
         """A continuation of `text` by `token`'s speaker after `history` (the text not repeated); `emit` receives
         the reply piece by piece as it is generated."""
-        from cltune.generate import TextStream, generate_mixture, sample_continuations
+        from cltune.modeling.generate import TextStream, generate_mixture, sample_continuations
 
         ids, start = self.prompt(history, token, text)
         stream = TextStream(self.tokenizer, emit) if emit else None

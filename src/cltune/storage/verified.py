@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cltune.errors import UserError, WriteError
-from cltune.files import DISK_FULL, disk_full, read_json, write_json
+from cltune.storage.files import DISK_FULL, disk_full, read_json, write_json
 
 MANIFEST = "manifest.json"
 

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from cltune.batching import context_of, encode
+from cltune.modeling.batching import context_of, encode
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations and generate_text's defaults
 

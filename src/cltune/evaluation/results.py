@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cltune import metrics as cl_metrics
 from cltune.errors import UserError
-from cltune.files import write_json
+from cltune.evaluation import metrics as cl_metrics
+from cltune.storage.files import write_json
 
 SCHEMA_VERSION = 2
 

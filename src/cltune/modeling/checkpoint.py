@@ -1,5 +1,5 @@
 """Phase and step checkpoints: adapters and strategy state (safetensors), tokenizer, resolved config,
-router; written and verified whole (`cltune.verified`), loaded into a live model or a fresh one."""
+router; written and verified whole (`cltune.storage.verified`), loaded into a live model or a fresh one."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from cltune.config import ModelSettings
 from cltune.errors import UserError
-from cltune.files import read_json, write_json
-from cltune.verified import verify as verify_folder
-from cltune.verified import write_folder
+from cltune.storage.files import read_json, write_json
+from cltune.storage.verified import verify as verify_folder
+from cltune.storage.verified import write_folder
 
 META = "checkpoint.json"
 STRATEGY_STATE = "strategy_state.safetensors"
@@ -78,7 +78,7 @@ def load_checkpoint(folder: str | Path, model_settings: ModelSettings | None = N
     """(PeftModel, tokenizer, meta) from a verified checkpoint folder, on the CPU, in eval mode."""
     from transformers import AutoTokenizer
 
-    from cltune.model import load_base, resize_for
+    from cltune.modeling.model import load_base, resize_for
 
     folder = Path(folder)
     verify(folder)

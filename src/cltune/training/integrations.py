@@ -2,7 +2,7 @@
 
 Keep the script; learn the next dataset while protecting the earlier ones:
 
-    from cltune.integrations import EWC, LwF, AGEM, ContinualMixin, replay_mix
+    from cltune.training.integrations import EWC, LwF, AGEM, ContinualMixin, replay_mix
 
     class ContinualSFTTrainer(ContinualMixin, SFTTrainer): ...
     trainer = ContinualSFTTrainer(model=model, args=args, train_dataset=replay_mix(new, old, ratio=0.1),
@@ -29,7 +29,7 @@ from torch import nn
 from transformers import Trainer
 
 from cltune.errors import UserError
-from cltune.scoring import target_nll
+from cltune.modeling.scoring import target_nll
 from cltune.strategies.agem import AGEM as _AGEMStrategy
 from cltune.strategies.agem import agem_project, flatten
 from cltune.strategies.ewc import ewc_penalty, fisher_diagonal

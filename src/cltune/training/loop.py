@@ -3,7 +3,7 @@
 Runs unchanged on CPU, one GPU, or several processes under `accelerate launch`: every process
 walks the same step plan and takes its share of each step's micro-batches, so an optimizer step
 sees the same data (and, up to summation order, the same gradient) on 1 or N processes. Saves
-step checkpoints as it goes and can continue from one exactly (see `cltune.resume`).
+step checkpoints as it goes and can continue from one exactly (see `cltune.training.resume`).
 """
 
 from __future__ import annotations
@@ -28,18 +28,19 @@ from rich.progress import (
 )
 from transformers import get_scheduler
 
-from cltune import interrupt
-from cltune.batching import collate, length_grouped_batches, target_count
 from cltune.config import PhaseSettings
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError, UserError
-from cltune.evaluate import perplexity
-from cltune.resume import StepCheckpoints, derived_seed, fingerprint
-from cltune.memory import release_free_memory
-from cltune.model import is_adapter_weight
-from cltune.scoring import target_nll
-from cltune.speaker_loss import SpeakerContrast
+from cltune.evaluation.evaluate import perplexity
+from cltune.modeling.batching import collate, length_grouped_batches, target_count
+from cltune.modeling.memory import release_free_memory
+from cltune.modeling.model import is_adapter_weight
+from cltune.modeling.scoring import target_nll
+from cltune.modeling.speaker_loss import SpeakerContrast
+from cltune.storage.hashing import derived_seed, fingerprint
 from cltune.strategies.base import Context, Outputs, StepInfo, Strategy
+from cltune.training import interrupt
+from cltune.training.resume import StepCheckpoints
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class _Loop:
     def to_json(self, plan_sha: str, data_sha: str, epoch: int) -> dict:
         return {"step": self.step, "epoch": epoch, "since_best": self.since_best, "elapsed_s": self.elapsed_s,
                 "plan_sha256": plan_sha, "data_sha256": data_sha, "result": asdict(self.result),
-                "rng": "reseeded every step from (seed, phase, step, process): cltune.resume.derived_seed"}
+                "rng": "reseeded every step from (seed, phase, step, process): cltune.storage.hashing.derived_seed"}
 
 
 def my_share(micro_batches: list[list[int]], rank: int, world: int) -> list[tuple[list[int], float]]:

@@ -1,4 +1,5 @@
-"""`cltune init`: a commented starter config for the user's own dialogue files, checked before it is written."""
+"""`cltune init`: a commented starter config for the user's own dialogue files (`cltune.api.init_config` checks
+that it loads before writing it)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _scalar(value) -> str:
 
 def _task_names(files: Sequence[Path]) -> list[str]:
     """Task names from the file names, made distinct (a.csv and other/a.csv become a and a_2)."""
-    from cltune.files import safe_name
+    from cltune.storage.files import safe_name
 
     names, seen = [], Counter()
     for path in files:
@@ -48,9 +49,13 @@ def _describe(dataset) -> str:
     return f"{len(dataset.utterances)} utterances{conversations}; speakers {speakers}{more}"
 
 
-def starter_text(files: Sequence[Path], datasets: Sequence, out: Path, *, name: str, strategy: str, model: str,
-                 no_conversations: bool = False) -> str:
-    """The commented YAML of a starter config: tasks in the given order, each with its detected columns."""
+def starter_text(files: Sequence[Path], datasets: Sequence, out: Path, *, name: str | None = None,
+                 strategy: str | None = None, model: str | None = None, no_conversations: bool = False) -> str:
+    """The commented YAML of a starter config: tasks in the given order, each with its detected columns; the run
+    name defaults to the config file's name, the strategy and model to the config's defaults."""
+    name = name or out.stem
+    strategy = strategy or BaseRunConfig.model_fields["strategy"].default
+    model = model or BUNDLED_MODEL
     folder = out.resolve().parent
     train = PhaseSettings()
     lines = [
@@ -87,15 +92,11 @@ def starter_text(files: Sequence[Path], datasets: Sequence, out: Path, *, name: 
     return "\n".join(lines) + "\n"
 
 
-def write_starter(files: Sequence[Path], out: Path, *, name: str | None = None, strategy: str | None = None,
-                  model: str | None = None, overwrite: bool = False, speaker_col: str | None = None,
-                  text_col: str | None = None, conversation_col: str | None = None,
-                  warn: Callable[[str], None] | None = None) -> Starter:
-    """Read each dialogue file (any error names the file and the row), write the starter config to `out`
-    after checking that it loads; nothing is written when anything fails."""
-    from cltune.api import read_config
+def read_files(files: Sequence[Path], out: Path, *, overwrite: bool = False, columns: dict[str, str],
+               warn: Callable[[str], None] | None = None) -> list:
+    """The dialogue files init describes, read and validated (an error names the file and the row), after
+    checking that `out` may be written."""
     from cltune.data import load_dialogue
-    from cltune.files import atomic_write_text
 
     if not files:
         raise UserError("init: name your dialogue files, e.g. cltune init host_guest_a.csv host_guest_b.csv")
@@ -105,20 +106,9 @@ def write_starter(files: Sequence[Path], out: Path, *, name: str | None = None, 
         raise UserError(f"{out}: a run config is a YAML file; pass --out NAME.yaml")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such folder; create it first, or pass --out in an existing folder")
-    datasets = [load_dialogue(path, speaker_col=speaker_col, text_col=text_col, conversation_col=conversation_col)
-                for path in files]
+    datasets = [load_dialogue(path, **columns) for path in files]
     for dataset in datasets:
         for note in dataset.report.warnings():
             if warn is not None:
                 warn(f"{dataset.path}: {note}")
-    text = starter_text(files, datasets, out, name=name or out.stem,
-                        strategy=strategy or BaseRunConfig.model_fields["strategy"].default, model=model or BUNDLED_MODEL,
-                        no_conversations=(conversation_col or "").strip().casefold() == "none")
-    check = out.with_name(f".{out.name}.check")  # read back through the real loader (relative paths and all)
-    try:
-        atomic_write_text(check, text)
-        config = read_config(check)
-    finally:
-        check.unlink(missing_ok=True)
-    atomic_write_text(out, text)
-    return Starter(out, config)
+    return datasets

@@ -22,23 +22,24 @@ from accelerate.utils import set_seed
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from cltune import resume as resuming
-from cltune import rundir
-from cltune.checkpoint import save_checkpoint, verify
 from cltune.config import BaseRunConfig, dump_config
 from cltune.data import TaskData
 from cltune.data.eda import TokenCounter, summarize, write_eda
-from cltune.evaluate import Scores, perplexity, test_row
-from cltune.files import atomic_write_text, read_json, write_json
-from cltune.generate import sample_rows
-from cltune.memory import peak_rss_mb
-from cltune.model import adapter_parameters, settle_dtypes
-from cltune.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
-from cltune.routing import ROUTER_FILE
-from cltune.runlock import claim, main_process
-from cltune.session import Session, build_session
-from cltune.tracking import flat_settings, phase_scalars
-from cltune.train import PhaseResult, served_fingerprint, train_phase
+from cltune.evaluation.evaluate import Scores, perplexity, test_row
+from cltune.evaluation.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
+from cltune.modeling.checkpoint import save_checkpoint, verify
+from cltune.modeling.generate import sample_rows
+from cltune.modeling.memory import peak_rss_mb
+from cltune.modeling.model import adapter_parameters, settle_dtypes
+from cltune.storage.files import atomic_write_text, read_json, write_json
+from cltune.storage.hashing import derived_seed
+from cltune.storage.runlock import claim, main_process
+from cltune.strategies.routing import ROUTER_FILE
+from cltune.training import resume as resuming
+from cltune.training import rundir
+from cltune.training.loop import PhaseResult, served_fingerprint, train_phase
+from cltune.training.session import Session, build_session
+from cltune.training.tracking import flat_settings, phase_scalars
 
 log = logging.getLogger(__name__)
 TEST_NLL = "test_nll.json"  # the latest row's per-utterance test NLLs, for paired comparisons (cltune compare)
@@ -73,7 +74,7 @@ def _header(session: Session) -> RunMetrics:
 def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None, resume: bool = False,
         log_with: Sequence[str] = ()) -> RunMetrics:
     """Run the stream (or, with `resume`, continue it); returns the metrics also written to RUN/metrics.json.
-    `log_with`: Accelerate trackers to log to (`cltune.tracking`)."""
+    `log_with`: Accelerate trackers to log to (`cltune.training.tracking`)."""
     set_seed(config.seed)
     with claim(config.run_dir, enabled=main_process()):  # one run per run folder at a time
         session = build_session(config, log_with=log_with)
@@ -127,7 +128,7 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     staging_log = run_dir / f".phase{k + 1}.train_log.jsonl"
     if acc.is_main_process:  # the one writer of the log; another process must not unlink it under it
         staging_log.unlink(missing_ok=True)
-    set_seed(resuming.derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
+    set_seed(derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
     step_offset = sum(p.steps for p in metrics.phases)  # trackers count optimizer steps over the whole stream
     passes_at_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens,

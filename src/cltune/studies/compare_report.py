@@ -11,7 +11,7 @@ import io
 import json
 from pathlib import Path
 
-from cltune.files import atomic_write_text
+from cltune.storage.files import atomic_write_text
 
 
 def _ci(entry: dict, digits: int = 1, suffix: str = "") -> str:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from cltune.batching import Tokens, collate, context_of
 from cltune.data.split import Example, TaskData
-from cltune.scoring import per_example_sums, target_nll
+from cltune.modeling.batching import Tokens, collate, context_of
+from cltune.modeling.scoring import per_example_sums, target_nll
 
 
 def speaker_cross_entropy(nll: torch.Tensor) -> torch.Tensor:

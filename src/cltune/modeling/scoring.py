@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cltune.batching import IGNORE
-from cltune.memory import release_free_memory
-from cltune.model import settle_dtypes
+from cltune.modeling.batching import IGNORE
+from cltune.modeling.memory import release_free_memory
+from cltune.modeling.model import settle_dtypes
 
 
 def _new_rows(module: nn.Module):

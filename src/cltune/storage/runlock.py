@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cltune.errors import UserError
-from cltune.files import writable_folder
+from cltune.storage.files import writable_folder
 
 LOCK_FILE = ".cltune.lock"
 _held: dict[Path, int] = {}  # folders this process holds, and how many nested claims hold each

@@ -19,10 +19,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from cltune.batching import IGNORE, collate
 from cltune.data.split import Example, require_no_test
-from cltune.memory import release_free_memory
-from cltune.scoring import _new_rows, fp32_arithmetic, target_nll
+from cltune.modeling.batching import IGNORE, collate
+from cltune.modeling.memory import release_free_memory
+from cltune.modeling.scoring import _new_rows, fp32_arithmetic, target_nll
 
 Tensors = dict[str, torch.Tensor]
 

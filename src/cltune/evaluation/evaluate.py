@@ -16,9 +16,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from cltune.batching import collate, encode, length_grouped_batches
 from cltune.data.split import Example
-from cltune.scoring import TokenScorer, fp32_arithmetic, per_example_sums, target_nll, uncounted
+from cltune.modeling.batching import collate, encode, length_grouped_batches
+from cltune.modeling.scoring import TokenScorer, fp32_arithmetic, per_example_sums, target_nll, uncounted
 
 
 @torch.no_grad()

@@ -28,8 +28,8 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from cltune.errors import UserError
-from cltune.export_gguf import GGUF_TYPES, source_pre_tokenizer, write_gguf
-from cltune.files import write_json
+from cltune.serving.export_gguf import GGUF_TYPES, source_pre_tokenizer, write_gguf
+from cltune.storage.files import write_json
 
 EXPORT_NOTE = "cltune_export.json"
 LINEAR_TOLERANCE = 1e-4  # relative error of the probed matrix on random inputs above which a layer is not linear
@@ -88,7 +88,7 @@ def served_weights(model) -> dict[str, torch.Tensor]:
 def plain_model(meta: dict, tokenizer, weights: dict[str, torch.Tensor]):
     """A fresh copy of the base model (resized to the tokenizer) with `weights` written in."""
     from cltune.config import ModelSettings
-    from cltune.model import load_base, resize_for
+    from cltune.modeling.model import load_base, resize_for
 
     model, _ = load_base(ModelSettings(**meta["model"]))
     resize_for(model, tokenizer)
@@ -125,9 +125,9 @@ def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None
                       gguf: str | None = None) -> list[Path]:
     """Write the export(s) of `checkpoint` under `out` (each folder built aside and swapped in whole); returns the
     folders written. A folder that exists must be empty or an earlier export."""
-    from cltune.chat import Talker
-    from cltune.files import writable_folder
-    from cltune.verified import write_folder
+    from cltune.serving.chat import Talker
+    from cltune.storage.files import writable_folder
+    from cltune.storage.verified import write_folder
 
     writable_folder(out if out.exists() else out.parent, "export")  # before the model loads
     talker = Talker(checkpoint)

@@ -24,8 +24,8 @@ from cltune.data import (
     load_dialogue,
 )
 from cltune.errors import UserError
-from cltune.files import safe_name
-from cltune.model import (
+from cltune.modeling.memory import release_free_memory
+from cltune.modeling.model import (
     add_special_tokens,
     attach_lora,
     load_base,
@@ -33,11 +33,10 @@ from cltune.model import (
     resize_for,
     settle_dtypes,
 )
-from cltune.memory import release_free_memory
-from cltune.scoring import TokenScorer
+from cltune.modeling.scoring import TokenScorer
+from cltune.storage.files import safe_name
 from cltune.strategies import REGISTRY, Context, Registry, Strategy
-from cltune.tracking import check_trackers
-
+from cltune.training.tracking import check_trackers
 
 
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
@@ -75,7 +74,7 @@ def make_accelerator(precision: str, log_with: Sequence[str] = (), project_dir: 
     """A fresh Accelerator for one run at `precision` (a `model.precision` setting or what it resolved to).
 
     Only fp16 uses Accelerate's autocast (and its loss scaling); a bf16 run stores the frozen base in
-    bf16 (`cltune.model.settle_dtypes`) and its `TokenScorer` runs the matmuls under bf16 autocast. Accelerate keeps its settings in process-wide state and
+    bf16 (`cltune.modeling.model.settle_dtypes`) and its `TokenScorer` runs the matmuls under bf16 autocast. Accelerate keeps its settings in process-wide state and
     refuses a second Accelerator with another precision. A run owns its precision, so several runs
     in one process (a notebook, a sweep, the tests) must not inherit the previous one's: the
     accelerator settings are cleared first. The process-level state (device, process group under

@@ -10,9 +10,7 @@ same numbers whether or not the run stopped before it, under any number of proce
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import pickle
 import shutil
@@ -22,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from cltune.checkpoint import load_adapter_weights, load_strategy_state, save_checkpoint
 from cltune.errors import UserError
-from cltune.files import read_json, write_json
-from cltune.verified import remove_temp_leftovers
+from cltune.modeling.checkpoint import load_adapter_weights, load_strategy_state, save_checkpoint
+from cltune.storage.files import read_json, write_json
+from cltune.storage.verified import remove_temp_leftovers
 
 log = logging.getLogger(__name__)
 STEPS_DIR = "steps"
@@ -34,15 +32,6 @@ OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 BEST_WEIGHTS = "best_weights.safetensors"
 TRAIN_LOG = "train_log.jsonl"
-
-
-def derived_seed(*parts) -> int:
-    """A 32-bit seed from any parts; hashing keeps (seed, phase, step) combinations from colliding."""
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:4], "little")
-
-
-def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
 
 
 def _torch_save(obj, path: Path) -> None:

@@ -105,7 +105,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str, pre: str = "gpt2") -> Pa
 def source_pre_tokenizer(model_name: str) -> str:
     """The `tokenizer.ggml.pre` of the GGUF the bundled model came from (llama.cpp picks its text splitting by
     it); "gpt2" for any other base model."""
-    from cltune.model import BUNDLED_ALIASES, bundled_gguf
+    from cltune.modeling.model import BUNDLED_ALIASES, bundled_gguf
 
     if model_name not in BUNDLED_ALIASES:
         return "gpt2"

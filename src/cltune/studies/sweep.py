@@ -15,12 +15,12 @@ import json
 import shlex
 from pathlib import Path
 
-from cltune.api import read_config
 from cltune.config import BaseRunConfig
 from cltune.errors import UserError
-from cltune.files import atomic_write_text, writable_folder
-from cltune.results import RunMetrics
+from cltune.evaluation.results import RunMetrics
+from cltune.storage.files import atomic_write_text, writable_folder
 from cltune.strategies import REGISTRY
+from cltune.studies.runconfig import read_config
 
 
 def expand_grid(grid: list[str]) -> list[dict[str, str]]:
@@ -73,8 +73,8 @@ def _markdown(rows: list[dict], command: str) -> str:
 
 
 def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | None, console=None) -> Path:
-    from cltune.pipeline import run
     from cltune.report.plots import tradeoff_scatter
+    from cltune.studies.pipeline import run
 
     points = expand_grid(grid)
     base = read_config(config_path, sets)

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import yaml
 
-from cltune.api import make_config, read_config
-from cltune import rundir
 from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
-from cltune.files import atomic_write_text, read_json, writable_folder
-from cltune.pipeline import TEST_NLL
-from cltune.results import RunMetrics
-from cltune.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences
+from cltune.evaluation.results import RunMetrics
+from cltune.evaluation.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences
+from cltune.storage.files import atomic_write_text, read_json, writable_folder
 from cltune.strategies import REGISTRY
-from cltune.sweep import phase1_fingerprint
+from cltune.studies.pipeline import TEST_NLL
+from cltune.studies.runconfig import make_config, read_config
+from cltune.studies.sweep import phase1_fingerprint
+from cltune.training import rundir
 
 REFERENCE = "naive"
 
@@ -266,7 +266,7 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
 def run_compare(config_path: Path, strategies: list[str], seeds: int, sets: list[str], out: Path | None = None,
                 bootstrap: int = 1000, console=None) -> Path:
     """Plan, run (reusing what is done) and write compare.md/.csv/.html/.png; returns compare.md."""
-    from cltune.compare_report import write_outputs
+    from cltune.studies.compare_report import write_outputs
 
     if bootstrap < 1:
         raise UserError("--bootstrap: at least 1 resample (1000 for intervals worth reading)")

@@ -1,0 +1,1 @@
+"""Evaluation: test perplexity and attribution, the forgetting metrics, statistics, the typed metrics file."""
