@@ -3,12 +3,12 @@ folder, and small two-speaker dialogue CSVs. Nothing touches the network."""
 
 from __future__ import annotations
 
-import csv
 import os
-import random
 from pathlib import Path
 
 import pytest
+
+from helpers import TOKENIZER_CORPUS, run_cli, stream_config, tiny_run_config, write_dialogue
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine thread hand-offs
 # make each step many times slower; subprocesses (CLI tests) inherit this too.
@@ -24,33 +24,6 @@ def pytest_configure(config) -> None:
 
         config.option.basetemp = tempfile.mkdtemp(prefix="cltune it's \"odd\" é ")
 
-WORDS = {
-    "Host": "so tell me what do you think about that question today".split(),
-    "Guest A": "i really love pizza and music and long walks outside".split(),
-    "Guest B": "quantum fields particles energy universe theory experiment".split(),
-}
-TOKENIZER_CORPUS = [" ".join(words) for words in WORDS.values()] * 20
-# Evaluation settings for tests that check perplexities only: no attribution scoring, no samples (speed).
-QUIET_EVAL = {"attribution": False, "samples_per_speaker": 0, "max_new_tokens": 4, "batch_size": 16}
-PPL_ONLY = [f"eval.{key}={str(value).lower()}" for key, value in QUIET_EVAL.items()]
-
-
-def write_dialogue(path: Path, guest: str, rows: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["speaker", "text"])
-        for i in range(rows):
-            speaker = "Host" if i % 2 == 0 else guest
-            writer.writerow([speaker, " ".join(rng.choices(WORDS[speaker], k=rng.randint(3, 9)))])
-    return path
-
-
-def train_tiny_tokenizer(folder: Path):
-    from tiny import train_tiny_tokenizer as train
-
-    return train(folder, TOKENIZER_CORPUS)
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
@@ -60,39 +33,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TOKENIZER_CORPUS)
 
 
-def prepared(model_dir: Path, tokens=("<HOST>", "<GUEST_A>"), r: int = 4):
-    """(LoRA model with trainable speaker rows, tokenizer, new token ids) from a local model folder."""
-    from cltune.config import LoraSettings, ModelSettings
-    from cltune.modeling.model import add_special_tokens, attach_lora, load_base, resize_for
-
-    model, tokenizer = load_base(ModelSettings(name=str(model_dir)))
-    new_ids = add_special_tokens(tokenizer, list(tokens))
-    resize_for(model, tokenizer)
-    return attach_lora(model, LoraSettings(r=r, alpha=2 * r, dropout=0.0), new_ids), tokenizer, new_ids
-
-
 @pytest.fixture()
 def two_tasks(tmp_path) -> list[Path]:
     return [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 60, 1),
             write_dialogue(tmp_path / "guest_b.csv", "Guest B", 40, 2)]
-
-
-def tiny_run_config(model_dir: Path, csvs: list[Path], out: Path, strategy: str = "naive", **extra) -> dict:
-    """A run config dict small enough for a unit test (seconds on a CPU)."""
-    config = {
-        "name": "tiny",
-        "seed": 0,
-        "output_dir": str(out),
-        "strategy": strategy,
-        "model": {"name": str(model_dir), "precision": "fp32"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"max_length": 24},
-        "tasks": [{"path": str(p), "name": p.stem} for p in csvs],
-        "train": {"epochs": 1, "lr": 5e-3, "batch_size": 8, "micro_batch_size": 4, "pack_length": 64},
-        "eval": {"samples_per_speaker": 1, "max_new_tokens": 4, "batch_size": 16},
-    }
-    config.update(extra)
-    return config
 
 
 @pytest.fixture()
@@ -104,21 +48,6 @@ def tiny_config(tiny_model_dir, two_tasks, tmp_path):
         return make_config(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", strategy, **extra), sets)
 
     return make
-
-
-def stream_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", **train) -> dict:
-    """The tiny two-task stream the end-to-end and resume tests run: dropout on (a resume must reproduce
-    random draws), Reptile's meta-training cut short, and `train` settings on top."""
-    csvs = [folder / "guest_a.csv", folder / "guest_b.csv"]
-    if not csvs[0].exists():
-        write_dialogue(csvs[0], "Guest A", 60, 1)
-        write_dialogue(csvs[1], "Guest B", 40, 2)
-    raw = tiny_run_config(model_dir, csvs, folder / "runs", strategy, name=name)
-    raw["lora"]["dropout"] = 0.1
-    raw["train"].update(train)
-    if strategy == "reptile":  # its default meta-training is a hundred extra steps
-        raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
-    return raw
 
 
 @pytest.fixture(scope="module")
@@ -185,28 +114,7 @@ def captured(monkeypatch):
     return made
 
 
-class CliResult:
-    """What one `cltune` command did: its exit code and what it printed."""
-
-    def __init__(self, code: int, out: str, err: str):
-        self.code, self.out, self.err = code, out, err
-
-
 @pytest.fixture()
 def cli(monkeypatch, capsys):
     """`cli(*argv)` runs `cltune ARGV` in this process through the console script's entry point."""
-    import sys
-
-    def run(*argv) -> CliResult:
-        from cltune.cli import main
-
-        monkeypatch.setattr(sys, "argv", ["cltune", *map(str, argv)])
-        try:
-            main()
-            code = 0
-        except SystemExit as exited:
-            code = exited.code if isinstance(exited.code, int) else 1
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
-
-    return run
+    return lambda *argv: run_cli(monkeypatch, capsys, *argv)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cltune.modeling.batching import collate
 from cltune.modeling.checkpoint import load_checkpoint
 from cltune.strategies.adapters import (
     AdapterRouter,
@@ -18,18 +17,11 @@ from cltune.strategies.adapters import (
     token_rows,
     using_adapter,
 )
-from cltune.strategies.base import Context
 from cltune.strategies.routing import load_router
 from cltune.studies.pipeline import run
 from cltune.training.session import build_session
 
-from conftest import PPL_ONLY
-
-
-def logits_of(ctx: Context, examples) -> torch.Tensor:
-    batch = collate(ctx.encode(examples), list(range(len(examples))), ctx.tokenizer.pad_token_id)
-    with torch.no_grad():
-        return ctx.scorer.eval()(**batch.model_inputs())
+from helpers import PPL_ONLY, logits_of
 
 
 def adapter_params(model, adapter: str) -> dict[str, torch.Tensor]:

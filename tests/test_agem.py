@@ -17,7 +17,7 @@ from cltune.strategies.base import StepInfo
 from cltune.strategies.replay import replay_sample
 from cltune.studies import pipeline
 
-from conftest import QUIET_EVAL
+from helpers import QUIET_EVAL
 
 STEP = StepInfo(phase=2, step=1, steps=1, epoch=0)  # a step of a third phase, after both tasks are in memory
 

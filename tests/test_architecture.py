@@ -23,7 +23,7 @@ from cltune.strategies.ewc import EWC
 from cltune.strategies.replay import Replay, ReplaySettings
 from cltune.studies.pipeline import run
 
-from conftest import PPL_ONLY, tiny_run_config
+from helpers import PPL_ONLY, tiny_run_config
 
 
 def test_validating_a_config_imports_no_torch():

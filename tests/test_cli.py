@@ -14,40 +14,18 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import tiny_run_config
+from helpers import run_cli, tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # Settings that make the demo config finish in seconds on the tiny model; the demo's own code path is unchanged.
 TINY_DEMO = ["data.max_length=24", "train.max_steps=2", "train.batch_size=8", "train.micro_batch_size=8",
              "model.precision=fp32", "eval.samples_per_speaker=1", "eval.max_new_tokens=4", "eval.batch_size=64"]
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cltune(monkeypatch, capsys, *argv) -> Result:
-    """Run `cltune ARGV` in this process through the console script's entry point."""
-    from cltune.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cltune", *map(str, argv)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exited:
-        code = exited.code or 0
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
 
 
 @pytest.fixture()
@@ -70,7 +48,7 @@ def _finite_matrix(metrics: dict, tasks: int) -> list[list[float]]:
 
 
 def test_demo_data_writes_the_three_guest_files(monkeypatch, capsys, tmp_path):
-    result = cltune(monkeypatch, capsys, "demo-data", "--out", tmp_path / "data")
+    result = run_cli(monkeypatch, capsys, "demo-data", "--out", tmp_path / "data")
     assert result.code == 0, result.err
     sizes = {}
     for letter in "abc":
@@ -90,7 +68,7 @@ def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model
     monkeypatch.chdir(tmp_path)  # outside the repository: the demo config ships inside the package
     out, data = tmp_path / "checkpoints", tmp_path / "data"
     sets = [f"model.name={tiny_model_dir}", *TINY_DEMO]
-    result = cltune(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)])
+    result = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)])
     assert result.code == 0, result.err
     run_dir = out / "demo"
     metrics = _metrics(run_dir)
@@ -111,11 +89,11 @@ def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model
     finished, marker = (run_dir / "metrics.json").read_bytes(), run_dir / "logs" / "cleared on a fresh start"
     marker.parent.mkdir(exist_ok=True)
     marker.write_text("")
-    resumed = cltune(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)],
+    resumed = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)],
                      "--resume")
     assert resumed.code == 0, resumed.err
     assert (run_dir / "metrics.json").read_bytes() == finished and marker.exists()
-    again = cltune(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)])
+    again = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)])
     assert again.code == 0, again.err
     assert not marker.exists()
 
@@ -123,14 +101,14 @@ def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model
 def test_demo_names_the_missing_task_file(monkeypatch, capsys, tmp_path):
     config = tmp_path / "demo.yaml"
     config.write_text("tasks: [{name: x, path: data/elsewhere.csv}]\n")
-    result = cltune(monkeypatch, capsys, "demo", "--out", tmp_path / "ck", "--data", tmp_path / "data", "--config", config)
+    result = run_cli(monkeypatch, capsys, "demo", "--out", tmp_path / "ck", "--data", tmp_path / "data", "--config", config)
     assert result.code == 2
     assert f"{tmp_path / 'data' / 'elsewhere.csv'} does not exist" in result.err and "Traceback" not in result.err
 
 
 def test_eda_writes_numbers_of_each_file(monkeypatch, capsys, tmp_path, tiny_model_dir, two_tasks):
     out = tmp_path / "eda"
-    result = cltune(monkeypatch, capsys, "eda", *two_tasks, "--out", out, "--model", tiny_model_dir, "--max-len", "12")
+    result = run_cli(monkeypatch, capsys, "eda", *two_tasks, "--out", out, "--model", tiny_model_dir, "--max-len", "12")
     assert result.code == 0, result.err
     summary = json.loads((out / "eda.json").read_text())
     assert summary["max_len"] == 12 and summary["tokenizer"].endswith("tokenizer")
@@ -138,7 +116,7 @@ def test_eda_writes_numbers_of_each_file(monkeypatch, capsys, tmp_path, tiny_mod
     assert (a["name"], a["utterances"], a["per_speaker"]) == ("guest_a", 60, {"Host": 30, "Guest A": 30})
     assert (b["name"], b["utterances"], b["per_speaker"]) == ("guest_b", 40, {"Host": 20, "Guest B": 20})
     assert "| guest_a | 60 |" in (out / "eda.md").read_text()
-    words = cltune(monkeypatch, capsys, "eda", two_tasks[0], "--out", tmp_path / "words", "--whitespace")
+    words = run_cli(monkeypatch, capsys, "eda", two_tasks[0], "--out", tmp_path / "words", "--whitespace")
     assert words.code == 0, words.err
     counted = json.loads((tmp_path / "words" / "eda.json").read_text())["datasets"][0]
     with two_tasks[0].open() as fh:
@@ -148,7 +126,7 @@ def test_eda_writes_numbers_of_each_file(monkeypatch, capsys, tmp_path, tiny_mod
 
 def test_train_then_generate_then_report(monkeypatch, capsys, tmp_path, tiny_model_dir, two_tasks):
     out = tmp_path / "ckpt" / "guest_a"
-    result = cltune(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", out, "--model", tiny_model_dir,
+    result = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", out, "--model", tiny_model_dir,
                     "--set", "lora.r=4", "--set", "train.batch_size=8", "--set", "train.micro_batch_size=4",
                     "--set", "train.lr=5e-3", "--set", "data.max_length=24", "--set", "model.precision=fp32")
     assert result.code == 0, result.err
@@ -162,16 +140,16 @@ def test_train_then_generate_then_report(monkeypatch, capsys, tmp_path, tiny_mod
     assert {"step", "loss", "tokens_per_s", "lr"} <= set(log[0])
     assert yaml.safe_load((phase / "config.resolved.yaml").read_text())["strategy"] == "naive"
 
-    by_name = cltune(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--max-new-tokens", "6", "--seed", "1")
-    by_token = cltune(monkeypatch, capsys, "generate", phase, "--speaker", "<GUEST>", "--max-new-tokens", "6",
+    by_name = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--max-new-tokens", "6", "--seed", "1")
+    by_token = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "<GUEST>", "--max-new-tokens", "6",
                       "--seed", "1")
     assert by_name.code == 0 and by_token.code == 0, by_name.err + by_token.err
     assert by_name.out.strip() and by_name.out == by_token.out  # a name and its token are one speaker
-    unknown = cltune(monkeypatch, capsys, "generate", phase, "--speaker", "Nobody")
+    unknown = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "Nobody")
     assert unknown.code == 2 and "unknown speaker 'Nobody'" in unknown.err
 
     (out / "report.md").unlink(missing_ok=True)
-    rebuilt = cltune(monkeypatch, capsys, "report", out)
+    rebuilt = run_cli(monkeypatch, capsys, "report", out)
     assert rebuilt.code == 0, rebuilt.err
     report = (out / "report.md").read_text()
     assert f"{record['after']['test_ppl']:.2f}" in report and "guest_a" in report
@@ -183,7 +161,7 @@ def test_train_takes_paths_with_quotes_and_spaces(monkeypatch, capsys, tmp_path,
     data.parent.mkdir()
     shutil.copy(two_tasks[0], data)
     out = tmp_path / "out put" / "it's"
-    result = cltune(monkeypatch, capsys, "train", "--data", data, "--out", out, "--model", tiny_model_dir,
+    result = run_cli(monkeypatch, capsys, "train", "--data", data, "--out", out, "--model", tiny_model_dir,
                     "--set", "train.max_steps=1", "--set", "data.max_length=24", "--set", "model.precision=fp32",
                     "--set", "eval.samples_per_speaker=0")
     assert result.code == 0, result.err
@@ -192,7 +170,7 @@ def test_train_takes_paths_with_quotes_and_spaces(monkeypatch, capsys, tmp_path,
 
 
 def test_run_writes_the_matrix_and_refuses_to_overwrite(monkeypatch, capsys, run_yaml, tmp_path):
-    result = cltune(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=2", "--set", "ewc.lambda=20")
+    result = run_cli(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=2", "--set", "ewc.lambda=20")
     assert result.code == 0, result.err
     run_dir = tmp_path / "runs" / "tiny"
     metrics = _metrics(run_dir)
@@ -204,9 +182,9 @@ def test_run_writes_the_matrix_and_refuses_to_overwrite(monkeypatch, capsys, run
     flat = " ".join(result.out.split())
     assert "Test perplexity" in flat and f"{ppl[2][1]:.2f}" in flat and "report:" in flat
 
-    second = cltune(monkeypatch, capsys, "run", run_yaml)
+    second = run_cli(monkeypatch, capsys, "run", run_yaml)
     assert second.code == 2 and "already holds a run; pass --overwrite" in second.err
-    replaced = cltune(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=1", "--overwrite")
+    replaced = run_cli(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=1", "--overwrite")
     assert replaced.code == 0, replaced.err
     assert [p["steps"] for p in _metrics(run_dir)["phases"]] == [1, 1]
 
@@ -214,7 +192,7 @@ def test_run_writes_the_matrix_and_refuses_to_overwrite(monkeypatch, capsys, run
 def test_run_resume_continues_after_a_crash_in_phase_2(monkeypatch, capsys, run_yaml, tmp_path):
     """A run stopped in phase 2 and resumed ends with the uninterrupted run's metrics; phase 1 is not retrained.
     (tests/test_reliability.py also resumes after a real SIGKILL through the `cltune` process.)"""
-    reference = cltune(monkeypatch, capsys, "run", run_yaml, "--set", "name=reference")
+    reference = run_cli(monkeypatch, capsys, "run", run_yaml, "--set", "name=reference")
     assert reference.code == 0, reference.err
 
     import cltune.studies.pipeline as pipeline
@@ -231,26 +209,26 @@ def test_run_resume_continues_after_a_crash_in_phase_2(monkeypatch, capsys, run_
 
     monkeypatch.setattr(pipeline, "train_phase", crash_in_phase_2)
     with pytest.raises(Crash):
-        cltune(monkeypatch, capsys, "run", run_yaml)
+        run_cli(monkeypatch, capsys, "run", run_yaml)
     monkeypatch.setattr(pipeline, "train_phase", real_train)
     run_dir = tmp_path / "runs" / "tiny"
     phase1 = _metrics(run_dir)["phases"]
     assert len(phase1) == 1
 
-    resumed = cltune(monkeypatch, capsys, "run", run_yaml, "--resume")
+    resumed = run_cli(monkeypatch, capsys, "run", run_yaml, "--resume")
     assert resumed.code == 0, resumed.err
     assert "resuming after phase 1" in " ".join(resumed.out.split())
     metrics, expected = _metrics(run_dir), _metrics(tmp_path / "runs" / "reference")
     assert metrics["phases"][0] == phase1[0]  # phase 1 comes from the saved record, wall time included
     assert metrics["ppl"] == expected["ppl"] and metrics["forgetting_pct"] == expected["forgetting_pct"]
 
-    both = cltune(monkeypatch, capsys, "run", run_yaml, "--resume", "--overwrite")
+    both = run_cli(monkeypatch, capsys, "run", run_yaml, "--resume", "--overwrite")
     assert both.code == 2 and "contradict" in both.err
 
 
 def test_sweep_writes_its_table_and_reuses_phase_1(monkeypatch, capsys, run_yaml, tmp_path):
     out = tmp_path / "sweep"
-    result = cltune(monkeypatch, capsys, "sweep", run_yaml, "--grid", "ewc.lambda=0,100", "--set", "train.max_steps=2",
+    result = run_cli(monkeypatch, capsys, "sweep", run_yaml, "--grid", "ewc.lambda=0,100", "--set", "train.max_steps=2",
                     "--set", "eval.samples_per_speaker=0", "--out", out)
     assert result.code == 0, result.err
     rows = list(csv.DictReader((out / "sweep.csv").open()))
@@ -264,7 +242,7 @@ def test_sweep_writes_its_table_and_reuses_phase_1(monkeypatch, capsys, run_yaml
 def test_strategies_lists_the_registry(monkeypatch, capsys):
     from cltune.strategies import REGISTRY
 
-    result = cltune(monkeypatch, capsys, "strategies")
+    result = run_cli(monkeypatch, capsys, "strategies")
     assert result.code == 0
     assert re.findall(r"^([a-z_]+): ", result.out, flags=re.M) == list(REGISTRY)
     assert " ".join(REGISTRY["ewc"].summary.split()) in " ".join(result.out.split())
@@ -273,7 +251,7 @@ def test_strategies_lists_the_registry(monkeypatch, capsys):
 def test_config_reference_prints_every_key(monkeypatch, capsys):
     from cltune.studies.reference import config_reference
 
-    printed = cltune(monkeypatch, capsys, "config-reference")
+    printed = run_cli(monkeypatch, capsys, "config-reference")
     assert printed.code == 0 and printed.out == config_reference() + "\n"
     assert "| `lambda` | float | `10.0` |" in printed.out and "| `context_turns` |" in printed.out
 
@@ -283,7 +261,7 @@ def test_redirected_output_gets_plain_progress_lines(monkeypatch, capsys, run_ya
     import re
 
     monkeypatch.setattr("cltune.training.loop.PLAIN_PROGRESS_S", 0.0)
-    result = cltune(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=3")
+    result = run_cli(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=3")
     assert result.code == 0, result.err
     lines = re.findall(r"phase (\d) · guest_\w: step (\d)/3, loss \d+\.\d{3}, \d+ tok/s, about [\d.]+ min left", result.out)
     assert lines == [(phase, str(step)) for phase in "12" for step in (1, 2, 3)]
@@ -292,7 +270,7 @@ def test_redirected_output_gets_plain_progress_lines(monkeypatch, capsys, run_ya
 def test_unknown_config_key_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("tasks: [{path: a.csv}]\nlearning_rate: 3\n")
-    result = cltune(monkeypatch, capsys, "run", config)
+    result = run_cli(monkeypatch, capsys, "run", config)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
     assert "learning_rate: unknown key" in result.err and "cltune config-reference" in result.err
 

@@ -23,7 +23,7 @@ from cltune.evaluation.stats import (
     t975,
 )
 
-from conftest import QUIET_EVAL, tiny_run_config
+from helpers import QUIET_EVAL, tiny_run_config
 
 
 def test_t_intervals_match_hand_computation():

@@ -15,7 +15,7 @@ from cltune.data import Example, Split, Turn, build_task, load_dialogue
 from cltune.errors import UserError
 from cltune.modeling.batching import IGNORE, collate, encode, fit_context
 
-from conftest import WORDS, prepared, tiny_run_config
+from helpers import WORDS, prepared, tiny_run_config
 
 
 def write_conversations(path: Path, guest: str, conversations: int, seed: int = 0, *, column: bool = True,
@@ -247,7 +247,8 @@ def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp
 
     from cltune.modeling.generate import generate_mixture, sample_continuations
     from cltune.serving.chat import Sampling, Talker, read_context
-    from test_cli import cltune
+
+    from helpers import run_cli
 
     run_dir, _ = context_streams("naive", 2)
     phase = run_dir / "phase2"
@@ -262,15 +263,15 @@ def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp
     assert ids == list(training[: training.context + 1]) and start == training.context
 
     direct = talker.reply(history, "<GUEST_A>", sampling=Sampling(max_new_tokens=6, seed=4))
-    result = cltune(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context,
+    result = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context,
                     "--max-new-tokens", "6", "--seed", "4")
     assert result.code == 0, result.err
     assert result.out.strip() == direct
-    assert cltune(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context,
+    assert run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context,
                   "--context-turns", "0", "--max-new-tokens", "6", "--seed", "4").out.strip() == \
         Talker(phase, 0).reply(history, "<GUEST_A>", sampling=Sampling(max_new_tokens=6, seed=4))
     context.write_text("speaker,text\nHost,so tell me\nNobody,hello\n")
-    refused = cltune(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context)
+    refused = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--context", context)
     assert refused.code == 2 and f"{context}: line 3: unknown speaker 'Nobody'" in refused.err
 
     # the mixture of one candidate after a context is greedy decoding's output
@@ -285,14 +286,15 @@ def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
     """`cltune chat --script`: each line is the user's turn or a command; the replies are streamed as
     `Name: text` and are exactly what the library gives for the conversation so far (last two turns)."""
     from cltune.serving.chat import Sampling, Talker
-    from test_cli import cltune
+
+    from helpers import run_cli
 
     run_dir, _ = context_streams("naive", 2)
     phase = run_dir / "phase2"
     script = tmp_path / "script.txt"
     script.write_text("so tell me\nwhat do you think\n/speaker Nobody\n/reset\n/speaker host\nquestion today\n"
                       "/quit\nnever answered\n")
-    result = cltune(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", script,
+    result = run_cli(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", script,
                     "--max-new-tokens", "5", "--seed", "1")
     assert result.code == 0, result.err
 
@@ -313,10 +315,10 @@ def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
         talker.prompt([(GUEST, first), (HOST, "what do you think")], GUEST)  # only the last two turns are shown
 
     alone_dir, _ = context_streams("naive", 0)
-    without = cltune(monkeypatch, capsys, "chat", alone_dir / "phase2", "--as", "Guest A", "--script", script,
+    without = run_cli(monkeypatch, capsys, "chat", alone_dir / "phase2", "--as", "Guest A", "--script", script,
                      "--max-new-tokens", "3")
     assert without.code == 0 and "trained without context turns" in without.out
-    missing = cltune(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", tmp_path / "nope.txt")
+    missing = run_cli(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", tmp_path / "nope.txt")
     assert missing.code == 2 and "nope.txt: cannot read the script" in missing.err
 
 

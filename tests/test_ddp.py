@@ -21,7 +21,7 @@ import yaml
 from cltune.modeling.checkpoint import verify
 from cltune.training.loop import my_share
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 pytestmark = pytest.mark.ddp
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import cltune
+from helpers import run_cli
 
 TEXTS = ["so tell me what do you think", "i really love pizza and music", "quantum fields energy"]
 
@@ -44,7 +44,7 @@ def test_a_merged_export_loads_in_plain_transformers_with_the_checkpoint_logits(
     raw, _ = strategy_streams(strategy)
     phase = Path(raw["output_dir"]) / raw["name"] / "phase2"
     out = tmp_path / "export"
-    result = cltune(monkeypatch, capsys, "export", phase, "--out", out)
+    result = run_cli(monkeypatch, capsys, "export", phase, "--out", out)
     assert result.code == 0, result.err
     if strategy == "naive":  # one model serves everything: one folder
         folders = {"<GUEST_A>": (out, None), "<GUEST_B>": (out, None)}
@@ -61,24 +61,24 @@ def test_a_merged_export_loads_in_plain_transformers_with_the_checkpoint_logits(
     assert note["format"] == "merged" and note["speaker_tokens"]["Guest A"] == "<GUEST_A>"
 
     if strategy != "naive":  # --speaker: the weights the router gives that speaker; a shared one is refused
-        alone = cltune(monkeypatch, capsys, "export", phase, "--out", tmp_path / "guest_b", "--speaker", "Guest B")
+        alone = run_cli(monkeypatch, capsys, "export", phase, "--out", tmp_path / "guest_b", "--speaker", "Guest B")
         assert alone.code == 0, alone.err
         torch.testing.assert_close(_plain_logits(tmp_path / "guest_b", "<GUEST_B>"), _served_logits(phase, "<GUEST_B>"),
                                    atol=1e-4, rtol=0)
-        shared = cltune(monkeypatch, capsys, "export", phase, "--out", tmp_path / "host", "--speaker", "Host")
+        shared = run_cli(monkeypatch, capsys, "export", phase, "--out", tmp_path / "host", "--speaker", "Host")
         assert shared.code == 2 and "mixture of 2 datasets' weights" in shared.err
 
 
 def test_fusion_cannot_be_merged_and_a_foreign_folder_is_never_replaced(strategy_streams, tmp_path, monkeypatch, capsys):
     raw, _ = strategy_streams("fusion")
     phase = Path(raw["output_dir"]) / raw["name"] / "phase2"
-    refused = cltune(monkeypatch, capsys, "export", phase, "--out", tmp_path / "fusion")
+    refused = run_cli(monkeypatch, capsys, "export", phase, "--out", tmp_path / "fusion")
     assert refused.code == 2 and "depend on the input" in refused.err and not (tmp_path / "fusion").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     raw, _ = strategy_streams("naive")
-    kept = cltune(monkeypatch, capsys, "export", Path(raw["output_dir"]) / raw["name"] / "phase2", "--out", mine)
+    kept = run_cli(monkeypatch, capsys, "export", Path(raw["output_dir"]) / raw["name"] / "phase2", "--out", mine)
     assert kept.code == 2 and "is not a cltune export" in kept.err and (mine / "notes.txt").read_text() == "keep me"
 
 
@@ -90,7 +90,7 @@ def test_an_adapter_export_loads_with_peft_on_the_resized_base(strategy_streams,
     raw, _ = strategy_streams("ewc_replay")
     phase = Path(raw["output_dir"]) / raw["name"] / "phase2"
     out = tmp_path / "adapter"
-    result = cltune(monkeypatch, capsys, "export", phase, "--out", out, "--adapter")
+    result = run_cli(monkeypatch, capsys, "export", phase, "--out", out, "--adapter")
     assert result.code == 0, result.err
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -101,7 +101,7 @@ def test_an_adapter_export_loads_with_peft_on_the_resized_base(strategy_streams,
         loaded = torch.stack([model(input_ids=_ids(tokenizer, "<GUEST_B>", t)).logits[0, :6] for t in TEXTS])
     torch.testing.assert_close(loaded, _served_logits(phase, "<GUEST_B>"), atol=1e-5, rtol=0)
     raw, _ = strategy_streams("progressive")
-    mixed = cltune(monkeypatch, capsys, "export", Path(raw["output_dir"]) / raw["name"] / "phase2", "--out",
+    mixed = run_cli(monkeypatch, capsys, "export", Path(raw["output_dir"]) / raw["name"] / "phase2", "--out",
                    tmp_path / "p", "--adapter")
     assert mixed.code == 2 and "not one PEFT adapter" in mixed.err
 
@@ -115,12 +115,12 @@ def test_a_gguf_export_loads_in_transformers_with_the_merged_logits(strategy_str
 
     raw, _ = strategy_streams("naive")
     phase = Path(raw["output_dir"]) / raw["name"] / "phase2"
-    result = cltune(monkeypatch, capsys, "export", phase, "--out", tmp_path / "gguf", "--gguf", kind)
+    result = run_cli(monkeypatch, capsys, "export", phase, "--out", tmp_path / "gguf", "--gguf", kind)
     assert result.code == 0, result.err
     name = f"model-{kind}.gguf"
     assert name in {p.name for p in (tmp_path / "gguf").iterdir()}
     merged = tmp_path / "merged"
-    assert cltune(monkeypatch, capsys, "export", phase, "--out", merged).code == 0
+    assert run_cli(monkeypatch, capsys, "export", phase, "--out", merged).code == 0
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=name)
     reference = AutoTokenizer.from_pretrained(merged)
     for text in ["<GUEST_A> so tell me what do you think", "[PAD]<HOST> i love pizza</s>"]:
@@ -131,5 +131,5 @@ def test_a_gguf_export_loads_in_transformers_with_the_merged_logits(strategy_str
     expected = _plain_logits(merged, "<GUEST_B>")
     error = ((loaded - expected).abs().max() / expected.abs().max()).item()
     assert 1e-6 < error < tolerance  # rounded (so really stored as `kind`), within that format's rounding
-    bad = cltune(monkeypatch, capsys, "export", phase, "--out", tmp_path / "x", "--gguf", "q4")
+    bad = run_cli(monkeypatch, capsys, "export", phase, "--out", tmp_path / "x", "--gguf", "q4")
     assert bad.code == 2 and "unknown --gguf type 'q4'" in bad.err

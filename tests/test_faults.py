@@ -27,9 +27,8 @@ from cltune.storage import files
 from cltune.storage.runlock import LOCK_FILE, claim
 from cltune.storage.verified import verify
 from cltune.training import interrupt
-from test_reliability import _cli, _disk_full, _flip_byte, _main, deterministic, raw_config
 
-from conftest import write_dialogue
+from helpers import cltune_command, deterministic, disk_full, flip_byte, raw_config, run_cli, write_dialogue
 
 # Each optimizer step says where it is (its `where` argument) and sleeps a little, so that a signal sent
 # at a given step lands inside it.
@@ -62,7 +61,7 @@ def _resume_command(err: str) -> list[str]:
     """The command the error message says continues the run, as a subprocess command line."""
     words = shlex.split(err.split("continue with: ", 1)[1].strip())
     assert words[0] == "cltune" and words[-1] == "--resume", words
-    return _cli(*words[1:])
+    return cltune_command(*words[1:])
 
 
 # --- paths -------------------------------------------------------------------------------------
@@ -83,7 +82,7 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
     raw = raw_config(tiny_model_dir, home, "naive", name="it's", max_steps=1)
     raw |= {"output_dir": "~/rüns", "tasks": [{"path": "~/dáta/it's a.csv"}, {"path": "dáta/b b.csv"}]}
     _write(home / "cónfigs" / "my run.yaml", raw)
-    code, err = _main(monkeypatch, capsys, "run", "~/cónfigs/my run.yaml", "--set", "eval.samples_per_speaker=0")
+    code, _, err = run_cli(monkeypatch, capsys, "run", "~/cónfigs/my run.yaml", "--set", "eval.samples_per_speaker=0")
     assert code == 0, err
     run_dir = home / "rüns" / "it's"
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text(encoding="utf-8"))
@@ -94,7 +93,7 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
                  ["eda", "~/dáta/it's a.csv", "--out=~/é da", "--whitespace"],
                  ["train", "--data=~/dáta/b b.csv", "--out=rel/it's", "--model=~/mó del", "--set",
                   "train.max_steps=1", "--set", "eval.samples_per_speaker=0", "--set", "data.max_length=24"]):
-        code, err = _main(monkeypatch, capsys, *argv)
+        code, _, err = run_cli(monkeypatch, capsys, *argv)
         assert code == 0, (argv, err)
     assert (run_dir / "report.md").exists() and (home / "ex port" / "é" / "adapter_model.safetensors").exists()
     assert json.loads((home / "é da" / "eda.json").read_text())["datasets"][0]["utterances"] == 60
@@ -118,7 +117,7 @@ def test_a_second_run_into_a_busy_folder_refuses_and_changes_nothing(reference, 
         assert holder.stdout.readline().strip() == "held"
         config = _write(stream / "busy.yaml", raw_config(tiny_model_dir, stream, name="reference"))
         for flag in ("--overwrite", "--resume"):
-            code, err = _main(monkeypatch, capsys, "run", config, flag)
+            code, _, err = run_cli(monkeypatch, capsys, "run", config, flag)
             assert code == 2, err
             _one_line_error(err, str(run_dir), "another cltune run is using this run folder", f"PID {holder.pid}")
     finally:
@@ -185,11 +184,11 @@ def test_disk_full_at_a_checkpoint_then_resume_once_space_is_back(reference, str
     original = resuming._torch_save
 
     def fill_up(obj, path):  # the disk fills during phase 2's first step checkpoint
-        return _disk_full() if "phase2" in str(path) else original(obj, path)
+        return disk_full() if "phase2" in str(path) else original(obj, path)
 
     with monkeypatch.context() as patch:
         patch.setattr(resuming, "_torch_save", fill_up)
-        code, err = _main(monkeypatch, capsys, "run", config)
+        code, _, err = run_cli(monkeypatch, capsys, "run", config)
     assert code == 2
     _one_line_error(err, "step-000002: no space left on device", "nothing already on disk was replaced",
                     "continue with: cltune run")
@@ -207,24 +206,24 @@ def test_train_stopped_by_a_full_disk_resumes_with_the_command_it_names(tiny_mod
 
     settings = ["--model", tiny_model_dir, "--set", "train.checkpoint_every=2", "--set", "data.max_length=24",
                 "--set", "model.precision=fp32", "--set", "eval.samples_per_speaker=0", "--set", "lora.dropout=0.1"]
-    code, err = _main(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", tmp_path / "whole", *settings)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", tmp_path / "whole", *settings)
     assert code == 0, err
     original, saves = resuming._torch_save, []
 
     def fill_up(obj, path):  # the second step checkpoint runs out of space
         saves.append(path)
-        return _disk_full() if len(saves) > 2 else original(obj, path)
+        return disk_full() if len(saves) > 2 else original(obj, path)
 
     with monkeypatch.context() as patch:
         patch.setattr(resuming, "_torch_save", fill_up)
-        code, err = _main(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", tmp_path / "it's", *settings,
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", tmp_path / "it's", *settings,
                           "--overwrite")
     assert code == 2
     _one_line_error(err, "step-000004: no space left on device", "; continue with: cltune train --data")
     words = shlex.split(err.split("continue with: ", 1)[1])
     assert "--overwrite" not in words and words[-1] == "--resume"
     verify(tmp_path / "it's" / "steps" / "phase1" / "step-000002")  # what the resume continues from
-    code, err = _main(monkeypatch, capsys, *words[1:])
+    code, _, err = run_cli(monkeypatch, capsys, *words[1:])
     assert code == 0, err
     whole, resumed = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("whole", "it's"))
     assert deterministic(resumed) == deterministic(whole)
@@ -232,12 +231,12 @@ def test_train_stopped_by_a_full_disk_resumes_with_the_command_it_names(tiny_mod
 
 def test_disk_full_while_writing_the_report_keeps_the_previous_one(reference, stream, tmp_path, monkeypatch, capsys):
     run_dir = shutil.copytree(stream / "runs" / "reference", tmp_path / "run")
-    code, err = _main(monkeypatch, capsys, "report", run_dir)
+    code, _, err = run_cli(monkeypatch, capsys, "report", run_dir)
     assert code == 0, err
     before = (run_dir / "report.md").read_bytes()
     with monkeypatch.context() as patch:
-        patch.setattr(files.os, "fsync", _disk_full)
-        code, err = _main(monkeypatch, capsys, "report", run_dir)
+        patch.setattr(files.os, "fsync", disk_full)
+        code, _, err = run_cli(monkeypatch, capsys, "report", run_dir)
     assert code == 2
     _one_line_error(err, "report.md: no space left on device")
     assert (run_dir / "report.md").read_bytes() == before and _leftovers(run_dir) == []
@@ -252,7 +251,7 @@ def test_a_signal_mid_phase_saves_a_step_checkpoint_and_resume_continues(referen
     raw = raw_config(tiny_model_dir, stream, name="signalled", checkpoint_every=100) | {"output_dir": str(tmp_path)}
     config = _write(tmp_path / "signalled.yaml", raw)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(_cli("run", config, code=SLOW), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cltune_command("run", config, code=SLOW), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     run_dir = tmp_path / "signalled"
     for line in proc.stdout:  # phase 2 has 4 steps: the signal lands in its second (or, on a busy machine, later)
@@ -283,7 +282,7 @@ SLOW_START = ("import time, cltune.training.session as s\n"
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_before_training_stops_at_once_with_the_continue_command(tiny_model_dir, stream, tmp_path, signum):
     config = _write(tmp_path / "early.yaml", raw_config(tiny_model_dir, stream, name="early") | {"output_dir": str(tmp_path)})
-    proc = subprocess.Popen(_cli("run", config, code=SLOW_START), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cltune_command("run", config, code=SLOW_START), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "BUILDING"
     proc.send_signal(signum)
     err = proc.communicate(timeout=60)[1]
@@ -361,18 +360,18 @@ def test_an_unwritable_output_folder_is_refused_before_training(tiny_model_dir, 
 
             monkeypatch.setattr(Path, method, read_only)
     monkeypatch.setattr(cltune.training.session, "build_session", lambda *a, **k: pytest.fail("training started"))
-    code, err = _main(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", out, "--model", tiny_model_dir)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", out, "--model", tiny_model_dir)
     assert code == 2
     _one_line_error(err, str(out), "cannot write the run folder here", reason)
     assert not out.exists()
-    code, err = _main(monkeypatch, capsys, "demo-data", "--out", out)
+    code, _, err = run_cli(monkeypatch, capsys, "demo-data", "--out", out)
     assert code == 2
     _one_line_error(err, "cannot write the demo corpus here", reason)
 
 
 def test_missing_output_parents_are_created(monkeypatch, capsys, tmp_path):
     out = tmp_path / "not" / "yet" / "there"
-    code, err = _main(monkeypatch, capsys, "demo-data", "--out", out)
+    code, _, err = run_cli(monkeypatch, capsys, "demo-data", "--out", out)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["host_guest_a.csv", "host_guest_b.csv", "host_guest_c.csv"]
 
@@ -391,12 +390,12 @@ DAMAGE = [  # (command, file under the run folder, damage); a phase folder's fil
     ("resume", "phase2/adapter_model.safetensors", _truncate),
     ("resume", "phase2/manifest.json", _truncate),
     ("generate", "phase2/adapter_model.safetensors", _truncate),
-    ("generate", "phase2/tokenizer.json", lambda p: _flip_byte(p, at=100)),
+    ("generate", "phase2/tokenizer.json", lambda p: flip_byte(p, at=100)),
     ("generate", "phase2/checkpoint.json", _truncate),
-    ("chat", "phase2/router.json", lambda p: _flip_byte(p, at=3)),
-    ("export", "phase2/adapter_model.safetensors", lambda p: _flip_byte(p)),
+    ("chat", "phase2/router.json", lambda p: flip_byte(p, at=3)),
+    ("export", "phase2/adapter_model.safetensors", lambda p: flip_byte(p)),
     ("report", "metrics.json", _truncate),
-    ("report", "phase1/train_log.jsonl", lambda p: _flip_byte(p, at=2)),
+    ("report", "phase1/train_log.jsonl", lambda p: flip_byte(p, at=2)),
     ("report", "eda/eda.json", _truncate),
 ]
 
@@ -416,7 +415,7 @@ def test_a_damaged_file_is_refused_naming_it(reference, stream, tiny_model_dir, 
             "export": ["export", phase, "--out", tmp_path / "export"],
             "report": ["report", run_dir]}[command]
     before = {p: p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
-    code, err = _main(monkeypatch, capsys, *argv)
+    code, _, err = run_cli(monkeypatch, capsys, *argv)
     assert code == 2
     in_phase_folder = name.startswith("phase")
     _one_line_error(err, f"{damaged.parent}: {damaged.name}" if in_phase_folder else str(damaged))
@@ -448,7 +447,7 @@ def test_a_million_row_csv_loads_validates_and_runs_eda_in_bounded_memory(tmp_pa
         fh.write("conversation,speaker,text\n")
         for i in range(ROWS):  # 15 different lengths, 50,000 conversations of 20 turns
             fh.write(f"{i // 20},{'Host' if i % 2 == 0 else 'Guest A'},{' '.join(words[: 3 + i % 15])}\n")
-    result, peak, wall = _peak_rss_mb(_cli("eda", path, "--whitespace", "--out", tmp_path / "eda"))
+    result, peak, wall = _peak_rss_mb(cltune_command("eda", path, "--whitespace", "--out", tmp_path / "eda"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "eda" / "eda.json").read_text())["datasets"][0]
     assert summary["utterances"] == ROWS and summary["conversations"] == ROWS // 20
@@ -461,7 +460,7 @@ def test_a_million_row_csv_loads_validates_and_runs_eda_in_bounded_memory(tmp_pa
 
     with path.open("a", encoding="utf-8") as fh:  # a bad row at the very end is still found, by its line
         fh.write(f"{ROWS},Host,\n")
-    result, _, _ = _peak_rss_mb(_cli("eda", path, "--whitespace", "--out", tmp_path / "eda2"))
+    result, _, _ = _peak_rss_mb(cltune_command("eda", path, "--whitespace", "--out", tmp_path / "eda2"))
     assert result.returncode == 2
     _one_line_error(result.stderr, f"line {ROWS + 2}: missing text")
 
@@ -477,7 +476,7 @@ def test_a_100_mb_cell_is_refused_in_bounded_memory(tmp_path, suffix):
         for _ in range(100):
             fh.write(chunk)
         fh.write('"\n' if suffix == ".csv" else '"}\n')
-    result, peak, _ = _peak_rss_mb(_cli("eda", path, "--whitespace", "--out", tmp_path / "eda"))
+    result, peak, _ = _peak_rss_mb(cltune_command("eda", path, "--whitespace", "--out", tmp_path / "eda"))
     assert result.returncode == 2
     _one_line_error(result.stderr, f"{path}: line {3 if suffix == '.csv' else 2}: ")
     assert ("a cell holds more than 131,072 characters" in result.stderr if suffix == ".csv"

@@ -11,7 +11,7 @@ import pytest
 from cltune.data import load_dialogue
 from cltune.errors import UserError
 
-from conftest import PPL_ONLY, tiny_run_config, write_dialogue
+from helpers import PPL_ONLY, tiny_run_config, write_dialogue
 
 
 def chat_jsonl(path: Path, conversations: list[list[tuple[str, str]]], *, ids: bool = False) -> Path:
@@ -90,7 +90,7 @@ def test_a_chat_format_stream_runs_end_to_end(tmp_path, tiny_model_dir, monkeypa
     """`cltune run` on two chat-format JSONL files: splits by conversation, context turns inside them."""
     import yaml
 
-    from test_cli import cltune
+    from helpers import run_cli
 
     files = [chat_jsonl(tmp_path / "guest_a.jsonl", _talks("Guest A", 12)),
              chat_jsonl(tmp_path / "guest_b.jsonl", _talks("Guest B", 9))]
@@ -98,7 +98,7 @@ def test_a_chat_format_stream_runs_end_to_end(tmp_path, tiny_model_dir, monkeypa
     raw["data"] = {"max_length": 32, "context_turns": 2}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
-    result = cltune(monkeypatch, capsys, "run", config, *[a for s in PPL_ONLY for a in ("--set", s)])
+    result = run_cli(monkeypatch, capsys, "run", config, *[a for s in PPL_ONLY for a in ("--set", s)])
     assert result.code == 0, result.err
     metrics = json.loads((tmp_path / "runs" / "tiny" / "metrics.json").read_text())
     assert metrics["tasks"] == ["guest_a", "guest_b"] and metrics["context_turns"] == 2
@@ -106,7 +106,7 @@ def test_a_chat_format_stream_runs_end_to_end(tmp_path, tiny_model_dir, monkeypa
     # whole conversations (3 utterances each) per split
     assert all(sizes[split] % 3 == 0 for sizes in metrics["split_sizes"] for split in ("train", "val", "test"))
     assert metrics["ppl"][1][0] < metrics["ppl"][0][0]
-    eda = cltune(monkeypatch, capsys, "eda", *files, "--out", tmp_path / "eda", "--whitespace")
+    eda = run_cli(monkeypatch, capsys, "eda", *files, "--out", tmp_path / "eda", "--whitespace")
     assert eda.code == 0 and "guest_a" in eda.out
     summary = json.loads((tmp_path / "eda" / "eda.json").read_text())["datasets"]
     assert [(d["utterances"], d["per_speaker"]) for d in summary] == [(36, {"Host": 24, "Guest A": 12}),

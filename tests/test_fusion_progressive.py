@@ -17,9 +17,8 @@ from cltune.strategies.mixing import AdapterMix
 from cltune.strategies.routing import load_router
 from cltune.studies.pipeline import run
 from cltune.training.session import build_session, load_tasks, make_accelerator
-from test_adapters import logits_of
 
-from conftest import PPL_ONLY
+from helpers import PPL_ONLY, logits_of
 
 
 def stand_in_for_training(model) -> None:
@@ -204,13 +203,14 @@ def test_mixture_generation_draws_from_the_equal_prior_mixture(tiny_config):
 def test_cltune_generate_samples_a_shared_speaker_from_the_mixture(monkeypatch, capsys, tiny_config):
     from cltune.api import generate_from
     from cltune.modeling.generate import generate_mixture
-    from test_cli import cltune
+
+    from helpers import run_cli
 
     config = tiny_config("progressive", PPL_ONLY)
     run(config)
     capsys.readouterr()  # the run's progress lines
     phase2 = config.run_dir / "phase2"
-    result = cltune(monkeypatch, capsys, "generate", phase2, "--speaker", "Host", "--max-new-tokens", "5", "--seed", "3")
+    result = run_cli(monkeypatch, capsys, "generate", phase2, "--speaker", "Host", "--max-new-tokens", "5", "--seed", "3")
     assert result.code == 0, result.err
     model, tokenizer, _ = load_checkpoint(phase2)
     router = load_router(phase2, model)

@@ -8,11 +8,12 @@ the long version); here a fixed sample of 200 cases keeps CI to seconds.
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,15 +50,6 @@ def test_the_sample_reaches_every_stage():
     assert any(o.startswith("split:") for o in outcomes), outcomes
 
 
-def _cli(monkeypatch, capsys, *argv) -> tuple[int, str]:
-    from cltune.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cltune", *map(str, argv)])
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("content", [
     b"speaker,text\nHost,hi\n\xff\xfe,bad\n",  # not UTF-8
     b'speaker,text\nHost,"never closed\n',  # unbalanced quote
@@ -72,7 +64,7 @@ def test_cli_run_exits_2_with_one_line_on_bad_data(tmp_path, monkeypatch, capsys
     data.write_bytes(content)
     config = tmp_path / "run.yaml"
     config.write_text(f"name: bad\noutput_dir: {tmp_path / 'runs'}\nstrategy: naive\ntasks: [{{path: {data}}}]\n")
-    code, err = _cli(monkeypatch, capsys, "run", config)
+    code, _, err = run_cli(monkeypatch, capsys, "run", config)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert str(data) in err
@@ -84,5 +76,5 @@ def test_cli_run_exits_2_with_one_line_on_bad_overrides(tmp_path, monkeypatch, c
     config = tmp_path / "run.yaml"
     config.write_text(f"name: bad\noutput_dir: {tmp_path / 'runs'}\nstrategy: naive\n"
                       f"tasks: [{{path: {two_tasks[0]}}}, {{path: {two_tasks[1]}}}]\n")
-    code, err = _cli(monkeypatch, capsys, "run", config, "--set", override)
+    code, _, err = run_cli(monkeypatch, capsys, "run", config, "--set", override)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_run_config, write_dialogue
+from helpers import tiny_run_config, write_dialogue
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "howto" / "troubleshooting.md"
 FAST = ["--set", "train.max_steps=1", "--set", "eval.attribution=false", "--set", "eval.samples_per_speaker=0"]

@@ -9,7 +9,7 @@ import shlex
 
 import yaml
 
-from conftest import write_dialogue
+from helpers import write_dialogue
 
 
 def _printed_command(out: str) -> list[str]:

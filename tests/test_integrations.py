@@ -9,7 +9,7 @@ import torch
 from cltune.modeling.batching import collate
 from cltune.strategies.base import Outputs, StepInfo
 
-from conftest import PPL_ONLY
+from helpers import PPL_ONLY
 
 STEP = StepInfo(phase=1, step=1, steps=1, epoch=0)
 

@@ -13,7 +13,7 @@ from cltune.strategies.base import Outputs
 from cltune.strategies.lwf import LwF, distillation_kl, lwf_loss
 from cltune.studies import pipeline
 
-from conftest import QUIET_EVAL
+from helpers import QUIET_EVAL
 
 
 def test_kl_matches_hand_computed_values():

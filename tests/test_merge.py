@@ -19,7 +19,7 @@ from cltune.strategies.merge import MERGED, merge_shares, merge_token_rows, peft
 from cltune.studies.pipeline import run
 from cltune.training.session import build_session, load_tasks, make_accelerator
 
-from conftest import PPL_ONLY
+from helpers import PPL_ONLY
 
 
 def test_merge_shares_normalize_over_the_adapters_merged_so_far():

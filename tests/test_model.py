@@ -19,7 +19,7 @@ from cltune.modeling.model import attach_lora, load_base, lora_targets, paramete
 from cltune.modeling.scoring import TokenScorer, target_nll
 from cltune.training.session import make_accelerator
 
-from conftest import prepared
+from helpers import prepared
 
 
 def test_distilgpt2_shape_has_the_seeds_811008_lora_parameters():

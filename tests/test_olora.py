@@ -19,9 +19,8 @@ from cltune.strategies.adapters import token_rows
 from cltune.strategies.olora import SUMMED, OLoRA, l2_loss, orthogonality_loss
 from cltune.studies.pipeline import run
 from cltune.training.session import build_session, load_tasks, make_accelerator
-from test_adapters import logits_of
 
-from conftest import PPL_ONLY, tiny_run_config, write_dialogue
+from helpers import PPL_ONLY, logits_of, tiny_run_config, write_dialogue
 
 
 def test_orthogonality_loss_sums_absolute_entries_over_layers():

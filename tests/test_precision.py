@@ -50,7 +50,7 @@ def three_runs(tiny_model_dir, tmp_path_factory):
     """fp32, then bf16, then fp32 again, in one process; `auto` resolved as on a CPU with and without bf16."""
     from cltune.api import make_config
 
-    from conftest import tiny_run_config, write_dialogue
+    from helpers import tiny_run_config, write_dialogue
 
     folder = tmp_path_factory.mktemp("precision")
     csvs = [write_dialogue(folder / "guest_a.csv", "Guest A", 60, 1), write_dialogue(folder / "guest_b.csv", "Guest B", 40, 2)]
@@ -89,7 +89,7 @@ def test_fp32_arithmetic_scores_the_stored_bf16_weights_in_fp32_and_puts_them_ba
     from cltune.modeling.model import settle_dtypes
     from cltune.modeling.scoring import target_nll
 
-    from conftest import prepared
+    from helpers import prepared
 
     model, tokenizer, _ = prepared(tiny_model_dir)
     with torch.no_grad():  # LoRA B starts at zero: give the adapter something to add
@@ -154,7 +154,7 @@ def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_
     from cltune.api import make_config
     from cltune.modeling.model import is_adapter_weight
 
-    from conftest import tiny_run_config, write_dialogue
+    from helpers import tiny_run_config, write_dialogue
 
     csvs = [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 40, 1), write_dialogue(tmp_path / "guest_b.csv", "Guest B", 40, 2)]
     raw = tiny_run_config(tiny_model_dir, csvs, tmp_path / "runs", strategy)

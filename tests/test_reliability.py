@@ -8,12 +8,10 @@ uninterrupted run's (wall times aside), damaged files must be refused with exit 
 from __future__ import annotations
 
 import ast
-import errno
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,29 +31,13 @@ from cltune.training import resume as resuming
 from cltune.training.loop import DivergedError
 from cltune.training.session import safe_name
 
-from conftest import stream_config
+from helpers import cltune_command, deterministic, disk_full, flip_byte, raw_config, run_cli
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cltune"
 
 
 class SimulatedCrash(BaseException):
     """Raised from inside a run to stop it the way a crash would: nothing catches it."""
-
-
-def raw_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", **train) -> dict:
-    """The tiny stream with frequent step checkpoints (every 2 steps unless `train` says otherwise)."""
-    return stream_config(model_dir, folder, strategy, name, **{"checkpoint_every": 2, **train})
-
-
-def deterministic(metrics) -> dict:
-    """metrics.json (or the RunMetrics a run returns) without what legitimately differs between equal runs:
-    the name, wall times and peak memory."""
-    metrics = metrics if isinstance(metrics, dict) else metrics.to_json()
-    out = {k: v for k, v in metrics.items() if k not in ("run", "peak_rss_mb")}
-    out["phases"] = [{k: v for k, v in p.items() if k not in ("wall_s", "tokens_per_s")} for p in metrics["phases"]]
-    for p in out["phases"]:
-        p["strategy"] = {k: v for k, v in p["strategy"].items() if k != "hooks_s" and not k.endswith("wall_s")}
-    return out
 
 
 def max_relative_ppl_difference(a, b) -> float:
@@ -87,10 +69,6 @@ def fast_runs(one_thread):
 # --- resume ------------------------------------------------------------------------------------
 
 
-def _cli(*args, code: str | None = None) -> list[str]:
-    return [sys.executable, *(["-c", code] if code else ["-m", "cltune"]), *map(str, args)]
-
-
 SLOW_STEPS = ("import sys, time, cltune.training.resume as r; save = r.StepCheckpoints.save; "
               "r.StepCheckpoints.save = lambda self, *a, **k: (save(self, *a, **k), time.sleep(0.5))[0]; "
               "from cltune.cli import main; main()")
@@ -104,10 +82,10 @@ def cli_runs(tiny_model_dir, stream) -> dict:
         configs[name] = stream / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(raw_config(tiny_model_dir, stream, name=name)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as `fast_runs`: the determinism test compares across processes
-    reference_proc = subprocess.Popen(_cli("run", configs["cli_reference"]), env=env, stdout=subprocess.DEVNULL,
+    reference_proc = subprocess.Popen(cltune_command("run", configs["cli_reference"]), env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
     # Steps pause 0.5 s after each checkpoint so the kill lands inside phase 2, not after the run.
-    victim = subprocess.Popen(_cli("run", configs["killed"], code=SLOW_STEPS), env=env, stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(cltune_command("run", configs["killed"], code=SLOW_STEPS), env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     phase2_steps = stream / "runs" / "killed" / "steps" / "phase2"
     deadline = time.monotonic() + 300
@@ -118,7 +96,7 @@ def cli_runs(tiny_model_dir, stream) -> dict:
     killed_dir = stream / "runs" / "killed"
     phases_before = len(json.loads((killed_dir / "metrics.json").read_text())["phases"])
     left = sorted(p.name for p in (killed_dir / "steps").rglob("step-*"))
-    resumed = subprocess.run(_cli("run", configs["killed"], "--resume"), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(cltune_command("run", configs["killed"], "--resume"), env=env, capture_output=True, text=True)
     reference_err = reference_proc.communicate()[1]
     assert reference_proc.returncode == 0, reference_err
     assert resumed.returncode == 0, resumed.stderr
@@ -190,36 +168,18 @@ def test_a_phase_resumed_from_a_step_checkpoint_skips_work_the_checkpoint_restor
 # --- atomic writes and verification --------------------------------------------------------------
 
 
-def _flip_byte(path: Path, at: int = -10) -> None:
-    data = bytearray(path.read_bytes())
-    data[at] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _main(monkeypatch, capsys, *argv) -> tuple[int, str]:
-    from cltune.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cltune", *map(str, argv)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exited:
-        code = exited.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("damage", ["adapter byte", "manifest byte", "missing tokenizer"])
 def test_generate_refuses_a_damaged_checkpoint(reference, stream, tmp_path, monkeypatch, capsys, damage):
     import shutil
 
     phase = shutil.copytree(stream / "runs" / "reference" / "phase2", tmp_path / "phase2")
     if damage == "adapter byte":
-        _flip_byte(phase / "adapter_model.safetensors")
+        flip_byte(phase / "adapter_model.safetensors")
     elif damage == "manifest byte":
-        _flip_byte(phase / "manifest.json", at=5)
+        flip_byte(phase / "manifest.json", at=5)
     else:
         (phase / "tokenizer.json").unlink()
-    code, err = _main(monkeypatch, capsys, "generate", phase, "--speaker", "Host", "--max-new-tokens", "2")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "Host", "--max-new-tokens", "2")
     assert code == 2 and err.startswith(f"error: {phase}") and err.count("\n") == 1, err
     assert "corrupted" in err or "damaged" in err or "unreadable" in err
 
@@ -237,7 +197,7 @@ def crashed_in_phase_1(tiny_model_dir, stream, tmp_path, monkeypatch):
 
 def test_resume_refuses_a_corrupted_step_checkpoint(crashed_in_phase_1):
     config, step = crashed_in_phase_1
-    _flip_byte(step / "optimizer.pt")
+    flip_byte(step / "optimizer.pt")
     with pytest.raises(UserError, match=r"optimizer\.pt is missing or corrupted"):
         run(config, resume=True)
 
@@ -270,17 +230,13 @@ def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(crashed_in_phase_1,
 # --- guards --------------------------------------------------------------------------------------
 
 
-def _disk_full(*args, **kwargs):
-    raise OSError(errno.ENOSPC, "No space left on device")
-
-
 def test_disk_full_during_a_step_checkpoint_keeps_the_previous_one(tiny_model_dir, stream, tmp_path, monkeypatch):
     config = make_config(raw_config(tiny_model_dir, stream, name="full") | {"output_dir": str(tmp_path)})
     original, calls = resuming._torch_save, []
 
     def fill_up(obj, path):
         calls.append(path)
-        return _disk_full() if len(calls) > 2 else original(obj, path)  # the 2nd step checkpoint runs out
+        return disk_full() if len(calls) > 2 else original(obj, path)  # the 2nd step checkpoint runs out
 
     monkeypatch.setattr(resuming, "_torch_save", fill_up)
     with pytest.raises(UserError, match="no space left on device.*nothing already on disk was replaced"):
@@ -298,7 +254,7 @@ def test_disk_full_during_a_phase_checkpoint_keeps_the_previous_phase(tiny_model
 
     def fill_up(path, obj):
         if Path(path).name == "checkpoint.json" and obj.get("phase") == 2 and "step" not in obj:
-            _disk_full()
+            disk_full()
         return original(path, obj)
 
     monkeypatch.setattr("cltune.modeling.checkpoint.write_json", fill_up)
@@ -313,7 +269,7 @@ def test_disk_full_while_writing_metrics_keeps_the_previous_file(tmp_path, monke
     from cltune.storage import files
 
     files.write_json(tmp_path / "metrics.json", {"ppl": [[1.0]]})
-    monkeypatch.setattr(files.os, "fsync", _disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(UserError, match="metrics.json: no space left on device"):
         files.write_json(tmp_path / "metrics.json", {"ppl": [[2.0]]})
     assert files.read_json(tmp_path / "metrics.json") == {"ppl": [[1.0]]}
@@ -332,7 +288,7 @@ def test_divergence_stops_with_exit_3_and_keeps_the_last_good_checkpoints(tiny_m
     raw.update({"output_dir": str(tmp_path), "phases": [{}, {"lr": 1e20}]})
     raw["model"]["precision"] = precision
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    code, err = _main(monkeypatch, capsys, "run", tmp_path / "run.yaml")
+    code, _, err = run_cli(monkeypatch, capsys, "run", tmp_path / "run.yaml")
     assert code == 3 and err.startswith("error: phase 2, step ") and "lower the learning rate" in err, err
     run_dir = tmp_path / "diverge"
     verify(run_dir / "phase1")
@@ -368,14 +324,14 @@ def test_a_folder_holding_a_run_is_only_replaced_or_resumed_on_request(reference
                                                                      monkeypatch, capsys):
     config = tmp_path / "reference.yaml"
     config.write_text(yaml.safe_dump(raw_config(tiny_model_dir, stream, name="reference")))
-    code, err = _main(monkeypatch, capsys, "run", config)
+    code, _, err = run_cli(monkeypatch, capsys, "run", config)
     assert code == 2 and "already holds a run; pass --overwrite to replace it, --resume to continue it" in err
-    code, err = _main(monkeypatch, capsys, "run", config, "--resume", "--overwrite")
+    code, _, err = run_cli(monkeypatch, capsys, "run", config, "--resume", "--overwrite")
     assert code == 2 and "contradict" in err
-    code, err = _main(monkeypatch, capsys, "run", config, "--resume", "--set", "train.lr=0.01")
+    code, _, err = run_cli(monkeypatch, capsys, "run", config, "--resume", "--set", "train.lr=0.01")
     assert code == 2 and "holds a different run (config differs at train.lr (saved 0.005, now 0.01))" in err, err
     before = (stream / "runs" / "reference" / "metrics.json").read_bytes()
-    code, err = _main(monkeypatch, capsys, "run", config, "--resume", "--set", "train.checkpoint_every=7")
+    code, _, err = run_cli(monkeypatch, capsys, "run", config, "--resume", "--set", "train.checkpoint_every=7")
     assert code == 0, err  # checkpoint frequency changes no result: still the same run
     assert (stream / "runs" / "reference" / "metrics.json").read_bytes() == before  # finished: nothing retrained
 

@@ -87,7 +87,7 @@ def test_a_reservoir_buffer_survives_a_checkpoint(tiny_config, captured):
 
 
 def test_a_shared_budget_keeps_the_new_datas_step_count_and_an_added_one_lengthens_the_phase(tiny_config):
-    from conftest import PPL_ONLY
+    from helpers import PPL_ONLY
 
     def steps(strategy, sets=()):
         metrics = pipeline.run(tiny_config(strategy, [*PPL_ONLY, "replay.ratio=0.5", "train.batch_size=4", *sets],

@@ -12,7 +12,7 @@ from cltune.strategies.base import Context
 from cltune.strategies.si import SI, SISettings, consolidate, path_integral_step, si_penalty, si_penalty_grad
 from cltune.studies import pipeline
 
-from conftest import QUIET_EVAL
+from helpers import QUIET_EVAL
 
 
 def t(*values):

@@ -12,7 +12,7 @@ from cltune.data import Example, Split, TaskData, Turn
 from cltune.modeling.batching import collate, encode
 from cltune.modeling.speaker_loss import SpeakerContrast, speaker_cross_entropy
 
-from conftest import PPL_ONLY, prepared
+from helpers import PPL_ONLY, prepared
 
 
 def test_speaker_cross_entropy_by_hand():

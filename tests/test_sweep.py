@@ -8,7 +8,7 @@ import yaml
 from cltune.errors import UserError
 from cltune.studies.sweep import expand_grid, run_sweep
 
-from conftest import tiny_run_config
+from helpers import tiny_run_config
 
 
 def test_expand_grid_is_a_cartesian_product():

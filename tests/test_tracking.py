@@ -9,9 +9,7 @@ import math
 import pytest
 import yaml
 
-from test_cli import cltune
-
-from conftest import tiny_run_config
+from helpers import run_cli, tiny_run_config
 
 
 def _events(folder):
@@ -27,7 +25,7 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path, tiny_model_dir, tw
     raw["eval"] = {"samples_per_speaker": 0, "batch_size": 16}
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
-    result = cltune(monkeypatch, capsys, "run", config, "--log-with", "tensorboard")
+    result = run_cli(monkeypatch, capsys, "run", config, "--log-with", "tensorboard")
     assert result.code == 0, result.err
     run_dir = tmp_path / "runs" / "tiny"
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -65,9 +63,9 @@ def test_nothing_is_logged_unless_asked_and_a_missing_tracker_is_named(tmp_path,
     raw = tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "other", "naive")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
-    missing = cltune(monkeypatch, capsys, "run", config, "--log-with", "wandb")
+    missing = run_cli(monkeypatch, capsys, "run", config, "--log-with", "wandb")
     assert missing.code == 2 and missing.err.strip() == \
         "error: --log-with wandb: the wandb package is not installed; run `pip install wandb`"
     assert not (tmp_path / "other").exists()
-    unknown = cltune(monkeypatch, capsys, "run", config, "--log-with", "neptune")
+    unknown = run_cli(monkeypatch, capsys, "run", config, "--log-with", "neptune")
     assert unknown.code == 2 and "unknown tracker; choose from tensorboard, wandb, mlflow" in unknown.err

@@ -10,7 +10,7 @@ from cltune.config import PhaseSettings
 from cltune.studies import pipeline
 from cltune.training.loop import CPU_MICRO_BATCH_TOKENS, plan_steps, split_wide, token_budget
 
-from conftest import prepared
+from helpers import prepared
 
 
 def test_split_wide_halves_until_each_part_fits():
