@@ -77,7 +77,8 @@ class Stream:
     base_params: int  # parameters of the frozen base model (tied embedding counted once)
 
 
-def demo_stream(config_path: Path = DEMO_CONFIG, precision: str | None = None, overrides: list[str] | None = None) -> Stream:
+def demo_stream(config_path: Path = DEMO_CONFIG, precision: str | None = None,
+                overrides: list[str] | None = None) -> Stream:
     """Accelerator, tasks, model and Context exactly as `cltune.studies.pipeline.run` builds them (`build_session`)."""
     from accelerate.utils import set_seed
 

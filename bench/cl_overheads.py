@@ -59,7 +59,8 @@ def part_timings(stream, strategies: dict, task_b, micro_batch_size: int, batch_
     ctx = stream.ctx
     encoded = ctx.encode(task_b.train)
     batches = [collate(encoded, mb, ctx.tokenizer.pad_token_id)
-               for mb in length_grouped_batches([len(s) for s in encoded], micro_batch_size, seed=0)[: batch_size // micro_batch_size]]
+               for mb in length_grouped_batches([len(s) for s in encoded], micro_batch_size,
+                                                seed=0)[: batch_size // micro_batch_size]]
     out = {}
     if "ewc_replay" in strategies:
         ewc = strategies["ewc_replay"].members[1]
@@ -83,8 +84,8 @@ def part_timings(stream, strategies: dict, task_b, micro_batch_size: int, batch_
         # A conflicting step gradient (−g_ref), so the projection really happens.
         for p, chunk in zip(params.values(), torch.split(-reference, [p.numel() for p in params.values()])):
             p.grad = chunk.view_as(p).clone()
-        out["agem_projection_per_step_s"], _ = timed(lambda: agem_project(flatten([p.grad for p in params.values()], params),
-                                                                          reference))
+        out["agem_projection_per_step_s"], _ = timed(
+            lambda: agem_project(flatten([p.grad for p in params.values()], params), reference))
         ctx.model.zero_grad(set_to_none=True)
     return out
 
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
             fisher_s.append(timed(lambda: fisher_diagonal(per_example_grads(ctx, fisher_examples)))[0])
         parts.append(part_timings(stream, strategies, task_b, settings2.micro_batch_size, settings2.batch_size))
         print(f"round {r + 1}: " + ", ".join(f"{n} {results[n][-1].tokens_per_s:.1f}" for n in names)
-              + f"; naive on A {naive_a[-1].tokens_per_s:.1f} tok/s; Fisher {fisher_s[-1] if fisher_s else float('nan'):.1f} s",
+              + f"; naive on A {naive_a[-1].tokens_per_s:.1f} tok/s; "
+              f"Fisher {fisher_s[-1] if fisher_s else float('nan'):.1f} s",
               flush=True)
 
     ref = median(t.tokens_per_s for t in results[names[0]])
@@ -146,34 +148,40 @@ def main(argv=None) -> int:
     for n in names:
         tps = median(t.tokens_per_s for t in results[n])
         rows.append([f"phase 2 step, {n}", f"{tps:.1f} tok/s", f"{100 * (ref / tps - 1):+.0f}%",
-                     " ".join(f"{t.tokens_per_s:.1f}" for t in results[n]), f"{median(t.load1 for t in results[n]):.1f}"])
+                     " ".join(f"{t.tokens_per_s:.1f}" for t in results[n]),
+                     f"{median(t.load1 for t in results[n]):.1f}"])
     for key in parts[0]:
         s = median(p[key] for p in parts)
         rows.append([PART_LABELS[key], f"{s:.3f} s/step", f"{100 * s / step_s:.1f}% of a {step_s:.1f} s naive step",
                      " ".join(f"{p[key]:.3f}" for p in parts), ""])
 
-    summary = {"naive_phase2_tokens_per_s": ref, "naive_phase2_step_s": step_s, "parts_median": {k: median(p[k] for p in parts) for k in parts[0]}}
+    summary = {"naive_phase2_tokens_per_s": ref, "naive_phase2_step_s": step_s,
+               "parts_median": {k: median(p[k] for p in parts) for k in parts[0]}}
     if fisher_s:
         phase1 = plan_steps([len(s) for s in ctx.encode(stream.tasks[0].train)], config.phase(0), config.seed)
         encoded_a = ctx.encode(stream.tasks[0].train)
         phase1_tokens = sum(len(encoded_a[i]) - 1 for _, mbs in phase1 for mb in mbs for i in mb)
         phase1_s = phase1_tokens / median(t.tokens_per_s for t in naive_a)
-        summary.update(fisher_s=median(fisher_s), fisher_examples=len(fisher_examples), phase1_target_tokens=phase1_tokens,
-                       phase1_train_s_estimate=phase1_s)
+        summary.update(fisher_s=median(fisher_s), fisher_examples=len(fisher_examples),
+                       phase1_target_tokens=phase1_tokens, phase1_train_s_estimate=phase1_s)
         rows.append([f"Fisher, {len(fisher_examples)} utterances one by one", f"{median(fisher_s):.1f} s",
                      f"{100 * median(fisher_s) / phase1_s:.1f}% of phase 1 (~{phase1_s:.0f} s)",
                      " ".join(f"{s:.1f}" for s in fisher_s), ""])
     if "ewc_replay" in strategies:
         replay = strategies["ewc_replay"]
-        mix_s, mixed = timed(lambda: plan_steps([len(s) for s in ctx.encode(replay.train_data(task_b))], config.phase(1), config.seed + 1))
+        mix_s, mixed = timed(lambda: plan_steps([len(s) for s in ctx.encode(replay.train_data(task_b))],
+                                                config.phase(1), config.seed + 1))
         extra = target_tokens(ctx, replay.members[0].buffer.examples()) / target_tokens(ctx, task_b.train)
         summary.update(replay_mixing_s=mix_s, replay_extra_token_share=extra)
-        rows.append(["replay mixing (train_data + encode + plan)", f"{mix_s:.3f} s", f"+{100 * extra:.0f}% tokens trained", "", ""])
+        rows.append(["replay mixing (train_data + encode + plan)", f"{mix_s:.3f} s",
+                     f"+{100 * extra:.0f}% tokens trained", "", ""])
     print()
     print(table(["what", "cost", "overhead", "per round", "load1"], rows))
-    write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine, "settings": vars(args),
+    write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine,
+                           "settings": vars(args),
                            "setup_s": setup, "results": {n: [vars(t) for t in ts] for n, ts in results.items()},
-                           "naive_phase1": [vars(t) for t in naive_a], "fisher_s": fisher_s, "parts": parts, "summary": summary,
+                           "naive_phase1": [vars(t) for t in naive_a], "fisher_s": fisher_s, "parts": parts,
+                           "summary": summary,
                            "load1_end": load1()})
     return 0
 

@@ -90,8 +90,10 @@ def summarize(out: Path, runs: dict[str, list[Path]], reference: str) -> dict:
             for task in tasks:
                 pairs = []
                 for mine, theirs in zip(nll, base):
-                    assert mine[task]["lines"] == theirs[task]["lines"] and mine[task]["targets"] == theirs[task]["targets"]
-                    pairs.append(((mine[task]["nll"], mine[task]["targets"]), (theirs[task]["nll"], theirs[task]["targets"])))
+                    assert (mine[task]["lines"] == theirs[task]["lines"]
+                            and mine[task]["targets"] == theirs[task]["targets"])
+                    pairs.append(((mine[task]["nll"], mine[task]["targets"]),
+                                  (theirs[task]["nll"], theirs[task]["targets"])))
                 draws = hierarchical_draws([len(p[0][0]) for p in pairs], 1000, seed=0)
                 point, values = pooled_paired_differences(pairs, draws)
                 low, high = percentile_interval(values)
@@ -116,7 +118,8 @@ def tables(summary: dict, sets: dict[str, list[str]]) -> list[str]:
     for name, row in summary["variants"].items():
         diffs = row.get("vs_reference_pct") or [None] * len(tasks)
         lines.append(f"| {name} | `{' '.join(sets[name])}` | " + " | ".join(cell(v) for v in row["final_ppl"]) + " | "
-                     + " | ".join("—" if d is None else f"{d[0]:+.1f}% [{d[1]:+.1f}, {d[2]:+.1f}]" for d in diffs) + " |")
+                     + " | ".join("—" if d is None else f"{d[0]:+.1f}% [{d[1]:+.1f}, {d[2]:+.1f}]"
+                                  for d in diffs) + " |")
     lines += ["", "| variant | " + " | ".join(f"{t} attribution after learning it" for t in tasks) + " | "
               + " | ".join(f"{t} attribution at the end" for t in tasks) + " | "
               + " | ".join(f"phase {j + 1} target tokens/s" for j in range(len(tasks))) + " | training s | "
@@ -140,15 +143,19 @@ def write_doc(doc: Path, summary: dict, sets: dict[str, list[str]], machine: str
         if NOTES[0] in text and NOTES[1] in text:
             kept = text[text.index(NOTES[0]) + len(NOTES[0]) : text.index(NOTES[1])].strip("\n").splitlines()
     lines = ["# Context turns on the demo stream", "",
-             f"`bench/context.py`: `cltune run` on the shipped demo config (ewc_replay, λ 10, 10% replay, token_lr 1e-2) with "
+             f"`bench/context.py`: `cltune run` on the shipped demo config (ewc_replay, λ 10, 10% replay, "
+             f"token_lr 1e-2) with "
              f"each variant's settings, {seeds} seeds (each reseeds split, sampling and initialization). Final PPL: "
-             "geometric mean over seeds with a 95% t-interval on log PPL. \"vs\" columns: the change in final test PPL against "
+             "geometric mean over seeds with a 95% t-interval on log PPL. \"vs\" columns: the change in final test "
+             "PPL against "
              f"`{summary['reference']}` on the same test utterances and target tokens, pooled over seeds, 95% "
              "bootstrap over seeds and utterances. Attribution: share of test utterances whose text is most "
              "likely after their own speaker token (same context for every candidate), mean over seeds with a "
-             "t-interval clipped to 0–100%. Target tokens/s: training throughput counting target tokens only (context positions "
+             "t-interval clipped to 0–100%. Target tokens/s: training throughput counting target tokens only "
+             "(context positions "
              "cost compute but are not counted); training positions: token positions through the model in the "
-             "training loops (forward), against the reference, a cost free of machine load.", "", f"Machine: {machine}.", "", *tables(summary, sets), "",
+             "training loops (forward), against the reference, a cost free of machine load.", "",
+             f"Machine: {machine}.", "", *tables(summary, sets), "",
              NOTES[0], *kept, NOTES[1], ""]
     doc.write_text("\n".join(lines), encoding="utf-8")
 

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     phases = metrics.get("phases", [])
     train_s = sum(p["wall_s"] for p in phases)
     rss_gb = peak_kb / 1024**2
-    rows = [["peak RSS", f"{rss_gb:.2f} GB", f"≤ {RSS_TARGET_GB:.0f} GB", "met" if rss_gb <= RSS_TARGET_GB else "NOT met"],
+    rows = [["peak RSS", f"{rss_gb:.2f} GB", f"≤ {RSS_TARGET_GB:.0f} GB",
+             "met" if rss_gb <= RSS_TARGET_GB else "NOT met"],
             ["wall time", f"{wall:.0f} s ({wall / 60:.1f} min)", f"≤ {WALL_TARGET_S / 60:.0f} min",
              "met" if wall <= WALL_TARGET_S else "NOT met"]]
     for p in phases:
@@ -86,10 +87,10 @@ def main(argv=None) -> int:
     print("\n".join(tail[-8:]))
     print()
     print(table(["what", "measured", "target", ""], rows))
-    print(f"exit code {code}; load avg (1 min) during the run: min {min(loads)}, median {sorted(loads)[len(loads) // 2]}, "
-          f"max {max(loads)}")
-    write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "child": command, "machine": machine,
-                           "exit_code": code, "wall_s": wall, "peak_rss_gb": rss_gb,
+    print(f"exit code {code}; load avg (1 min) during the run: min {min(loads)}, "
+          f"median {sorted(loads)[len(loads) // 2]}, max {max(loads)}")
+    write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "child": command,
+                           "machine": machine, "exit_code": code, "wall_s": wall, "peak_rss_gb": rss_gb,
                            "load1": {"min": min(loads), "median": sorted(loads)[len(loads) // 2], "max": max(loads)},
                            "phases": phases, "tail": tail[-30:]})
     return code

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         for name in sides:
             diff = max(((fishers[name][n] - f).abs().max() / f.abs().max().clamp(min=1e-30)).item()
                        for n, f in reference.items())
-            print(f"| {name} | {median(seconds[name]):.2f} | {base / median(seconds[name]):.2f}× | {diff:.1e} |", flush=True)
+            print(f"| {name} | {median(seconds[name]):.2f} | {base / median(seconds[name]):.2f}× | {diff:.1e} |",
+                  flush=True)
     return 0
 
 

@@ -38,16 +38,19 @@ CELLS = ["", " ", "nan", "NULL", "N/A", "none", "hello there", "  padded  ", "mu
 WORDS = "so tell me what you think about pizza music quantum fields".split()
 SPEAKERS = ["Host", "Guest A", "Guest B", "guest  a", " Host ", "Dr. Émile Zola", "<B>", "X Æ A-12"]
 PLAUSIBLE = st.one_of(st.integers(0, 64), st.floats(0, 2), st.booleans(),
-                      st.sampled_from(["linear", "cosine", "fp32", "auto", "naive", "replay", "ewc", "ewc_replay", "x"]))
+                      st.sampled_from(["linear", "cosine", "fp32", "auto", "naive", "replay", "ewc", "ewc_replay",
+                                       "x"]))
 HOSTILE = st.one_of(st.none(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
                     st.text(max_size=12), st.sampled_from(["", "../../x", "lambda", "nan", "1e999"]))
 SCALARS = PLAUSIBLE | HOSTILE
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+VALUES = st.recursive(SCALARS, lambda inner: (st.lists(inner, max_size=3)
+                                              | st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                       max_leaves=6)
 KEYS = ["name", "seed", "output_dir", "strategy", "model.name", "model.precision", "model.trust_remote_code", "lora.r",
         "lora.alpha", "lora.dropout", "lora.target_modules", "data.split", "data.max_length", "data.aliases",
         "data.speaker_tokens", "data.drop_missing", "data.speaker_col", "train.epochs", "train.lr", "train.batch_size",
-        "train.micro_batch_size", "train.max_steps", "train.schedule", "train.checkpoint_every", "train.save_total_limit",
+        "train.micro_batch_size", "train.max_steps", "train.schedule",
+        "train.checkpoint_every", "train.save_total_limit",
         "train.warmup_ratio", "phase1.epochs", "phase2.lr", "phase0.lr", "phase1", "phases", "tasks", "tasks.0",
         "tasks.0.path", "tasks.0.name", "tasks.3.path", "eval.batch_size", "ewc.lambda", "replay.ratio", "bogus",
         "train.bogus", ".", "a..b", "tasks.x"]
@@ -65,8 +68,8 @@ def dialogue_rows(draw) -> tuple[list[str], list[list[str]]]:
                                                                      unique=True))]))
     rows = []
     for _ in range(draw(st.integers(0, 30))):
-        row = {speaker: draw(st.sampled_from(SPEAKERS)), text: " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=1,
-                                                                                         max_size=6)))}
+        row = {speaker: draw(st.sampled_from(SPEAKERS)),
+               text: " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=6)))}
         cells = [row.get(h, "") for h in headers]
         if draw(st.integers(0, 29)) == 29:  # one row in 30 is damaged (0, hypothesis's simplest draw, is a clean row)
             cells[draw(st.integers(0, len(cells) - 1))] = draw(st.sampled_from(CELLS) | st.text(max_size=8))
@@ -104,11 +107,12 @@ def csv_bytes(draw) -> bytes:
 def jsonl_bytes(draw) -> bytes:
     headers, rows = draw(dialogue_rows())
     plausible = [json.dumps(dict(zip(headers, r))) for r in rows]
-    obj = st.dictionaries(st.sampled_from(["speaker", "text", "name", "utterance", "Speaker", "x"]) | st.text(max_size=5),
+    obj = st.dictionaries(st.sampled_from(["speaker", "text", "name", "utterance", "Speaker", "x"])
+                          | st.text(max_size=5),
                           VALUES, max_size=4)
     hostile = st.one_of(obj.map(json.dumps), VALUES.map(json.dumps), st.text(max_size=20),
-                        st.integers(1, 3000).map(lambda n: "[" * n + "]" * n), st.integers(4000, 6000).map(lambda n: "1" * n),
-                        st.just(""))
+                        st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+                        st.integers(4000, 6000).map(lambda n: "1" * n), st.just(""))
     for _ in range(draw(st.sampled_from([0, 0, 1, 3]))):
         plausible.insert(draw(st.integers(0, len(plausible))), draw(hostile))
     return "\n".join(plausible).encode("utf-8", "surrogatepass")
@@ -129,7 +133,8 @@ DATASET_CASES = st.tuples(FILES, LOAD_OPTIONS, SPLITS,
                           st.none() | st.dictionaries(st.sampled_from(SPEAKERS), st.text(max_size=8), max_size=2))
 CONFIG_CASES = st.tuples(st.dictionaries(st.sampled_from(KEYS), PLAUSIBLE | VALUES, max_size=2),
                          st.lists(st.tuples(st.sampled_from(KEYS) | st.text(max_size=10),
-                                            PLAUSIBLE.map(str) | st.sampled_from(RAW_OVERRIDES) | SCALARS.map(str)), max_size=2),
+                                            PLAUSIBLE.map(str) | st.sampled_from(RAW_OVERRIDES) | SCALARS.map(str)),
+                                  max_size=2),
                          st.booleans())
 
 
@@ -162,7 +167,8 @@ def check_dataset_case(case, folder: Path) -> str:
     assert sum(map(len, parts)) == len(dataset.utterances) and all(parts), "split lost or duplicated rows"
     assert {e.split for e in task.test} == {Split.TEST}
     if not token_overrides:
-        assert len(set(tokens.values())) == len(tokens) and all(re.fullmatch(r"<[A-Z0-9_]+>", t) for t in tokens.values())
+        assert len(set(tokens.values())) == len(tokens) and all(re.fullmatch(r"<[A-Z0-9_]+>", t)
+                                                                for t in tokens.values())
     return "valid dataset"
 
 

@@ -51,7 +51,8 @@ def hard_row(summary: dict, name: str) -> list[str]:
 def demo_row(summary: dict, name: str) -> list[str]:
     changes = summary["strategies"][name].get("vs_naive") or {}
     worse = [t for t, c in changes.items() if c["low_pct"] > 0]
-    cells = ", ".join(f"{t} {c['change_pct']:+.1f}% [{c['low_pct']:+.1f}, {c['high_pct']:+.1f}]" for t, c in changes.items())
+    cells = ", ".join(f"{t} {c['change_pct']:+.1f}% [{c['low_pct']:+.1f}, {c['high_pct']:+.1f}]"
+                      for t, c in changes.items())
     return [f"demo vs naive: {cells}", f"no worse than naive: {'no (' + ', '.join(worse) + ')' if worse else 'yes'}"]
 
 
@@ -64,7 +65,8 @@ def main() -> None:
         demo_dir, demo, _ = load(demo_spec)
         for name in names:
             print(f"== {name}  ({hard_dir} | {demo_dir})")
-            for line in hard_row(hard, name) + (demo_row(demo, name) if name in demo["strategies"] else ["demo: not run"]):
+            for line in hard_row(hard, name) + (demo_row(demo, name) if name in demo["strategies"]
+                                                else ["demo: not run"]):
                 print("   " + line)
 
 

@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     code = throughput.main([
-        "--device", args.device, "--model", str(model), "--skip-baseline", "--packing", "--pack-length", str(args.pack_length),
+        "--device", args.device, "--model", str(model), "--skip-baseline", "--packing",
+        "--pack-length", str(args.pack_length),
         "--steps", str(args.steps), "--rounds", str(args.rounds), "--batch-size", str(args.batch_size),
         "--micro-batch-size", str(args.micro_batch_size), *(["--json", args.json] if args.json else []),
     ])

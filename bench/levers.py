@@ -184,7 +184,8 @@ def main(argv=None) -> int:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             seconds, targets = micro_step(stream, stream.ctx.scorer, batches)
         positions = sum(b.input_ids.numel() for b in batches)
-        print(f"\nprofile: 8 micro-batches, {positions} positions ({100 * (1 - sum(b.n_tokens for b in batches) / positions):.1f}% "
+        print(f"\nprofile: 8 micro-batches, {positions} positions "
+              f"({100 * (1 - sum(b.n_tokens for b in batches) / positions):.1f}% "
               f"pads), {targets} targets, {seconds:.2f} s under the profiler, load {load1()}")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.bf16 or args.compile:

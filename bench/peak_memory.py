@@ -24,7 +24,8 @@ def status_mb() -> dict[str, int]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--micro-batch", type=int, default=8, help="utterances in the batch (the longest of guest A's train split)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="utterances in the batch (the longest of guest A's train split)")
     p.add_argument("--eval", action="store_true", help="a no-grad evaluation batch instead of a training micro-batch")
     args = p.parse_args(argv)
 
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
         ctx.scorer.train()
         inputs = batch.model_inputs()
         target_nll(ctx.scorer(**inputs), inputs["labels"]).mean().backward()
-        what = f"training micro-batch of {args.micro_batch} ({batch.n_targets} targets, width {batch.input_ids.shape[1]})"
+        what = (f"training micro-batch of {args.micro_batch} ({batch.n_targets} targets, "
+                f"width {batch.input_ids.shape[1]})")
     peak = status_mb()["VmHWM"]
     print(f"{what}, longest utterances: model built {built['VmRSS']} MB (peak while loading {built['VmHWM']} MB); "
           f"peak during the batch {peak} MB (+{peak - built['VmRSS']} MB), {time.perf_counter() - start:.1f} s; "

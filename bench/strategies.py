@@ -78,10 +78,11 @@ def budget(args) -> dict:
     return {
         "model": {"name": args.model, "precision": args.precision},  # metrics.json records what auto chose
         "data": {"max_length": args.max_length, "split": [args.train_share, 0.1, round(0.9 - args.train_share, 6)]},
-        "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "micro_batch_size": args.batch_size,
-                  "schedule": "constant", "warmup_ratio": 0.0},
+        "train": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                  "micro_batch_size": args.batch_size, "schedule": "constant", "warmup_ratio": 0.0},
         "eval": {"samples_per_speaker": 0, "attribution": args.attribution},
-        # Reptile's meta-training is capped so its cost stays comparable; docs/howto/strategies.md documents the default cost.
+        # Reptile's meta-training is capped so its cost stays comparable; docs/howto/strategies.md documents the
+        # default cost.
         "reptile": {"meta_iterations": args.reptile_iterations},
     }
 
@@ -111,11 +112,13 @@ def section(stream: str, tasks: list[dict], compare_dir: Path, doc: Path) -> lis
     shutil.copyfile(compare_dir / "compare.png", png)
     shutil.copyfile(compare_dir / "compare.json", data)
     body = body.replace("(compare.png)", f"({png.name})")
-    return [f"## {stream} stream: {' → '.join(t['name'] for t in tasks)}", "", f"Data: [{data.name}]({data.name}).", body]
+    return [f"## {stream} stream: {' → '.join(t['name'] for t in tasks)}", "", f"Data: [{data.name}]({data.name}).",
+            body]
 
 
 def resolution(compare_dir: Path) -> str:
-    """Median half-width of the paired intervals against naive, per task: the smallest difference this budget resolves."""
+    """Median half-width of the paired intervals against naive, per task: the smallest difference this budget
+    resolves."""
     summary = json.loads((compare_dir / "compare.json").read_text(encoding="utf-8"))
     widths: dict[str, list[float]] = {t: [] for t in summary["tasks"]}
     for entry in summary["strategies"].values():
@@ -128,14 +131,16 @@ def resolution(compare_dir: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategies", default=",".join(REGISTRY))
-    parser.add_argument("--demo-strategies", default=None, help="a shorter list for the demo stream (default: --strategies)")
+    parser.add_argument("--demo-strategies", default=None,
+                        help="a shorter list for the demo stream (default: --strategies)")
     parser.add_argument("--streams", default="hard,demo")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--precision", default="auto", help="model.precision of every run (auto: bf16 where native)")
     parser.add_argument("--rows", type=int, default=200, help="utterances per dataset")
     parser.add_argument("--train-share", type=float, default=0.4,
-                        help="training share of the split (validation 0.1, test the rest): fewer training rows, more test rows")
+                        help="training share of the split (validation 0.1, test the rest): fewer training rows, "
+                             "more test rows")
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -183,17 +188,20 @@ def main() -> None:
     b = budget(args)
     head = [
         f"# {args.title}", "",
-        f"Command: `{command}` · {datetime.date.today()} · {cpu['model_name']} ({flags}), {len(os.sched_getaffinity(0))} "
+        f"Command: `{command}` · {datetime.date.today()} · {cpu['model_name']} ({flags}), "
+        f"{len(os.sched_getaffinity(0))} "
         f"cores, CPU only. Each stream is one `cltune compare` over {args.seeds} seeds (each seed reseeds the split, "
         "sampling and initialization); its runs are in the compare folder's `runs/`.", "",
         f"Budget, the same for every strategy, reduced to fit a 2-core machine's afternoon: model `{args.model}`, "
-        f"precision {args.precision} ({ran} here, as each run's metrics.json records); {args.rows} utterances per dataset; "
+        f"precision {args.precision} ({ran} here, as each run's metrics.json records); {args.rows} utterances per "
+        "dataset; "
         f"split {b['data']['split'][0]:g}/0.1/{b['data']['split'][2]:g} (train/validation/test, whole conversations), "
         "i.e. **fewer training rows and more test rows** than the defaults; utterances cut at "
         f"{args.max_length} tokens; {args.epochs:g} epoch(s) per phase at constant LR {args.lr:g}, {args.batch_size} "
         f"utterances per step; strategy settings at their defaults except Reptile (`meta_iterations: "
         f"{args.reptile_iterations}`); " + ("speaker attribution scored." if args.attribution else
-                                             "no speaker attribution (it doubles the test cost; its column reads –)."), "",
+                                             "no speaker attribution (it doubles the test cost; its column "
+                                             "reads –)."), "",
         "Resolution: the median half-width of the paired intervals against naive (per cent of final test PPL) — "
         + "; ".join(resolved) + ". A smaller difference is not resolved by this budget.", "",
         "Wall time counts training and strategy hooks (not evaluation). Short test runs shared the two cores during "

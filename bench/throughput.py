@@ -40,13 +40,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="baseline optimizer steps per run (each is 32 utterances padded to 100: ~1 min on 2 cores)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved baseline/cltune rounds after the warm-up")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--model", default=None, help="model.name for both sides (default: the config's bundled model), e.g. a "
-                                                   "folder with SmolLM2's config and random weights on a GPU machine")
+    p.add_argument("--model", default=None,
+                   help="model.name for both sides (default: the config's bundled model), e.g. a "
+                        "folder with SmolLM2's config and random weights on a GPU machine")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="cltune micro-batch (default: the config's, auto)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="cltune micro-batch (default: the config's, auto)")
     p.add_argument("--precisions", default=None, help="cltune sides, e.g. fp32,bf16 (default: fp32, and bf16 where "
                                                        "the CPU/GPU has native bf16)")
-    p.add_argument("--batch-size", type=int, default=None, help="cltune utterances per optimizer step (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="cltune utterances per optimizer step (default: the config's)")
     p.add_argument("--packing", action="store_true", help="cltune: pack utterances into rows of --pack-length")
     p.add_argument("--pack-length", type=int, default=256)
     p.add_argument("--skip-baseline", action="store_true", help="time cltune only (e.g. on a GPU, to size batches)")
@@ -102,7 +105,8 @@ def padded_dataset(torch, encoded: list[list[int]], pad_id: int, max_length: int
     rows = []
     for seq in encoded:
         pad = max_length - len(seq)
-        rows.append({"input_ids": torch.tensor(seq + [pad_id] * pad), "attention_mask": torch.tensor([1] * len(seq) + [0] * pad),
+        rows.append({"input_ids": torch.tensor(seq + [pad_id] * pad),
+                     "attention_mask": torch.tensor([1] * len(seq) + [0] * pad),
                      "labels": torch.tensor(seq + [-100] * pad)})
     return rows
 
@@ -127,7 +131,8 @@ def run_baseline(model, dataset, steps: int, device: str, counter: TokenCounter)
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=2, gradient_accumulation_steps=16, max_steps=steps,
-            learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=round(0.1 * steps), logging_strategy="no", save_strategy="no",
+            learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=round(0.1 * steps),
+            logging_strategy="no", save_strategy="no",
             report_to="none", use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True, seed=0,
         )
         Trainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
@@ -171,7 +176,8 @@ def main(argv=None) -> int:
     for precision in precisions:
         stream = demo_stream(overrides=[*overrides, f"model.precision={precision}"])
         config = stream.config
-        changes = {k: v for k, v in {"micro_batch_size": args.micro_batch_size, "batch_size": args.batch_size}.items() if v}
+        changes = {k: v for k, v in {"micro_batch_size": args.micro_batch_size, "batch_size": args.batch_size}.items()
+                   if v}
         changes.update(packing=args.packing, pack_length=args.pack_length)
         resolved = micro_batch(phase_settings(config, 1, **changes), wide=precision != "fp32" or device != "cpu")
         sides[f"cltune {precision} mb{resolved}"] = (
@@ -207,7 +213,8 @@ def main(argv=None) -> int:
         peaks["fp32"].append(matmul_peak(torch, torch.float32, device, 2048, args.peak_seconds))
         peaks["bf16"].append(matmul_peak(torch, torch.bfloat16, device, bf16_n, args.peak_seconds / 2))
         rounds.append({name: got[name] for name in names})
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v.tokens_per_s:.1f} tok/s (load {v.load1})" for k, v in got.items()),
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v.tokens_per_s:.1f} tok/s (load {v.load1})"
+                                             for k, v in got.items()),
               flush=True)
 
     n_params = first.base_params
@@ -225,8 +232,10 @@ def main(argv=None) -> int:
                                   "share_of_peak": share, "step_s": median(r[name].step_s for r in rounds)}
         rows.append([name, f"{tps:.1f}", f"{ratio:.2f}×", precision, f"{peak / 1e9:.0f}", f"{100 * share:.1f}%"])
     print()
-    print(table(["side", "tok/s (median)", f"vs {reference} (paired)", "matmuls", "peak GFLOP/s", "share of peak"], rows))
-    print(f"\nmatmul peak ({device}, {torch.get_num_threads()} threads): fp32 2048³ {summary['fp32_peak_flops_median'] / 1e9:.0f} "
+    print(table(["side", "tok/s (median)", f"vs {reference} (paired)", "matmuls", "peak GFLOP/s", "share of peak"],
+                rows))
+    print(f"\nmatmul peak ({device}, {torch.get_num_threads()} threads): "
+          f"fp32 2048³ {summary['fp32_peak_flops_median'] / 1e9:.0f} "
           f"GFLOP/s, bf16 {bf16_n}³ {summary['bf16_peak_flops_median'] / 1e9:.0f} GFLOP/s (medians over rounds); "
           f"share of peak = 4·N·tok/s with N = {n_params / 1e6:.1f}M against the peak of the precision the side used")
     write_json(args.json, {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine,

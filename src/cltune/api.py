@@ -135,8 +135,9 @@ def demo_config(config_path: Path | None, data: Path, out: Path, sets: Sequence[
     for spec in config.tasks:
         path = data / spec.path.name
         if not path.exists():
-            raise UserError(f"{config_path}: task {spec.name or spec.path.stem!r}: {path} does not exist; the demo reads "
-                            f"its task files by name from {data} (the demo corpus writes host_guest_a/b/c.csv)")
+            raise UserError(f"{config_path}: task {spec.name or spec.path.stem!r}: {path} does not exist; "
+                            f"the demo reads its task files by name from {data} "
+                            "(the demo corpus writes host_guest_a/b/c.csv)")
         tasks.append(spec.model_copy(update={"path": path}))
     return config.model_copy(update={"tasks": tasks})
 

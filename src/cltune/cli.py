@@ -1,5 +1,6 @@
 """The `cltune` command line: demo-data, eda, init, train, run, sweep, compare, report, generate, chat, export,
-strategies, demo, config-reference. Each command parses its arguments and calls one plain function (`cltune.api` and friends)."""
+strategies, demo, config-reference. Each command parses its arguments and calls one plain function (`cltune.api`
+and friends)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def _quiet_libraries() -> None:
 
 
 def _column_option(role: str, example: str, detected: str):
-    return typer.Option(None, f"--{role}-col", help=f"the {role} column, e.g. {example} (default: detected: {detected})")
+    return typer.Option(None, f"--{role}-col",
+                        help=f"the {role} column, e.g. {example} (default: detected: {detected})")
 
 
 def speaker_col_option():
@@ -52,7 +54,8 @@ def text_col_option():
 
 
 def conversation_col_option():
-    return _column_option("conversation", "episode", "conversation, dialogue_id, episode, ...; none: split by utterance")
+    return _column_option("conversation", "episode",
+                          "conversation, dialogue_id, episode, ...; none: split by utterance")
 
 
 @app.command("demo-data")
@@ -120,8 +123,10 @@ def run(config: Path = typer.Argument(..., parser=user_path, help="run config (Y
         overwrite: bool = typer.Option(False, help="replace an existing run folder"),
         resume: bool = typer.Option(False, help="continue the run in the run folder from its last complete checkpoint "
                                     "(same config and data; finished phases are not retrained)"),
-        phase1_from: Path | None = typer.Option(None, parser=user_path, help="take phase 1 from a finished run's phase1 folder with the "
-                                                "same model, LoRA, data, seed and phase-1 settings instead of training it"),
+        phase1_from: Path | None = typer.Option(None, parser=user_path,
+                                                help="take phase 1 from a finished run's phase1 folder with the "
+                                                "same model, LoRA, data, seed and phase-1 settings instead of "
+                                                "training it"),
         log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP),
         speaker_col: str | None = speaker_col_option(), text_col: str | None = text_col_option(),
         conversation_col: str | None = conversation_col_option()) -> None:
@@ -151,14 +156,17 @@ def train(data: Path = typer.Option(..., parser=user_path, help="dialogue CSV/JS
                   f"({phase.wall_s:.0f} s, {phase.tokens_per_s:.0f} tok/s); checkpoint: {out / 'phase1'}")
 
 
-CONTEXT_TURNS_HELP = "earlier turns shown before the reply (default: as many as the run trained with, data.context_turns)"
+CONTEXT_TURNS_HELP = ("earlier turns shown before the reply (default: as many as the run trained with, "
+                      "data.context_turns)")
 
 
 @app.command()
-def generate(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phase folder, e.g. checkpoints/demo/phase2"),
+def generate(checkpoint: Path = typer.Argument(..., parser=user_path,
+                                               help="a phase folder, e.g. checkpoints/demo/phase2"),
              speaker: str = typer.Option(..., help='speaker name (e.g. "Lee Cronin") or token (e.g. "<LEE>")'),
              prompt: str = typer.Option("", help="text to continue after the speaker token"),
-             context: Path | None = typer.Option(None, parser=user_path, help="earlier turns of the conversation: a CSV/JSONL file of "
+             context: Path | None = typer.Option(None, parser=user_path,
+                                                 help="earlier turns of the conversation: a CSV/JSONL file of "
                                                  "speaker,text rows, oldest first"),
              context_turns: int | None = typer.Option(None, min=0, help=CONTEXT_TURNS_HELP),
              max_new_tokens: int = typer.Option(40), temperature: float = typer.Option(0.8),
@@ -175,7 +183,8 @@ def chat(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phase 
          as_: str = typer.Option(..., "--as", help='the speaker the model plays, e.g. "Guest A"'),
          user: str | None = typer.Option(None, help="the speaker you play (default: who that speaker talks with in "
                                          "the training data)"),
-         script: Path | None = typer.Option(None, parser=user_path, help="read your turns (and /commands) from this file, one per line, "
+         script: Path | None = typer.Option(None, parser=user_path,
+                                            help="read your turns (and /commands) from this file, one per line, "
                                             "instead of typing them; - reads standard input"),
          context_turns: int | None = typer.Option(None, min=0, help=CONTEXT_TURNS_HELP),
          max_new_tokens: int = typer.Option(60), temperature: float = typer.Option(0.8),
@@ -186,7 +195,8 @@ def chat(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phase 
 
 
 @app.command()
-def export(checkpoint: Path = typer.Argument(..., parser=user_path, help="a phase folder, e.g. checkpoints/demo/phase2"),
+def export(checkpoint: Path = typer.Argument(..., parser=user_path,
+                                             help="a phase folder, e.g. checkpoints/demo/phase2"),
            out: Path = typer.Option(..., parser=user_path, help="folder to write (new, empty, or an earlier export)"),
            speaker: str | None = typer.Option(None, help="per-task strategies: export the weights this speaker is "
                                               "served by (default: one folder per dataset)"),
@@ -231,8 +241,10 @@ def strategies() -> None:
 def sweep(config: Path = typer.Argument(..., parser=user_path, help="run config (YAML)"),
           grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid ewc.lambda=0,10,20"),
           set_: list[str] = typer.Option([], "--set", help="fixed override for every point"),
-          out: Path | None = typer.Option(None, parser=user_path, help="sweep folder (default: output_dir/name-sweep)")) -> None:
-    """Run a grid of configs (ablations such as the reference pipeline's), reusing phase-1 checkpoints where settings allow."""
+          out: Path | None = typer.Option(None, parser=user_path,
+                                          help="sweep folder (default: output_dir/name-sweep)")) -> None:
+    """Run a grid of configs (ablations such as the reference pipeline's), reusing phase-1 checkpoints where
+    settings allow."""
     from cltune.studies.sweep import run_sweep
 
     md = run_sweep(config, grid, set_, out, console=console)
@@ -240,11 +252,14 @@ def sweep(config: Path = typer.Argument(..., parser=user_path, help="run config 
 
 
 @app.command()
-def compare(config: Path = typer.Argument(..., parser=user_path, help="run config (YAML): the stream and budget every strategy gets"),
-            strategies: str = typer.Option(..., help="comma-separated strategy names; naive always runs as the reference"),
+def compare(config: Path = typer.Argument(..., parser=user_path,
+                                          help="run config (YAML): the stream and budget every strategy gets"),
+            strategies: str = typer.Option(...,
+                                           help="comma-separated strategy names; naive always runs as the reference"),
             seeds: int = typer.Option(3, help="seeds per strategy (each reseeds split, sampling and initialization)"),
             set_: list[str] = typer.Option([], "--set", help="fixed override for every run"),
-            out: Path | None = typer.Option(None, parser=user_path, help="compare folder (default: output_dir/compare)"),
+            out: Path | None = typer.Option(None, parser=user_path,
+                                            help="compare folder (default: output_dir/compare)"),
             bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances")) -> None:
     """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
     from cltune.studies.compare import run_compare
@@ -256,7 +271,8 @@ def compare(config: Path = typer.Argument(..., parser=user_path, help="run confi
 
 @app.command()
 def demo(out: Path = typer.Option(Path("checkpoints"), parser=user_path, help="where runs go"),
-         data: Path = typer.Option(Path("data"), parser=user_path, help="where the demo CSVs go; the config's task files are read from here"),
+         data: Path = typer.Option(Path("data"), parser=user_path,
+                                   help="where the demo CSVs go; the config's task files are read from here"),
          config: Path | None = typer.Option(None, parser=user_path, help="a run config to use instead of the shipped "
                                             "demo config (its task files are read by name from --data)"),
          set_: list[str] = typer.Option([], "--set", help=SET_HELP),

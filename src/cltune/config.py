@@ -61,7 +61,8 @@ class DataSettings(Strict):
                                          "dialogue_id, episode, session, ...); when present, splits keep each "
                                          "conversation whole; 'none': split by utterance")
     aliases: dict[str, str] = Field(default_factory=dict, description='speaker aliases, e.g. {"Lex": "Lex Fridman"}')
-    speaker_tokens: dict[str, str] = Field(default_factory=dict, description='token overrides, e.g. {"Lex Fridman": "<LF>"}')
+    speaker_tokens: dict[str, str] = Field(default_factory=dict,
+                                           description='token overrides, e.g. {"Lex Fridman": "<LF>"}')
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test fractions")
     max_length: int = Field(100, ge=4, description="tokens per example: the target utterance (its speaker token and "
                             "end token included) and its context turns; the target is kept first (cut only when it "
@@ -97,7 +98,8 @@ class PhaseSettings(Strict):
     token_lr: float | None = Field(None, gt=0, description="learning rate of the new token rows (speaker tokens, "
                                    "[PAD]); null: `lr`")
     speaker_loss: float = Field(0.0, ge=0, description="weight of a speaker-discrimination loss added to the LM loss: "
-                                "the mean over a step's utterances of −log p(own speaker given the text and context), p ∝ the "
+                                "the mean over a step's utterances of −log p(own speaker given the text and context), "
+                                "p ∝ the "
                                 "text's likelihood after each speaker token of its dataset (what attribution scores); "
                                 "each other speaker costs one more forward and backward per utterance; 0: off")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="decay after warmup")
@@ -115,10 +117,12 @@ class PhaseSettings(Strict):
         "a CPU, no limit on a GPU; null: never split")
     packing: bool = Field(False, description="pack utterances into rows with per-utterance attention and positions")
     pack_length: int = Field(256, ge=8, description="tokens per packed row")
-    early_stopping_patience: int | None = Field(None, ge=1, description="stop after this many evaluations without val improvement")
+    early_stopping_patience: int | None = Field(None, ge=1,
+                                                description="stop after this many evaluations without val improvement")
     eval_every: int | None = Field(None, ge=1, description="validate every N steps (default: once per epoch)")
     checkpoint_every: int | None = Field(25, ge=1, description="save a resumable step checkpoint (weights, optimizer, "
-                                         "scheduler, strategy state, data position) every N optimizer steps; null: only at the "
+                                         "scheduler, strategy state, data position) every N optimizer steps; null: "
+                                         "only at the "
                                          "end of training; `cltune run --resume` continues from the latest")
     save_total_limit: int = Field(1, ge=1, description="step checkpoints kept on disk during a phase")
 
@@ -150,7 +154,8 @@ class BaseRunConfig(Strict):
     data: DataSettings = Field(default_factory=DataSettings, description="reading and splitting the datasets")
     tasks: list[TaskSpec] = Field(min_length=1, description="datasets in the order they are learned")
     train: PhaseSettings = Field(default_factory=PhaseSettings, description="defaults for every phase")
-    phases: list[PhaseOverride] = Field(default_factory=list, description="per-phase overrides; `phase2.epochs` = phases[1]")  # type: ignore[valid-type]
+    phases: list[PhaseOverride] = Field(default_factory=list,  # type: ignore[valid-type]
+                                        description="per-phase overrides; `phase2.epochs` = phases[1]")
     eval: EvalSettings = Field(default_factory=EvalSettings, description="evaluation after each phase")
 
     _home = field_validator("output_dir")(lambda v: v.expanduser())
@@ -191,12 +196,14 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
             raise UserError(f"--set {dotted}: phases count from phase1")
         phases = tree.setdefault("phases", [])
         if not isinstance(phases, list):
-            raise UserError(f"--set {dotted!r}: `phases` must be a list of per-phase settings, not {type(phases).__name__}")
+            raise UserError(f"--set {dotted!r}: `phases` must be a list of per-phase settings, "
+                            f"not {type(phases).__name__}")
         while len(phases) <= index:
             phases.append({})
         node = phases[index]
         if not isinstance(node, dict):
-            raise UserError(f"--set {dotted!r}: phases[{index}] must be a mapping of settings, not {type(node).__name__}")
+            raise UserError(f"--set {dotted!r}: phases[{index}] must be a mapping of settings, "
+                            f"not {type(node).__name__}")
         keys = keys[1:]
     else:
         node = tree
@@ -231,7 +238,8 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw else None
         except yaml.YAMLError:
-            raise UserError(f"--set {pair!r}: the value is not valid YAML; quote it, e.g. --set name='my run'") from None
+            raise UserError(f"--set {pair!r}: the value is not valid YAML; quote it, "
+                            "e.g. --set name='my run'") from None
         parsed.append((key.strip(), value))
     return parsed
 
@@ -305,7 +313,8 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
         except ValidationError as err:
             raise UserError(_format_error(err, f"{source}: phase{k + 1}", PhaseSettings)) from None
     if config.strategy not in catalog.names:
-        raise UserError(f"{source}: strategy: unknown {config.strategy!r}{did_you_mean(config.strategy, list(catalog.names))}; "
+        raise UserError(f"{source}: strategy: unknown {config.strategy!r}"
+                        f"{did_you_mean(config.strategy, list(catalog.names))}; "
                         f"choose one of {', '.join(catalog.names)} (`cltune strategies` describes them)")
     return config
 
@@ -334,7 +343,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, catalog
     for task in tasks if isinstance(tasks, list) else []:  # task paths are relative to the config file
         if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).expanduser().is_absolute():
             candidate = base / str(task["path"])
-            task["path"] = str(candidate if candidate.exists() or not Path(str(task["path"])).exists() else task["path"])
+            task["path"] = str(candidate if candidate.exists() or not Path(str(task["path"])).exists()
+                               else task["path"])
     return build_config(raw, overrides, source=str(path), catalog=catalog, fixed=fixed)
 
 

@@ -25,7 +25,8 @@ DEFAULT_SIZES: dict[str, int | None] = {"A": 791, "B": 219, "C": None}  # None: 
 def _corpus_path() -> Path:
     spec = importlib.util.find_spec("chitchat_dataset")
     if spec is None or spec.origin is None:
-        raise UserError("the demo corpus needs the `chitchat-dataset` package; run `pip install chitchat-dataset==0.9.0`")
+        raise UserError("the demo corpus needs the `chitchat-dataset` package; "
+                        "run `pip install chitchat-dataset==0.9.0`")
     return Path(spec.origin).parent / "dataset.json"
 
 
@@ -56,7 +57,8 @@ def pair_conversations(corpus: dict, host: str, guest: str) -> list[tuple[str, l
 
 def sample_turns(conversations: list[tuple[str, list[tuple[str, str]]]], size: int | None,
                  seed: int) -> list[tuple[str, str, str]]:
-    """(conversation id, sender, text) of whole conversations in seeded order until `size` turns (the last one cut short)."""
+    """(conversation id, sender, text) of whole conversations in seeded order until `size` turns (the last one cut
+    short)."""
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
     turns = [(conversations[i][0], s, t) for i in order for s, t in conversations[i][1]]

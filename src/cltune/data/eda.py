@@ -102,7 +102,8 @@ def summarize(dataset: Dataset, count_tokens: Callable[[str], int] | None = None
         "char_lengths": sorted(chars.items()),  # [[length, utterances], ...]
         "token_lengths": sorted(tokens.items()),
         "missing": {"blank_rows": report.blank_rows, "missing_text_dropped": report.missing_dropped},
-        "shortest": [{"line": u.line, "speaker": u.speaker, "text": u.text} for u in heapq.nsmallest(5, utts, by_length)],
+        "shortest": [{"line": u.line, "speaker": u.speaker, "text": u.text}
+                     for u in heapq.nsmallest(5, utts, by_length)],
         "longest": [{"line": u.line, "speaker": u.speaker, "text": u.text} for u in heapq.nlargest(5, utts, by_length)],
         "vocabulary": {s: len(v) for s, v in vocab.items()},
         "vocabulary_total": len(set().union(*vocab.values())),
@@ -142,9 +143,11 @@ def _markdown(summary: dict) -> str:
             lines += [f"| {name} | {v['utterances']} | {'–' if v['conversations'] is None else v['conversations']} |"
                       for name, v in d["splits"].items()]
         miss = d["missing"]
-        lines += ["", f"Missing values: {miss['blank_rows']} blank row(s), {miss['missing_text_dropped']} dropped text(s).", ""]
+        lines += ["", f"Missing values: {miss['blank_rows']} blank row(s), "
+                  f"{miss['missing_text_dropped']} dropped text(s).", ""]
         for label in ("shortest", "longest"):
-            lines.append(f"**5 {label}:** " + "; ".join(f"line {u['line']} ({u['speaker']}): {u['text'][:80]!r}" for u in d[label]))
+            lines.append(f"**5 {label}:** " + "; ".join(f"line {u['line']} ({u['speaker']}): {u['text'][:80]!r}"
+                                                        for u in d[label]))
             lines.append("")
         lines.append(f"![lengths of {d['name']}]({d['name']}_lengths.png)")
     return "\n".join(lines) + "\n"
@@ -159,7 +162,8 @@ def _histograms(summary: dict, out: Path) -> list[Path]:
     paths = []
     for d in summary["datasets"]:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-        for ax, key, unit in ((axes[0], "char_lengths", "characters"), (axes[1], "token_lengths", summary["tokenizer"])):
+        for ax, key, unit in ((axes[0], "char_lengths", "characters"),
+                              (axes[1], "token_lengths", summary["tokenizer"])):
             lengths, counts = zip(*d[key])
             ax.hist(lengths, bins=40, weights=counts, color="#4c72b0")
             ax.set_xlabel(f"length ({unit})")

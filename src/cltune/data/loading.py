@@ -95,7 +95,8 @@ def _pick_column(path: Path, headers: list[str], wanted: str | None, known: tupl
     folded = [h.strip().casefold() for h in headers]
     if wanted is not None:
         if wanted.strip().casefold() not in folded:
-            raise UserError(f"{path}: {at}: no column named {_names([wanted])} (columns: {_names(headers)}); fix {flag}")
+            raise UserError(f"{path}: {at}: no column named {_names([wanted])} (columns: {_names(headers)}); "
+                            f"fix {flag}")
         return headers[folded.index(wanted.strip().casefold())]
     hits = [h for h, f in zip(headers, folded) if f in known]
     if not hits:
@@ -114,7 +115,8 @@ def _conversation_column(path: Path, headers: list[str], wanted: str | None, tak
     if wanted is not None and wanted.strip().casefold() == "none":
         return None
     if wanted is not None:
-        return _pick_column(path, headers, wanted, CONVERSATION_COLUMNS, "conversation", "--conversation-col NAME (conversation_col in a config)", at)
+        return _pick_column(path, headers, wanted, CONVERSATION_COLUMNS, "conversation",
+                            "--conversation-col NAME (conversation_col in a config)", at)
     hits = [h for h in headers if h.strip().casefold() in CONVERSATION_COLUMNS and h not in taken]
     if len(hits) > 1:
         raise UserError(f"{path}: {at}: columns {_names(map(repr, hits))} could each be the conversation column; "
@@ -128,10 +130,12 @@ def _columns(path: Path, headers: list[str], speaker_col: str | None, text_col: 
     dupes = sorted({h for h in folded if folded.count(h) > 1 and h})
     if dupes:
         raise UserError(f"{path}: {at}: duplicate column name(s) {_names(dupes)}; rename them so each is unique")
-    speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker", "--speaker-col NAME (speaker_col in a config)", at)
+    speaker = _pick_column(path, headers, speaker_col, SPEAKER_COLUMNS, "speaker",
+                           "--speaker-col NAME (speaker_col in a config)", at)
     text = _pick_column(path, headers, text_col, TEXT_COLUMNS, "text", "--text-col NAME (text_col in a config)", at)
     if speaker == text:
-        raise UserError(f"{path}: {at}: speaker and text are the same column {_names([repr(speaker)])}; pass distinct columns")
+        raise UserError(f"{path}: {at}: speaker and text are the same column {_names([repr(speaker)])}; "
+                        "pass distinct columns")
     return speaker, text
 
 
@@ -150,7 +154,8 @@ def _records_csv(path: Path, lines):
     except csv.Error as err:
         if "field limit" in str(err):  # the reader stops at MAX_CELL_CHARS (its default field_size_limit)
             raise cell_too_long(path, f"line {start}") from None
-        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({err}); check the quoting on that line") from None
+        raise UserError(f"{path}: line {reader.line_num}: malformed CSV ({err}); "
+                        "check the quoting on that line") from None
 
 
 def _records_jsonl(path: Path, lines):
@@ -162,9 +167,11 @@ def _records_jsonl(path: Path, lines):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {number}: invalid JSON ({err.msg}); each line must be one JSON object") from None
+            raise UserError(f"{path}: line {number}: invalid JSON ({err.msg}); "
+                            "each line must be one JSON object") from None
         except (ValueError, RecursionError):  # a number too long to convert, arrays nested too deep
-            raise UserError(f"{path}: line {number}: JSON too large or too deeply nested; each line must be one flat JSON object") from None
+            raise UserError(f"{path}: line {number}: JSON too large or too deeply nested; "
+                            "each line must be one flat JSON object") from None
         if not isinstance(obj, dict):
             raise UserError(f"{path}: line {number}: expected a JSON object with speaker and text keys")
         if headers is None:

@@ -47,8 +47,8 @@ def _not_utf8(path: Path) -> UserError:
                 held = len(err.object) - len(chunk)
                 bad = offset - held + err.start
                 line += err.object[: err.start].count(b"\n")
-                return UserError(f"{path}: line {line}: byte 0x{err.object[err.start]:02x} at offset {bad} is not UTF-8; "
-                                 "re-save the file with UTF-8 encoding")
+                return UserError(f"{path}: line {line}: byte 0x{err.object[err.start]:02x} at offset {bad} "
+                                 "is not UTF-8; re-save the file with UTF-8 encoding")
             line += chunk.count(b"\n")
             offset += len(chunk)
     return UserError(f"{path}: the file ends inside a character (not UTF-8); re-save the file with UTF-8 encoding")
@@ -64,7 +64,8 @@ def text_lines(path: Path, flags: dict) -> Iterator[str]:
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not a CSV/JSONL file; pass the file itself") from None
     except (OSError, ValueError) as err:  # no permission, a name too long, a NUL in the name
-        raise UserError(f"{path}: cannot read the file ({type(err).__name__}); check the path and its permissions") from None
+        raise UserError(f"{path}: cannot read the file ({type(err).__name__}); "
+                        "check the path and its permissions") from None
     with fh:
         head = fh.peek(_CHUNK)[:_CHUNK]
         flags["bom"], flags["crlf"] = head.startswith(_BOM), b"\r\n" in head

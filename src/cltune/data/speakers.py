@@ -53,4 +53,5 @@ def assign_speaker_tokens(names: list[str], overrides: dict[str, str] | None = N
             tokens[name] = token
             taken.add(token)
     by_key = {speaker_key(n): t for n, t in tokens.items()}
-    return {**tokens, **{n: by_key[speaker_key(n)] for n in names}}  # every spelling of a speaker (across files) gets its token
+    # every spelling of a speaker (across files) gets its token
+    return {**tokens, **{n: by_key[speaker_key(n)] for n in names}}

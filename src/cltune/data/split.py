@@ -64,7 +64,8 @@ def require_no_test(examples, where: str) -> list:
     examples = list(examples)
     leaked = [e for e in examples if e.split is Split.TEST]
     if leaked:
-        raise HeldOutLeakError(f"{len(leaked)} test-split utterance(s) reached {where}; the test split is evaluation-only")
+        raise HeldOutLeakError(f"{len(leaked)} test-split utterance(s) reached {where}; "
+                               "the test split is evaluation-only")
     return examples
 
 
@@ -188,7 +189,8 @@ def build_task(
             f"{dataset.path}: {len(utts)} utterance rows are too few for a {pct} split "
             f"(needs at least {min_rows(fractions)}); add rows or change data.split"
         )
-    examples = [Example(index, u.speaker, tokens[u.speaker], u.text, split, u.line) for u, split in zip(utts, assignment)]
+    examples = [Example(index, u.speaker, tokens[u.speaker], u.text, split, u.line)
+                for u, split in zip(utts, assignment)]
     parts: dict[Split, list[Example]] = {s: [] for s in Split}
     for example in with_context(examples, keys, context_turns):
         parts[example.split].append(example)

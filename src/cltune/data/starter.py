@@ -78,12 +78,14 @@ def starter_text(files: Sequence[Path], datasets: Sequence, out: Path, *, name: 
                   f"    speaker_col: {_scalar(dataset.speaker_col)}",
                   f"    text_col: {_scalar(dataset.text_col)}"]
         if dataset.conversation_col:
-            lines.append(f"    conversation_col: {_scalar(dataset.conversation_col)}  # splits keep conversations whole")
+            lines.append(f"    conversation_col: {_scalar(dataset.conversation_col)}  "
+                         "# splits keep conversations whole")
         elif no_conversations:
             lines.append("    conversation_col: none  # split by utterance")
     lines += [
         "data:",
-        "  context_turns: 0  # earlier turns shown before each utterance (more context: better replies, longer training)",
+        "  context_turns: 0  # earlier turns shown before each utterance (more context: better replies, "
+        "longer training)",
         "train:  # every phase; phaseK.* overrides one phase, e.g. --set phase2.epochs=1",
         f"  epochs: {_scalar(train.epochs)}  # passes over each dataset",
         f"  lr: {_scalar(train.lr)}  # LoRA learning rate; the new speaker-token rows train at the same rate",

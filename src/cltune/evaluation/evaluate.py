@@ -2,9 +2,10 @@
 
 Perplexity of a split = exp(total NLL of target tokens / number of target tokens), where the
 target tokens of an utterance are its text tokens and its end token (its speaker token and, with
-`data.context_turns` > 0, the earlier turns before it are context only). Batched, no gradients, dropout off, deterministic order; in fp32 arithmetic whatever
-the run's precision (a bf16 run's frozen base is upcast meanwhile, `TokenScorer.fp32_arithmetic`), or
-in the run's precision with `eval.precision: run`; NLL sums in fp64.
+`data.context_turns` > 0, the earlier turns before it are context only). Batched, no gradients,
+dropout off, deterministic order; in fp32 arithmetic whatever the run's precision (a bf16 run's
+frozen base is upcast meanwhile, `TokenScorer.fp32_arithmetic`), or in the run's precision with
+`eval.precision: run`; NLL sums in fp64.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def example_nll(
 
 
 def perplexity(accelerator, scorer, tokenizer, examples: list[Example], max_length: int, batch_size: int = 32) -> float:
-    total, count = example_nll(accelerator, scorer, encode(examples, tokenizer, max_length), tokenizer.pad_token_id, batch_size)
+    total, count = example_nll(accelerator, scorer, encode(examples, tokenizer, max_length), tokenizer.pad_token_id,
+                               batch_size)
     return math.exp(total.sum().item() / count.sum().item())
 
 
@@ -78,11 +80,12 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
     """Perplexity and attribution of `examples`, from one scoring of every utterance per candidate token.
 
     Each utterance is scored once per candidate token (the dataset's speakers), after the same
-    context turns; the text and end tokens are the same targets in every variant, so the summed NLLs compare directly, and the
-    variant with the utterance's own token is exactly what perplexity scores. Without `route` all
-    variants go through the model as it is, in one pass; with it, each variant is scored by the
-    weights `route(token)` gives its speaker token (agnostic routing: what a user who knows only
-    the speaker gets): one candidate, or several scored as an equal-prior mixture (`mixture_nll`).
+    context turns; the text and end tokens are the same targets in every variant, so the summed
+    NLLs compare directly, and the variant with the utterance's own token is exactly what
+    perplexity scores. Without `route` all variants go through the model as it is, in one pass;
+    with it, each variant is scored by the weights `route(token)` gives its speaker token
+    (agnostic routing: what a user who knows only the speaker gets): one candidate, or several
+    scored as an equal-prior mixture (`mixture_nll`).
     """
     attribute = len(tokens) >= 2
     variants = [replace(e, token=t) for e in examples for t in tokens] if attribute else list(examples)

@@ -137,7 +137,8 @@ class RunMetrics(_Record):
         except FileNotFoundError:
             raise UserError(f"{path}: not found; is this a run folder?") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"{path}: not readable JSON ({type(err).__name__}); rerun the run or restore the file") from None
+            raise UserError(f"{path}: not readable JSON ({type(err).__name__}); "
+                            "rerun the run or restore the file") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a JSON object of run metrics")
         version = data.setdefault("schema_version", 1)

@@ -70,7 +70,8 @@ def hierarchical_draws(sizes: Sequence[int], count: int, seed: int = 0) -> list[
     return draws
 
 
-def pooled_paired_differences(pairs: Sequence[tuple[tuple[Sequence[float], Sequence[int]], tuple[Sequence[float], Sequence[int]]]],
+def pooled_paired_differences(pairs: Sequence[tuple[tuple[Sequence[float], Sequence[int]],
+                                                    tuple[Sequence[float], Sequence[int]]]],
                               draws: Sequence[Sequence[tuple[int, Sequence[int]]]]) -> tuple[float, list[float]]:
     """The mean over seeds of ln PPL(a) − ln PPL(b) (`pairs[i]` = (a, b) on seed i's shared test utterances),
     and that mean on each draw of `hierarchical_draws`: seed-to-seed variation and test-set noise both."""

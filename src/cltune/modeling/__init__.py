@@ -1,1 +1,2 @@
-"""The model: loading a base LM, speaker tokens and LoRA, batching, scoring, per-example gradients, sampling, checkpoints."""
+"""The model: loading a base LM, speaker tokens and LoRA, batching, scoring, per-example gradients, sampling,
+checkpoints."""

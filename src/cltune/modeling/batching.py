@@ -80,7 +80,8 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
     encoded_turns = {key: turn_ids(s, t, end) for key, s, t in zip(turns, turn_speakers, turn_texts)}
     out = []
     for example, target in zip(examples, targets):
-        context = fit_context([encoded_turns[turn.token, turn.text] for turn in example.context], max_length - len(target))
+        context = fit_context([encoded_turns[turn.token, turn.text] for turn in example.context],
+                              max_length - len(target))
         out.append(Tokens(context + target, len(context)))
     return out
 
@@ -138,11 +139,13 @@ def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_leng
         positions[r, at:] = torch.arange(width - at)  # padding forms its own block
     target_mask = labels[:, 1:] != IGNORE
     return Batch(
-        ids, positions, labels, owner[:, 1:][target_mask], list(indices), int(target_mask.sum()), sum(lengths[i] for i in indices)
+        ids, positions, labels, owner[:, 1:][target_mask], list(indices), int(target_mask.sum()),
+        sum(lengths[i] for i in indices)
     )
 
 
-def length_grouped_batches(lengths: list[int], micro_batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
+def length_grouped_batches(lengths: list[int], micro_batch_size: int, seed: int,
+                           shuffle: bool = True) -> list[list[int]]:
     """Micro-batches of similar-length utterances (little padding), in a seeded random order.
 
     Utterances are shuffled, cut into chunks of 32 micro-batches, sorted by length inside each

@@ -64,7 +64,8 @@ def load_adapter_weights(model: PeftModel, folder: str | Path) -> dict:
         source = _adapter_folder(folder, adapter)
         if adapter not in model.peft_config:
             model.load_adapter(source, adapter_name=adapter, is_trainable=True)
-        loaded = set_peft_model_state_dict(model, load_file(str(source / "adapter_model.safetensors")), adapter_name=adapter)
+        loaded = set_peft_model_state_dict(model, load_file(str(source / "adapter_model.safetensors")),
+                                           adapter_name=adapter)
         if loaded.unexpected_keys:
             raise UserError(f"{folder}: adapter {adapter!r} does not fit this model ({loaded.unexpected_keys[0]}); "
                             "resume with the run's own config or pass --overwrite")

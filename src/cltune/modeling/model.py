@@ -102,8 +102,8 @@ def resolve_model_dir(name: str) -> tuple[str, dict]:
     except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
         raise UserError(
             f"model {name!r} not found: tried the bundled model names ({', '.join(sorted(BUNDLED_ALIASES))}), "
-            f"a local directory {name!r}, and the local Hugging Face cache; pass an existing model folder (--model PATH "
-            "for init, train and eda; --set model.name=PATH for run)"
+            f"a local directory {name!r}, and the local Hugging Face cache; pass an existing model folder "
+            "(--model PATH for init, train and eda; --set model.name=PATH for run)"
         ) from None
 
 
@@ -166,12 +166,14 @@ def lora_config(model: PreTrainedModel, settings: LoraSettings, new_token_ids: l
         lora_dropout=settings.dropout,
         target_modules=lora_targets(model, settings),
         fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 stores Conv1D weights transposed
-        trainable_token_indices={_embedding_name(model): new_token_ids} if settings.train_new_tokens and new_token_ids else None,
+        trainable_token_indices=({_embedding_name(model): new_token_ids} if settings.train_new_tokens and new_token_ids
+                                 else None),
         task_type="CAUSAL_LM",
     )
 
 
-def attach_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: list[int], adapter: str = "default") -> PeftModel:
+def attach_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: list[int],
+                adapter: str = "default") -> PeftModel:
     return get_peft_model(model, lora_config(model, settings, new_token_ids), adapter_name=adapter)
 
 

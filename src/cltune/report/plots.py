@@ -26,7 +26,8 @@ def loss_curves(logs: dict[int, list[dict]], path: Path) -> Path:
         if steps:
             ax.plot([offset + r["step"] for r in steps], [r["loss"] for r in steps], label=f"phase {phase} train")
         if vals:
-            ax.plot([offset + r["step"] for r in vals], [r["val_loss"] for r in vals], "o--", label=f"phase {phase} val")
+            ax.plot([offset + r["step"] for r in vals], [r["val_loss"] for r in vals], "o--",
+                    label=f"phase {phase} val")
         offset += max((r["step"] for r in rows), default=0)
     ax.set_xlabel("optimizer step (cumulative)")
     ax.set_ylabel("mean token NLL (lower is better)")

@@ -21,10 +21,12 @@ from cltune.report.words import (
 
 def eda_table(summary: dict) -> Table:
     table = Table(title=f"EDA (token lengths: {summary['tokenizer']})")
-    for col in ("dataset", "utterances", "speakers (share)", "mean chars", "mean tokens", f"≤ {summary['max_len']} tok", "vocab"):
+    for col in ("dataset", "utterances", "speakers (share)", "mean chars", "mean tokens", f"≤ {summary['max_len']} tok",
+                "vocab"):
         table.add_column(col)
     for d in summary["datasets"]:
-        shares = ", ".join(f"{s} {100 * v:.0f}%{' ⚠' if s in d['dominant_speakers'] else ''}" for s, v in d["speaker_share"].items())
+        shares = ", ".join(f"{s} {100 * v:.0f}%{' ⚠' if s in d['dominant_speakers'] else ''}"
+                           for s, v in d["speaker_share"].items())
         table.add_row(d["name"], str(d["utterances"]), shares, str(d["chars"]["mean"]), str(d["tokens"]["mean"]),
                       f"{100 * d['tokens']['share_within_max_len']:.1f}%", str(d["vocabulary_total"]))
     return table

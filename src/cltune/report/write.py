@@ -34,7 +34,8 @@ from cltune.storage.files import atomic_write_text, read_json, writable_folder
 from cltune.storage.verified import verify
 
 RESOLVED = "config.resolved.yaml"
-ROUTER = "router.json"  # the router each phase checkpoint saved (cltune.strategies.routing reads it; written by the pipeline)
+# the router each phase checkpoint saved (cltune.strategies.routing reads it; written by the pipeline)
+ROUTER = "router.json"
 IMAGES = {"loss": "report_assets/loss.png", "heatmap": "report_assets/ppl.png",
           "heatmap_agnostic": "report_assets/ppl_agnostic.png", "forgetting": "report_assets/forgetting.png"}
 
@@ -48,7 +49,8 @@ def _read_phases(run_dir: Path) -> tuple[dict[int, list[dict]], dict | None]:
         path = folder / "train_log.jsonl"
         if path.exists():
             verify(folder)
-            logs[int(folder.name[5:])] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+            logs[int(folder.name[5:])] = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                                          if line]
             router = read_json(folder / ROUTER) if (folder / ROUTER).exists() else None
     return logs, router
 
@@ -90,7 +92,8 @@ def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str], 
     `router`: the last checkpoint's router.json, which names how speakers were routed."""
     lines = [f"# cltune report — {metrics.run}", "",
              f"Strategy **{metrics.strategy}** on model `{metrics.model}` ({metrics.precision} training, "
-             f"{metrics.eval_precision} evaluation, {metrics.processes} process(es)). Trainable: {metrics.parameters['lora']:,} LoRA + "
+             f"{metrics.eval_precision} evaluation, {metrics.processes} process(es)). "
+             f"Trainable: {metrics.parameters['lora']:,} LoRA + "
              f"{metrics.parameters['new_token_rows']:,} new-token parameters.", ""]
     lines += _summary(metrics, eda, router)
     lines += _matrices(metrics, images, router)
@@ -195,7 +198,8 @@ def _data(eda: dict | None) -> list[str]:
 def _training(metrics: RunMetrics, images: dict[str, str]) -> list[str]:
     if not metrics.phases:
         return []
-    return ["## Training", "", "Validation loss: mean token NLL on the validation split, lower is better.", ""] + _table(
+    return ["## Training", "",
+            "Validation loss: mean token NLL on the validation split, lower is better.", ""] + _table(
         ["phase", "dataset", "steps", "target tokens", "wall s", "tokens/s", "best val loss",
          "strategy before / after phase s"],
         [[p.phase, p.task, p.steps, p.target_tokens, p.wall_s, p.tokens_per_s, p.best_val_loss, _hooks(p.strategy)]
@@ -214,8 +218,8 @@ def _samples(metrics: RunMetrics) -> list[str]:
         lines += ["## Replies in context", "", f"The model's reply to real test-split contexts (the last "
                   f"{metrics.context_turns} turns), beside the true reply.", ""] + _table(
             ["phase", "context", "speaker", "model's reply", "true reply"],
-            [[s.phase, " / ".join(f"{_cell(who, 40)}: {_cell(text, 80)}" for who, text in s.context), f"{s.speaker} `{s.token}`",
-              _cell(s.text), _cell(s.reference or "")] for s in replies])
+            [[s.phase, " / ".join(f"{_cell(who, 40)}: {_cell(text, 80)}" for who, text in s.context),
+              f"{s.speaker} `{s.token}`", _cell(s.text), _cell(s.reference or "")] for s in replies])
         lines.append("")
     return lines
 

@@ -116,7 +116,8 @@ def chat(talker: Talker, speaker: str, user: str | None, lines: Iterable[str] | 
     voice = talker.token(speaker)
     user_token = talker.token(user) if user else talker.partner(voice)
     if user_token is None:
-        raise UserError(f"{talker.checkpoint}: the checkpoint does not say who talks with {speaker!r}; pass --user NAME")
+        raise UserError(f"{talker.checkpoint}: the checkpoint does not say who talks with {speaker!r}; "
+                        "pass --user NAME")
     if talker.context_turns == 0:
         out.print(f"note: {talker.checkpoint} was trained without context turns (data.context_turns: 0), so each reply "
                   "sees only the speaker token; --context-turns N shows it the last N turns anyway", markup=False)

@@ -22,7 +22,8 @@ Q8_BLOCK = 32  # q8_0 quantizes rows in blocks of 32 values
 
 def _rotary_layout(weight: np.ndarray, heads: int) -> np.ndarray:
     """Hugging Face's (heads · 2 · half, in) query/key rows → llama.cpp's (heads · half · 2, in)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
 
 
 def _tokenizer_metadata(writer, tokenizer, pre: str) -> None:
@@ -37,10 +38,13 @@ def _tokenizer_metadata(writer, tokenizer, pre: str) -> None:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL
+                            for i in range(len(tokens))])
     writer.add_token_merges(merges)
-    for setter, value in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
-                          (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
+    for setter, value in ((writer.add_bos_token_id, tokenizer.bos_token_id),
+                          (writer.add_eos_token_id, tokenizer.eos_token_id),
+                          (writer.add_unk_token_id, tokenizer.unk_token_id),
+                          (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if value is not None:
             setter(value)
     writer.add_add_bos_token(False)  # cltune's utterances start with their speaker token, never a BOS

@@ -47,7 +47,8 @@ def _lock(path: Path, run_dir: Path) -> int:
             owner = _holder(_read(fd))
             os.close(fd)
             raise UserError(f"{run_dir}: another cltune run is using this run folder ({owner}); wait for it to "
-                            "finish or stop it, or choose another run folder (run, demo: --set name=NEW; train: another --out)") from None
+                            "finish or stop it, or choose another run folder (run, demo: --set name=NEW; "
+                            "train: another --out)") from None
         try:  # the owner unlinks the file as it lets go: the file we locked must still be the one on disk
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 return fd
@@ -98,7 +99,8 @@ def claim(run_dir: Path, *, enabled: bool = True, notify: Callable[[str], None] 
         yield
     finally:
         del _held[key]
-        path.unlink(missing_ok=True)  # while still locked: a claimant that opened it meanwhile finds it gone and retries
+        # while still locked: a claimant that opened it meanwhile finds it gone and retries
+        path.unlink(missing_ok=True)
         os.close(fd)
         for folder in created:  # stopped before writing anything: leave no trace
             if any(folder.iterdir()):

@@ -38,8 +38,10 @@ def _manifest_entries(folder: Path, required: tuple[str, ...]) -> dict:
         checked = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in entries.items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{folder}: {MANIFEST} is unreadable or damaged; this checkpoint cannot be trusted") from None
-    if any(name not in checked for name in required) or any(Path(k).is_absolute() or ".." in Path(k).parts for k in checked):
-        raise UserError(f"{folder}: {MANIFEST} does not describe a cltune checkpoint; this checkpoint cannot be trusted")
+    if (any(name not in checked for name in required)
+            or any(Path(k).is_absolute() or ".." in Path(k).parts for k in checked)):
+        raise UserError(f"{folder}: {MANIFEST} does not describe a cltune checkpoint; "
+                        "this checkpoint cannot be trusted")
     return checked
 
 
@@ -48,19 +50,22 @@ def verify(folder: str | Path, required: tuple[str, ...] = ()) -> None:
     that are missing or changed."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: {'is a file' if folder.exists() else 'no such folder'}; pass a phase folder of a run, "
-                        "e.g. checkpoints/demo/phase2")
+        raise UserError(f"{folder}: {'is a file' if folder.exists() else 'no such folder'}; "
+                        "pass a phase folder of a run, e.g. checkpoints/demo/phase2")
     if not (folder / MANIFEST).is_file():
-        phases = sorted((p.name for p in folder.glob("phase[0-9]*") if (p / MANIFEST).is_file()), key=lambda n: (len(n), n))
+        phases = sorted((p.name for p in folder.glob("phase[0-9]*") if (p / MANIFEST).is_file()),
+                        key=lambda n: (len(n), n))
         if phases:  # a run folder: name the phase folders it holds
             raise UserError(f"{folder}: a run folder, not a checkpoint; pass one of its phase folders: "
                             + ", ".join(str(folder / name) for name in phases))
-        raise UserError(f"{folder}: not a complete cltune checkpoint (no {MANIFEST}); point at a phase folder or re-run")
+        raise UserError(f"{folder}: not a complete cltune checkpoint (no {MANIFEST}); "
+                        "point at a phase folder or re-run")
     for name, (size, digest) in _manifest_entries(folder, required).items():
         path = folder / name
         if not path.is_file() or path.stat().st_size != size or _sha256(path) != digest:
             raise UserError(f"{folder}: {name} is missing or corrupted (does not match {MANIFEST}); this checkpoint "
-                            "cannot be used: re-run that phase, or delete a damaged step checkpoint to resume from an earlier one")
+                            "cannot be used: re-run that phase, or delete a damaged step checkpoint to resume "
+                            "from an earlier one")
 
 
 TEMP_SUFFIX = ".tmp"  # every temporary file or folder ends so; leftovers of a crash are safe to delete
