@@ -66,7 +66,8 @@ def test_the_router_routes_by_task_or_speaker_and_survives_json(tiny_config):
     latest = AdapterRouter(model, ["default", "task2"], {"<HOST>": ["default", "task2"]}, likelihood=False)
     assert len(latest.agnostic_choices("<HOST>")) == 1
     # router.json written before shared speakers had candidates: one adapter per token, served as the latest
-    old = AdapterRouter.from_json({"kind": "adapters", "tasks": ["default", "task2"], "routes": {"<HOST>": "task2"}}, model)
+    old = AdapterRouter.from_json({"kind": "adapters", "tasks": ["default", "task2"], "routes": {"<HOST>": "task2"}},
+                                  model)
     assert old.routes == {"<HOST>": ["task2"]} and not old.likelihood
 
 
@@ -141,7 +142,8 @@ def test_stream_leaves_earlier_tasks_exactly_unchanged(tiny_config):
     model, tokenizer, meta = load_checkpoint(phase2)
     assert meta["adapters"] == ["default", "task2"] and model.active_adapter == "task2"
     router = load_router(phase2, model)  # what `cltune generate` routes with
-    assert router.to_json()["routes"] == {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default"], "<GUEST_B>": ["task2"]}
+    assert router.to_json()["routes"] == {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default"],
+                                          "<GUEST_B>": ["task2"]}
     assert router.to_json()["shared_speakers"] == "likelihood"
     assert router.to_json()["tasks"] == ["default", "task2"]
 
@@ -169,7 +171,8 @@ def test_agnostic_rows_route_each_utterance_by_its_speaker(strategy_streams):
         for adapter in adapters:
             with using_adapter(model, adapter):
                 sums, counts = example_nll(acc, scorer, encode([e for e in task1.test if e.speaker == speaker],
-                                                               tokenizer, raw["data"]["max_length"]), tokenizer.pad_token_id)
+                                                               tokenizer, raw["data"]["max_length"]),
+                                           tokenizer.pad_token_id)
             likelihoods.append(torch.exp(-sums.double()))
         mixture = -torch.log(sum(likelihoods) / len(likelihoods))  # computed here without logsumexp
         total, count = total + mixture.sum().item(), count + counts.sum().item()
@@ -195,6 +198,7 @@ def test_later_adapters_join_each_speakers_mixture(tiny_config, strategy):
     plain = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=false"]))
     plain.strategy.before_task(plain.tasks[1])
     assert plain.strategy.router().routes["<GUEST_A>"] == ["default"]
-    latest = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=true", f"{strategy}.shared_speakers=latest"]))
+    latest = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=true",
+                                                  f"{strategy}.shared_speakers=latest"]))
     latest.strategy.before_task(latest.tasks[1])
     assert latest.strategy.router().routes["<GUEST_A>"] == ["default"]  # later adapters only join a likelihood mixture

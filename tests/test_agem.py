@@ -90,7 +90,8 @@ def test_hook_projects_the_step_gradient_against_the_memory_gradient(tiny_config
     restarted.load_state(strategy.state())
     assert restarted.memory.examples() == strategy.memory.examples()
     assert restarted.encoded == strategy.encoded
-    assert (restarted.phase, restarted.steps, restarted.projected) == (strategy.phase, strategy.steps, strategy.projected)
+    assert ((restarted.phase, restarted.steps, restarted.projected)
+            == (strategy.phase, strategy.steps, strategy.projected))
 
 
 def monologue(path, words: list[str], rows: int, seed: int):

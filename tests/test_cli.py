@@ -68,7 +68,8 @@ def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model
     monkeypatch.chdir(tmp_path)  # outside the repository: the demo config ships inside the package
     out, data = tmp_path / "checkpoints", tmp_path / "data"
     sets = [f"model.name={tiny_model_dir}", *TINY_DEMO]
-    result = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)])
+    result = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data,
+                     *[a for s in sets for a in ("--set", s)])
     assert result.code == 0, result.err
     run_dir = out / "demo"
     metrics = _metrics(run_dir)
@@ -89,8 +90,8 @@ def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model
     finished, marker = (run_dir / "metrics.json").read_bytes(), run_dir / "logs" / "cleared on a fresh start"
     marker.parent.mkdir(exist_ok=True)
     marker.write_text("")
-    resumed = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)],
-                     "--resume")
+    resumed = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data,
+                      *[a for s in sets for a in ("--set", s)], "--resume")
     assert resumed.code == 0, resumed.err
     assert (run_dir / "metrics.json").read_bytes() == finished and marker.exists()
     again = run_cli(monkeypatch, capsys, "demo", "--out", out, "--data", data, *[a for s in sets for a in ("--set", s)])
@@ -101,7 +102,8 @@ def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model
 def test_demo_names_the_missing_task_file(monkeypatch, capsys, tmp_path):
     config = tmp_path / "demo.yaml"
     config.write_text("tasks: [{name: x, path: data/elsewhere.csv}]\n")
-    result = run_cli(monkeypatch, capsys, "demo", "--out", tmp_path / "ck", "--data", tmp_path / "data", "--config", config)
+    result = run_cli(monkeypatch, capsys, "demo", "--out", tmp_path / "ck", "--data", tmp_path / "data",
+                     "--config", config)
     assert result.code == 2
     assert f"{tmp_path / 'data' / 'elsewhere.csv'} does not exist" in result.err and "Traceback" not in result.err
 
@@ -140,7 +142,8 @@ def test_train_then_generate_then_report(monkeypatch, capsys, tmp_path, tiny_mod
     assert {"step", "loss", "tokens_per_s", "lr"} <= set(log[0])
     assert yaml.safe_load((phase / "config.resolved.yaml").read_text())["strategy"] == "naive"
 
-    by_name = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--max-new-tokens", "6", "--seed", "1")
+    by_name = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "guest a", "--max-new-tokens", "6",
+                      "--seed", "1")
     by_token = run_cli(monkeypatch, capsys, "generate", phase, "--speaker", "<GUEST>", "--max-new-tokens", "6",
                       "--seed", "1")
     assert by_name.code == 0 and by_token.code == 0, by_name.err + by_token.err
@@ -257,13 +260,15 @@ def test_config_reference_prints_every_key(monkeypatch, capsys):
 
 
 def test_redirected_output_gets_plain_progress_lines(monkeypatch, capsys, run_yaml, tmp_path):
-    """No live bar in a log file: a line with step, loss, tokens/s and time left instead (every 30 s; here every step)."""
+    """No live bar in a log file: a line with step, loss, tokens/s and time left instead (every 30 s; here every
+    step)."""
     import re
 
     monkeypatch.setattr("cltune.training.loop.PLAIN_PROGRESS_S", 0.0)
     result = run_cli(monkeypatch, capsys, "run", run_yaml, "--set", "train.max_steps=3")
     assert result.code == 0, result.err
-    lines = re.findall(r"phase (\d) · guest_\w: step (\d)/3, loss \d+\.\d{3}, \d+ tok/s, about [\d.]+ min left", result.out)
+    lines = re.findall(r"phase (\d) · guest_\w: step (\d)/3, loss \d+\.\d{3}, \d+ tok/s, about [\d.]+ min left",
+                       result.out)
     assert lines == [(phase, str(step)) for phase in "12" for step in (1, 2, 3)]
 
 

@@ -16,7 +16,6 @@ from cltune.evaluation.stats import (
     hierarchical_draws,
     log_ppl,
     mean_interval,
-    paired_differences,
     percentile_interval,
     pooled_paired_differences,
     resamples,
@@ -36,7 +35,7 @@ def test_t_intervals_match_hand_computation():
 def test_paired_differences_resample_both_runs_alike():
     a = ([2.0, 4.0, 6.0], [1, 2, 3])  # ln PPL = 12 / 6 = 2
     b = ([1.0, 4.0, 3.0], [1, 2, 3])  # ln PPL = 8 / 6
-    point, draws = paired_differences(a, b, [[0, 0, 0], [1, 2, 2]])
+    point, draws = pooled_paired_differences([(a, b)], [[(0, [0, 0, 0])], [(0, [1, 2, 2])]])  # one seed
     assert point == pytest.approx(2 - 8 / 6)
     assert draws == pytest.approx([2 / 1 - 1 / 1, (4 + 12) / 8 - (4 + 6) / 8])
     assert log_ppl(*a, [2, 2]) == pytest.approx(2.0)
@@ -63,7 +62,8 @@ def _cltune(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_tasks, tmp_path):
     config = tmp_path / "stream.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive", eval=QUIET_EVAL)))
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive",
+                                                     eval=QUIET_EVAL)))
     out = tmp_path / "cmp"
     proc = _cltune("compare", config, "--strategies", "replay", "--seeds", "2", "--bootstrap", "200", "--out", out,
                    cwd=tmp_path)
@@ -91,11 +91,13 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
               - log_ppl(nll[("naive", s)]["nll"], nll[("naive", s)]["targets"]) for s in (0, 1)]
     change = summary["strategies"]["replay"]["vs_naive"]["guest_a"]
     assert change["change_pct"] == pytest.approx(100 * (math.exp(sum(points) / 2) - 1))
-    pairs = [((nll[("replay", s)]["nll"], nll[("replay", s)]["targets"]), (nll[("naive", s)]["nll"], nll[("naive", s)]["targets"]))
+    pairs = [((nll[("replay", s)]["nll"], nll[("replay", s)]["targets"]),
+              (nll[("naive", s)]["nll"], nll[("naive", s)]["targets"]))
              for s in (0, 1)]
     _, values = pooled_paired_differences(pairs, hierarchical_draws([len(a[0]) for a, _ in pairs], 200))
     low, high = percentile_interval(values)
-    assert (change["low_pct"], change["high_pct"]) == pytest.approx((100 * (math.exp(low) - 1), 100 * (math.exp(high) - 1)))
+    assert (change["low_pct"], change["high_pct"]) == pytest.approx((100 * (math.exp(low) - 1),
+                                                                     100 * (math.exp(high) - 1)))
     assert change["resolved"] == (low > 0 or high < 0)
     # the pass ledger: replay's reused phase 1 counts naive's work; its phase 2 trains on more utterances
     passes = {k: [p["strategy"]["forward_tokens"] for p in m["phases"]] for k, m in metrics.items()}

@@ -13,7 +13,8 @@ BASE = {"tasks": [{"path": "a.csv"}, {"path": "b.csv"}]}
 def test_the_resolved_yaml_rebuilds_the_same_config():
     """config.resolved.yaml is the run's whole config: aliases (`lambda`), tuples, paths and per-phase
     overrides survive the round trip."""
-    c = make_config(BASE, ["phase2.lr=1e-3", "ewc.lambda=3", "data.split=[0.7, 0.2, 0.1]", "lora.target_modules=[q_proj]"])
+    c = make_config(BASE, ["phase2.lr=1e-3", "ewc.lambda=3", "data.split=[0.7, 0.2, 0.1]",
+                           "lora.target_modules=[q_proj]"])
     again = make_config(yaml.safe_load(dump_config(c)))
     assert again == c and dump_config(again) == dump_config(c)
 

@@ -19,7 +19,8 @@ def write(tmp_path: Path, text: str | bytes, name: str = "d.csv") -> Path:
     return path
 
 
-@pytest.mark.parametrize("header", ["Speaker,Text", "name,utterance", "ROLE,line", "author,content", " speaker ,message"])
+@pytest.mark.parametrize("header", ["Speaker,Text", "name,utterance", "ROLE,line", "author,content",
+                                    " speaker ,message"])
 def test_common_column_names_are_detected_case_insensitively(tmp_path, header):
     d = load_dialogue(write(tmp_path, f"{header}\nLex,hello there\nLee,hi\n"))
     assert [(u.speaker, u.text) for u in d.utterances] == [("Lex", "hello there"), ("Lee", "hi")]
@@ -31,7 +32,8 @@ def test_explicit_columns_win_over_detection(tmp_path):
 
 
 def test_jsonl_is_read_like_csv(tmp_path):
-    d = load_dialogue(write(tmp_path, '{"speaker": "Lex", "text": "hi"}\n\n{"speaker": "Lee", "text": "yo"}\n', "d.jsonl"))
+    d = load_dialogue(write(tmp_path, '{"speaker": "Lex", "text": "hi"}\n\n{"speaker": "Lee", "text": "yo"}\n',
+                            "d.jsonl"))
     assert [u.speaker for u in d.utterances] == ["Lex", "Lee"] and d.report.blank_rows == 1
 
 

@@ -51,11 +51,12 @@ def test_two_process_ddp_run_matches_the_one_process_run(tiny_model_dir, two_tas
     env.pop("WORLD_SIZE", None)
     accelerate = Path(sys.executable).with_name("accelerate")
     ddp = subprocess.Popen([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                            "--mixed_precision", "no", "--dynamo_backend", "no",
+                            "--main_process_port", str(_free_port()),
                             "-m", "cltune", "run", str(configs["ddp"])], env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-    single = subprocess.run([sys.executable, "-m", "cltune", "run", str(configs["single"])], env=env, capture_output=True,
-                            text=True)
+    single = subprocess.run([sys.executable, "-m", "cltune", "run", str(configs["single"])], env=env,
+                            capture_output=True, text=True)
     output = ddp.communicate(timeout=600)[0]
     assert single.returncode == 0, single.stderr
     assert ddp.returncode == 0, output[-3000:]
@@ -63,11 +64,13 @@ def test_two_process_ddp_run_matches_the_one_process_run(tiny_model_dir, two_tas
     runs = {name: tmp_path / "runs" / name for name in configs}
     metrics = {name: json.loads((runs[name] / "metrics.json").read_text()) for name in configs}
     assert metrics["ddp"]["processes"] == 2 and metrics["single"]["processes"] == 1
-    worst = max(abs(d - s) / s for rd, rs in zip(metrics["ddp"]["ppl"], metrics["single"]["ppl"]) for d, s in zip(rd, rs))
+    worst = max(abs(d - s) / s for rd, rs in zip(metrics["ddp"]["ppl"], metrics["single"]["ppl"])
+                for d, s in zip(rd, rs))
     print(f"DDP vs 1 process: largest relative PPL difference {worst:.2e}")
     assert worst < 1e-3  # same global batch per step; only the summation order differs
     assert [p["steps"] for p in metrics["ddp"]["phases"]] == [p["steps"] for p in metrics["single"]["phases"]]
-    assert [p["target_tokens"] for p in metrics["ddp"]["phases"]] == [p["target_tokens"] for p in metrics["single"]["phases"]]
+    assert ([p["target_tokens"] for p in metrics["ddp"]["phases"]]
+            == [p["target_tokens"] for p in metrics["single"]["phases"]])
     assert len(metrics["ddp"]["samples"]) == len(metrics["single"]["samples"])  # generated once, not per process
     for phase in ("phase1", "phase2"):
         verify(runs["ddp"] / phase)

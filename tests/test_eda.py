@@ -39,7 +39,8 @@ def test_write_eda_files(tmp_path):
     assert summary["tokenizer"] == "whitespace words"
 
 
-@given(st.lists(st.integers(min_value=0, max_value=60), min_size=1, max_size=200), st.integers(min_value=0, max_value=60))
+@given(st.lists(st.integers(min_value=0, max_value=60), min_size=1, max_size=200),
+       st.integers(min_value=0, max_value=60))
 def test_length_statistics_from_counts_equal_those_of_the_values(values, max_len):
     """EDA keeps {length: utterances}, not one number per utterance: its statistics must not change."""
     assert _stats(Counter(values), max_len) == {

@@ -53,7 +53,8 @@ def test_a_merged_export_loads_in_plain_transformers_with_the_checkpoint_logits(
     for token, (folder, task) in folders.items():
         assert f"wrote {folder}" in result.out
         files = {p.name for p in folder.iterdir()}
-        assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "cltune_export.json"} <= files
+        assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                "cltune_export.json"} <= files
         assert all(p.stat().st_mode & 0o444 == 0o444 for p in [folder, *folder.iterdir()])  # readable by all
         assert not any(name.startswith("adapter") for name in files)
         torch.testing.assert_close(_plain_logits(folder, token), _served_logits(phase, token, task), atol=1e-4, rtol=0)
@@ -69,7 +70,8 @@ def test_a_merged_export_loads_in_plain_transformers_with_the_checkpoint_logits(
         assert shared.code == 2 and "mixture of 2 datasets' weights" in shared.err
 
 
-def test_fusion_cannot_be_merged_and_a_foreign_folder_is_never_replaced(strategy_streams, tmp_path, monkeypatch, capsys):
+def test_fusion_cannot_be_merged_and_a_foreign_folder_is_never_replaced(strategy_streams, tmp_path, monkeypatch,
+                                                                        capsys):
     raw, _ = strategy_streams("fusion")
     phase = Path(raw["output_dir"]) / raw["name"] / "phase2"
     refused = run_cli(monkeypatch, capsys, "export", phase, "--out", tmp_path / "fusion")
@@ -124,7 +126,8 @@ def test_a_gguf_export_loads_in_transformers_with_the_merged_logits(strategy_str
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file=name)
     reference = AutoTokenizer.from_pretrained(merged)
     for text in ["<GUEST_A> so tell me what do you think", "[PAD]<HOST> i love pizza</s>"]:
-        assert tokenizer(text, add_special_tokens=False)["input_ids"] == reference(text, add_special_tokens=False)["input_ids"]
+        assert (tokenizer(text, add_special_tokens=False)["input_ids"]
+                == reference(text, add_special_tokens=False)["input_ids"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=name, dtype=torch.float32).eval()
     with torch.no_grad():
         loaded = torch.stack([model(input_ids=_ids(tokenizer, "<GUEST_B>", t)).logits[0, :6] for t in TEXTS])

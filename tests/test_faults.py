@@ -30,10 +30,10 @@ from cltune.training import interrupt
 
 from helpers import cltune_command, deterministic, disk_full, flip_byte, raw_config, run_cli, write_dialogue
 
-# Each optimizer step says where it is (its `where` argument) and sleeps a little, so that a signal sent
+# Each optimizer step says where it is (its work's `where`) and sleeps a little, so that a signal sent
 # at a given step lands inside it.
 SLOW = ("import time, cltune.training.loop as t; step = t._optimizer_step; "
-        "t._optimizer_step = lambda *a, **k: (print('STEP', a[10], flush=True), time.sleep(0.4), step(*a, **k))[2]; "
+        "t._optimizer_step = lambda work: (print('STEP', work.where, flush=True), time.sleep(0.4), step(work))[2]; "
         "from cltune.cli import main; main()")
 
 
@@ -54,7 +54,8 @@ def _one_line_error(err: str, *needles: str) -> None:
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name == LOCK_FILE)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.name.endswith(".tmp") or p.name == LOCK_FILE)
 
 
 def _resume_command(err: str) -> list[str]:
@@ -88,7 +89,8 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
     resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text(encoding="utf-8"))
     assert [t["path"] for t in resolved["tasks"]] == [str(home / "dáta" / "it's a.csv"), "dáta/b b.csv"]
     # `--out=~/...` reaches the program unexpanded (no shell expands a tilde after `=`)
-    for argv in (["report", "~/rüns/it's"], ["generate", "~/rüns/it's/phase2", "--speaker", "Host", "--max-new-tokens", "2"],
+    for argv in (["report", "~/rüns/it's"],
+                 ["generate", "~/rüns/it's/phase2", "--speaker", "Host", "--max-new-tokens", "2"],
                  ["export", "~/rüns/it's/phase2", "--out=~/ex port/é", "--adapter"],
                  ["eda", "~/dáta/it's a.csv", "--out=~/é da", "--whitespace"],
                  ["train", "--data=~/dáta/b b.csv", "--out=rel/it's", "--model=~/mó del", "--set",
@@ -104,7 +106,8 @@ def test_home_and_relative_paths_in_flags_and_configs(tiny_model_dir, tmp_path, 
 # --- two runs into one run folder --------------------------------------------------------------
 
 
-HOLD = "import sys, time; from pathlib import Path; from cltune.storage.runlock import claim\nwith claim(Path(sys.argv[1])):\n" \
+HOLD = "import sys, time; from pathlib import Path; from cltune.storage.runlock import claim\n" \
+       "with claim(Path(sys.argv[1])):\n" \
        "    print('held', flush=True); time.sleep(float(sys.argv[2]))"
 
 
@@ -138,7 +141,8 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead.wait()
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "h", "started": "t", "command": "cltune run x"}))
+    (run_dir / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "h", "started": "t",
+                                                 "command": "cltune run x"}))
     notes = []
     with claim(run_dir, notify=notes.append):
         owner = json.loads((run_dir / LOCK_FILE).read_text())
@@ -180,7 +184,8 @@ def test_disk_full_at_a_checkpoint_then_resume_once_space_is_back(reference, str
                                                                    monkeypatch, capsys):
     from cltune.training import resume as resuming
 
-    config = _write(tmp_path / "full.yaml", raw_config(tiny_model_dir, stream, name="full") | {"output_dir": str(tmp_path)})
+    config = _write(tmp_path / "full.yaml",
+                    raw_config(tiny_model_dir, stream, name="full") | {"output_dir": str(tmp_path)})
     original = resuming._torch_save
 
     def fill_up(obj, path):  # the disk fills during phase 2's first step checkpoint
@@ -195,7 +200,8 @@ def test_disk_full_at_a_checkpoint_then_resume_once_space_is_back(reference, str
     run_dir = tmp_path / "full"
     verify(run_dir / "phase1")
     assert _leftovers(run_dir) == [] and not list(run_dir.glob("steps/phase2/step-*"))
-    resumed = subprocess.run(_resume_command(err), capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(_resume_command(err), capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr
     assert deterministic(json.loads((run_dir / "metrics.json").read_text())) == deterministic(reference)
 
@@ -216,8 +222,8 @@ def test_train_stopped_by_a_full_disk_resumes_with_the_command_it_names(tiny_mod
 
     with monkeypatch.context() as patch:
         patch.setattr(resuming, "_torch_save", fill_up)
-        code, _, err = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", tmp_path / "it's", *settings,
-                          "--overwrite")
+        code, _, err = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", tmp_path / "it's",
+                               *settings, "--overwrite")
     assert code == 2
     _one_line_error(err, "step-000004: no space left on device", "; continue with: cltune train --data")
     words = shlex.split(err.split("continue with: ", 1)[1])
@@ -251,8 +257,8 @@ def test_a_signal_mid_phase_saves_a_step_checkpoint_and_resume_continues(referen
     raw = raw_config(tiny_model_dir, stream, name="signalled", checkpoint_every=100) | {"output_dir": str(tmp_path)}
     config = _write(tmp_path / "signalled.yaml", raw)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cltune_command("run", config, code=SLOW), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cltune_command("run", config, code=SLOW), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "signalled"
     for line in proc.stdout:  # phase 2 has 4 steps: the signal lands in its second (or, on a busy machine, later)
         if line.startswith("STEP phase 2, step 2"):
@@ -281,8 +287,10 @@ SLOW_START = ("import time, cltune.training.session as s\n"
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_before_training_stops_at_once_with_the_continue_command(tiny_model_dir, stream, tmp_path, signum):
-    config = _write(tmp_path / "early.yaml", raw_config(tiny_model_dir, stream, name="early") | {"output_dir": str(tmp_path)})
-    proc = subprocess.Popen(cltune_command("run", config, code=SLOW_START), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = _write(tmp_path / "early.yaml",
+                    raw_config(tiny_model_dir, stream, name="early") | {"output_dir": str(tmp_path)})
+    proc = subprocess.Popen(cltune_command("run", config, code=SLOW_START), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "BUILDING"
     proc.send_signal(signum)
     err = proc.communicate(timeout=60)[1]
@@ -313,7 +321,8 @@ def test_a_second_signal_or_one_outside_the_loop_stops_at_once():
 
 
 CHILD = ("import os, signal, sys, time; from pathlib import Path; out = Path(sys.argv[1])\n"
-         "signal.signal(signal.SIGINT, lambda *a: (out.write_text(f'SIGINT {os.getsid(0) == os.getpid()}'), sys.exit(7)))\n"
+         "signal.signal(signal.SIGINT, lambda *a: (out.write_text(f'SIGINT {os.getsid(0) == os.getpid()}'), "
+         "sys.exit(7)))\n"
          "out.write_text('ready'); time.sleep(60)")
 
 
@@ -360,7 +369,8 @@ def test_an_unwritable_output_folder_is_refused_before_training(tiny_model_dir, 
 
             monkeypatch.setattr(Path, method, read_only)
     monkeypatch.setattr(cltune.training.session, "build_session", lambda *a, **k: pytest.fail("training started"))
-    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", out, "--model", tiny_model_dir)
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", two_tasks[0], "--out", out,
+                           "--model", tiny_model_dir)
     assert code == 2
     _one_line_error(err, str(out), "cannot write the run folder here", reason)
     assert not out.exists()

@@ -79,7 +79,8 @@ def test_parquet_reads_like_the_csv_it_was_made_from(tmp_path):
     with pytest.raises(UserError, match=r"b.parquet: row 5: missing text in column 'text'"):
         load_dialogue(tmp_path / "b.parquet")
     frame.rename(columns={"speaker": "who"}).to_parquet(tmp_path / "c.parquet")
-    with pytest.raises(UserError, match=r"c.parquet: columns: no speaker column found among \(conversation, who, text\)"):
+    with pytest.raises(UserError,
+                       match=r"c.parquet: columns: no speaker column found among \(conversation, who, text\)"):
         load_dialogue(tmp_path / "c.parquet")
     (tmp_path / "d.parquet").write_text("speaker,text\nHost,hi\n")
     with pytest.raises(UserError, match=r"d.parquet: not a readable Parquet file"):

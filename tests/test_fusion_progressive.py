@@ -125,7 +125,8 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
         assert torch.allclose(logits_of(ctx, examples), column_1, atol=1e-5)
     expected = {n for n in dict(model.named_parameters()) if "task2" in n.split(".")}
     assert trainable(model) == expected
-    assert [p.requires_grad for p in strategy.laterals.parameters()] == [True] * len(list(strategy.laterals.parameters()))
+    assert ([p.requires_grad for p in strategy.laterals.parameters()]
+            == [True] * len(list(strategy.laterals.parameters())))
     stand_in_for_training(model)  # the new column's adapter
     with torch.no_grad():
         for gains in strategy.laterals.columns[1]:
@@ -210,7 +211,8 @@ def test_cltune_generate_samples_a_shared_speaker_from_the_mixture(monkeypatch, 
     run(config)
     capsys.readouterr()  # the run's progress lines
     phase2 = config.run_dir / "phase2"
-    result = run_cli(monkeypatch, capsys, "generate", phase2, "--speaker", "Host", "--max-new-tokens", "5", "--seed", "3")
+    result = run_cli(monkeypatch, capsys, "generate", phase2, "--speaker", "Host", "--max-new-tokens", "5",
+                     "--seed", "3")
     assert result.code == 0, result.err
     model, tokenizer, _ = load_checkpoint(phase2)
     router = load_router(phase2, model)

@@ -27,7 +27,8 @@ def _load_bench():
 
 fuzz = _load_bench()
 SAMPLE = settings(max_examples=100, derandomize=True, database=None, deadline=None,
-                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                         HealthCheck.data_too_large])
 
 
 @SAMPLE

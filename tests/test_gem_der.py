@@ -70,7 +70,8 @@ def test_der_matches_logits_at_the_stored_ids():
 
 
 def _der_run(tiny_config, captured, alpha: float):
-    config = tiny_config("der", [f"der.alpha={alpha}", "der.ratio=0.3", "eval.samples_per_speaker=0"], name=f"der{alpha}")
+    config = tiny_config("der", [f"der.alpha={alpha}", "der.ratio=0.3", "eval.samples_per_speaker=0"],
+                         name=f"der{alpha}")
     metrics = pipeline.run(config)
     return metrics, captured[-1]
 

@@ -106,7 +106,8 @@ def test_the_shipped_configs_are_in_the_wheel(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, source / name)
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
-                           "--no-index", "-q", "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=300)
+                           "--no-index", "-q", "-w", str(tmp_path / "wheel")],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (wheel,) = (tmp_path / "wheel").glob("cltune-*.whl")
     shipped = {f"cltune/configs/{p.name}" for p in (root / "src" / "cltune" / "configs").glob("*.yaml")}

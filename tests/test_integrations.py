@@ -1,5 +1,5 @@
-"""`cltune.training.integrations`: replay, EWC, LwF and A-GEM inside `transformers.Trainer` give the loss and gradients of
-cltune's own loop on the same batch, and a Trainer with them trains."""
+"""`cltune.training.integrations`: replay, EWC, LwF and A-GEM inside `transformers.Trainer` give the loss and
+gradients of cltune's own loop on the same batch, and a Trainer with them trains."""
 
 from __future__ import annotations
 
@@ -68,13 +68,13 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
 
 
 def test_ewc_from_a_checkpoint_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path):
-    from cltune.training.integrations import EWC
+    from cltune.training.integrations import EWCPenalty
 
     config, strategy = _session_after_run(tiny_config, captured, "ewc_replay", ["ewc.lambda=50"])
     model = strategy.ctx.model
     model.train()
     batch, inputs = _batch(strategy)
-    ewc = EWC.from_checkpoint(config.run_dir / "phase2", model)
+    ewc = EWCPenalty.from_checkpoint(config.run_dir / "phase2", model)
     assert ewc.lam == 50 and len(ewc.anchors) == 2  # one anchor per finished phase
     with torch.no_grad():  # move the weights off the latest anchor, so the penalty is not zero
         for p in strategy.ctx.trainable().values():
@@ -92,14 +92,14 @@ def test_ewc_from_a_checkpoint_gives_the_loops_loss_and_gradients(tiny_config, c
 def test_ewc_estimated_on_the_fly_is_cltunes_fisher(tiny_config, captured):
     from cltune.modeling.per_example import per_example_grads
     from cltune.strategies.ewc import fisher_diagonal
-    from cltune.training.integrations import EWC
+    from cltune.training.integrations import EWCPenalty
 
     _, strategy = _session_after_run(tiny_config, captured, "naive")
     ctx = strategy.ctx
     examples = ctx.tasks[0].train[:5]
     encoded = ctx.encode(examples)
     singles = [collate(encoded, [i], ctx.tokenizer.pad_token_id).model_inputs() for i in range(len(encoded))]
-    ewc = EWC.estimate(ctx.model, singles, lam=3.0)
+    ewc = EWCPenalty.estimate(ctx.model, singles, lam=3.0)
     expected = fisher_diagonal(per_example_grads(ctx, examples))
     [(theta, fisher)] = ewc.anchors
     assert set(fisher) == set(expected)
@@ -109,11 +109,12 @@ def test_ewc_estimated_on_the_fly_is_cltunes_fisher(tiny_config, captured):
 
 
 def test_lwf_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path):
-    from cltune.training.integrations import LwF
+    from cltune.training.integrations import LwFDistillation
 
     _, strategy = _session_after_run(tiny_config, captured, "lwf")
     model = strategy.ctx.model
-    lwf = LwF(model, temperature=2.0, weight=1.0)  # the teacher: the weights now, as the strategy's after phase 2
+    # the teacher: the weights now, as the strategy's after phase 2
+    lwf = LwFDistillation(model, temperature=2.0, weight=1.0)
     for name, value in strategy.teacher.items():
         assert torch.equal(value, lwf.teacher[name])
     with torch.no_grad():  # the student moves away from the teacher, as training the next phase would
@@ -132,13 +133,13 @@ def test_lwf_gives_the_loops_loss_and_gradients(tiny_config, captured, tmp_path)
 
 
 def test_agem_projects_as_the_loop_does_and_a_trainer_trains_with_it(tiny_config, captured, tmp_path):
-    from cltune.training.integrations import AGEM, EWC, replay_mix
+    from cltune.training.integrations import AGEMProjection, EWCPenalty, replay_mix
 
     _, strategy = _session_after_run(tiny_config, captured, "agem", ["agem.memory_batch=1000"])
     ctx = strategy.ctx
     model = ctx.model
     memory = collate(strategy.encoded, list(range(len(strategy.encoded))), ctx.tokenizer.pad_token_id).model_inputs()
-    agem = AGEM(model, memory)
+    agem = AGEMProjection(model, memory)
     params = ctx.trainable()
     reference = agem.reference_gradient(model, params)
     torch.testing.assert_close(reference, strategy.reference_gradient(params, STEP), atol=1e-7, rtol=1e-4)
@@ -162,7 +163,7 @@ def test_agem_projects_as_the_loop_does_and_a_trainer_trains_with_it(tiny_config
     # a Trainer with the strategies runs its steps: A-GEM sees every one
     encoded = ctx.encode(ctx.tasks[1].train[:8])
     pad = ctx.tokenizer.pad_token_id
-    trainer = _trainer(model, tmp_path, [agem, EWC.estimate(model, [memory], lam=1.0)], max_steps=2,
+    trainer = _trainer(model, tmp_path, [agem, EWCPenalty.estimate(model, [memory], lam=1.0)], max_steps=2,
                        learning_rate=1e-3)
     trainer.data_collator = lambda rows: collate(rows, list(range(len(rows))), pad).model_inputs()
     trainer.train_dataset = replay_mix(encoded, strategy.encoded, ratio=0.5, seed=0)
@@ -179,7 +180,7 @@ def test_with_gradient_accumulation_the_penalty_counts_once_per_step(tiny_config
     from transformers import TrainerCallback
 
     from cltune.strategies.ewc import ewc_penalty
-    from cltune.training.integrations import EWC
+    from cltune.training.integrations import EWCPenalty
 
     _, strategy = _session_after_run(tiny_config, captured, "naive")
     ctx = strategy.ctx
@@ -208,7 +209,7 @@ def test_with_gradient_accumulation_the_penalty_counts_once_per_step(tiny_config
         trainer.train()
         return capture.grads
 
-    with_penalty = step_gradient([EWC(model, [(anchor, fisher)], lam=2.0)])
+    with_penalty = step_gradient([EWCPenalty(model, [(anchor, fisher)], lam=2.0)])
     without = step_gradient([])
     with torch.no_grad():
         for n, p in params.items():

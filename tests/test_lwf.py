@@ -56,7 +56,8 @@ def test_teacher_pass_is_the_frozen_model_and_leaves_the_student_alone(tiny_conf
     def student_grads(with_teacher_pass: bool):
         torch.manual_seed(2)  # the same dropout mask in both passes
         logits = scorer(**inputs)
-        loss = strategy.batch_loss(batch, Outputs(logits), None) if with_teacher_pass else lwf_loss(logits, frozen, 2.0, 1.0)
+        loss = (strategy.batch_loss(batch, Outputs(logits), None) if with_teacher_pass
+                else lwf_loss(logits, frozen, 2.0, 1.0))
         return loss, torch.autograd.grad(loss, list(params.values()))
 
     loss, grads = student_grads(with_teacher_pass=True)

@@ -49,7 +49,8 @@ def test_weights_must_match_the_task_count(tiny_config):
 
 def _lora_factors(model, adapter: str):
     layer = model.get_base_model().model.layers[0].self_attn.q_proj
-    return layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone(), layer.scaling[adapter]
+    return (layer.lora_A[adapter].weight.detach().clone(), layer.lora_B[adapter].weight.detach().clone(),
+            layer.scaling[adapter])
 
 
 def test_ties_merge_gets_count_scaled_weights_and_averaged_rows(tiny_config):

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from cltune.config import LoraSettings, ModelSettings
 from cltune.data.split import Example, Split
 from cltune.errors import UserError
-from cltune.evaluation.evaluate import example_nll, perplexity, perplexity_and_attribution
+from cltune.evaluation.evaluate import example_nll, perplexity, score_split
 from cltune.modeling.batching import collate, encode
 from cltune.modeling.checkpoint import load_checkpoint, save_checkpoint, verify
 from cltune.modeling.model import attach_lora, load_base, lora_targets, parameter_counts
@@ -68,17 +68,21 @@ def test_perplexity_of_a_uniform_model_equals_vocabulary_size(tiny_model_dir):
             if "embed_tokens" in name:  # the base rows and the trainable delta rows
                 p.zero_()
     data = examples(["so tell me what", "pizza", "i really love music and long walks"])
-    assert perplexity(make_accelerator("fp32"), TokenScorer(model), tokenizer, data, 24) == pytest.approx(len(tokenizer), rel=1e-5)
+    assert (perplexity(make_accelerator("fp32"), TokenScorer(model), tokenizer, data, 24)
+            == pytest.approx(len(tokenizer), rel=1e-5))
     # targets = text tokens + end token; the speaker token is context only
-    _, counts = example_nll(make_accelerator("fp32"), TokenScorer(model), encode(data, tokenizer, 24), tokenizer.pad_token_id)
-    hand = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in ["so tell me what", "pizza", "i really love music and long walks"]]
+    _, counts = example_nll(make_accelerator("fp32"), TokenScorer(model), encode(data, tokenizer, 24),
+                            tokenizer.pad_token_id)
+    hand = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1
+            for t in ["so tell me what", "pizza", "i really love music and long walks"]]
     assert counts.tolist() == hand
 
 
 def test_packed_rows_score_each_utterance_as_if_alone(tiny_model_dir):
     model, tokenizer, _ = prepared(tiny_model_dir)
     model.eval()
-    enc = encode(examples(["so tell me what", "pizza and music", "i really love long walks outside today", "ok"]), tokenizer, 24)
+    enc = encode(examples(["so tell me what", "pizza and music", "i really love long walks outside today", "ok"]),
+                 tokenizer, 24)
     scorer = TokenScorer(model)
 
     def sums(pack):
@@ -113,7 +117,8 @@ def test_checkpoint_reloads_to_the_same_logits(tiny_model_dir, tmp_path):
 
 def test_corrupted_checkpoint_is_refused(tiny_model_dir, tmp_path):
     model, tokenizer, _ = prepared(tiny_model_dir)
-    folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer, {"model": ModelSettings(name=str(tiny_model_dir)).model_dump()})
+    folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer,
+                             {"model": ModelSettings(name=str(tiny_model_dir)).model_dump()})
     verify(folder)
     blob = folder / "adapter_model.safetensors"
     data = bytearray(blob.read_bytes())
@@ -145,7 +150,8 @@ def test_fast_new_token_path_matches_peft_forward_and_gradients(tiny_model_dir):
     fast = target_nll(TokenScorer(model)(**batch.model_inputs()), batch.labels)
     (fast_grad,) = torch.autograd.grad(fast.sum(), delta)
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[:, :-1]
-    reference = torch.nn.functional.cross_entropy(logits[batch.labels[:, 1:] != -100], batch.labels[:, 1:][batch.labels[:, 1:] != -100], reduction="none")
+    reference = torch.nn.functional.cross_entropy(logits[batch.labels[:, 1:] != -100],
+                                                  batch.labels[:, 1:][batch.labels[:, 1:] != -100], reduction="none")
     (ref_grad,) = torch.autograd.grad(reference.sum(), delta)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-6)
@@ -162,8 +168,10 @@ def test_one_scoring_pass_gives_perplexity_and_attribution(tiny_model_dir):
     acc, scorer, tokens = make_accelerator("fp32"), TokenScorer(model), ["<HOST>", "<GUEST_A>"]
     texts = ["so tell me what", "pizza and music", "i really love long walks", "ok", "what do you think about that",
              "music outside today"]
-    data = [Example(0, "Host" if i % 2 else "Guest A", tokens[i % 2], t, Split.TEST, i + 2) for i, t in enumerate(texts)]
-    ppl, attribution = perplexity_and_attribution(acc, scorer, tokenizer, data, tokens, 24, batch_size=4)
+    data = [Example(0, "Host" if i % 2 else "Guest A", tokens[i % 2], t, Split.TEST, i + 2)
+            for i, t in enumerate(texts)]
+    scores = score_split(acc, scorer, tokenizer, data, tokens, 24, batch_size=4)
+    ppl, attribution = scores.ppl, scores.attribution
     assert ppl == pytest.approx(perplexity(acc, scorer, tokenizer, data, 24), rel=1e-6)
     # by hand: each utterance alone under each token, then the share won by its own token
     nll = [[example_nll(acc, scorer, encode([Example(0, e.speaker, t, e.text, e.split, e.line)], tokenizer, 24),
@@ -171,8 +179,8 @@ def test_one_scoring_pass_gives_perplexity_and_attribution(tiny_model_dir):
     hand = sum(tokens[min(range(2), key=row.__getitem__)] == e.token for row, e in zip(nll, data)) / len(data)
     assert attribution == pytest.approx(hand)
     assert all(abs(a - b) > 1e-4 for a, b in nll)  # the distinct rows make the candidates score differently
-    single = perplexity_and_attribution(acc, scorer, tokenizer, data, tokens[:1], 24)
-    assert single[0] == pytest.approx(ppl, rel=1e-6) and math.isnan(single[1])
+    single = score_split(acc, scorer, tokenizer, data, tokens[:1], 24)
+    assert single.ppl == pytest.approx(ppl, rel=1e-6) and math.isnan(single.attribution)
 
 
 def test_only_a_complete_utterance_ends_with_the_end_token(tiny_model_dir):

@@ -87,7 +87,8 @@ def test_folds_keep_the_model_and_stack_the_subspaces(three_task_config):
     assert list(ctx.model.peft_config) == ["default", "task2", SUMMED] and ctx.model.active_adapter == SUMMED
     assert q.active_adapters == [SUMMED] and not any(p.requires_grad for p in ctx.model.parameters())
     assert ctx.model.peft_config[SUMMED].r == 2 * r
-    assert torch.allclose(q.lora_A[SUMMED].weight, s * torch.cat([q.lora_A["default"].weight, q.lora_A["task2"].weight]))
+    assert torch.allclose(q.lora_A[SUMMED].weight,
+                          s * torch.cat([q.lora_A["default"].weight, q.lora_A["task2"].weight]))
     assert torch.allclose(logits_of(ctx, task2.test), before, atol=1e-5)  # the fold is exact
     assert strategy.step_penalty(None) is None  # nothing trains at rest
 

@@ -26,7 +26,8 @@ def test_every_strategy_runs_a_two_task_stream(strategy_streams, strategy):
     assert len(metrics.forgetting_pct) == 1
     # one sample per speaker of every task after every phase (samples_per_speaker 1), tagged with its speaker
     expected = [(phase, s["task"], s["speaker"]) for phase in (1, 2) for s in
-                [{"task": t, "speaker": sp} for t, speakers in (("guest_a", ("Host", "Guest A")), ("guest_b", ("Host", "Guest B")))
+                [{"task": t, "speaker": sp}
+                 for t, speakers in (("guest_a", ("Host", "Guest A")), ("guest_b", ("Host", "Guest B")))
                  for sp in speakers]]
     assert [(s.phase, s.task, s.speaker) for s in metrics.samples] == expected
     assert all(set(record.strategy["hooks_s"]) == {"before_task", "after_task"} for record in metrics.phases)
@@ -73,8 +74,10 @@ def test_before_rows_describe_the_model_each_phase_starts_from(strategy_streams)
     assert reptile.phases[0].before["test_ppl"] != pytest.approx(reptile.ppl[0][0], rel=1e-6)
 
 
-@pytest.mark.parametrize(("strategy", "test_scorings", "after_vals"), [("naive", 0, 0), ("adapters", 1, 0), ("merge", 1, 2)])
-def test_nothing_is_scored_twice_when_the_model_is_the_same(tiny_config, monkeypatch, strategy, test_scorings, after_vals):
+@pytest.mark.parametrize(("strategy", "test_scorings", "after_vals"),
+                         [("naive", 0, 0), ("adapters", 1, 0), ("merge", 1, 2)])
+def test_nothing_is_scored_twice_when_the_model_is_the_same(tiny_config, monkeypatch, strategy, test_scorings,
+                                                            after_vals):
     """naive starts each phase from the model the last matrix row scored, so its `before` test PPL is that
     row's figure, not a second pass over the test set; adapters' phase 2 starts from a new adapter: scored.
     The `after` validation PPL is the loop's last validation when the phase ends on those weights; merge's
@@ -118,5 +121,7 @@ def test_a_reused_phase_1_counts_the_source_training_and_its_own_hooks(tiny_conf
     source, reused = naive.phases[0].strategy, ewc.phases[0].strategy
     assert reused["phase1_from"] and reused["training_forward_tokens"] == source["training_forward_tokens"] > 0
     fisher = reused["forward_tokens"] - reused["training_forward_tokens"]
-    assert fisher == reused["backward_tokens"] - reused["training_backward_tokens"] > 0  # the Fisher pass has a backward
-    assert ewc.phases[1].strategy["forward_tokens"] > ewc.phases[1].strategy["training_forward_tokens"]  # its own Fisher
+    # the Fisher pass has a backward
+    assert fisher == reused["backward_tokens"] - reused["training_backward_tokens"] > 0
+    # its own Fisher
+    assert ewc.phases[1].strategy["forward_tokens"] > ewc.phases[1].strategy["training_forward_tokens"]

@@ -30,7 +30,8 @@ def test_cpu_bf16_support_is_read_from_the_flags_line():
 
 
 @pytest.mark.parametrize(("native_bf16", "setting", "resolved"), [
-    (True, "auto", "bf16"), (False, "auto", "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16"), (True, "fp16", "fp16"),
+    (True, "auto", "bf16"), (False, "auto", "fp32"), (True, "fp32", "fp32"), (False, "bf16", "bf16"),
+    (True, "fp16", "fp16"),
 ])
 def test_auto_precision_follows_the_cpu(monkeypatch, native_bf16, setting, resolved):
     monkeypatch.setattr(session.torch.cuda, "is_available", lambda: False)
@@ -53,7 +54,8 @@ def three_runs(tiny_model_dir, tmp_path_factory):
     from helpers import tiny_run_config, write_dialogue
 
     folder = tmp_path_factory.mktemp("precision")
-    csvs = [write_dialogue(folder / "guest_a.csv", "Guest A", 60, 1), write_dialogue(folder / "guest_b.csv", "Guest B", 40, 2)]
+    csvs = [write_dialogue(folder / "guest_a.csv", "Guest A", 60, 1),
+            write_dialogue(folder / "guest_b.csv", "Guest B", 40, 2)]
     runs = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(session.torch.cuda, "is_available", lambda: False)
@@ -156,17 +158,20 @@ def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_
 
     from helpers import tiny_run_config, write_dialogue
 
-    csvs = [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 40, 1), write_dialogue(tmp_path / "guest_b.csv", "Guest B", 40, 2)]
+    csvs = [write_dialogue(tmp_path / "guest_a.csv", "Guest A", 40, 1),
+            write_dialogue(tmp_path / "guest_b.csv", "Guest B", 40, 2)]
     raw = tiny_run_config(tiny_model_dir, csvs, tmp_path / "runs", strategy)
     raw["model"]["precision"] = "bf16"
     raw["eval"]["samples_per_speaker"] = 0
     built = []
-    monkeypatch.setattr(pipeline, "build_session", lambda config, **kw: built.append(session.build_session(config, **kw)) or built[-1])
+    monkeypatch.setattr(pipeline, "build_session",
+                        lambda config, **kw: built.append(session.build_session(config, **kw)) or built[-1])
     metrics = pipeline.run(make_config(raw))
     assert metrics.precision == "bf16" and all(map(math.isfinite, metrics.ppl[-1]))
     dtypes: dict = {}
     for name, p in built[0].model.named_parameters():
-        dtypes.setdefault("adapter" if is_adapter_weight(name) else "trained" if p.requires_grad else "base", set()).add(p.dtype)
+        dtypes.setdefault("adapter" if is_adapter_weight(name) else "trained" if p.requires_grad else "base",
+                          set()).add(p.dtype)
     assert dtypes["adapter"] == {torch.float32} and dtypes["base"] == {torch.bfloat16}
     assert dtypes.get("trained", {torch.float32}) == {torch.float32}
 

@@ -41,7 +41,8 @@ class SimulatedCrash(BaseException):
 
 
 def max_relative_ppl_difference(a, b) -> float:
-    return max(abs(x - y) / y for ra, rb in zip(deterministic(a)["ppl"], deterministic(b)["ppl"]) for x, y in zip(ra, rb))
+    return max(abs(x - y) / y for ra, rb in zip(deterministic(a)["ppl"], deterministic(b)["ppl"])
+               for x, y in zip(ra, rb))
 
 
 def crash_after_saves(monkeypatch, count: int) -> None:
@@ -82,11 +83,11 @@ def cli_runs(tiny_model_dir, stream) -> dict:
         configs[name] = stream / f"{name}.yaml"
         configs[name].write_text(yaml.safe_dump(raw_config(tiny_model_dir, stream, name=name)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as `fast_runs`: the determinism test compares across processes
-    reference_proc = subprocess.Popen(cltune_command("run", configs["cli_reference"]), env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)
+    reference_proc = subprocess.Popen(cltune_command("run", configs["cli_reference"]), env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # Steps pause 0.5 s after each checkpoint so the kill lands inside phase 2, not after the run.
-    victim = subprocess.Popen(cltune_command("run", configs["killed"], code=SLOW_STEPS), env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(cltune_command("run", configs["killed"], code=SLOW_STEPS), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     phase2_steps = stream / "runs" / "killed" / "steps" / "phase2"
     deadline = time.monotonic() + 300
     while not any(phase2_steps.glob("step-*")) and victim.poll() is None and time.monotonic() < deadline:
@@ -96,7 +97,8 @@ def cli_runs(tiny_model_dir, stream) -> dict:
     killed_dir = stream / "runs" / "killed"
     phases_before = len(json.loads((killed_dir / "metrics.json").read_text())["phases"])
     left = sorted(p.name for p in (killed_dir / "steps").rglob("step-*"))
-    resumed = subprocess.run(cltune_command("run", configs["killed"], "--resume"), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(cltune_command("run", configs["killed"], "--resume"), env=env, capture_output=True,
+                             text=True)
     reference_err = reference_proc.communicate()[1]
     assert reference_proc.returncode == 0, reference_err
     assert resumed.returncode == 0, resumed.stderr
@@ -111,19 +113,22 @@ def test_kill_9_mid_phase_then_resume_equals_an_uninterrupted_run(cli_runs):
     assert max_relative_ppl_difference(killed, reference) == 0.0  # exact on CPU (the promise is 0.5%)
     assert deterministic(killed) == deterministic(reference)
     logs = [[{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed_s")}
-             for line in (d / "phase2" / "train_log.jsonl").read_text().splitlines()] for d in cli_runs["dirs"].values()]
+             for line in (d / "phase2" / "train_log.jsonl").read_text().splitlines()]
+            for d in cli_runs["dirs"].values()]
     assert logs[0] == logs[1]  # same data order, losses and learning rates, step by step, no step twice
     assert not (cli_runs["dirs"]["killed"] / "steps").exists()  # superseded by the phase checkpoints
 
 
 @pytest.mark.parametrize("crash", ["mid phase 1", "before metrics.json"])
-def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_dir, stream, reference, monkeypatch, crash):
+def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_dir, stream, reference, monkeypatch,
+                                                                    crash):
     config = make_config(raw_config(tiny_model_dir, stream, name=f"crash {crash}".replace(" ", "_")))
     with monkeypatch.context() as patch:
         if crash == "mid phase 1":
             crash_after_saves(patch, 2)
         else:  # phase 1's checkpoint is written, metrics.json is not: phase 1 resumes from its last step checkpoint
-            patch.setattr("cltune.evaluation.results.write_json", lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
+            patch.setattr("cltune.evaluation.results.write_json",
+                          lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
         with pytest.raises(SimulatedCrash):
             run(config)
     assert not (config.run_dir / "metrics.json").exists()
@@ -152,7 +157,8 @@ def test_a_phase_resumed_from_a_step_checkpoint_skips_work_the_checkpoint_restor
     config = make_config({**raw, "name": "reptile-resumed-in-phase-1"})
     meta_trainings = []
     real = reptile.Reptile.meta_train
-    monkeypatch.setattr(reptile.Reptile, "meta_train", lambda self, task: meta_trainings.append(task.index) or real(self, task))
+    monkeypatch.setattr(reptile.Reptile, "meta_train",
+                        lambda self, task: meta_trainings.append(task.index) or real(self, task))
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 2)  # phase 1 saves steps 1-3
         with pytest.raises(SimulatedCrash):
@@ -313,7 +319,8 @@ def test_a_strategy_returning_nan_stops_the_phase_with_the_weights_restored(tiny
 
     monkeypatch.setattr(Naive, "batch_loss", nan_from_step_3, raising=False)
     models = []
-    monkeypatch.setattr("cltune.training.session.attach_lora", lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
+    monkeypatch.setattr("cltune.training.session.attach_lora",
+                        lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
     with pytest.raises(DivergedError, match="phase 1, step 3: loss is not finite"):
         run(config)
     lora_b = [p for n, p in models[0].named_parameters() if "lora_B" in n]
@@ -374,7 +381,8 @@ def test_only_safe_loaders_in_the_source():
                 keywords = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 if node.func.attr == "load" and owner == "torch":
                     assert keywords.get("weights_only") == "True", f"{path}:{node.lineno}"
-                assert not (owner in {"pickle", "dill", "joblib"} and node.func.attr.startswith("load")), f"{path}:{node.lineno}"
+                assert not (owner in {"pickle", "dill", "joblib"}
+                            and node.func.attr.startswith("load")), f"{path}:{node.lineno}"
                 assert keywords.get("trust_remote_code") not in {"True"}, f"{path}:{node.lineno}"
                 assert keywords.get("safe_serialization") not in {"False"}, f"{path}:{node.lineno}"
 

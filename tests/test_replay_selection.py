@@ -51,7 +51,8 @@ def test_a_run_keeps_the_highest_loss_utterances_of_the_finished_phase(tiny_conf
         return [float(e.line % 7) for e in examples]
 
     monkeypatch.setattr(replay, "utterance_losses", fake_losses)
-    pipeline.run(tiny_config("replay", ["replay.selection=highest_loss", "replay.ratio=0.2", "eval.samples_per_speaker=0"]))
+    pipeline.run(tiny_config("replay", ["replay.selection=highest_loss", "replay.ratio=0.2",
+                                        "eval.samples_per_speaker=0"]))
     strategy = captured[-1]
     train = strategy.ctx.tasks[0].train
     assert seen[0] == [e.line for e in train]

@@ -48,7 +48,8 @@ def test_sample_episode_by_speaker_or_at_random():
     episodes = [sample_episode(train, 5, "speaker", random.Random(seed)) for seed in range(20)]
     assert all(len({e.speaker for e in ep}) == 1 for ep in episodes)
     assert {len(ep) for ep in episodes} == {5, 3}  # Guest has only 3 utterances; both speakers get drawn
-    assert sample_episode(train, 5, "speaker", random.Random(1)) == sample_episode(train, 5, "speaker", random.Random(1))
+    assert (sample_episode(train, 5, "speaker", random.Random(1))
+            == sample_episode(train, 5, "speaker", random.Random(1)))
     mixed = sample_episode(train, 13, "random", random.Random(0))
     assert sorted(e.text for e in mixed) == sorted(e.text for e in train)
 

@@ -116,7 +116,8 @@ def test_penalty_holds_important_weights_in_phase2(tiny_config):
         assert importance and all(bool((v >= 0).all()) for v in importance.values())
         assert sum(v.sum().item() for v in importance.values()) > 0
         assert not any(k.startswith(("omega.", "start.")) for k in end2)  # spent at the phase's end
-        return sum((v * (end2[f"anchor.{n}"] - end1[f"anchor.{n}"]) ** 2).sum().item() for n, v in importance.items()), ppl
+        return sum((v * (end2[f"anchor.{n}"] - end1[f"anchor.{n}"]) ** 2).sum().item()
+                   for n, v in importance.items()), ppl
 
     free, free_ppl = drift(0.0)
     held, held_ppl = drift(10.0)

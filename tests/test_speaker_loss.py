@@ -17,7 +17,8 @@ from helpers import PPL_ONLY, prepared
 
 def test_speaker_cross_entropy_by_hand():
     nll = torch.tensor([[2.0, 3.0, 5.0], [1.0, float("inf"), float("inf")], [4.0, 1.0, float("inf")]])
-    expected = [2 + math.log(math.exp(-2) + math.exp(-3) + math.exp(-5)), 0.0, 4 + math.log(math.exp(-4) + math.exp(-1))]
+    expected = [2 + math.log(math.exp(-2) + math.exp(-3) + math.exp(-5)), 0.0,
+                4 + math.log(math.exp(-4) + math.exp(-1))]
     assert speaker_cross_entropy(nll).tolist() == pytest.approx(expected, rel=1e-6)
 
 
@@ -67,5 +68,6 @@ def test_a_run_with_the_speaker_loss_pays_one_more_pass_per_other_speaker(tiny_c
         assert b.target_tokens == a.target_tokens  # the logged loss and counts are the LM's
         # two speakers per dataset: the other speaker's pass doubles the training forwards (no padding in the
         # variants beyond their own micro-batch's), within the padding the two collations differ by
-        assert b.strategy["training_backward_tokens"] == pytest.approx(2 * a.strategy["training_backward_tokens"], rel=0.1)
+        assert b.strategy["training_backward_tokens"] == pytest.approx(2 * a.strategy["training_backward_tokens"],
+                                                                       rel=0.1)
     assert contrast.ppl[1][0] != plain.ppl[1][0]

@@ -38,7 +38,8 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path, tiny_model_dir, tw
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, sum(steps) + 1))
     assert [v for _, v in scalars["train/loss"]] == pytest.approx(losses, abs=1e-4)
     assert {"train/lr", "train/tokens_per_s", "val/loss"} <= set(scalars)
-    assert [v for _, v in scalars["val/loss"]] == pytest.approx([r["val_loss"] for r in logged if "val_loss" in r], abs=1e-4)
+    assert [v for _, v in scalars["val/loss"]] == pytest.approx([r["val_loss"] for r in logged if "val_loss" in r],
+                                                                abs=1e-4)
     # after each phase, at its last step: the matrix row, attribution and forgetting
     ends = [steps[0], steps[0] + steps[1]]
     for task_index, task in enumerate(metrics["tasks"]):

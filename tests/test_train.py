@@ -48,7 +48,8 @@ def test_auto_budget_applies_on_cpu_only():
 def test_split_micro_batches_train_to_the_same_model(tiny_config):
     runs = {}
     for name, budget in (("whole", None), ("split", 20)):  # max_length 24, micro-batches of 4: most get split
-        config = tiny_config("ewc", name=name, sets=[f"train.max_micro_batch_tokens={'null' if budget is None else budget}"])
+        config = tiny_config("ewc", name=name,
+                             sets=[f"train.max_micro_batch_tokens={'null' if budget is None else budget}"])
         runs[name] = pipeline.run(config)
     whole, split = runs["whole"].ppl, runs["split"].ppl
     assert whole[0] == split[0]  # before training
@@ -86,7 +87,8 @@ def test_the_micro_batch_size_changes_no_step():
     """Which utterances share a step depends on the seed, lengths and batch size only; each step is cut
     into micro-batches of the size asked, longest last."""
     lengths = [3 + (i * 37) % 41 for i in range(150)]
-    plans = {mb: plan_steps(lengths, PhaseSettings(epochs=2, batch_size=16, micro_batch_size=mb), 7) for mb in (2, 4, 16)}
+    plans = {mb: plan_steps(lengths, PhaseSettings(epochs=2, batch_size=16, micro_batch_size=mb), 7)
+             for mb in (2, 4, 16)}
     assert {len(p) for p in plans.values()} == {20}  # 150 utterances: 19 groups of 8 → 10 steps per epoch
     for steps in zip(*plans.values()):
         assert len({frozenset(i for mb in step for i in mb) for _, step in steps}) == 1
@@ -95,10 +97,12 @@ def test_the_micro_batch_size_changes_no_step():
         assert all(len(part) <= mb for _, step in plan for part in step)
         flat = [i for i in (u for part in plan[0][1] for u in part)]
         assert [lengths[i] for i in flat] == sorted(lengths[i] for i in flat)
-    assert plan_steps(lengths, PhaseSettings(batch_size=16), 7) == plan_steps(lengths, PhaseSettings(batch_size=16), 7, None, 8)
+    assert (plan_steps(lengths, PhaseSettings(batch_size=16), 7)
+            == plan_steps(lengths, PhaseSettings(batch_size=16), 7, None, 8))
 
 
-@pytest.mark.parametrize(("setting", "wide", "want"), [("auto", True, 32), ("auto", False, 8), (4, True, 4), (16, False, 16)])
+@pytest.mark.parametrize(("setting", "wide", "want"),
+                         [("auto", True, 32), ("auto", False, 8), (4, True, 4), (16, False, 16)])
 def test_auto_micro_batch_is_wide_where_matmul_units_are(setting, wide, want):
     from cltune.training.loop import micro_batch
 

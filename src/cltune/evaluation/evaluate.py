@@ -116,14 +116,6 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
     return Scores(ppl, share, total.tolist(), [int(c) for c in count.tolist()])
 
 
-def perplexity_and_attribution(
-    accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int, batch_size: int = 32
-) -> tuple[float, float]:
-    """Perplexity of `examples` and their speaker attribution (NaN with fewer than two candidate tokens)."""
-    scores = score_split(accelerator, scorer, tokenizer, examples, tokens, max_length, batch_size)
-    return scores.ppl, scores.attribution
-
-
 def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> list[Scores]:
     """One row of the matrix: each task's test scores. Oracle: each task served by the weights
     `router.oracle(task)` gives it, in one pass. `agnostic`: each utterance served by the weights its

@@ -50,14 +50,6 @@ def resamples(n: int, count: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(n) for _ in range(n)] for _ in range(count)]
 
 
-def paired_differences(a: tuple[Sequence[float], Sequence[int]], b: tuple[Sequence[float], Sequence[int]],
-                       draws: Sequence[Sequence[int]]) -> tuple[float, list[float]]:
-    """ln PPL(a) − ln PPL(b) on the same utterances, and the same difference on each resample in `draws`
-    (each resample picks one set of utterances for both runs: the pairing)."""
-    point = log_ppl(*a) - log_ppl(*b)
-    return point, [log_ppl(*a, picks) - log_ppl(*b, picks) for picks in draws]
-
-
 def hierarchical_draws(sizes: Sequence[int], count: int, seed: int = 0) -> list[list[tuple[int, list[int]]]]:
     """`count` two-level resamples: seeds drawn with replacement, then each drawn seed's test utterances
     drawn with replacement. `sizes[i]` is seed i's number of test utterances. Each draw is a list of

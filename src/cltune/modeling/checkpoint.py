@@ -3,7 +3,6 @@ router; written and verified whole (`cltune.storage.verified`), loaded into a li
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,7 +99,3 @@ def load_checkpoint(folder: str | Path, model_settings: ModelSettings | None = N
 def load_strategy_state(folder: str | Path) -> dict:
     path = Path(folder) / STRATEGY_STATE
     return load_file(str(path)) if path.exists() else {}
-
-
-def checkpoint_meta(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / META).read_text(encoding="utf-8"))

@@ -38,7 +38,8 @@ class Registry(Mapping[str, type[Strategy]]):
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise TypeError(f"{cls!r} is not a Strategy subclass")
         if not cls.name.isidentifier() or cls.name in self._classes:
-            raise ValueError(f"strategy name {cls.name!r} is {'taken' if cls.name in self._classes else 'not an identifier'}")
+            raise ValueError(f"strategy name {cls.name!r} is "
+                             f"{'taken' if cls.name in self._classes else 'not an identifier'}")
         known = self.sections()
         for section, model in cls.sections.items():
             if not (isinstance(model, type) and issubclass(model, BaseModel)):

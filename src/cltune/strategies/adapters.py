@@ -45,9 +45,10 @@ class WarmStartSettings(Strict):
 
 def later_adapters_field(default: bool):
     """The `later_adapters` setting; `progressive` turns it on by default."""
-    return Field(default, description="with likelihood: a speaker's mixture also holds the adapters (columns) of every task "
-                                      "learned after its last one (backward transfer where they grew from earlier ones; "
-                                      "≤ ln C nats/utterance)")
+    return Field(default,
+                 description="with likelihood: a speaker's mixture also holds the adapters (columns) of every task "
+                             "learned after its last one (backward transfer where they grew from earlier ones; "
+                             "≤ ln C nats/utterance)")
 
 
 class RoutingSettings(Strict):
@@ -106,7 +107,8 @@ def fresh_row_mask(ctx: Context, task, adapter: str) -> tuple[torch.nn.Parameter
 def token_rows(model, adapter: str) -> torch.nn.Parameter | None:
     """The adapter's trainable new-token rows (shared with a tied LM head), or None when it has none."""
     layer = getattr(model.get_base_model().get_input_embeddings(), "token_adapter", None)
-    return layer.trainable_tokens_delta[adapter] if layer is not None and adapter in layer.trainable_tokens_delta else None
+    return (layer.trainable_tokens_delta[adapter]
+            if layer is not None and adapter in layer.trainable_tokens_delta else None)
 
 
 def original_token_rows(model, adapter: str) -> torch.Tensor:

@@ -33,7 +33,8 @@ MEMORY_MICRO_BATCH = 8  # memory utterances per forward pass of the reference gr
 
 
 class AGEMSettings(Strict):
-    memory_ratio: float = Field(0.1, ge=0, le=1, description="share of each earlier dataset's training utterances kept in memory")
+    memory_ratio: float = Field(
+        0.1, ge=0, le=1, description="share of each earlier dataset's training utterances kept in memory")
     memory_batch: int = Field(16, ge=1, description="memory utterances behind each step's reference gradient")
 
 
@@ -47,7 +48,8 @@ def agem_project(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 def flatten(grads, params: dict[str, torch.nn.Parameter]) -> torch.Tensor:
     """One vector of `grads` in the order of `params`, zeros where a gradient is missing."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params.values())])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params.values())])
 
 
 class AGEM(Strategy):
@@ -81,7 +83,8 @@ class AGEM(Strategy):
         self.encoded = self.ctx.encode(examples)
         self.encoded_tasks = [e.task for e in examples]
 
-    def reference_gradient(self, params: dict[str, torch.nn.Parameter], step: StepInfo, task: int | None = None) -> torch.Tensor:
+    def reference_gradient(self, params: dict[str, torch.nn.Parameter], step: StepInfo,
+                           task: int | None = None) -> torch.Tensor:
         """Flattened gradient of the mean token NLL of one memory batch (of dataset `task`'s memory only, when
         given: GEM's per-dataset constraints), dropout off.
 
@@ -90,7 +93,8 @@ class AGEM(Strategy):
         """
         acc, scorer = self.ctx.accelerator, self.ctx.scorer
         # Seeded by (run seed, phase, step): every process draws the same batch, and so does a resumed run.
-        rng = random.Random(derived_seed(self.ctx.seed, "agem", step.phase, step.step - 1, *([] if task is None else [task])))
+        rng = random.Random(derived_seed(self.ctx.seed, "agem", step.phase, step.step - 1,
+                                         *([] if task is None else [task])))
         pool = range(len(self.encoded)) if task is None else [i for i, t in enumerate(self.encoded_tasks) if t == task]
         picked = rng.sample(pool, min(self.cfg.memory_batch, len(pool)))
         # Length-sorted forward passes of MEMORY_MICRO_BATCH: one batch of random lengths would be

@@ -5,7 +5,8 @@ of each utterance's log-likelihood (summed over its target tokens; the sum, not 
 a sequence is the expected squared score of its log-likelihood, and squaring the gradient of the mean
 shrank it by the squared length, ≈ 20² for a chat turn, which made the reference pipeline's λ = 10 a no-op) — is
 estimated, from batched passes (`cltune.modeling.per_example`), on that task's
-replay sample (the reference pipeline's choice; `fisher_data: train` uses the whole training split) and θ* is kept. Later phases
+replay sample (the reference pipeline's choice; `fisher_data: train` uses the whole training split) and θ* is
+kept. Later phases
 add  λ · Σ_tasks Σ_i F_i (θ_i − θ*_i)²  — no ½ factor. `mode: separate` keeps one (F, θ*) per
 earlier task and sums their penalties; `mode: online` keeps one running F ← γ·F + F_new with
 θ* the latest weights.
@@ -31,8 +32,10 @@ Tensors = dict[str, torch.Tensor]
 
 class EWCSettings(Strict):
     lambda_: float = Field(10.0, alias="lambda", ge=0, description="penalty strength λ")
-    fisher_data: Literal["replay", "train"] = Field("replay", description="Fisher on the replay sample or the whole train split")
-    mode: Literal["separate", "online"] = Field("separate", description="one penalty per earlier task, or one running Fisher")
+    fisher_data: Literal["replay", "train"] = Field(
+        "replay", description="Fisher on the replay sample or the whole train split")
+    mode: Literal["separate", "online"] = Field(
+        "separate", description="one penalty per earlier task, or one running Fisher")
     gamma: float = Field(1.0, ge=0, le=1, description="decay of the running Fisher in online mode")
 
 

@@ -8,7 +8,8 @@ from cltune.strategies.replay import Replay
 
 class EWCReplay(Composite):
     name = "ewc_replay"
-    summary = "replay (10% of earlier data) + EWC (λ=10) with the Fisher on the replayed utterances (the reference pipeline's method)"
+    summary = ("replay (10% of earlier data) + EWC (λ=10) with the Fisher on the replayed utterances "
+               "(the reference pipeline's method)")
     parts = (Replay, EWC)
 
 

@@ -144,13 +144,15 @@ class FusionRouter(Router):
         try:
             gate.load_state_dict(weights)
         except RuntimeError:
-            raise UserError(f"{Path(folder)}: the fusion gate does not fit this model; restore the checkpoint folder") from None
+            raise UserError(f"{Path(folder)}: the fusion gate does not fit this model; "
+                            "restore the checkpoint folder") from None
         return cls(adapters, token_dependent, install(model, gate, adapters))
 
 
 class Fusion(Replay):
     name = "fusion"
-    summary = "per-task LoRA adapters mixed token by token by a learned gate on each layer's input; replay trains the gate"
+    summary = ("per-task LoRA adapters mixed token by token by a learned gate on each layer's input; "
+               "replay trains the gate")
     sections = {"replay": Replay.sections["replay"], "fusion": FusionSettings}
 
     def __init__(self, ctx, settings):

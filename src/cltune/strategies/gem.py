@@ -29,9 +29,12 @@ log = logging.getLogger(__name__)
 
 
 class GEMSettings(Strict):
-    memory_ratio: float = Field(0.1, ge=0, le=1, description="share of each earlier dataset's training utterances kept in memory")
-    memory_batch: int = Field(16, ge=1, description="memory utterances of each earlier dataset behind its reference gradient")
-    margin: float = Field(0.0, ge=0, description="GEM's γ: dual variables at least γ, pushing the step further from the constraints")
+    memory_ratio: float = Field(
+        0.1, ge=0, le=1, description="share of each earlier dataset's training utterances kept in memory")
+    memory_batch: int = Field(
+        16, ge=1, description="memory utterances of each earlier dataset behind its reference gradient")
+    margin: float = Field(
+        0.0, ge=0, description="GEM's γ: dual variables at least γ, pushing the step further from the constraints")
 
 
 def nonnegative_qp(gram: torch.Tensor, linear: torch.Tensor, tol: float = 1e-12) -> torch.Tensor:
@@ -78,7 +81,8 @@ def gem_project(grad: torch.Tensor, references: torch.Tensor, margin: float = 0.
 
 class GEM(AGEM):
     name = "gem"
-    summary = "GEM: project each step's gradient so it raises the loss of no earlier dataset's 10% memory (one constraint each)"
+    summary = ("GEM: project each step's gradient so it raises the loss of no earlier dataset's 10% memory "
+               "(one constraint each)")
     sections = {"gem": GEMSettings}
 
     def __init__(self, ctx, settings):

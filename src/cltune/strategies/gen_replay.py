@@ -31,9 +31,12 @@ GENERATED_LINE = -1  # Example.line of a generated utterance: it comes from no f
 
 
 class GenReplaySettings(Strict):
-    ratio: float = Field(0.1, ge=0, le=1, description="pseudo-utterances per earlier dataset, as a share of its training split")
-    per_task: int | None = Field(None, ge=1, description="fixed pseudo-utterances per earlier dataset (overrides ratio)")
-    temperature: float = Field(0.8, ge=0, description="sampling temperature; 0 = greedy (every sample of a speaker alike)")
+    ratio: float = Field(
+        0.1, ge=0, le=1, description="pseudo-utterances per earlier dataset, as a share of its training split")
+    per_task: int | None = Field(
+        None, ge=1, description="fixed pseudo-utterances per earlier dataset (overrides ratio)")
+    temperature: float = Field(
+        0.8, ge=0, description="sampling temperature; 0 = greedy (every sample of a speaker alike)")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
     max_new_tokens: int = Field(40, ge=1, description="tokens generated per pseudo-utterance at most")
     batch_size: int = Field(32, ge=1, description="sequences generated per forward pass; a speed knob, same samples")
@@ -92,7 +95,8 @@ def draw_seed(seed: int, phase: int, draw: Draw) -> int:
 
 class GenReplay(Strategy):
     name = "gen_replay"
-    summary = "generative replay: the model samples pseudo-utterances of earlier speakers (10% per dataset) for later phases"
+    summary = ("generative replay: the model samples pseudo-utterances of earlier speakers (10% per dataset) "
+               "for later phases")
     sections = {"gen_replay": GenReplaySettings}
 
     def __init__(self, ctx, settings):
@@ -110,7 +114,8 @@ class GenReplay(Strategy):
         start = time.perf_counter()
         rows = self._generate(plan_draws(self.ctx.tasks[: task.index], self.cfg.ratio, self.cfg.per_task), phase)
         kept = [r for r in rows if r["text"]]
-        self.pseudo = [Example(r["task_index"], r["speaker"], r["token"], r["text"], Split.TRAIN, GENERATED_LINE) for r in kept]
+        self.pseudo = [Example(r["task_index"], r["speaker"], r["token"], r["text"], Split.TRAIN, GENERATED_LINE)
+                       for r in kept]
         self.costs[phase] = {"generation_wall_s": round(time.perf_counter() - start, 2), "sampled": len(rows),
                              "kept": len(kept), "dropped_empty": len(rows) - len(kept)}
         if self.ctx.run_dir is not None and self.ctx.accelerator.is_main_process:
@@ -129,7 +134,8 @@ class GenReplay(Strategy):
                     batch_size=cfg.batch_size,
                 )
                 task = self.ctx.tasks[draw.task]
-                rows += [{"task": task.name, "task_index": draw.task, "speaker": draw.speaker, "token": draw.token, "text": t}
+                rows += [{"task": task.name, "task_index": draw.task, "speaker": draw.speaker, "token": draw.token,
+                          "text": t}
                          for t in texts]
         if acc.num_processes > 1:
             holder = [rows]

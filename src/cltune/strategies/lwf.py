@@ -38,7 +38,8 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
 
 
-def lwf_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, weight: float) -> torch.Tensor:
+def lwf_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+             weight: float) -> torch.Tensor:
     """α · T² · the mean over tokens of the distillation KL."""
     return weight * temperature**2 * distillation_kl(student_logits, teacher_logits, temperature).mean()
 

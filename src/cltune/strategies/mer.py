@@ -40,7 +40,8 @@ def meta_update(start: Tensors, now: Tensors, gamma: float) -> Tensors:
 
 class MER(Strategy):
     name = "mer"
-    summary = "meta-experience replay: 10% replay, and every 5 steps keep half of the window's movement (Reptile, γ=0.5)"
+    summary = ("meta-experience replay: 10% replay, and every 5 steps keep half of the window's movement "
+               "(Reptile, γ=0.5)")
     sections = {"mer": MERSettings}
     phase1_neutral = False  # the meta-updates act in phase 1 too
 
@@ -66,14 +67,16 @@ class MER(Strategy):
         params = self.ctx.trainable()
         if self.cfg.gamma != 1:  # γ = 1 keeps θ as it is (θ_start + (θ − θ_start) would round)
             with torch.no_grad():
-                for name, value in meta_update(self.start, {n: p.detach() for n, p in params.items()}, self.cfg.gamma).items():
+                for name, value in meta_update(self.start, {n: p.detach() for n, p in params.items()},
+                                               self.cfg.gamma).items():
                     params[name].copy_(value)
         self.meta_updates += 1
         self.start = self._snapshot()  # the next window starts here
 
     def after_task(self, task: TaskData) -> None:
         self.buffer.add(task)
-        self.costs[task.index + 1] = {"stored_utterances": len(self.buffer.examples()), "meta_updates": self.meta_updates}
+        self.costs[task.index + 1] = {"stored_utterances": len(self.buffer.examples()),
+                                      "meta_updates": self.meta_updates}
 
     def state(self):
         out = {f"start.{n}": t for n, t in self.start.items()}

@@ -86,7 +86,8 @@ class Merge(Adapters):
         super().__init__(ctx, settings)
         self.cfg: MergeSettings
         if self.cfg.weights is not None and len(self.cfg.weights) != len(ctx.tasks):
-            raise UserError(f"merge.weights: {len(self.cfg.weights)} weights for {len(ctx.tasks)} tasks; give one per task")
+            raise UserError(f"merge.weights: {len(self.cfg.weights)} weights for {len(ctx.tasks)} tasks; "
+                            "give one per task")
 
     def after_task(self, task):
         model = self.ctx.model
@@ -99,7 +100,8 @@ class Merge(Adapters):
         rows = token_rows(model, MERGED)
         if rows is not None:
             with torch.no_grad():
-                rows.copy_(merge_token_rows(original_token_rows(model, MERGED), [token_rows(model, n) for n in names], shares))
+                rows.copy_(merge_token_rows(original_token_rows(model, MERGED), [token_rows(model, n) for n in names],
+                                            shares))
         # At rest the model is the merged adapter: later evaluation, samples and the checkpoint use it.
         model.set_adapter(MERGED, inference_mode=True)
 

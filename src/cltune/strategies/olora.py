@@ -40,7 +40,8 @@ SUMMED = "olora"
 
 class OLoRASettings(Strict):
     lambda1: float = Field(0.5, ge=0, description="weight λ1 of the orthogonality loss (paper: 0.5)")
-    lambda2: float = Field(0.0, ge=0, description="weight λ2 of the squared L2 norm of the new LoRA parameters (paper: 0)")
+    lambda2: float = Field(
+        0.0, ge=0, description="weight λ2 of the squared L2 norm of the new LoRA parameters (paper: 0)")
 
 
 def _total(terms: list[torch.Tensor]) -> torch.Tensor:
@@ -106,7 +107,8 @@ class OLoRA(Strategy):
             self.pairs = [(torch.cat([layer.lora_A[a].weight for a in earlier]).detach(), layer.lora_A[name].weight)
                           for layer in lora_layers(model)]
             self.rows, self.row_mask = fresh_row_mask(self.ctx, task, name)
-        self.new_params = [p for layer in lora_layers(model) for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+        self.new_params = [p for layer in lora_layers(model)
+                           for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
 
     def step_penalty(self, step):
         terms = []

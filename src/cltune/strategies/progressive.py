@@ -16,7 +16,8 @@ scores exactly as when its phase ended.
 Routing is that of `adapters` (the same routing settings): by task id (oracle) or by speaker token
 (agnostic, shared speakers by likelihood). The defaults, `copy` and `later_adapters` (every later column
 joins a speaker's mixture, since it grew from the speaker's own), are the measured best of the four
-combinations: new-task perplexity at naive's and most of naive's backward transfer. Lateral gains are saved with every checkpoint (`module.laterals.`);
+combinations: new-task perplexity at naive's and most of naive's backward transfer. Lateral gains are saved
+with every checkpoint (`module.laterals.`);
 `cltune generate` routes through them (router kind `progressive`).
 """
 
@@ -52,8 +53,9 @@ LATERALS = "laterals"
 class ProgressiveSettings(RoutingSettings):
     # The defaults are the measured best of the four combinations (docs/benchmarks/strategies_added.md).
     new_column: Literal["fresh", "copy"] = Field(
-        "copy", description="copy: the column's adapter starts as a copy of the previous adapter, whose gain starts at 0; "
-                            "fresh: it starts at zero (LoRA's B = 0) with gain 1 on the previous adapter")
+        "copy",
+        description="copy: the column's adapter starts as a copy of the previous adapter, whose gain starts at 0; "
+                    "fresh: it starts at zero (LoRA's B = 0) with gain 1 on the previous adapter")
     later_adapters: bool = later_adapters_field(True)
 
 
@@ -63,7 +65,8 @@ class Laterals(torch.nn.Module):
     def __init__(self, widths: list[int], tasks: int):
         super().__init__()
         self.columns = torch.nn.ModuleList(
-            torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(c, w)) for w in widths) if c else torch.nn.ParameterList()
+            torch.nn.ParameterList(torch.nn.Parameter(torch.zeros(c, w)) for w in widths) if c
+            else torch.nn.ParameterList()
             for c in range(tasks))
 
     @torch.no_grad()
@@ -164,7 +167,8 @@ class ProgressiveRouter(AdapterRouter):
 
 class Progressive(Adapters):
     name = "progressive"
-    summary = "a new LoRA column per task with learned lateral gains from the frozen earlier columns; routed like adapters"
+    summary = ("a new LoRA column per task with learned lateral gains from the frozen earlier columns; "
+               "routed like adapters")
     sections = {"progressive": ProgressiveSettings}
 
     def __init__(self, ctx, settings):

@@ -29,11 +29,14 @@ class ReplaySettings(Strict):
     ratio: float = Field(0.1, ge=0, le=1, description="share of each earlier dataset's training utterances kept")
     max_per_task: int | None = Field(None, ge=1, description="cap on utterances kept per dataset")
     selection: Literal["random", "highest_loss", "reservoir"] = Field(
-        "random", description="which utterances are kept: a seeded sample, the highest-NLL ones, or a fixed-size reservoir")
-    capacity: int | None = Field(None, ge=1, description="reservoir: total utterances kept (default: ratio × the first dataset's)")
+        "random",
+        description="which utterances are kept: a seeded sample, the highest-NLL ones, or a fixed-size reservoir")
+    capacity: int | None = Field(
+        None, ge=1, description="reservoir: total utterances kept (default: ratio × the first dataset's)")
     budget: Literal["added", "shared"] = Field(
-        "added", description="added: replayed utterances lengthen the phase (an epoch covers new and replayed); shared: "
-                             "the phase takes the steps the new data alone would, replayed utterances taking new ones' places")
+        "added",
+        description="added: replayed utterances lengthen the phase (an epoch covers new and replayed); shared: "
+                    "the phase takes the steps the new data alone would, replayed utterances taking new ones' places")
 
 
 def replay_sample(train: list[Example], ratio: float, seed: int, cap: int | None = None) -> list[Example]:
@@ -78,7 +81,8 @@ class ReplayBuffer:
         elif settings.selection == "reservoir":
             self._reservoir(task)
         else:
-            self.samples[task.index] = replay_sample(task.train, settings.ratio, self.seed + task.index, settings.max_per_task)
+            self.samples[task.index] = replay_sample(task.train, settings.ratio, self.seed + task.index,
+                                                     settings.max_per_task)
         return self.samples.get(task.index, [])
 
     def _reservoir(self, task: TaskData) -> None:

@@ -33,13 +33,16 @@ Tensors = dict[str, torch.Tensor]
 
 
 class ReptileSettings(Strict):
-    meta_iterations: int = Field(20, ge=0, description="Reptile meta-iterations (episodes) before phase 1; 0 turns it off")
+    meta_iterations: int = Field(
+        20, ge=0, description="Reptile meta-iterations (episodes) before phase 1; 0 turns it off")
     inner_steps: int = Field(5, ge=1, description="optimizer steps on each episode")
     inner_lr: float = Field(1e-3, gt=0, description="learning rate of the inner steps")
-    inner_optimizer: Literal["adam", "sgd"] = Field("adam", description="inner optimizer (adam with β1 = 0, as in the paper)")
+    inner_optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="inner optimizer (adam with β1 = 0, as in the paper)")
     episode_size: int = Field(16, ge=1, description="utterances per episode, all used in every inner step")
     episode: Literal["speaker", "random"] = Field("speaker", description="one speaker's utterances, or a random slice")
-    meta_lr: float = Field(0.1, gt=0, le=1, description="meta step size ε at the first iteration, annealed linearly to 0")
+    meta_lr: float = Field(
+        0.1, gt=0, le=1, description="meta step size ε at the first iteration, annealed linearly to 0")
 
 
 def meta_step_size(iteration: int, total: int, meta_lr: float) -> float:
@@ -93,7 +96,8 @@ def adapt(ctx: Context, episode: list[Example], steps: int, lr: float, optimizer
 
 class Reptile(Strategy):
     name = "reptile"
-    summary = "Reptile meta-learning of the LoRA start point on phase-1 episodes (20 × 5 steps), then sequential fine-tuning"
+    summary = ("Reptile meta-learning of the LoRA start point on phase-1 episodes (20 × 5 steps), "
+               "then sequential fine-tuning")
     sections = {"reptile": ReptileSettings}
     phase1_neutral = False  # phase 1 starts from the meta-learned weights, not naive's
 
@@ -105,7 +109,8 @@ class Reptile(Strategy):
         """Every episode of the meta-training, drawn up front from one seeded generator."""
         train = require_no_test(task.train, "Reptile meta-training")
         rng = random.Random(f"{self.ctx.seed}|reptile|{task.index}")
-        return [sample_episode(train, self.cfg.episode_size, self.cfg.episode, rng) for _ in range(self.cfg.meta_iterations)]
+        return [sample_episode(train, self.cfg.episode_size, self.cfg.episode, rng)
+                for _ in range(self.cfg.meta_iterations)]
 
     def before_task(self, task: TaskData) -> None:
         # Resuming phase 1 from a step checkpoint: its weights started from the meta-trained θ and are

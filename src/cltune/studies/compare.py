@@ -240,15 +240,18 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
             "routing": runs[0]["routing"],
             "final_ppl": [_interval([r["final_ppl"][j] for r in runs]) for j in range(len(tasks))],
             "forgetting_pct": [_interval([r["forgetting_pct"][j] for r in runs]) for j in range(len(tasks) - 1)],
-            "peak_forgetting_pct": [_interval([r["peak_forgetting_pct"][j] for r in runs]) for j in range(len(tasks) - 1)],
+            "peak_forgetting_pct": [_interval([r["peak_forgetting_pct"][j] for r in runs])
+                                    for j in range(len(tasks) - 1)],
             "bwt": _interval([r["bwt"] for r in runs]), "fwt": _interval([r["fwt"] for r in runs]),
             "new_task_ratio": _interval([r["new_task_ratio"] for r in runs]),
             "attribution": _interval([r["attribution"] for r in runs]),
             "wall_s": _interval([r["wall_s"] for r in runs]),
             "target_tokens": _interval([r["target_tokens"] for r in runs]),
             # model passes outside evaluation against naive's on the same seed (1.0: no extra work)
-            "forward_vs_naive": _interval([_ratio(r["forward_tokens"], n["forward_tokens"]) for r, n in zip(runs, refs)]),
-            "backward_vs_naive": _interval([_ratio(r["backward_tokens"], n["backward_tokens"]) for r, n in zip(runs, refs)]),
+            "forward_vs_naive": _interval([_ratio(r["forward_tokens"], n["forward_tokens"])
+                                           for r, n in zip(runs, refs)]),
+            "backward_vs_naive": _interval([_ratio(r["backward_tokens"], n["backward_tokens"])
+                                            for r, n in zip(runs, refs)]),
             "peak_rss_mb": _interval([r["peak_rss_mb"] for r in runs]),
             "trainable": runs[0]["trainable"], "adapter_params": runs[0]["adapter_params"],
             "stored_utterances": runs[0]["stored_utterances"],

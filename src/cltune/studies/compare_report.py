@@ -46,10 +46,11 @@ def reading(summary: dict) -> list[str]:
         lines.append("- No strategy's final perplexity on any task differs from naive's beyond the noise of these "
                      "test sets (every paired 95% interval includes 0).")
     elif unresolved:
-        lines.append(f"- The other {unresolved} strategy × task differences are within the noise (intervals include 0).")
+        lines.append(f"- The other {unresolved} strategy × task differences are within the noise "
+                     "(intervals include 0).")
     if len(summary["seeds"]) < 3:
-        lines.append(f"- Only {len(summary['seeds'])} seed(s): the intervals over seeds are wide or missing, and the paired "
-                     "intervals hold little seed-to-seed variation; use 3 or more.")
+        lines.append(f"- Only {len(summary['seeds'])} seed(s): the intervals over seeds are wide or missing, "
+                     "and the paired intervals hold little seed-to-seed variation; use 3 or more.")
     return lines
 
 
@@ -61,16 +62,19 @@ def markdown(summary: dict, command: str) -> str:
         "# Strategy comparison", "", f"`{command}`", "",
         f"Seeds {', '.join(map(str, summary['seeds']))} (each reseeds the split, sampling and initialization). "
         "Test utterances per task and seed: " + "; ".join(
-            f"seed {s}: " + ", ".join(f"{t} {n}" for t, n in zip(tasks, row)) for s, row in zip(summary["seeds"], sizes))
+            f"seed {s}: " + ", ".join(f"{t} {n}" for t, n in zip(tasks, row))
+            for s, row in zip(summary["seeds"], sizes))
         + ".", "",
         "Cells are mean [95% t-interval over seeds]. Strategies marked *agnostic* route by speaker token (their "
         "oracle-task-id matrix is in each run's metrics.json); all others use one model for every task.", "",
         "## Final test perplexity", "",
     ]
-    lines += _table(["strategy", *tasks], [[_label(n, e), *(_ci(v) for v in e["final_ppl"])] for n, e in strategies.items()])
+    lines += _table(["strategy", *tasks],
+                    [[_label(n, e), *(_ci(v) for v in e["final_ppl"])] for n, e in strategies.items()])
     earlier = tasks[:-1]
     lines += ["", "## Forgetting (% perplexity rise of earlier tasks)", "",
-              "Final: the end vs right after learning. Peak: the worst rise over any later phase. BWT/FWT in ln-PPL.", ""]
+              "Final: the end vs right after learning. Peak: the worst rise over any later phase. "
+              "BWT/FWT in ln-PPL.", ""]
     lines += _table(["strategy", *(f"{t} final" for t in earlier), *(f"{t} peak" for t in earlier), "BWT", "FWT"],
                     [[_label(n, e), *(_ci(v, suffix="%") for v in e["forgetting_pct"]),
                       *(_ci(v, suffix="%") for v in e["peak_forgetting_pct"]), _ci(e["bwt"], 4), _ci(e["fwt"], 4)]
@@ -79,7 +83,8 @@ def markdown(summary: dict, command: str) -> str:
               f"Per cent change of the final test perplexity against naive (same seed, same utterances), averaged over "
               f"seeds, with a 95% interval from {summary['bootstrap']} two-level bootstrap draws (seeds, then test "
               "utterances). "
-              "**Bold**: the interval excludes 0. New-task ratio: the last task's perplexity over naive's, by seed.", ""]
+              "**Bold**: the interval excludes 0. "
+              "New-task ratio: the last task's perplexity over naive's, by seed.", ""]
     rows = []
     for name, entry in strategies.items():
         if name == reference:
@@ -92,16 +97,17 @@ def markdown(summary: dict, command: str) -> str:
         rows.append([_label(name, entry), *cells, _ci(entry["new_task_ratio"], 3), _ci(entry["attribution"], 3)])
     lines += _table(["strategy", *tasks, "new-task ratio", "attribution"], rows) if rows else ["(naive only)"]
     lines += ["", "## Costs", ""]
-    lines += ["Wall s: training and strategy hooks, not evaluation. Forward / backward × naive: token positions through "
-              "the model outside evaluation (training, teachers, reference gradients, Fisher, meta-training), and those "
-              "with a backward pass, over naive's on the same seed; generation (gen_replay) is not a pass here, its "
-              "time is in wall s. Trained per phase: the parameters one phase trains; adapter parameters: all the final "
-              "model keeps (per-task adapters keep one set per task). Utterances kept: earlier training utterances the "
-              "last phase could replay or project against.", ""]
-    lines += _table(["strategy", "wall s", "target tokens trained", "forward × naive", "backward × naive", "peak RSS MB",
-                     "trained per phase", "adapter params", "utterances kept"],
+    lines += ["Wall s: training and strategy hooks, not evaluation. Forward / backward × naive: token positions "
+              "through the model outside evaluation (training, teachers, reference gradients, Fisher, meta-training), "
+              "and those with a backward pass, over naive's on the same seed; generation (gen_replay) is not a pass "
+              "here, its time is in wall s. Trained per phase: the parameters one phase trains; adapter parameters: "
+              "all the final model keeps (per-task adapters keep one set per task). Utterances kept: earlier training "
+              "utterances the last phase could replay or project against.", ""]
+    lines += _table(["strategy", "wall s", "target tokens trained", "forward × naive", "backward × naive",
+                     "peak RSS MB", "trained per phase", "adapter params", "utterances kept"],
                     [[_label(n, e), _ci(e["wall_s"], 0), _ci(e["target_tokens"], 0),
-                      _ci(e.get("forward_vs_naive", {}), 2), _ci(e.get("backward_vs_naive", {}), 2), _ci(e["peak_rss_mb"], 0),
+                      _ci(e.get("forward_vs_naive", {}), 2), _ci(e.get("backward_vs_naive", {}), 2),
+                      _ci(e["peak_rss_mb"], 0),
                       f"{e['trainable']:,}", "–" if e.get("adapter_params") is None else f"{e['adapter_params']:,}",
                       str(e["stored_utterances"])] for n, e in strategies.items()])
     lines += ["", "## Reading", "", *reading(summary), "", "![forgetting vs plasticity](compare.png)", ""]
@@ -121,7 +127,8 @@ def csv_text(summary: dict) -> str:
             v = entry.get(metric) or {"mean": None, "low": None, "high": None}
             writer.writerow([name, entry["routing"], metric, "", v["mean"], v["low"], v["high"]])
         for task, c in (entry.get("vs_naive") or {}).items():
-            writer.writerow([name, entry["routing"], "change_vs_naive_pct", task, c["change_pct"], c["low_pct"], c["high_pct"]])
+            writer.writerow([name, entry["routing"], "change_vs_naive_pct", task, c["change_pct"], c["low_pct"],
+                             c["high_pct"]])
     return buffer.getvalue()
 
 

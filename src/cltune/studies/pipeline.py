@@ -103,16 +103,17 @@ def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tra
 
     metrics = _header(session)
     if saved is not None and saved.phases:  # finished phases are not retrained: their rows come from metrics.json
-        metrics = metrics.model_copy(update={k: getattr(saved, k) for k in ("ppl", "speaker_attribution", "phases", "samples",
-                                                                             "routing", "agnostic")})
+        metrics = metrics.model_copy(update={k: getattr(saved, k)
+                                             for k in ("ppl", "speaker_attribution", "phases", "samples",
+                                                       "routing", "agnostic")})
     else:
         metrics, _ = _with_row(metrics, session, strategy.router())
     if console and acc.is_main_process:
         counts = session.counts
         console.print(f"[bold]{config.name}[/]: {len(session.tasks)} tasks, strategy {config.strategy}, "
-                      f"LoRA {counts['lora']:,} + token rows {counts['new_token_rows']:,} trainable of {counts['total']:,}, "
-                      f"{session.precision} training" + (f"; resuming after phase {len(metrics.phases)}" if metrics.phases
-                                                         else ""))
+                      f"LoRA {counts['lora']:,} + token rows {counts['new_token_rows']:,} trainable of "
+                      f"{counts['total']:,}, {session.precision} training"
+                      + (f"; resuming after phase {len(metrics.phases)}" if metrics.phases else ""))
     first = len(metrics.phases)
     for task in session.tasks[first:]:
         metrics = run_phase(session, task, metrics, resolved, reuse_phase1=reuse_phase1 if task.index == 0 else None,
@@ -131,7 +132,8 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     set_seed(derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
     step_offset = sum(p.steps for p in metrics.phases)  # trackers count optimizer steps over the whole stream
     passes_at_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
-    meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name, "speaker_tokens": session.speaker_tokens,
+    meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name,
+            "speaker_tokens": session.speaker_tokens,
             "context_turns": config.data.context_turns, "max_length": config.data.max_length,
             "tasks": [{"name": t.name, "speakers": t.speakers} for t in session.tasks]}
     checkpoints = None if reuse_phase1 is not None else resuming.StepCheckpoints(
@@ -153,12 +155,14 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
     if setup is not None:
         before, hooks_s = setup["before"], setup["hooks_s"]
         strategy.costs[k + 1] = {**strategy.costs.get(k + 1, {}), **setup["costs"]}
-        ctx.scorer.forward_tokens, ctx.scorer.backward_tokens = (p + q for p, q in zip(passes_at_start, setup["passes"]))
+        ctx.scorer.forward_tokens, ctx.scorer.backward_tokens = (
+            p + q for p, q in zip(passes_at_start, setup["passes"]))
     else:
         # The model the phase starts from (before_task may have changed it: an adapter added, meta-training),
         # served as the matrix serves this task.
         with strategy.router().oracle(k):
-            before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size)}
+            before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length,
+                                            config.eval.batch_size)}
             fingerprint, measured = session.served.get(k, (None, None))
             # Most strategies start a phase from the model the last matrix row scored: its figure is reused.
             before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
@@ -181,7 +185,8 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         source = read_json(reuse_phase1 / "metrics.json").get("strategy", {})
         trained = [source.get(f"training_{key}", source.get(key)) for key in ("forward_tokens", "backward_tokens")]
         passes = {"forward_tokens": None, "backward_tokens": None} if None in trained else {
-            "forward_tokens": passes["forward_tokens"] + trained[0], "backward_tokens": passes["backward_tokens"] + trained[1],
+            "forward_tokens": passes["forward_tokens"] + trained[0],
+            "backward_tokens": passes["backward_tokens"] + trained[1],
             "training_forward_tokens": trained[0], "training_backward_tokens": trained[1]}
     router = strategy.router()
     metrics, per_utterance = _with_row(metrics, session, router)
@@ -189,7 +194,8 @@ def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: s
         # The loop's last validation scored these very weights unless early stopping or after_task changed them.
         validated, val_ppl = result.last_val or (None, None)
         after = {"val_ppl": val_ppl if validated == served_fingerprint(ctx.model, strategy) else perplexity(
-            acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size), "test_ppl": metrics.ppl[-1][k]}
+            acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size),
+            "test_ppl": metrics.ppl[-1][k]}
     record = PhaseRecord(
         phase=k + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
         wall_s=round(result.wall_s, 2), tokens_per_s=round(result.tokens_per_s, 1), best_val_loss=result.best_val_loss,
@@ -249,7 +255,8 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
 def _passes(scorer, start, loop_start, loop_end) -> dict[str, int]:
     """The phase's model passes outside evaluation (token positions), and the training loop's share."""
     return {"forward_tokens": scorer.forward_tokens - start[0], "backward_tokens": scorer.backward_tokens - start[1],
-            "training_forward_tokens": loop_end[0] - loop_start[0], "training_backward_tokens": loop_end[1] - loop_start[1]}
+            "training_forward_tokens": loop_end[0] - loop_start[0],
+            "training_backward_tokens": loop_end[1] - loop_start[1]}
 
 
 def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:

@@ -36,14 +36,16 @@ def _type(annotation) -> str:
 def _default(field) -> str:
     if field.default_factory is not None:
         value = field.default_factory()
-        return "{}" if value == {} else "[]" if value == [] else "see below" if isinstance(value, BaseModel) else repr(value)
+        return ("{}" if value == {} else "[]" if value == [] else "see below" if isinstance(value, BaseModel)
+                else repr(value))
     if field.is_required():
         return "required"
     return str(field.default) if hasattr(field.default, "as_posix") else repr(field.default)
 
 
 def _title(title: str, level: int | None) -> str:
-    """A section's title: bold (the CLI's printout) or a Markdown heading (the docs site, whose table of contents lists it)."""
+    """A section's title: bold (the CLI's printout) or a Markdown heading (the docs site, whose table of contents
+    lists it)."""
     return f"**`{title}`**" if level is None else f"{'#' * level} `{title}`"
 
 
@@ -56,7 +58,8 @@ def section(title: str, model: type[BaseModel], level: int | None = None) -> lis
 
 
 def config_reference(level: int | None = None) -> str:
-    """Every config key with its type, default and meaning; `level` makes each section's title a heading of that level."""
+    """Every config key with its type, default and meaning; `level` makes each section's title a heading of that
+    level."""
     from cltune.strategies import REGISTRY
 
     top = {k: v for k, v in BaseRunConfig.model_fields.items()}
@@ -68,7 +71,8 @@ def config_reference(level: int | None = None) -> str:
                          ("train / phases[i] (phaseK.* in --set)", PhaseSettings), ("eval", EvalSettings)):
         lines += section(title, model, level)
     keys = "`path` (required), `name`, `speaker_col`, `text_col`, `conversation_col`."
-    lines += ([f"`tasks[i]`: {keys}"] if level is None else [_title("tasks[i]", level), "", f"Each task's keys: {keys}"]) + [""]
+    lines += ([f"`tasks[i]`: {keys}"] if level is None
+              else [_title("tasks[i]", level), "", f"Each task's keys: {keys}"]) + [""]
     for name, model in REGISTRY.sections().items():
         lines += section(name, model, level)
     return "\n".join(lines)

@@ -15,7 +15,8 @@ def _catalog():
     return REGISTRY.catalog()
 
 
-def make_config(raw: dict, sets: Sequence[str] | None = (), *, source: str = "config", fixed: dict | None = None) -> BaseRunConfig:
+def make_config(raw: dict, sets: Sequence[str] | None = (), *, source: str = "config",
+                fixed: dict | None = None) -> BaseRunConfig:
     """A validated run config from a dict, `--set` overrides and `fixed` values, with every registered strategy."""
     return build_config(raw, list(sets or ()), source=source, catalog=_catalog(), fixed=fixed)
 

@@ -1,1 +1,2 @@
-"""Training: the one loop, the session that builds a run, step checkpoints and resume, the run folder, trackers, signals, Trainer/TRL integration."""
+"""Training: the one loop, the session that builds a run, step checkpoints and resume, the run folder, trackers,
+signals, Trainer/TRL integration."""

@@ -2,11 +2,13 @@
 
 Keep the script; learn the next dataset while protecting the earlier ones:
 
-    from cltune.training.integrations import EWC, LwF, AGEM, ContinualMixin, replay_mix
+    from cltune.training.integrations import (AGEMProjection, ContinualMixin, EWCPenalty, LwFDistillation,
+                                              replay_mix)
 
     class ContinualSFTTrainer(ContinualMixin, SFTTrainer): ...
     trainer = ContinualSFTTrainer(model=model, args=args, train_dataset=replay_mix(new, old, ratio=0.1),
-                                  strategies=[EWC.from_checkpoint("checkpoints/run/phase1", model), LwF(model)])
+                                  strategies=[EWCPenalty.from_checkpoint("checkpoints/run/phase1", model),
+                                              LwFDistillation(model)])
 
 The model is a PEFT model whose trainable parameters (LoRA weights, trainable token rows) are what the
 strategies protect. The math is cltune's own (`ewc_penalty`, `lwf_loss`, `agem_project`), on the same
@@ -66,7 +68,7 @@ def summed_nll(model: nn.Module, inputs: dict) -> torch.Tensor:
     return nll_sum(forward(model, inputs).logits, inputs["labels"])[0]
 
 
-class EWC:
+class EWCPenalty:
     """λ · Σ_anchors Σ_i F_i (θ_i − θ*_i)² over the model's trainable parameters, added to every batch's loss."""
 
     def __init__(self, model: nn.Module, anchors: list[tuple[Tensors, Tensors]], lam: float = 10.0):
@@ -81,8 +83,9 @@ class EWC:
         self.lam = lam
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, model: nn.Module, lam: float | None = None) -> EWC:
-        """The anchors (θ*, Fisher) a cltune `ewc` or `ewc_replay` phase checkpoint saved; λ from its config unless given."""
+    def from_checkpoint(cls, folder: str | Path, model: nn.Module, lam: float | None = None) -> EWCPenalty:
+        """The anchors (θ*, Fisher) a cltune `ewc` or `ewc_replay` phase checkpoint saved; λ from its config unless
+        given."""
         folder = Path(folder)
         path = folder / "strategy_state.safetensors"
         if not path.exists():
@@ -100,7 +103,7 @@ class EWC:
         return cls(model, [anchors[k] for k in sorted(anchors)], lam)
 
     @classmethod
-    def estimate(cls, model: nn.Module, examples: Iterable[dict], lam: float = 10.0) -> EWC:
+    def estimate(cls, model: nn.Module, examples: Iterable[dict], lam: float = 10.0) -> EWCPenalty:
         """Anchors from the model as it is now: θ* its trainable weights, F the mean over `examples` (one
         utterance each: input_ids, labels, …, batch size 1) of the squared gradient of its summed target NLL,
         dropout off — cltune's Fisher."""
@@ -111,7 +114,8 @@ class EWC:
             def grads():
                 for inputs in examples:
                     values = torch.autograd.grad(summed_nll(model, inputs), list(params.values()), allow_unused=True)
-                    yield {n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params.items(), values)}
+                    yield {n: (g if g is not None else torch.zeros_like(p))
+                           for (n, p), g in zip(params.items(), values)}
 
             fisher = fisher_diagonal(grads())
         finally:
@@ -135,7 +139,7 @@ def _config_lambda(folder: Path) -> float:
         raise UserError(f"{folder}: no ewc.lambda in config.resolved.yaml; pass lam=") from None
 
 
-class LwF:
+class LwFDistillation:
     """Learning without Forgetting: α·T²·KL(teacher ‖ student) per target token, the teacher being the model's
     trainable weights when this object is made (the previous phase's), dropout off."""
 
@@ -160,7 +164,7 @@ class LwF:
         pass
 
 
-class AGEM:
+class AGEMProjection:
     """A-GEM: after backward, a gradient that would raise the mean target NLL of `memory` (one batch of earlier
     datasets' utterances: input_ids, labels, …) is projected onto the half-space where it does not."""
 
@@ -193,8 +197,9 @@ class AGEM:
 
 
 class ContinualMixin:
-    """Mix into a `Trainer` (or TRL `SFTTrainer`) subclass: `strategies=[EWC(...), LwF(...), AGEM(...)]` add their
-    losses to each batch's loss and adjust the gradient after each optimizer step's backward."""
+    """Mix into a `Trainer` (or TRL `SFTTrainer`) subclass: `strategies=[EWCPenalty(...), LwFDistillation(...),
+    AGEMProjection(...)]` add their losses to each batch's loss and adjust the gradient after each optimizer step's
+    backward."""
 
     def __init__(self, *args, strategies: Sequence = (), **kwargs):
         super().__init__(*args, **kwargs)

@@ -30,7 +30,8 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
     def __str__(self) -> str:
-        return f"stopped by {NAMES.get(self.signum, f'signal {self.signum}')}" + (f" {self.where}" if self.where else "")
+        name = NAMES.get(self.signum, f"signal {self.signum}")
+        return f"stopped by {name}" + (f" {self.where}" if self.where else "")
 
 
 class _State:

@@ -32,7 +32,7 @@ from cltune.config import PhaseSettings
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError, UserError
 from cltune.evaluation.evaluate import perplexity
-from cltune.modeling.batching import collate, length_grouped_batches, target_count
+from cltune.modeling.batching import Batch, collate, length_grouped_batches, target_count
 from cltune.modeling.memory import release_free_memory
 from cltune.modeling.model import is_adapter_weight
 from cltune.modeling.scoring import target_nll
@@ -102,7 +102,8 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int, max_token
 
     Which utterances share a step depends on the seed, the lengths and `batch_size` only: groups of
     similar-length utterances in a seeded order (the largest divisor of batch_size up to
-    LENGTH_GROUP), batch_size of them per step. Each step is then sorted by length and cut into micro-batches (`micro_batch_size`,
+    LENGTH_GROUP), batch_size of them per step. Each step is then sorted by length and cut into micro-batches
+    (`micro_batch_size`,
     default the settings' number), and micro-batches wider than `max_tokens` are halved; the loop
     weighs every target token of a step alike, so neither changes the step's math. Fractional
     epochs take the first part of the last epoch's seeded order.
@@ -200,9 +201,36 @@ def _sum_over_processes(acc, values: list[float]) -> list[float]:
     return (acc.reduce(totals, "sum") if acc.num_processes > 1 else totals).tolist()
 
 
-def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, scheduler, params, batches, step_targets: int,
-                    settings: PhaseSettings, info: StepInfo, where: str, contrast: SpeakerContrast | None = None,
-                    step_examples: int = 0) -> float:
+@dataclass
+class PhaseParts:
+    """What every optimizer step of a phase uses: the run's context and strategy, the prepared (DDP-wrapped)
+    scorer, optimizer and scheduler, the trained parameters in clipping order, the phase's settings, and the
+    speaker contrast when `speaker_loss` > 0."""
+
+    ctx: Context
+    strategy: Strategy
+    scorer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list[torch.nn.Parameter]
+    settings: PhaseSettings
+    contrast: SpeakerContrast | None = None
+
+
+@dataclass
+class StepWork:
+    """One optimizer step: this process's micro-batches with their weights, the step's target tokens and
+    utterances over all processes, where it is (StepInfo, and `where` for messages), and the phase's parts."""
+
+    phase: PhaseParts
+    batches: list[tuple[Batch, float]]
+    targets: int
+    examples: int
+    info: StepInfo
+    where: str
+
+
+def _optimizer_step(work: StepWork) -> float:
     """One optimizer step over this process's share; returns the step's mean target NLL over all processes.
 
     Token-weighted: every target token of the step weighs the same, so micro_batch_size and the
@@ -212,6 +240,9 @@ def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, schedul
     average over processes is itself. With `contrast` (`speaker_loss` > 0), the speaker-discrimination
     loss of each utterance is added, weighted by `speaker_loss` / the step's utterances (`step_examples`).
     """
+    parts = work.phase
+    ctx, strategy, scorer, settings, contrast = parts.ctx, parts.strategy, parts.scorer, parts.settings, parts.contrast
+    batches, step_targets, info, where = work.batches, work.targets, work.info, work.where
     acc = ctx.accelerator
     hidden = strategy.wants_hidden_states
     nll_sum = nonfinite = 0.0
@@ -225,7 +256,8 @@ def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, schedul
                 nll = token_nll.sum()
                 loss = nll / step_targets
                 if contrast is not None:  # the other speakers' passes go through the unwrapped scorer: one DDP forward
-                    loss = loss + contrast.batch_sum(ctx.scorer, batch, token_nll) * (settings.speaker_loss / step_examples)
+                    loss = loss + (contrast.batch_sum(ctx.scorer, batch, token_nll)
+                                   * (settings.speaker_loss / work.examples))
                 extra = strategy.batch_loss(batch, outputs, info)
                 if extra is not None:
                     loss = loss + extra * (batch.n_targets / step_targets)
@@ -240,12 +272,13 @@ def _optimizer_step(ctx: Context, strategy: Strategy, scorer, optimizer, schedul
         raise DivergedError(f"{where}: loss is not finite; lower the learning rate (the last good weights were kept)")
     _average_module_grads(acc, strategy)
     strategy.after_backward(info)
-    grad_norm = acc.clip_grad_norm_(params, settings.max_grad_norm)
+    grad_norm = acc.clip_grad_norm_(parts.params, settings.max_grad_norm)
     if not torch.isfinite(torch.as_tensor(grad_norm)):
-        raise DivergedError(f"{where}: gradient norm is {float(grad_norm)}; lower the learning rate (the last good weights were kept)")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        raise DivergedError(f"{where}: gradient norm is {float(grad_norm)}; lower the learning rate (the last good "
+                            "weights were kept)")
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
     strategy.after_step(info)
     return nll_sum / step_targets
 
@@ -271,9 +304,11 @@ def _resume(checkpoints: StepCheckpoints, ctx: Context, strategy, optimizer, sch
     folder = checkpoints.latest() if checkpoints.resume else None
     if folder is None:
         return None
-    state, best, log_text = checkpoints.restore(folder, ctx.model, strategy, optimizer, scheduler, ctx.accelerator.device)
+    state, best, log_text = checkpoints.restore(folder, ctx.model, strategy, optimizer, scheduler,
+                                                ctx.accelerator.device)
     if state["plan_sha256"] != plan_sha:
-        raise UserError(f"{folder}: this phase's step plan differs from the checkpoint's (its training data or settings "
+        raise UserError(f"{folder}: this phase's step plan differs from the checkpoint's (its training data or "
+                        "settings "
                         "changed); resume with the same config and data, or pass --overwrite")
     if state["data_sha256"] != data_sha:
         logger.warning("%s: the phase's training utterances differ from the checkpoint's; continuing at step %d",
@@ -291,7 +326,8 @@ def _require_finite(model, where: str, best_state: dict[str, torch.Tensor], stra
     """Before a checkpoint: never save non-finite weights over a good checkpoint."""
     if not all(torch.isfinite(p).all() for p in _trained(model, strategy).values()):
         _restore(model, best_state, strategy)
-        raise DivergedError(f"{where}: weights are not finite; lower the learning rate (the last good checkpoint was kept)")
+        raise DivergedError(f"{where}: weights are not finite; lower the learning rate (the last good checkpoint was "
+                            "kept)")
 
 
 def train_phase(
@@ -308,7 +344,8 @@ def train_phase(
     examples = require_no_test(examples, "training")
     encoded = ctx.encode(examples)
     pad_id = ctx.tokenizer.pad_token_id
-    sizes = (token_budget(settings, acc.device), micro_batch(settings, wide=ctx.base_dtype != torch.float32 or acc.device.type != "cpu"))
+    wide = ctx.base_dtype != torch.float32 or acc.device.type != "cpu"
+    sizes = (token_budget(settings, acc.device), micro_batch(settings, wide=wide))
     plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, *sizes)
     if strategy.shared_budget() and len(examples) > len(task.train):
         # Replayed utterances take new ones' places: as many steps as the task's own split gives.
@@ -323,9 +360,11 @@ def train_phase(
     optimizer = torch.optim.AdamW(param_groups(ctx.model, settings, strategy), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     scheduler = get_scheduler(
-        settings.schedule, optimizer, num_warmup_steps=round(settings.warmup_ratio * len(plan)), num_training_steps=len(plan)
+        settings.schedule, optimizer, num_warmup_steps=round(settings.warmup_ratio * len(plan)),
+        num_training_steps=len(plan)
     )
     scorer, optimizer = acc.prepare(ctx.scorer, optimizer)
+    parts = PhaseParts(ctx, strategy, scorer, optimizer, scheduler, params, settings, contrast)
     val_every = settings.eval_every or max(1, math.ceil(len(plan) / math.ceil(settings.epochs)))
 
     counted = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)  # model passes before this loop
@@ -352,8 +391,8 @@ def train_phase(
             step_targets = _targets(encoded, micro_batches)
             info = StepInfo(phase=phase, step=step, steps=len(plan), epoch=epoch)
             try:
-                step_loss = _optimizer_step(ctx, strategy, scorer, optimizer, scheduler, params, batches, step_targets,
-                                            settings, info, where, contrast, sum(map(len, micro_batches)))
+                step_loss = _optimizer_step(StepWork(parts, batches, step_targets, sum(map(len, micro_batches)), info,
+                                                     where))
             except DivergedError:
                 optimizer.zero_grad(set_to_none=True)
                 _restore(ctx.model, loop.best_state, strategy)
@@ -368,18 +407,21 @@ def train_phase(
                 # Redirected output (a log file, CI) gets no live bar: a plain line every PLAIN_PROGRESS_S instead.
                 next_line = time.perf_counter() + PLAIN_PROGRESS_S
                 eta = (len(plan) - step) * elapsed / step
-                progress.console.print(f"phase {phase + 1} · {task.name}: step {step}/{len(plan)}, loss {step_loss:.3f}, "
+                progress.console.print(f"phase {phase + 1} · {task.name}: step {step}/{len(plan)}, "
+                                       f"loss {step_loss:.3f}, "
                                        f"{tps:.0f} tok/s, about {eta / 60:.1f} min left")
             acc.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps},
                     step=step_offset + step)
             if log:
-                row = {"phase": phase + 1, "task": task.name, "epoch": epoch + 1, "step": step, "loss": round(step_loss, 5),
-                       "lr": scheduler.get_last_lr()[0], "target_tokens": result.target_tokens, "tokens_per_s": round(tps, 1),
+                row = {"phase": phase + 1, "task": task.name, "epoch": epoch + 1, "step": step,
+                       "loss": round(step_loss, 5), "lr": scheduler.get_last_lr()[0],
+                       "target_tokens": result.target_tokens, "tokens_per_s": round(tps, 1),
                        "elapsed_s": round(elapsed, 2)}
                 log.write(json.dumps(row) + "\n")
 
             if step % val_every == 0 or step == len(plan):
-                val_ppl = perplexity(acc, ctx.scorer, ctx.tokenizer, require_no_test(task.val, "validation"), ctx.max_length,
+                val_ppl = perplexity(acc, ctx.scorer, ctx.tokenizer, require_no_test(task.val, "validation"),
+                                     ctx.max_length,
                                      ctx.eval_batch_size)
                 val = math.log(val_ppl)
                 result.last_val = (served_fingerprint(ctx.model, strategy), val_ppl)
@@ -387,9 +429,11 @@ def train_phase(
                 result.val_losses.append(val)
                 acc.log({"val/loss": val}, step=step_offset + step)
                 if log:
-                    log.write(json.dumps({"phase": phase + 1, "task": task.name, "step": step, "val_loss": round(val, 5)}) + "\n")
+                    log.write(json.dumps({"phase": phase + 1, "task": task.name, "step": step,
+                                          "val_loss": round(val, 5)}) + "\n")
                 if result.best_val_loss is None or val < result.best_val_loss:
-                    result.best_val_loss, loop.best_state, loop.since_best = val, _trainable_snapshot(ctx.model, strategy), 0
+                    snapshot = _trainable_snapshot(ctx.model, strategy)
+                    result.best_val_loss, loop.best_state, loop.since_best = val, snapshot, 0
                 else:
                     loop.since_best += 1
                     result.stopped_early = bool(settings.early_stopping_patience
@@ -403,7 +447,8 @@ def train_phase(
                 if acc.is_main_process:
                     checkpoints.save(step, ctx.model, ctx.tokenizer, strategy.full_state(), optimizer, scheduler,
                                      {**loop.to_json(plan_sha, data_sha, epoch), "passes": [
-                                         ctx.scorer.forward_tokens - counted[0], ctx.scorer.backward_tokens - counted[1]]},
+                                         ctx.scorer.forward_tokens - counted[0],
+                                         ctx.scorer.backward_tokens - counted[1]]},
                                      loop.best_state,
                                      log_path.read_text(encoding="utf-8") if log_path and log_path.exists() else "")
             if stop:

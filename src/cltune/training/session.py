@@ -47,7 +47,8 @@ def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return False
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.partition(":")[2].split()}
+    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags")
+             for flag in line.partition(":")[2].split()}
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
@@ -74,7 +75,8 @@ def make_accelerator(precision: str, log_with: Sequence[str] = (), project_dir: 
     """A fresh Accelerator for one run at `precision` (a `model.precision` setting or what it resolved to).
 
     Only fp16 uses Accelerate's autocast (and its loss scaling); a bf16 run stores the frozen base in
-    bf16 (`cltune.modeling.model.settle_dtypes`) and its `TokenScorer` runs the matmuls under bf16 autocast. Accelerate keeps its settings in process-wide state and
+    bf16 (`cltune.modeling.model.settle_dtypes`) and its `TokenScorer` runs the matmuls under bf16 autocast.
+    Accelerate keeps its settings in process-wide state and
     refuses a second Accelerator with another precision. A run owns its precision, so several runs
     in one process (a notebook, a sweep, the tests) must not inherit the previous one's: the
     accelerator settings are cleared first. The process-level state (device, process group under
@@ -164,7 +166,8 @@ def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strat
     precision = resolve_precision(config.model.precision)
     accelerator = make_accelerator(precision, check_trackers(log_with), config.run_dir / "logs")
     datasets, tasks, tokens = load_tasks(config)
-    model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), accelerator, precision)
+    model, tokenizer, scorer, new_ids, counts = build_model(config, sorted(set(tokens.values())), accelerator,
+                                                            precision)
     ctx = Context(accelerator, model, scorer, tokenizer, tasks, config.data.max_length, config.seed, config.run_dir,
                   new_ids, config.lora, base_dtype(precision), config.eval.batch_size)
     name = strategy or config.strategy

@@ -36,7 +36,8 @@ def check_trackers(names: Sequence[str]) -> list[str]:
 
 
 def flat_settings(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
-    """A nested config as flat `section/key` scalars (lists and None as text): what trackers store as hyperparameters."""
+    """A nested config as flat `section/key` scalars (lists and None as text): what trackers store as
+    hyperparameters."""
     out: dict[str, str | int | float | bool] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
@@ -54,7 +55,8 @@ def phase_scalars(tasks: list[str], ppl: list[list[float]], attribution: list[li
     forgetting (final vs just learned, in %)."""
     learned = len(ppl) - 1  # tasks learned so far: the matrix of their columns is a complete one
     values = {f"test_ppl/{t}": v for t, v in zip(tasks, ppl[-1])}
-    values.update({f"attribution/{t}": a for t, a in zip(tasks, attribution[-1]) if a is not None and not math.isnan(a)})
+    values.update({f"attribution/{t}": a for t, a in zip(tasks, attribution[-1])
+                   if a is not None and not math.isnan(a)})
     so_far = cl_metrics.forgetting_pct([row[:learned] for row in ppl])
     values.update({f"forgetting_pct/{t}": v for t, v in zip(tasks, so_far)})
     return values
