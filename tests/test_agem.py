@@ -12,9 +12,10 @@ import torch
 from cltune.data.split import Split
 from cltune.modeling.batching import collate
 from cltune.modeling.scoring import target_nll
-from cltune.strategies.agem import AGEM, agem_project, flatten
+from cltune.strategies.agem import AGEM, agem_project
 from cltune.strategies.base import StepInfo
 from cltune.strategies.replay import replay_sample
+from cltune.strategies.shared import flatten
 from cltune.studies import pipeline
 
 from helpers import QUIET_EVAL

@@ -27,6 +27,7 @@ from cltune.modeling.scoring import target_nll
 from cltune.storage.hashing import derived_seed
 from cltune.strategies.base import StepInfo, Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
+from cltune.strategies.shared import flatten
 
 log = logging.getLogger(__name__)
 MEMORY_MICRO_BATCH = 8  # memory utterances per forward pass of the reference gradient
@@ -44,12 +45,6 @@ def agem_project(grad: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     if dot >= 0:
         return grad
     return grad - (dot / torch.dot(reference, reference)) * reference  # dot < 0, so g_ref ≠ 0
-
-
-def flatten(grads, params: dict[str, torch.nn.Parameter]) -> torch.Tensor:
-    """One vector of `grads` in the order of `params`, zeros where a gradient is missing."""
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params.values())])
 
 
 class AGEM(Strategy):

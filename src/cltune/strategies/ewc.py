@@ -26,8 +26,7 @@ from cltune.errors import UserError
 from cltune.modeling.per_example import per_example_grads
 from cltune.strategies.base import Strategy
 from cltune.strategies.replay import ReplaySettings, replay_sample
-
-Tensors = dict[str, torch.Tensor]
+from cltune.strategies.shared import Tensors
 
 
 class EWCSettings(Strict):

@@ -22,8 +22,9 @@ import torch
 from pydantic import Field
 
 from cltune.config import Strict
-from cltune.strategies.agem import AGEM, flatten
+from cltune.strategies.agem import AGEM
 from cltune.strategies.base import StepInfo
+from cltune.strategies.shared import flatten
 
 log = logging.getLogger(__name__)
 

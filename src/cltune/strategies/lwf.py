@@ -21,9 +21,7 @@ from pydantic import Field
 from cltune.config import Strict
 from cltune.data.split import TaskData
 from cltune.strategies.base import Strategy
-from cltune.strategies.si import unprefixed
-
-Tensors = dict[str, torch.Tensor]
+from cltune.strategies.shared import Tensors, unprefixed
 
 
 class LwFSettings(Strict):

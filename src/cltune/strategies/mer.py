@@ -22,9 +22,7 @@ from cltune.config import Strict
 from cltune.data.split import Example, TaskData
 from cltune.strategies.base import StepInfo, Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
-from cltune.strategies.si import unprefixed
-
-Tensors = dict[str, torch.Tensor]
+from cltune.strategies.shared import Tensors, unprefixed
 
 
 class MERSettings(Strict):

@@ -28,8 +28,7 @@ from cltune.errors import DivergedError
 from cltune.modeling.batching import collate
 from cltune.modeling.scoring import target_nll
 from cltune.strategies.base import Context, Strategy
-
-Tensors = dict[str, torch.Tensor]
+from cltune.strategies.shared import Tensors
 
 
 class ReptileSettings(Strict):

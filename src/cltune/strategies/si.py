@@ -19,8 +19,7 @@ from pydantic import Field
 from cltune.config import Strict
 from cltune.data.split import TaskData
 from cltune.strategies.base import Strategy
-
-Tensors = dict[str, torch.Tensor]
+from cltune.strategies.shared import Tensors, unprefixed
 
 
 class SISettings(Strict):
@@ -59,17 +58,6 @@ def si_penalty(params: Tensors, anchor: Tensors, importance: Tensors, c: float) 
 def si_penalty_grad(params: Tensors, anchor: Tensors, importance: Tensors, c: float) -> Tensors:
     """The gradient of `si_penalty`: 2c · Ω (θ − θ*)."""
     return {n: 2 * c * omega * (params[n].detach() - anchor[n]) for n, omega in importance.items()}
-
-
-def unprefixed(state: Tensors, prefix: str, params: Tensors) -> Tensors:
-    """The tensors of `state` under `prefix`, renamed and moved to their parameters' device and dtype
-    (a saved state comes back on the CPU)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(prefix):
-            name = key[len(prefix):]
-            out[name] = value.to(params[name].device, params[name].dtype)
-    return out
 
 
 def _snapshot(params: Tensors) -> Tensors:

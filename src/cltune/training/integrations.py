@@ -33,11 +33,11 @@ from transformers import Trainer
 from cltune.errors import UserError
 from cltune.modeling.scoring import target_nll
 from cltune.strategies.agem import AGEM as _AGEMStrategy
-from cltune.strategies.agem import agem_project, flatten
+from cltune.strategies.agem import agem_project
 from cltune.strategies.ewc import ewc_penalty, fisher_diagonal
 from cltune.strategies.lwf import lwf_loss, swapped_in
+from cltune.strategies.shared import Tensors, flatten
 
-Tensors = dict[str, torch.Tensor]
 MODEL_INPUTS = {"input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids"}
 _ANCHOR = re.compile(r"^((?:\d+\.)*)(\d+)\.(theta|fisher)\.(.+)$")  # [composite member.]anchor.kind.parameter
 
