@@ -81,8 +81,13 @@ HINTS = {
         ["run", f / "run.yaml", *FAST, "--set", "strategy=progressive"]),
     "missing-text": lambda f, m: (
         ["run", _run_yaml(f, m, [_csv(f / "gaps.csv", _chat(f).read_text() + "Host,\n")]), *FAST],
-        "missing text in column 'text'; fill it in, delete the row, or pass --set data.drop_missing=true",
+        "missing text in column 'text'; fill it in, delete the row, or drop such rows: --drop-missing (eda, init), "
+        "--set data.drop_missing=true (run, train)",
         ["run", f / "run.yaml", *FAST, "--set", "data.drop_missing=true"]),
+    "missing-text-init": lambda f, m: (
+        ["init", _csv(f / "gaps.csv", _chat(f).read_text() + "Host,\n"), "--out", f / "gaps.yaml"],
+        "missing text in column 'text'; fill it in, delete the row, or drop such rows: --drop-missing (eda, init)",
+        ["init", f / "gaps.csv", "--out", f / "gaps.yaml", "--drop-missing"]),
     "init-exists": lambda f, m: (
         ["init", _chat(f), "--out", _csv(f / "cltune.yaml", "")],
         "cltune.yaml: exists; pass --overwrite to replace it",

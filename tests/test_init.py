@@ -76,6 +76,7 @@ def test_init_refuses_bad_input_and_writes_nothing(cli, tmp_path, monkeypatch, t
     assert cli("init", two_tasks[0], "--out", "x.txt").code == 2
     unknown = cli("init", two_tasks[0], "--out", "y.yaml", "--strategy", "progresive")
     assert unknown.code == 2 and "did you mean progressive?" in unknown.err and not (tmp_path / "y.yaml").exists()
+    assert unknown.err.startswith("error: y.yaml: strategy: unknown 'progresive'")  # the file asked for, no temp name
 
 
 def test_init_names_tasks_apart_and_keeps_an_explicit_no_conversation_split(cli, tmp_path, monkeypatch):

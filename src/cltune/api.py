@@ -79,19 +79,22 @@ def with_columns(config: BaseRunConfig, columns: dict[str, str] | None) -> BaseR
 
 def init_config(files: Sequence[Path], out: Path, *, name: str | None = None, strategy: str | None = None,
                 model: str | None = None, overwrite: bool = False, columns: dict[str, str] | None = None,
-                warn=None) -> Starter:
+                drop_missing: bool = False, warn=None) -> Starter:
     """`cltune init`: read each dialogue file (an error names the file and the row), write a commented starter
     config to `out` after checking that it loads as a run config; nothing is written when anything fails."""
     from cltune.data.starter import Starter, read_files, starter_text
     from cltune.storage.files import atomic_write_text
 
-    datasets = read_files(files, out, overwrite=overwrite, columns=columns or {}, warn=warn)
+    datasets = read_files(files, out, overwrite=overwrite, columns=columns or {}, drop_missing=drop_missing, warn=warn)
     text = starter_text(files, datasets, out, name=name, strategy=strategy, model=model,
-                        no_conversations=(columns or {}).get("conversation_col", "").strip().casefold() == "none")
+                        no_conversations=(columns or {}).get("conversation_col", "").strip().casefold() == "none",
+                        drop_missing=drop_missing)
     check = out.with_name(f".{out.name}.check")  # read back through the real loader (relative paths and all)
     try:
         atomic_write_text(check, text)
         config = read_config(check)
+    except UserError as err:  # name the file the user asked for, not the check copy
+        raise UserError(str(err).replace(str(check), str(out))) from None
     finally:
         check.unlink(missing_ok=True)
     atomic_write_text(out, text)
@@ -197,8 +200,7 @@ def chat_with(checkpoint: Path, speaker: str, user: str | None = None, *, script
 
 def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str | None = None,
             whitespace: bool = False, speaker_col: str | None = None, text_col: str | None = None,
-            conversation_col: str | None = None,
-            warn=None) -> dict:
+            conversation_col: str | None = None, drop_missing: bool = False, warn=None) -> dict:
     """EDA of dialogue files into `out` (eda.md, eda.json, plots); returns the summary.
 
     Token lengths use the model's tokenizer (the bundled one by default); without one, whitespace
@@ -210,8 +212,8 @@ def explore(files: Sequence[Path], out: Path, *, max_len: int = 100, model: str 
 
     warn = warn or (lambda message: None)
     writable_folder(out, "EDA")
-    datasets = [load_dialogue(f, speaker_col=speaker_col, text_col=text_col, conversation_col=conversation_col)
-                for f in files]
+    datasets = [load_dialogue(f, speaker_col=speaker_col, text_col=text_col, conversation_col=conversation_col,
+                              drop_missing=drop_missing) for f in files]
     for dataset in datasets:
         for note in dataset.report.warnings():
             warn(f"{dataset.path}: {note}")

@@ -58,6 +58,10 @@ def conversation_col_option():
                           "conversation, dialogue_id, episode, ...; none: split by utterance")
 
 
+def drop_missing_option():
+    return typer.Option(False, "--drop-missing", help="drop rows with missing text instead of stopping at the first")
+
+
 @app.command("demo-data")
 def demo_data(out: Path = typer.Option(Path("data"), parser=user_path, help="folder for host_guest_{a,b,c}.csv"),
               seed: int = typer.Option(0, help="seed for the sample of conversations")) -> None:
@@ -75,12 +79,12 @@ def eda(files: list[Path] = typer.Argument(..., parser=user_path, help="CSV/JSON
         model: str | None = typer.Option(None, help="tokenizer for token lengths (default: the bundled model's)"),
         whitespace: bool = typer.Option(False, help="count whitespace words instead of model tokens"),
         speaker_col: str | None = speaker_col_option(), text_col: str | None = text_col_option(),
-        conversation_col: str | None = conversation_col_option()) -> None:
+        conversation_col: str | None = conversation_col_option(), drop_missing: bool = drop_missing_option()) -> None:
     """Explore datasets: counts, speaker balance, lengths, missing values, vocabulary."""
     from cltune.report.tables import eda_table
 
     summary = api.explore(files, out, max_len=max_len, model=model, whitespace=whitespace, speaker_col=speaker_col,
-                          text_col=text_col, conversation_col=conversation_col,
+                          text_col=text_col, conversation_col=conversation_col, drop_missing=drop_missing,
                           warn=lambda note: err_console.print(f"warning: {note}"))
     console.print(eda_table(summary))
     console.print(f"EDA written to {out / 'eda.md'}")
@@ -101,6 +105,7 @@ def init(files: list[Path] = typer.Argument(..., parser=user_path, help="your di
          model: str | None = typer.Option(None, help="base model: bundled name or local model folder (default: the "
                                           "bundled SmolLM2-135M-Instruct)"),
          overwrite: bool = typer.Option(False, help="replace an existing config file"),
+         drop_missing: bool = drop_missing_option(),
          speaker_col: str | None = speaker_col_option(), text_col: str | None = text_col_option(),
          conversation_col: str | None = conversation_col_option()) -> None:
     """Write a commented starter config for your own dialogue files, and print the command that runs it."""
@@ -108,6 +113,7 @@ def init(files: list[Path] = typer.Argument(..., parser=user_path, help="your di
 
     starter = api.init_config(files, out, name=name, strategy=strategy, model=model, overwrite=overwrite,
                               columns=api.column_settings(speaker_col, text_col, conversation_col),
+                              drop_missing=drop_missing,
                               warn=lambda note: err_console.print(f"warning: {note}", markup=False))
     config = starter.config
     for spec in config.tasks:

@@ -277,7 +277,7 @@ def load_dialogue(
                 continue
             raise UserError(
                 f"{path}: {unit} {line}: missing text in column {t_name!r}; fill it in, delete the row, "
-                "or pass --set data.drop_missing=true (drop_missing: true under data: in a config)"
+                "or drop such rows: --drop-missing (eda, init), --set data.drop_missing=true (run, train)"
             )
         conversation = None
         if c_name:

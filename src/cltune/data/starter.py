@@ -50,7 +50,8 @@ def _describe(dataset) -> str:
 
 
 def starter_text(files: Sequence[Path], datasets: Sequence, out: Path, *, name: str | None = None,
-                 strategy: str | None = None, model: str | None = None, no_conversations: bool = False) -> str:
+                 strategy: str | None = None, model: str | None = None, no_conversations: bool = False,
+                 drop_missing: bool = False) -> str:
     """The commented YAML of a starter config: tasks in the given order, each with its detected columns; the run
     name defaults to the config file's name, the strategy and model to the config's defaults."""
     name = name or out.stem
@@ -84,6 +85,7 @@ def starter_text(files: Sequence[Path], datasets: Sequence, out: Path, *, name: 
             lines.append("    conversation_col: none  # split by utterance")
     lines += [
         "data:",
+        *(["  drop_missing: true  # rows with missing text are dropped, not refused"] if drop_missing else []),
         "  context_turns: 0  # earlier turns shown before each utterance (more context: better replies, "
         "longer training)",
         "train:  # every phase; phaseK.* overrides one phase, e.g. --set phase2.epochs=1",
@@ -95,6 +97,7 @@ def starter_text(files: Sequence[Path], datasets: Sequence, out: Path, *, name: 
 
 
 def read_files(files: Sequence[Path], out: Path, *, overwrite: bool = False, columns: dict[str, str],
+               drop_missing: bool = False,
                warn: Callable[[str], None] | None = None) -> list:
     """The dialogue files init describes, read and validated (an error names the file and the row), after
     checking that `out` may be written."""
@@ -108,7 +111,7 @@ def read_files(files: Sequence[Path], out: Path, *, overwrite: bool = False, col
         raise UserError(f"{out}: a run config is a YAML file; pass --out NAME.yaml")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent}: no such folder; create it first, or pass --out in an existing folder")
-    datasets = [load_dialogue(path, **columns) for path in files]
+    datasets = [load_dialogue(path, **columns, drop_missing=drop_missing) for path in files]
     for dataset in datasets:
         for note in dataset.report.warnings():
             if warn is not None:

@@ -149,9 +149,9 @@ def routing_caption(metrics: RunMetrics, routing: str, router: dict | None = Non
         adapters = router.get("adapters", [])
         return (f"One model serves every dataset: a learned gate mixes the {len(adapters)} task adapters token by "
                 "token, from what the model has read so far — no task id, no speaker routing.")
-    if kind == "fixed":
-        return (f"One adapter (`{router.get('adapter')}`, the per-task adapters merged) serves every dataset — "
-                "no task id, no routing.")
+    if kind == "fixed":  # merge's router: its merged adapter ("merged", strategies/merge.py), or task 1's before it
+        what = "the per-task adapters merged" if router.get("adapter") == "merged" else "the first task's adapter"
+        return f"One adapter (`{router.get('adapter')}`, {what}) serves every dataset — no task id, no routing."
     return "The same weights serve every dataset: no task id, no routing."
 
 
