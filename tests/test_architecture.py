@@ -174,3 +174,22 @@ def test_run_metrics_read_old_files_and_refuse_damaged_ones(tiny_config, tmp_pat
         with pytest.raises(UserError, match=message) as err:
             RunMetrics.read(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_router_a_strategy_module_defines_is_registered_by_its_kind():
+    """A saved router.json names its kind; `cltune generate` finds the class through the modules' ROUTERS."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import cltune.strategies as package
+    from cltune.strategies.base import Router
+    from cltune.strategies.routing import KINDS
+
+    defined = {cls for module in pkgutil.iter_modules(package.__path__)
+               for _, cls in inspect.getmembers(importlib.import_module(f"cltune.strategies.{module.name}"),
+                                                inspect.isclass)
+               if issubclass(cls, Router) and cls.kind != Router.kind
+               and cls.__module__.startswith("cltune.strategies")}
+    assert defined and set(KINDS.values()) == defined
+    assert all(KINDS[cls.kind] is cls for cls in defined)

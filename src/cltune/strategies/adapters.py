@@ -222,4 +222,5 @@ class Adapters(Strategy):
         return AdapterRouter(self.ctx.model, tasks, routes, likelihood)
 
 
+ROUTERS = (AdapterRouter,)  # `cltune generate` rebuilds a saved AdapterRouter from its router.json
 STRATEGY = Adapters

@@ -214,4 +214,5 @@ class Fusion(Replay):
         return {GATE: self.gate}
 
 
+ROUTERS = (FusionRouter,)  # `cltune generate` rebuilds a saved FusionRouter from its router.json
 STRATEGY = Fusion

@@ -133,4 +133,5 @@ class FixedAdapterRouter(Router):
         return cls(model, data["adapter"])
 
 
+ROUTERS = (FixedAdapterRouter,)  # `cltune generate` rebuilds a saved FixedAdapterRouter from its router.json
 STRATEGY = Merge

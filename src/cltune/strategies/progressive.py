@@ -207,4 +207,5 @@ class Progressive(Adapters):
         return {LATERALS: self.laterals}
 
 
+ROUTERS = (ProgressiveRouter,)  # `cltune generate` rebuilds a saved ProgressiveRouter from its router.json
 STRATEGY = Progressive

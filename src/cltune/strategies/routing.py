@@ -3,18 +3,37 @@ run's evaluation and samples did."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from pathlib import Path
 
 from cltune.errors import UserError
-from cltune.strategies.adapters import AdapterRouter
 from cltune.strategies.base import Router
-from cltune.strategies.fusion import FusionRouter
-from cltune.strategies.merge import FixedAdapterRouter
-from cltune.strategies.progressive import ProgressiveRouter
 
 ROUTER_FILE = "router.json"
-KINDS = {cls.kind: cls for cls in (AdapterRouter, FixedAdapterRouter, FusionRouter, ProgressiveRouter)}
+
+
+def discover_routers() -> dict[str, type[Router]]:
+    """The routers the strategy modules declare (`ROUTERS = (TheRouter, ...)`, beside `STRATEGY`), by kind,
+    as the registry reads strategies; two routers of one kind are an error."""
+    import cltune.strategies as package
+
+    kinds: dict[str, type[Router]] = {}
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name == __name__.rpartition(".")[2]:
+            continue
+        for cls in getattr(importlib.import_module(f"{package.__name__}.{module.name}"), "ROUTERS", ()):
+            if not (isinstance(cls, type) and issubclass(cls, Router)) or cls.kind == Router.kind:
+                raise TypeError(f"{module.name}.ROUTERS: {cls!r} is not a Router subclass with a kind of its own")
+            if kinds.get(cls.kind, cls) is not cls:
+                raise ValueError(f"router kind {cls.kind!r} is declared by {kinds[cls.kind].__name__} and "
+                                 f"{cls.__name__}")
+            kinds[cls.kind] = cls
+    return kinds
+
+
+KINDS = discover_routers()
 
 
 def load_router(folder: str | Path, model) -> Router:
