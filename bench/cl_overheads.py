@@ -75,8 +75,9 @@ def part_timings(stream, strategies: dict, task_b, micro_batch_size: int, batch_
             lwf.teacher_logits(batch.model_inputs())
         out["lwf_teacher_per_step_s"] = time.perf_counter() - start
     if "agem" in strategies:
-        from cltune.strategies.agem import agem_project, flatten
+        from cltune.strategies.agem import agem_project
         from cltune.strategies.base import StepInfo
+        from cltune.strategies.shared import flatten
 
         agem, params = strategies["agem"], ctx.trainable()
         step = StepInfo(phase=1, step=1, steps=1, epoch=0)

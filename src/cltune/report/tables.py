@@ -5,18 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from cltune.evaluation.results import AgnosticRows, RunMetrics
-from cltune.report.words import (
-    BWT_MEANING,
-    FWT_MEANING,
-    attribution_words,
-    bwt_words,
-    final_ppl_words,
-    forgetting_lines,
-    fwt_words,
-    routing_caption,
-    routing_label,
-    speakers_per_task,
-)
+from cltune.report.words import routing_label, run_summary
 
 
 def eda_table(summary: dict) -> Table:
@@ -47,28 +36,15 @@ def ppl_table(metrics: RunMetrics, rows: RunMetrics | AgnosticRows | None = None
 
 
 def summary_lines(metrics: RunMetrics) -> list[str]:
-    """The closing summary's sentences: what each figure is and whether it is good, for the rows the run is
-    scored by (speaker-routed when its matrix needed the task id)."""
-    rows, routing = metrics.scored()
-    lines = [f"Scored by: {routing_label(routing)}. {routing_caption(metrics, routing)}"]
-    final = final_ppl_words(rows, metrics.tasks)
-    if final:
-        lines.append(final)
-    forgetting = forgetting_lines(metrics.tasks, rows)
-    if forgetting:
+    """The closing summary's sentences (`words.run_summary`), as terminal lines."""
+    said = run_summary(metrics)
+    lines = [f"Scored by: {said.scored_by}. {said.caption}", *([said.final] if said.final else [])]
+    if said.forgetting:
         lines.append("Forgetting (test PPL at the end vs right after learning the task):")
-        lines += [f"  {line}" for line in forgetting]
-        for words, meaning in ((bwt_words(rows.bwt), BWT_MEANING), (fwt_words(rows.fwt), FWT_MEANING)):
-            if words:
-                lines += [words, f"  {meaning}"]
-    if routing == "agnostic" and metrics.forgetting_pct:
-        lines.append(f"With the task id given ({routing_label('oracle')}, which users do not have): "
-                     + "; ".join(forgetting_lines(metrics.tasks, metrics)) + ".")
-    if rows.speaker_attribution:
-        attribution = attribution_words(metrics.tasks, rows.speaker_attribution[-1], speakers_per_task(metrics))
-        if attribution:
-            lines.append(attribution)
-    return lines
+        lines += [f"  {line}" for line in said.forgetting]
+        for words, meaning in said.transfer:
+            lines += [words, f"  {meaning}"]
+    return lines + [line for line in (said.with_task_id, said.attribution) if line]
 
 
 def print_summary(console, metrics: RunMetrics) -> None:

@@ -4,6 +4,7 @@ and the report. The conventions are those of `cltune.evaluation.metrics` (stated
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from cltune.evaluation.results import AgnosticRows, RunMetrics
 
@@ -181,3 +182,34 @@ def _agnostic_caption(metrics: RunMetrics, router: dict | None) -> str:
         else:
             parts.append(f"{who} → {served[-1]} {unit} (the latest task with that speaker)")
     return lead + ". After the last phase: " + "; ".join(parts) + "."
+
+
+@dataclass
+class Summary:
+    """The sentences of a run's summary, for the rows it is scored by; the terminal and the report format them."""
+
+    scored_by: str  # "routed by speaker token", ...
+    caption: str  # how those rows are served
+    final: str | None = None
+    forgetting: list[str] = field(default_factory=list)  # one verdict per earlier task
+    transfer: list[tuple[str, str]] = field(default_factory=list)  # (BWT/FWT verdict, its definition)
+    with_task_id: str | None = None  # the oracle verdicts, when the headline rows are the routed ones
+    attribution: str | None = None
+
+
+def run_summary(metrics: RunMetrics, eda: dict | None = None, router: dict | None = None) -> Summary:
+    """What each figure means and whether it is good, for the rows the run is scored by (speaker-routed when its
+    matrix needed the task id)."""
+    rows, routing = metrics.scored()
+    out = Summary(routing_label(routing), routing_caption(metrics, routing, router),
+                  final=final_ppl_words(rows, metrics.tasks), forgetting=forgetting_lines(metrics.tasks, rows))
+    if out.forgetting:
+        out.transfer = [(words, meaning) for words, meaning in ((bwt_words(rows.bwt), BWT_MEANING),
+                                                                (fwt_words(rows.fwt), FWT_MEANING)) if words]
+    if routing == "agnostic" and metrics.forgetting_pct:
+        out.with_task_id = (f"With the task id given ({routing_label('oracle')}, which users do not have): "
+                            + "; ".join(forgetting_lines(metrics.tasks, metrics)) + ".")
+    if rows.speaker_attribution:
+        out.attribution = attribution_words(metrics.tasks, rows.speaker_attribution[-1],
+                                            speakers_per_task(metrics, eda))
+    return out

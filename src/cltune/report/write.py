@@ -16,18 +16,12 @@ from cltune.errors import UserError
 from cltune.evaluation.results import RunMetrics
 from cltune.report.plots import forgetting_bars, loss_curves, ppl_heatmap
 from cltune.report.words import (
-    BWT_MEANING,
     FORGETTING_MEANING,
-    FWT_MEANING,
-    attribution_words,
-    bwt_words,
     chance_words,
     change_words,
-    final_ppl_words,
-    forgetting_lines,
-    fwt_words,
     routing_caption,
     routing_label,
+    run_summary,
     speakers_per_task,
 )
 from cltune.storage.files import atomic_write_text, read_json, writable_folder
@@ -107,25 +101,17 @@ def render_markdown(run_dir: Path, metrics: RunMetrics, images: dict[str, str], 
 
 
 def _summary(metrics: RunMetrics, eda: dict | None, router: dict | None) -> list[str]:
-    rows, routing = metrics.scored()
-    if not rows.ppl:
+    """`words.run_summary` as the report's first section."""
+    if not metrics.scored()[0].ppl:
         return []
-    lines = ["## What the numbers say", "",
-             f"Scored by **{routing_label(routing)}**. {routing_caption(metrics, routing, router)}", "",
-             f"- {final_ppl_words(rows, metrics.tasks)}"]
-    forgetting = forgetting_lines(metrics.tasks, rows)
-    if forgetting:
+    said = run_summary(metrics, eda, router)
+    lines = ["## What the numbers say", "", f"Scored by **{said.scored_by}**. {said.caption}", "",
+             f"- {said.final}"]
+    if said.forgetting:
         lines.append("- **Forgetting** (test PPL at the end vs right after learning the task):")
-        lines += [f"  - {line}" for line in forgetting]
-        lines += [f"- {words} {meaning}" for words, meaning in ((bwt_words(rows.bwt), BWT_MEANING),
-                                                                (fwt_words(rows.fwt), FWT_MEANING)) if words]
-    if routing == "agnostic" and metrics.forgetting_pct:
-        lines.append(f"- With the task id given ({routing_label('oracle')}, which users do not have): "
-                     + "; ".join(forgetting_lines(metrics.tasks, metrics)) + ".")
-    if rows.speaker_attribution:
-        attribution = attribution_words(metrics.tasks, rows.speaker_attribution[-1], speakers_per_task(metrics, eda))
-        if attribution:
-            lines.append(f"- {attribution}")
+        lines += [f"  - {line}" for line in said.forgetting]
+        lines += [f"- {words} {meaning}" for words, meaning in said.transfer]
+    lines += [f"- {line}" for line in (said.with_task_id, said.attribution) if line]
     return lines + [""]
 
 
