@@ -74,9 +74,9 @@ def reference(tiny_model_dir, stream):
     """An uninterrupted in-process run of the tiny ewc_replay stream (replay buffer and Fisher state) with step
     checkpoints every 2 steps, in stream/runs/reference: what resumed and faulted runs must equal."""
     from cltune.api import make_config
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
-    return run(make_config(stream_config(tiny_model_dir, stream, name="reference", checkpoint_every=2)))
+    return run_stream(make_config(stream_config(tiny_model_dir, stream, name="reference", checkpoint_every=2)))
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +84,7 @@ def strategy_streams(tiny_model_dir, tmp_path_factory):
     """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream, run once per
     strategy per session and shared by the end-to-end tests and the resume tests."""
     from cltune.api import make_config
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
     folder, cache = tmp_path_factory.mktemp("streams"), {}
 
@@ -93,7 +93,7 @@ def strategy_streams(tiny_model_dir, tmp_path_factory):
             # a step checkpoint after every step, three steps a phase: resume tests stop and continue inside phase 2
             raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted", checkpoint_every=1,
                                 max_steps=3)
-            cache[strategy] = (raw, run(make_config(raw)))
+            cache[strategy] = (raw, run_stream(make_config(raw)))
         return cache[strategy]
 
     return streams

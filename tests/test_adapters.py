@@ -18,7 +18,7 @@ from cltune.strategies.adapters import (
     using_adapter,
 )
 from cltune.strategies.routing import load_router
-from cltune.studies.pipeline import run
+from cltune.studies.pipeline import run_stream
 from cltune.training.session import build_session
 
 from helpers import PPL_ONLY, logits_of
@@ -127,7 +127,7 @@ def test_an_unlearned_task_is_routed_by_its_speakers(tiny_config):
 
 def test_stream_leaves_earlier_tasks_exactly_unchanged(tiny_config):
     config = tiny_config("adapters", PPL_ONLY)
-    metrics = run(config)
+    metrics = run_stream(config)
     ppl = metrics.ppl
     assert ppl[2][0] == ppl[1][0]  # bit-exact: task 1 still runs on its own, untouched adapter
     assert metrics.forgetting_pct == [0.0]

@@ -47,7 +47,7 @@ def test_hook_projects_the_step_gradient_against_the_memory_gradient(tiny_config
     # LoRA dropout 0.5 so that "dropout off in the reference pass" is observable.
     config = tiny_config("agem", eval=QUIET_EVAL, agem={"memory_batch": 1000, "memory_ratio": 0.5},
                          lora={"r": 4, "alpha": 8, "dropout": 0.5})
-    pipeline.run(config)
+    pipeline.run_stream(config)
     strategy: AGEM = captured[0]
     ctx = strategy.ctx
     for task in ctx.tasks:  # the seeded 10% training sample of each finished dataset, nothing else
@@ -111,7 +111,7 @@ def test_projection_is_active_when_the_new_task_contradicts_the_memory(tiny_conf
     physics = monologue(tmp_path / "physics.csv", "quantum fields particles energy universe theory".split(), 40, 2)
     tasks = [{"path": str(pizza), "name": "pizza"}, {"path": str(physics), "name": "physics"}]
     with caplog.at_level(logging.INFO, logger="cltune.strategies.agem"):
-        metrics = pipeline.run(tiny_config("agem", eval=QUIET_EVAL, tasks=tasks))
+        metrics = pipeline.run_stream(tiny_config("agem", eval=QUIET_EVAL, tasks=tasks))
     lines = [r.getMessage() for r in caplog.records if r.name == "cltune.strategies.agem"]
     # phase 1 has no memory, so no reference pass and no line; phase 2 has one pass per optimizer step
     assert len(lines) == 1 and lines[0].startswith("agem, physics: projected ")

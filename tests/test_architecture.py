@@ -21,7 +21,7 @@ from cltune.evaluation.results import RunMetrics
 from cltune.strategies import REGISTRY, Composite, Registry, Strategy
 from cltune.strategies.ewc import EWC
 from cltune.strategies.replay import Replay, ReplaySettings
-from cltune.studies.pipeline import run
+from cltune.studies.pipeline import run_stream
 
 from helpers import PPL_ONLY, tiny_run_config
 
@@ -108,7 +108,7 @@ def test_a_strategy_from_a_test_file_runs_end_to_end_and_keeps_its_module(tiny_m
                                                                          learned_gate, captured):
     raw = tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "learned_gate", gate={"target": 2.0})
     config = make_config(raw, ["train.lr=5e-2", *PPL_ONLY])
-    metrics = run(config)
+    metrics = run_stream(config)
     strategy = captured[-1]
     steps = [p.steps for p in metrics.phases]
     # train_data once per phase; step_penalty and after_step once per optimizer step; batch_loss per micro-batch
@@ -143,7 +143,7 @@ def test_composite_combines_every_members_data_losses_and_costs(tiny_config):
             return torch.tensor(3.0)
 
         def after_task(self, task):
-            self.costs[task.index + 1] = {"doubled": 1}
+            return {"doubled": 1}
 
     class ReplayEWCDoubled(Composite):
         name = "replay_ewc_doubled"
@@ -153,17 +153,17 @@ def test_composite_combines_every_members_data_losses_and_costs(tiny_config):
     session = build_session(tiny_config("ewc_replay"))
     composite = ReplayEWCDoubled(session.ctx, {"replay": ReplaySettings(), "ewc": session.config.ewc})
     first, second = session.tasks
-    composite.after_task(first)
+    costs = composite.after_task(first)
     data = composite.train_data(second)
     replayed = composite.members[0].buffer.examples()
     assert replayed and data == second.train + replayed  # Doubled's extra utterances are task 2's own: once
     ewc_penalty = composite.members[1].step_penalty(None)
     assert composite.step_penalty(None).item() == pytest.approx(ewc_penalty.item() + 3.0)
-    assert composite.costs[1]["doubled"] == 1
+    assert costs == {"stored_utterances": len(replayed), "doubled": 1}  # every member's costs, merged
 
 
 def test_run_metrics_read_old_files_and_refuse_damaged_ones(tiny_config, tmp_path):
-    metrics = run(tiny_config("naive", PPL_ONLY))
+    metrics = run_stream(tiny_config("naive", PPL_ONLY))
     path = tmp_path / "metrics.json"
     version1 = {k: v for k, v in metrics.to_json().items() if k != "schema_version"}
     path.write_text(json.dumps(version1))

@@ -179,7 +179,7 @@ def context_streams(tiny_model_dir, tmp_path_factory):
     """`streams(strategy, k)` → (run folder, RunMetrics) of a two-task stream whose files have a conversation
     column, with `data.context_turns` k; run once per (strategy, k) per module."""
     from cltune.api import make_config
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
     folder, cache = tmp_path_factory.mktemp("context"), {}
     csvs = [write_conversations(folder / "guest_a.csv", "Guest A", 14, 1),
@@ -191,7 +191,7 @@ def context_streams(tiny_model_dir, tmp_path_factory):
             raw["data"] = {"max_length": 48, "context_turns": k}
             if strategy == "reptile":
                 raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
-            cache[strategy, k] = (Path(raw["output_dir"]) / raw["name"], run(make_config(raw)))
+            cache[strategy, k] = (Path(raw["output_dir"]) / raw["name"], run_stream(make_config(raw)))
         return cache[strategy, k]
 
     return streams
@@ -388,7 +388,7 @@ def test_packing_gives_the_same_steps_with_context_as_one_example_per_row(tiny_m
     """Packed rows restart positions at each example (context included), so each example attends to its own
     context only: the step losses match the unpacked run's."""
     from cltune.api import make_config
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
     csvs = [write_conversations(tmp_path / "guest_a.csv", "Guest A", 14, 1)]
     losses = {}
@@ -397,7 +397,7 @@ def test_packing_gives_the_same_steps_with_context_as_one_example_per_row(tiny_m
         raw["data"] = {"max_length": 48, "context_turns": 2}
         raw["train"].update(packing=packing, pack_length=128, max_steps=3)
         raw["eval"] = {"attribution": False, "samples_per_speaker": 0, "batch_size": 16}
-        run(make_config(raw))
+        run_stream(make_config(raw))
         log = tmp_path / "runs" / f"packed-{packing}" / "phase1" / "train_log.jsonl"
         losses[packing] = [json.loads(line)["loss"] for line in log.read_text().splitlines() if '"loss"' in line]
     assert len(losses[True]) == 3

@@ -124,7 +124,8 @@ def test_make_targets_on_every_page_exist():
 def test_the_example_strategy_runs_end_to_end(tiny_config):
     """The "Writing a strategy" example, executed as written: registered, configured, trained, resumed state."""
     from cltune.api import make_config
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
+    from cltune.training.session import build_session
 
     text = _text(STRATEGIES_PAGE)
     block = text[text.index("## Writing a strategy"):]
@@ -136,13 +137,16 @@ def test_the_example_strategy_runs_end_to_end(tiny_config):
     try:
         base = tiny_config("naive")
         raw = base.model_dump(mode="json", by_alias=True) | {"strategy": "l2_anchor", "l2_anchor": {"strength": 1e4}}
-        pinned = run(make_config(raw, ["name=pinned", "eval.attribution=false", "eval.samples_per_speaker=0"]))
+        pinned = run_stream(make_config(raw, ["name=pinned", "eval.attribution=false", "eval.samples_per_speaker=0"]))
         raw["l2_anchor"]["strength"] = 0.0
-        free = run(make_config(raw, ["name=free", "eval.attribution=false", "eval.samples_per_speaker=0"]))
+        free = run_stream(make_config(raw, ["name=free", "eval.attribution=false", "eval.samples_per_speaker=0"]))
     finally:
         REGISTRY.remove(cls.name)
     # A strong pull keeps task 1 where phase 1 left it; without it phase 2 moves it.
     assert abs(pinned.ppl[2][0] - pinned.ppl[1][0]) < 0.2 * abs(free.ppl[2][0] - free.ppl[1][0])
+    # what after_task returns is the phase's cost in metrics.json: every trained weight anchored
+    anchored = sum(p.numel() for p in build_session(base).ctx.trainable().values())
+    assert [p.strategy["anchored_parameters"] for p in pinned.phases] == [anchored, anchored]
     assert namespace["l2_penalty"]({"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([0.0, 1.0])}, 2.0).item() == 10.0
 
 

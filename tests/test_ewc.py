@@ -23,7 +23,7 @@ def test_penalty_sums_over_tasks_without_a_half():
 
 
 def _weighted_drift(tiny_config, captured, lam: float) -> float:
-    pipeline.run(tiny_config("ewc", sets=[f"ewc.lambda={lam}", "train.epochs=2"]))
+    pipeline.run_stream(tiny_config("ewc", sets=[f"ewc.lambda={lam}", "train.epochs=2"]))
     strategy = captured[-1]
     theta_star, fisher = strategy.anchors[0]
     params = strategy.ctx.trainable()

@@ -15,7 +15,7 @@ from cltune.modeling.scoring import TokenScorer
 from cltune.strategies.adapters import token_rows, using_adapter
 from cltune.strategies.mixing import AdapterMix
 from cltune.strategies.routing import load_router
-from cltune.studies.pipeline import run
+from cltune.studies.pipeline import run_stream
 from cltune.training.session import build_session, load_tasks, make_accelerator
 
 from helpers import PPL_ONLY, logits_of
@@ -83,7 +83,7 @@ def test_fusion_starts_phase_2_where_phase_1_ended_and_trains_only_the_new_adapt
 
 def test_fusion_keeps_earlier_weights_and_its_checkpoint_serves_as_the_run_did(tiny_config):
     config = tiny_config("fusion", PPL_ONLY)
-    metrics = run(config)
+    metrics = run_stream(config)
     assert metrics.routing == "single" and metrics.agnostic is None  # no task id, no speaker routing
     assert math.isfinite(metrics.ppl[2][1]) and metrics.ppl[2][1] < metrics.ppl[1][1]
     phase1, phase2 = config.run_dir / "phase1", config.run_dir / "phase2"
@@ -140,7 +140,7 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
 
 def test_progressive_stream_forgets_nothing_by_task_id_and_its_checkpoint_routes_the_same(tiny_config):
     config = tiny_config("progressive", PPL_ONLY)
-    metrics = run(config)
+    metrics = run_stream(config)
     assert metrics.routing == "oracle" and metrics.ppl[2][0] == metrics.ppl[1][0] and metrics.forgetting_pct == [0.0]
     phase2 = config.run_dir / "phase2"
     model, tokenizer, _ = load_checkpoint(phase2)
@@ -208,7 +208,7 @@ def test_cltune_generate_samples_a_shared_speaker_from_the_mixture(monkeypatch, 
     from helpers import run_cli
 
     config = tiny_config("progressive", PPL_ONLY)
-    run(config)
+    run_stream(config)
     capsys.readouterr()  # the run's progress lines
     phase2 = config.run_dir / "phase2"
     result = run_cli(monkeypatch, capsys, "generate", phase2, "--speaker", "Host", "--max-new-tokens", "5",
@@ -247,7 +247,7 @@ def test_the_routing_loss_teaches_the_gate_which_dataset_a_text_comes_from(tiny_
     for route_loss in (0.0, 1.0):
         config = tiny_config("fusion", [*PPL_ONLY, f"fusion.route_loss={route_loss}", "replay.ratio=0.5",
                                         "train.epochs=3"], name=f"route{route_loss}")
-        run(config)
+        run_stream(config)
         strategy = captured[-1]
         tasks = strategy.ctx.tasks
         gaps.append(gate_weight_of_task_1(strategy, tasks[0].test) - gate_weight_of_task_1(strategy, tasks[1].test))

@@ -92,13 +92,14 @@ def test_a_batch_of_prompts_decodes_each_as_if_alone(tiny_config):
 def test_stream_saves_samples_and_trains_on_them(tiny_config, captured):
     made: list[GenReplay] = captured
     config = tiny_config("gen_replay")
-    metrics = pipeline.run(config)
+    metrics = pipeline.run_stream(config)
     strategy, run_dir = made[0], config.run_dir
 
     assert not (run_dir / "gen_replay" / "before_phase1.jsonl").exists()  # nothing earlier to replay
     rows = [json.loads(line) for line in (run_dir / "gen_replay" / "before_phase2.jsonl").read_text().splitlines()]
     # task 1 trains on 24 Host + 24 Guest A utterances: 0.1 × 48 → 5 → 3 Host, 2 Guest A (tie to Host)
-    assert strategy.costs[2]["dropped_empty"] == 0
+    assert metrics.phases[1].strategy["dropped_empty"] == 0 and metrics.phases[1].strategy["kept"] == len(rows)
+    assert "sampled" not in metrics.phases[0].strategy
     assert [(r["task"], r["speaker"]) for r in rows] == [("guest_a", "Host")] * 3 + [("guest_a", "Guest A")] * 2
     assert all(r["text"] and r["phase"] == 2 for r in rows)
 

@@ -15,10 +15,10 @@ STEP = StepInfo(phase=1, step=1, steps=1, epoch=0)
 
 
 def _session_after_run(tiny_config, captured, strategy: str, sets=()):
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
     config = tiny_config(strategy, [*PPL_ONLY, *sets])
-    run(config)
+    run_stream(config)
     return config, captured[-1]
 
 

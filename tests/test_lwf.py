@@ -34,7 +34,7 @@ def test_kl_matches_hand_computed_values():
 def test_teacher_pass_is_the_frozen_model_and_leaves_the_student_alone(tiny_config, captured):
     # Dropout 0.5 so that "dropout off in the teacher" is observable.
     config = tiny_config("lwf", lora={"r": 4, "alpha": 8, "dropout": 0.5}, eval=QUIET_EVAL)
-    pipeline.run(config)
+    pipeline.run_stream(config)
     strategy: LwF = captured[0]
     ctx, scorer = strategy.ctx, strategy.ctx.scorer
     params = ctx.trainable()
@@ -82,8 +82,8 @@ def test_teacher_pass_is_the_frozen_model_and_leaves_the_student_alone(tiny_conf
 
 
 def test_strong_distillation_keeps_task1_predictions(tiny_config):
-    naive = pipeline.run(tiny_config("naive", eval=QUIET_EVAL, name="naive")).ppl
-    lwf = pipeline.run(tiny_config("lwf", eval=QUIET_EVAL, name="lwf", lwf={"weight": 1000})).ppl
+    naive = pipeline.run_stream(tiny_config("naive", eval=QUIET_EVAL, name="naive")).ppl
+    lwf = pipeline.run_stream(tiny_config("lwf", eval=QUIET_EVAL, name="lwf", lwf={"weight": 1000})).ppl
     assert lwf[1] == naive[1]  # phase 1 has no teacher: it trains exactly like naive
     naive_drift, lwf_drift = abs(naive[2][0] - naive[1][0]), abs(lwf[2][0] - lwf[1][0])
     assert naive_drift > 1.0  # phase 2 moves task-1 perplexity when nothing holds it

@@ -16,7 +16,7 @@ from cltune.modeling.checkpoint import load_checkpoint
 from cltune.modeling.scoring import TokenScorer
 from cltune.strategies.adapters import original_token_rows, token_rows
 from cltune.strategies.merge import MERGED, merge_shares, merge_token_rows, peft_weights
-from cltune.studies.pipeline import run
+from cltune.studies.pipeline import run_stream
 from cltune.training.session import build_session, load_tasks, make_accelerator
 
 from helpers import PPL_ONLY
@@ -99,7 +99,7 @@ def test_the_default_merge_is_exact(tiny_config, precision):
 
 def test_stream_evaluates_every_task_with_the_linear_merge(tiny_config):
     config = tiny_config("merge", [*PPL_ONLY, "merge.combination_type=linear"])
-    metrics = run(config)
+    metrics = run_stream(config)
     ppl = metrics.ppl
     assert all(math.isfinite(v) for row in ppl for v in row)
 

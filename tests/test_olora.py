@@ -17,7 +17,7 @@ from cltune.modeling.scoring import TokenScorer
 from cltune.strategies import olora
 from cltune.strategies.adapters import token_rows
 from cltune.strategies.olora import SUMMED, OLoRA, l2_loss, orthogonality_loss
-from cltune.studies.pipeline import run
+from cltune.studies.pipeline import run_stream
 from cltune.training.session import build_session, load_tasks, make_accelerator
 
 from helpers import PPL_ONLY, logits_of, tiny_run_config, write_dialogue
@@ -114,7 +114,7 @@ def test_stream_lowers_the_orthogonality_loss_and_freezes_the_past(tiny_config, 
 
     monkeypatch.setattr(olora, "orthogonality_loss", recording)
     config = tiny_config("olora", ["phase2.epochs=3", *PPL_ONLY])
-    metrics = run(config)
+    metrics = run_stream(config)
     assert seen and seen[-1] < 0.5 * seen[0], (seen[0], seen[-1])  # the new subspace turned away from the past
     assert all(math.isfinite(v) for row in metrics.ppl for v in row)
 
@@ -149,7 +149,7 @@ class _Killed(Exception):
 
 
 def test_a_stream_resumed_mid_phase_equals_an_uninterrupted_one(tiny_config, monkeypatch):
-    uninterrupted = run(tiny_config("olora", PPL_ONLY, name="whole")).ppl
+    uninterrupted = run_stream(tiny_config("olora", PPL_ONLY, name="whole")).ppl
     steps = {"done": 0}
 
     def killed_in_phase2(self, step):
@@ -161,6 +161,6 @@ def test_a_stream_resumed_mid_phase_equals_an_uninterrupted_one(tiny_config, mon
     with monkeypatch.context() as patch:
         patch.setattr(OLoRA, "after_step", killed_in_phase2)
         with pytest.raises(_Killed):
-            run(config)
+            run_stream(config)
     assert list((config.run_dir / "steps" / "phase2").glob("step-*"))  # it resumes inside phase 2
-    assert run(config, resume=True).ppl == uninterrupted
+    assert run_stream(config, resume=True).ppl == uninterrupted

@@ -11,7 +11,7 @@ import pytest
 from cltune.evaluation.results import RunMetrics
 from cltune.report import write_report
 from cltune.strategies import REGISTRY
-from cltune.studies.pipeline import run
+from cltune.studies.pipeline import run_stream
 
 
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))
@@ -49,8 +49,8 @@ def test_strategy_hooks_are_timed_apart_from_training(tiny_config, monkeypatch):
 
     from cltune.strategies.naive import Naive
 
-    monkeypatch.setattr(Naive, "before_task", lambda self, task: time.sleep(1.5), raising=False)
-    metrics = run(tiny_config("naive", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
+    monkeypatch.setattr(Naive, "before_task", lambda self, task, resumed=False: time.sleep(1.5), raising=False)
+    metrics = run_stream(tiny_config("naive", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
     for record in metrics.phases:
         assert 1.5 <= record.strategy["hooks_s"]["before_task"] < 3.0
         assert record.strategy["hooks_s"]["after_task"] < 1.5
@@ -59,7 +59,7 @@ def test_strategy_hooks_are_timed_apart_from_training(tiny_config, monkeypatch):
 
 def test_train_examples_counts_what_the_phase_trained_on(tiny_config):
     """Replay's phase 2 trains on task 2 plus 10% of task 1 (counted before after_task grows the buffer)."""
-    metrics = run(tiny_config("replay", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
+    metrics = run_stream(tiny_config("replay", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
     train = [sizes["train"] for sizes in metrics.split_sizes]
     assert [p.train_examples for p in metrics.phases] == [train[0], train[1] + round(0.1 * train[0])]
 
@@ -88,7 +88,7 @@ def test_nothing_is_scored_twice_when_the_model_is_the_same(tiny_config, monkeyp
     monkeypatch.setattr(pipeline, "perplexity", lambda acc, scorer, tok, examples, *a: calls.append(examples) or score(
         acc, scorer, tok, examples, *a))
     config = tiny_config(strategy, ["eval.samples_per_speaker=0"])
-    metrics = run(config)
+    metrics = run_stream(config)
     tests = [e for e in calls if e and e[0].split == "test"]
     assert len(tests) == test_scorings and len(calls) == len(metrics.phases) + test_scorings + after_vals  # val: before
     assert metrics.phases[0].before["test_ppl"] == metrics.ppl[0][0]
@@ -103,8 +103,8 @@ def test_nothing_is_scored_twice_when_the_model_is_the_same(tiny_config, monkeyp
 def test_the_pass_ledger_counts_training_and_strategy_work_not_evaluation(tiny_config):
     """naive: forward = backward = the padded positions its steps trained on; lwf adds a teacher forward per
     micro-batch (no backward); evaluation counts for nothing."""
-    naive = run(tiny_config("naive", ["eval.samples_per_speaker=0"], name="naive"))
-    lwf = run(tiny_config("lwf", ["eval.samples_per_speaker=0"], name="lwf"))
+    naive = run_stream(tiny_config("naive", ["eval.samples_per_speaker=0"], name="naive"))
+    lwf = run_stream(tiny_config("lwf", ["eval.samples_per_speaker=0"], name="lwf"))
     for record in naive.phases:
         assert record.strategy["forward_tokens"] == record.strategy["backward_tokens"] >= record.target_tokens
     first, second = (p.strategy for p in lwf.phases)
@@ -115,9 +115,9 @@ def test_the_pass_ledger_counts_training_and_strategy_work_not_evaluation(tiny_c
 
 def test_a_reused_phase_1_counts_the_source_training_and_its_own_hooks(tiny_config):
     """ewc taking naive's phase 1: naive's training passes, plus the Fisher passes ewc itself ran after it."""
-    naive = run(tiny_config("naive", ["eval.samples_per_speaker=0"], name="source"))
+    naive = run_stream(tiny_config("naive", ["eval.samples_per_speaker=0"], name="source"))
     config = tiny_config("ewc", ["eval.samples_per_speaker=0"], name="ewc")
-    ewc = run(config, reuse_phase1=config.output_dir / "source" / "phase1")
+    ewc = run_stream(config, reuse_phase1=config.output_dir / "source" / "phase1")
     source, reused = naive.phases[0].strategy, ewc.phases[0].strategy
     assert reused["phase1_from"] and reused["training_forward_tokens"] == source["training_forward_tokens"] > 0
     fisher = reused["forward_tokens"] - reused["training_forward_tokens"]

@@ -65,7 +65,7 @@ def three_runs(tiny_model_dir, tmp_path_factory):
             raw["model"]["precision"] = setting
             raw["train"]["epochs"] = 2
             config = make_config(raw)
-            runs.append((config, pipeline.run(config)))
+            runs.append((config, pipeline.run_stream(config)))
     return runs
 
 
@@ -166,7 +166,7 @@ def test_a_bf16_run_keeps_the_base_in_bf16_and_every_adapter_in_fp32(tiny_model_
     built = []
     monkeypatch.setattr(pipeline, "build_session",
                         lambda config, **kw: built.append(session.build_session(config, **kw)) or built[-1])
-    metrics = pipeline.run(make_config(raw))
+    metrics = pipeline.run_stream(make_config(raw))
     assert metrics.precision == "bf16" and all(map(math.isfinite, metrics.ppl[-1]))
     dtypes: dict = {}
     for name, p in built[0].model.named_parameters():

@@ -26,7 +26,7 @@ from cltune.errors import UserError
 from cltune.modeling.checkpoint import verify
 from cltune.modeling.model import attach_lora
 from cltune.strategies import REGISTRY
-from cltune.studies.pipeline import run
+from cltune.studies.pipeline import run_stream
 from cltune.training import resume as resuming
 from cltune.training.loop import DivergedError
 from cltune.training.session import safe_name
@@ -130,9 +130,9 @@ def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_d
             patch.setattr("cltune.evaluation.results.write_json",
                           lambda *a, **k: (_ for _ in ()).throw(SimulatedCrash()))
         with pytest.raises(SimulatedCrash):
-            run(config)
+            run_stream(config)
     assert not (config.run_dir / "metrics.json").exists()
-    assert deterministic(run(config, resume=True)) == deterministic(reference)
+    assert deterministic(run_stream(config, resume=True)) == deterministic(reference)
 
 
 @pytest.mark.parametrize("strategy", sorted(REGISTRY))
@@ -143,8 +143,8 @@ def test_every_strategy_resumes_mid_phase_2_exactly(strategy_streams, monkeypatc
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 5)  # phase 1 saves steps 1-3, phase 2 steps 1-2
         with pytest.raises(SimulatedCrash):
-            run(config)
-    assert deterministic(run(config, resume=True)) == deterministic(uninterrupted)
+            run_stream(config)
+    assert deterministic(run_stream(config, resume=True)) == deterministic(uninterrupted)
 
 
 def test_a_phase_resumed_from_a_step_checkpoint_skips_work_the_checkpoint_restores(strategy_streams, monkeypatch):
@@ -162,9 +162,9 @@ def test_a_phase_resumed_from_a_step_checkpoint_skips_work_the_checkpoint_restor
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 2)  # phase 1 saves steps 1-3
         with pytest.raises(SimulatedCrash):
-            run(config)
+            run_stream(config)
     assert meta_trainings == [0]
-    resumed = run(config, resume=True)
+    resumed = run_stream(config, resume=True)
     assert meta_trainings == [0]  # not again
     assert deterministic(resumed) == deterministic(uninterrupted)  # start figures, costs and passes included
     first = resumed.phases[0].strategy
@@ -197,7 +197,7 @@ def crashed_in_phase_1(tiny_model_dir, stream, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         crash_after_saves(patch, 1)
         with pytest.raises(SimulatedCrash):
-            run(config)
+            run_stream(config)
     return config, resuming.steps_folder(config.run_dir, 0) / "step-000002"
 
 
@@ -205,7 +205,7 @@ def test_resume_refuses_a_corrupted_step_checkpoint(crashed_in_phase_1):
     config, step = crashed_in_phase_1
     flip_byte(step / "optimizer.pt")
     with pytest.raises(UserError, match=r"optimizer\.pt is missing or corrupted"):
-        run(config, resume=True)
+        run_stream(config, resume=True)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -220,7 +220,7 @@ def test_resume_refuses_pickled_objects_even_with_a_matching_manifest(crashed_in
     (step / "manifest.json").unlink()
     _write_manifest(step)
     with pytest.raises(UserError, match="refusing to unpickle"):
-        run(config, resume=True)
+        run_stream(config, resume=True)
 
 
 def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(crashed_in_phase_1, reference):
@@ -229,7 +229,7 @@ def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(crashed_in_phase_1,
     half.mkdir()
     (half / "adapter_model.safetensors").write_bytes(b"half")
     assert resuming.StepCheckpoints(step.parent, 2, 1, {}).latest() == step
-    resumed = run(config, resume=True)
+    resumed = run_stream(config, resume=True)
     assert deterministic(resumed)["ppl"] == reference.ppl and not half.exists()
 
 
@@ -246,7 +246,7 @@ def test_disk_full_during_a_step_checkpoint_keeps_the_previous_one(tiny_model_di
 
     monkeypatch.setattr(resuming, "_torch_save", fill_up)
     with pytest.raises(UserError, match="no space left on device.*nothing already on disk was replaced"):
-        run(config)
+        run_stream(config)
     steps = resuming.steps_folder(config.run_dir, 0)
     assert sorted(p.name for p in steps.iterdir()) == ["step-000002"]  # no half-written folder left
     verify(steps / "step-000002")
@@ -265,7 +265,7 @@ def test_disk_full_during_a_phase_checkpoint_keeps_the_previous_phase(tiny_model
 
     monkeypatch.setattr("cltune.modeling.checkpoint.write_json", fill_up)
     with pytest.raises(UserError, match="no space left"):
-        run(config)
+        run_stream(config)
     verify(config.run_dir / "phase1")
     assert not (config.run_dir / "phase2").exists()
     assert len(json.loads((config.run_dir / "metrics.json").read_text())["phases"]) == 1
@@ -322,7 +322,7 @@ def test_a_strategy_returning_nan_stops_the_phase_with_the_weights_restored(tiny
     monkeypatch.setattr("cltune.training.session.attach_lora",
                         lambda *a, _o=attach_lora: models.append(_o(*a)) or models[-1])
     with pytest.raises(DivergedError, match="phase 1, step 3: loss is not finite"):
-        run(config)
+        run_stream(config)
     lora_b = [p for n, p in models[0].named_parameters() if "lora_B" in n]
     assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)  # back to the phase's start (B = 0), not step 2
 

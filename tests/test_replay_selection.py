@@ -51,7 +51,7 @@ def test_a_run_keeps_the_highest_loss_utterances_of_the_finished_phase(tiny_conf
         return [float(e.line % 7) for e in examples]
 
     monkeypatch.setattr(replay, "utterance_losses", fake_losses)
-    pipeline.run(tiny_config("replay", ["replay.selection=highest_loss", "replay.ratio=0.2",
+    pipeline.run_stream(tiny_config("replay", ["replay.selection=highest_loss", "replay.ratio=0.2",
                                         "eval.samples_per_speaker=0"]))
     strategy = captured[-1]
     train = strategy.ctx.tasks[0].train
@@ -77,7 +77,7 @@ def test_utterance_losses_are_each_utterances_mean_target_nll(tiny_config):
 
 
 def test_a_reservoir_buffer_survives_a_checkpoint(tiny_config, captured):
-    metrics = pipeline.run(tiny_config("replay", ["replay.selection=reservoir", "replay.capacity=5",
+    metrics = pipeline.run_stream(tiny_config("replay", ["replay.selection=reservoir", "replay.capacity=5",
                                                   "eval.samples_per_speaker=0"]))
     strategy = captured[-1]
     assert len(strategy.buffer.examples()) == 5 and metrics.phases[1].strategy["stored_utterances"] == 5
@@ -91,8 +91,8 @@ def test_a_shared_budget_keeps_the_new_datas_step_count_and_an_added_one_lengthe
     from helpers import PPL_ONLY
 
     def steps(strategy, sets=()):
-        metrics = pipeline.run(tiny_config(strategy, [*PPL_ONLY, "replay.ratio=0.5", "train.batch_size=4", *sets],
-                                           name=f"{strategy}-{len(sets)}"))
+        sets = [*PPL_ONLY, "replay.ratio=0.5", "train.batch_size=4", *sets]
+        metrics = pipeline.run_stream(tiny_config(strategy, sets, name=f"{strategy}-{len(sets)}"))
         return [phase.steps for phase in metrics.phases]
 
     naive, added, shared = steps("naive"), steps("replay"), steps("replay", ["replay.budget=shared"])

@@ -110,7 +110,7 @@ def test_penalty_holds_important_weights_in_phase2(tiny_config):
     def drift(c: float) -> tuple[float, list]:
         """Σ Ω₁ (θ₂ − θ₁)²: how far phase 2 moved the weights phase 1 found important."""
         config = tiny_config("si", eval=QUIET_EVAL, name=f"si-{c}", si={"c": c})
-        ppl = pipeline.run(config).ppl
+        ppl = pipeline.run_stream(config).ppl
         end1, end2 = load_strategy_state(config.run_dir / "phase1"), load_strategy_state(config.run_dir / "phase2")
         importance = {k[len("importance."):]: v for k, v in end1.items() if k.startswith("importance.")}
         assert importance and all(bool((v >= 0).all()) for v in importance.values())

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def test_bundled_model_trains_a_few_steps_and_generates(tmp_path):
     from cltune.api import make_config
     from cltune.data.demo import write_demo_corpus
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
     try:
         bundled_gguf()
@@ -30,7 +30,7 @@ def test_bundled_model_trains_a_few_steps_and_generates(tmp_path):
         "data": {"conversation_col": "none"},  # 60 and 40 turns are one or two whole conversations
         "eval": {"samples_per_speaker": 1, "max_new_tokens": 8},
     })
-    metrics = run(config)
+    metrics = run_stream(config)
     assert metrics.parameters["lora"] == 1_843_200  # 30 layers × q,k,v,o at r=16 on SmolLM2-135M
     assert metrics.speaker_tokens == {"Guest A": "<GUEST_A>", "Guest B": "<GUEST_B>", "Host": "<HOST>"}
     before, after = metrics.ppl[0][0], metrics.ppl[1][0]

@@ -60,10 +60,10 @@ def test_the_loss_is_attribution_comparison_made_differentiable(tiny_model_dir):
 
 
 def test_a_run_with_the_speaker_loss_pays_one_more_pass_per_other_speaker(tiny_config):
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
-    plain = run(tiny_config("naive", PPL_ONLY, name="plain"))
-    contrast = run(tiny_config("naive", [*PPL_ONLY, "train.speaker_loss=1.0"], name="contrast"))
+    plain = run_stream(tiny_config("naive", PPL_ONLY, name="plain"))
+    contrast = run_stream(tiny_config("naive", [*PPL_ONLY, "train.speaker_loss=1.0"], name="contrast"))
     for a, b in zip(plain.phases, contrast.phases):
         assert b.target_tokens == a.target_tokens  # the logged loss and counts are the LM's
         # two speakers per dataset: the other speaker's pass doubles the training forwards (no padding in the

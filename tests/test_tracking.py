@@ -54,9 +54,9 @@ def test_nothing_is_logged_unless_asked_and_a_missing_tracker_is_named(tmp_path,
                                                                          monkeypatch, capsys):
     import importlib.util
 
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
-    metrics = run(tiny_config("naive", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
+    metrics = run_stream(tiny_config("naive", ["eval.attribution=false", "eval.samples_per_speaker=0"]))
     assert math.isfinite(metrics.ppl[-1][0]) and not (tmp_path / "runs" / "tiny" / "logs").exists()
 
     real = importlib.util.find_spec

@@ -50,7 +50,7 @@ def test_split_micro_batches_train_to_the_same_model(tiny_config):
     for name, budget in (("whole", None), ("split", 20)):  # max_length 24, micro-batches of 4: most get split
         config = tiny_config("ewc", name=name,
                              sets=[f"train.max_micro_batch_tokens={'null' if budget is None else budget}"])
-        runs[name] = pipeline.run(config)
+        runs[name] = pipeline.run_stream(config)
     whole, split = runs["whole"].ppl, runs["split"].ppl
     assert whole[0] == split[0]  # before training
     assert whole[1][0] != whole[0][0]  # training moved the model

@@ -29,12 +29,12 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
     `log_with`: experiment trackers (tensorboard, wandb, mlflow) to log to."""
     from cltune.report import print_summary, write_report
     from cltune.storage.runlock import main_process
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
     from cltune.training.rundir import check_run_dir
 
     with _claimed(config, console):  # before anything reads or replaces what the folder holds
         check_run_dir(config.run_dir, overwrite, resume=resume)
-        metrics = run(config, console=console, resume=resume, reuse_phase1=phase1_from, log_with=log_with)
+        metrics = run_stream(config, console=console, resume=resume, reuse_phase1=phase1_from, log_with=log_with)
         if report and main_process():
             write_report(config.run_dir)
     if report and main_process() and console is not None:
@@ -106,7 +106,7 @@ def train_single(data: Path, out: Path, *, model: str | None = None, config_path
                  log_with: Sequence[str] = (), columns: dict[str, str] | None = None) -> RunMetrics:
     """Phase 1 alone: LoRA fine-tuning on one dataset; the checkpoint goes to `out/phase1`; `resume`
     continues a stopped one. `columns`: the command line's columns (`column_settings`)."""
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
     from cltune.training.rundir import check_run_dir
 
     # User values go in as values, never pasted into YAML text: a path like O'Brien.csv stays a path.
@@ -116,7 +116,7 @@ def train_single(data: Path, out: Path, *, model: str | None = None, config_path
     config = with_columns(config_from(config_path, sets, fixed), columns)
     with _claimed(config, console):
         check_run_dir(config.run_dir, overwrite, resume=resume)
-        return run(config, console=console, resume=resume, log_with=log_with)
+        return run_stream(config, console=console, resume=resume, log_with=log_with)
 
 
 def shipped_config(name: str):

@@ -184,6 +184,7 @@ class Adapters(Strategy):
     name = "adapters"
     summary = "one LoRA adapter per task; earlier adapters frozen; routed by task id (oracle) or speaker token"
     sections = {"adapters": AdaptersSettings}
+    phase1_neutral = True
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -194,7 +195,7 @@ class Adapters(Strategy):
         """How many task adapters exist (derived from the model, so a reloaded checkpoint agrees)."""
         return sum(adapter_name(i) in self.ctx.model.peft_config for i in range(len(self.ctx.tasks)))
 
-    def before_task(self, task):
+    def before_task(self, task, *, resumed=False):
         name = adapter_name(task.index)
         if name not in self.ctx.model.peft_config:
             add_task_adapter(self.ctx, name)

@@ -25,7 +25,7 @@ from cltune.data.split import TaskData, require_no_test
 from cltune.modeling.batching import collate
 from cltune.modeling.scoring import target_nll
 from cltune.storage.hashing import derived_seed
-from cltune.strategies.base import StepInfo, Strategy
+from cltune.strategies.base import Costs, StepInfo, Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 from cltune.strategies.shared import flatten
 
@@ -51,6 +51,7 @@ class AGEM(Strategy):
     name = "agem"
     summary = "A-GEM: project each step's gradient so it does not raise the loss on a 10% memory of earlier datasets"
     sections = {"agem": AGEMSettings}
+    phase1_neutral = True
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -61,17 +62,17 @@ class AGEM(Strategy):
         self.phase = 0
         self.steps = self.projected = 0  # of the running phase: reference gradients, projections (logged)
 
-    def before_task(self, task: TaskData) -> None:
+    def before_task(self, task: TaskData, *, resumed: bool = False) -> None:
         self.phase = task.index
         self.steps = self.projected = 0
 
-    def after_task(self, task: TaskData) -> None:
+    def after_task(self, task: TaskData) -> Costs:
         if self.steps:
             log.info("agem, %s: projected %d of %d steps", task.name, self.projected, self.steps)
         self.memory.add(task)
         self._encode_memory()
-        self.costs[task.index + 1] = {"stored_utterances": len(self.encoded), "reference_passes": self.steps,
-                                      "projected_steps": self.projected}
+        return {"stored_utterances": len(self.encoded), "reference_passes": self.steps,
+                "projected_steps": self.projected}
 
     def _encode_memory(self) -> None:
         examples = require_no_test(self.memory.examples(), "the A-GEM memory")

@@ -3,18 +3,20 @@
 A strategy never reaches into the loop: it returns data, losses and a router, and may adjust
 gradients after backward. Per phase the pipeline calls, in order:
 
-    before_task(task)                       set up (add an adapter, sample pseudo-data)
+    before_task(task, resumed=…)            set up (add an adapter, sample pseudo-data); returns costs
     train_data(task)      once, cached      the utterances to train on
     per optimizer step (StepInfo):
         batch_loss(batch, outputs, step)    per micro-batch, weighted by its share of target tokens
         step_penalty(step)                  once, added to the step's loss (EWC, SI, O-LoRA penalties)
         after_backward(step)                the full gradient in place (A-GEM's projection)
         after_step(step)                    the weights moved (SI's path integral)
-    after_task(task)                        consolidate (Fisher, memory, merging)
+    after_task(task)                        consolidate (Fisher, memory, merging); returns costs
 
 Evaluation, the report's samples and `cltune generate` ask `router()` which weights answer:
 `oracle(task_index)` when the task id is known, `agnostic(token)` when only the speaker is.
 `state()` and `modules()` are saved with every checkpoint (safetensors) and restored on resume.
+The two task hooks return the extra work they did (`Costs`: stored utterances, generation time, …);
+the pipeline writes it into the phase's record in metrics.json.
 """
 
 from __future__ import annotations
@@ -48,9 +50,6 @@ class Context:
     lora: Any = None  # cltune.config.LoraSettings, for strategies that add adapters
     base_dtype: torch.dtype = torch.float32  # frozen base weights' dtype (bf16 runs); trained weights are fp32
     eval_batch_size: int = 32  # utterances per evaluation forward (validation in the loop as after it)
-    # True only during before_task of a phase that continues from a step checkpoint: the checkpoint restores
-    # the trained weights and strategy state, so set-up work whose only product is those may be skipped
-    resumed_phase: bool = False
 
     def encode(self, examples: list[Example]) -> list[list[int]]:
         return encode(examples, self.tokenizer, self.max_length)
@@ -102,23 +101,31 @@ class Router:
         return {"kind": self.kind}
 
 
+# The extra work a task hook did, as `name: number` (metrics.json: the phase record's `strategy`).
+Costs = dict[str, float]
+
+
 class Strategy:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     # Config sections whose settings it reads, with their models: {"ewc": EWCSettings, ...}.
     sections: ClassVar[dict[str, type[BaseModel]]] = {}
-    # True when phase 1 trains exactly like `naive`, so a sweep may reuse one phase-1 checkpoint.
-    phase1_neutral: ClassVar[bool] = True
+    # True when phase 1 trains exactly like `naive`, so a sweep may reuse one phase-1 checkpoint. Opt-in:
+    # a strategy that claims it is held to it (the end-to-end test compares its phase 1 with naive's).
+    phase1_neutral: ClassVar[bool] = False
     # True when batch_loss needs the last hidden states at target positions.
     wants_hidden_states: ClassVar[bool] = False
 
     def __init__(self, ctx: Context, settings: dict[str, BaseModel]):
         self.ctx = ctx
         self.settings = settings
-        self.costs: dict[int, dict] = {}  # by phase number: extra work worth reporting (metrics.json shows it)
 
-    def before_task(self, task: TaskData) -> None:
-        """Called before training on `task` (e.g. add an adapter, sample pseudo-data)."""
+    def before_task(self, task: TaskData, *, resumed: bool = False) -> Costs | None:
+        """Called before training on `task` (e.g. add an adapter, sample pseudo-data); returns its costs.
+        `resumed`: the phase continues from a step checkpoint, which restores the trained weights and the
+        strategy's state, so set-up work whose only product is those may be skipped (the costs the
+        interrupted process recorded are kept)."""
+        return None
 
     def train_data(self, task: TaskData) -> list[Example]:
         """The examples to train on during this task's phase; called once per phase, after before_task."""
@@ -143,8 +150,9 @@ class Strategy:
     def after_step(self, step: StepInfo) -> None:
         """Called after each optimizer step (e.g. path integrals)."""
 
-    def after_task(self, task: TaskData) -> None:
-        """Called after training on `task` (e.g. Fisher, memory, merging)."""
+    def after_task(self, task: TaskData) -> Costs | None:
+        """Called after training on `task` (e.g. Fisher, memory, merging); returns its costs."""
+        return None
 
     def router(self) -> Router:
         return Router()
@@ -191,6 +199,14 @@ def _sum(terms) -> torch.Tensor | None:
     return sum(present) if present else None
 
 
+def _merged(costs) -> Costs | None:
+    """Several hooks' costs as one (a later member's figure wins over an earlier one's of the same name)."""
+    out: Costs = {}
+    for c in costs:
+        out.update(c or {})
+    return out or None
+
+
 class Composite(Strategy):
     """Several strategies as one: every member's data, losses, hooks, costs and state; at most one routes."""
 
@@ -211,9 +227,8 @@ class Composite(Strategy):
             raise ValueError(f"{self.name}: {[m.name for m in routing]} each route inference; combine at most one")
         self._routing = routing[0] if routing else None
 
-    def before_task(self, task):
-        for m in self.members:
-            m.before_task(task)
+    def before_task(self, task, *, resumed=False):
+        return _merged(m.before_task(task, resumed=resumed) for m in self.members)
 
     def train_data(self, task):
         """The task's utterances, then what each member adds (replayed, generated), each utterance once."""
@@ -242,11 +257,7 @@ class Composite(Strategy):
             m.after_step(step)
 
     def after_task(self, task):
-        for m in self.members:
-            m.after_task(task)
-        for m in self.members:
-            for phase, costs in m.costs.items():
-                self.costs.setdefault(phase, {}).update(costs)
+        return _merged(m.after_task(task) for m in self.members)
 
     def router(self):
         return self._routing.router() if self._routing else Router()

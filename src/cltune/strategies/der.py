@@ -21,7 +21,7 @@ from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.modeling.batching import collate
 from cltune.modeling.scoring import fp32_arithmetic
-from cltune.strategies.base import Strategy
+from cltune.strategies.base import Costs, Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 
 STORE_MICRO_BATCH = 16  # kept utterances per forward pass when their logits are stored
@@ -42,6 +42,7 @@ class DER(Strategy):
     name = "der"
     summary = "DER++: replay 10% of earlier data and match the logits (top 32) stored when each dataset was learned"
     sections = {"der": DERSettings}
+    phase1_neutral = True
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -54,11 +55,11 @@ class DER(Strategy):
         self.phase_examples = task.train + self.buffer.examples()
         return self.phase_examples
 
-    def after_task(self, task: TaskData) -> None:
+    def after_task(self, task: TaskData) -> Costs:
         kept = self.buffer.add(task)
         self._store(kept)
-        self.costs[task.index + 1] = {"stored_utterances": len(self.buffer.examples()),
-                                      "stored_logits": sum(v.numel() for v, _ in self.stored.values())}
+        return {"stored_utterances": len(self.buffer.examples()),
+                "stored_logits": sum(v.numel() for v, _ in self.stored.values())}
 
     @torch.no_grad()
     def _store(self, examples: list[Example]) -> None:

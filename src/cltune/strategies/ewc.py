@@ -66,6 +66,7 @@ class EWC(Strategy):
     name = "ewc"
     summary = "Elastic Weight Consolidation: quadratic penalty weighted by the diagonal Fisher of earlier tasks"
     sections = {"ewc": EWCSettings, "replay": ReplaySettings}
+    phase1_neutral = True
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)

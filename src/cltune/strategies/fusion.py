@@ -169,7 +169,7 @@ class Fusion(Replay):
     def adapters(self, count: int) -> list[str]:
         return [adapter_name(i) for i in range(count)]
 
-    def before_task(self, task):
+    def before_task(self, task, *, resumed=False):
         model, name = self.ctx.model, adapter_name(task.index)
         if task.index == 0:
             return
@@ -203,8 +203,9 @@ class Fusion(Replay):
             self.rows.grad[~self.row_mask] = 0  # earlier speakers' rows belong to the frozen past
 
     def after_task(self, task):
-        super().after_task(task)  # the replay buffer takes its sample of this task
+        costs = super().after_task(task)  # the replay buffer takes its sample of this task
         self.rows = self.row_mask = None
+        return costs
 
     def router(self) -> Router:
         learned = sum(adapter_name(i) in self.ctx.model.peft_config for i in range(len(self.ctx.tasks)))

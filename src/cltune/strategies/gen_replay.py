@@ -25,7 +25,7 @@ from cltune.config import Strict
 from cltune.data.split import Example, Split, TaskData
 from cltune.modeling.generate import sample_utterances
 from cltune.storage.files import atomic_write_text
-from cltune.strategies.base import Strategy
+from cltune.strategies.base import Costs, Strategy
 
 GENERATED_LINE = -1  # Example.line of a generated utterance: it comes from no file row
 
@@ -98,29 +98,31 @@ class GenReplay(Strategy):
     summary = ("generative replay: the model samples pseudo-utterances of earlier speakers (10% per dataset) "
                "for later phases")
     sections = {"gen_replay": GenReplaySettings}
+    phase1_neutral = True
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
         self.cfg: GenReplaySettings = settings["gen_replay"]
         self.pseudo: list[Example] = []
 
-    def before_task(self, task: TaskData) -> None:
+    def before_task(self, task: TaskData, *, resumed: bool = False) -> Costs | None:
         # Regenerated from the current model before every later phase (the samples are a
         # function of the weights and the seed), so nothing has to survive a restart: state() stays empty.
         self.pseudo = []
         if task.index == 0:
-            return
+            return None
         phase = task.index + 1
         start = time.perf_counter()
         rows = self._generate(plan_draws(self.ctx.tasks[: task.index], self.cfg.ratio, self.cfg.per_task), phase)
         kept = [r for r in rows if r["text"]]
         self.pseudo = [Example(r["task_index"], r["speaker"], r["token"], r["text"], Split.TRAIN, GENERATED_LINE)
                        for r in kept]
-        self.costs[phase] = {"generation_wall_s": round(time.perf_counter() - start, 2), "sampled": len(rows),
-                             "kept": len(kept), "dropped_empty": len(rows) - len(kept)}
+        costs = {"generation_wall_s": round(time.perf_counter() - start, 2), "sampled": len(rows),
+                 "kept": len(kept), "dropped_empty": len(rows) - len(kept)}
         if self.ctx.run_dir is not None and self.ctx.accelerator.is_main_process:
             text = "".join(json.dumps({"phase": phase, **r}, ensure_ascii=False) + "\n" for r in kept)
             atomic_write_text(self.ctx.run_dir / "gen_replay" / f"before_phase{phase}.jsonl", text)
+        return costs
 
     def _generate(self, draws: list[Draw], phase: int) -> list[dict]:
         """Sample on the main process and broadcast, so every process trains on identical data."""

@@ -7,6 +7,7 @@ from cltune.strategies.base import Strategy
 class Joint(Strategy):
     name = "joint"
     summary = "phase k trains on the union of datasets 1..k (cumulative joint training, the upper bound)"
+    phase1_neutral = True
 
     def train_data(self, task: TaskData) -> list[Example]:
         return [e for t in self.ctx.tasks[: task.index + 1] for e in t.train]

@@ -65,6 +65,7 @@ class LwF(Strategy):
     name = "lwf"
     summary = "Learning without Forgetting: distil the previous phase's token distributions on the new data (T=2, α=1)"
     sections = {"lwf": LwFSettings}
+    phase1_neutral = True
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)

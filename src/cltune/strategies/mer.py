@@ -20,7 +20,7 @@ from pydantic import Field
 
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData
-from cltune.strategies.base import StepInfo, Strategy
+from cltune.strategies.base import Costs, StepInfo, Strategy
 from cltune.strategies.replay import ReplayBuffer, ReplaySettings
 from cltune.strategies.shared import Tensors, unprefixed
 
@@ -41,7 +41,6 @@ class MER(Strategy):
     summary = ("meta-experience replay: 10% replay, and every 5 steps keep half of the window's movement "
                "(Reptile, γ=0.5)")
     sections = {"mer": MERSettings}
-    phase1_neutral = False  # the meta-updates act in phase 1 too
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -50,7 +49,7 @@ class MER(Strategy):
         self.start: Tensors = {}  # θ at the start of the running window
         self.meta_updates = 0
 
-    def before_task(self, task: TaskData) -> None:
+    def before_task(self, task: TaskData, *, resumed: bool = False) -> None:
         self.start, self.meta_updates = self._snapshot(), 0  # a resumed phase gets its window back from the state
 
     def _snapshot(self) -> Tensors:
@@ -71,10 +70,9 @@ class MER(Strategy):
         self.meta_updates += 1
         self.start = self._snapshot()  # the next window starts here
 
-    def after_task(self, task: TaskData) -> None:
+    def after_task(self, task: TaskData) -> Costs:
         self.buffer.add(task)
-        self.costs[task.index + 1] = {"stored_utterances": len(self.buffer.examples()),
-                                      "meta_updates": self.meta_updates}
+        return {"stored_utterances": len(self.buffer.examples()), "meta_updates": self.meta_updates}
 
     def state(self):
         out = {f"start.{n}": t for n, t in self.start.items()}

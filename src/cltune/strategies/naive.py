@@ -6,6 +6,7 @@ from cltune.strategies.base import Strategy
 class Naive(Strategy):
     name = "naive"
     summary = "plain sequential fine-tuning on each dataset in turn (the forgetting baseline)"
+    phase1_neutral = True
 
 
 STRATEGY = Naive

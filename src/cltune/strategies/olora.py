@@ -80,7 +80,6 @@ class OLoRA(Strategy):
     name = "olora"
     summary = "O-LoRA: a new LoRA per task kept orthogonal to earlier tasks' LoRA subspaces, all summed into one"
     sections = {"olora": OLoRASettings}
-    phase1_neutral = False  # λ2 also regularizes task 1's adapter
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -90,7 +89,7 @@ class OLoRA(Strategy):
         self.rows: torch.nn.Parameter | None = None  # the token rows in use while a later task trains
         self.row_mask: torch.Tensor | None = None  # True: a row of `rows` this task may train
 
-    def before_task(self, task):
+    def before_task(self, task, *, resumed=False):
         model, name = self.ctx.model, adapter_name(task.index)
         if task.index > 0:
             earlier = [adapter_name(i) for i in range(task.index)]

@@ -177,7 +177,7 @@ class Progressive(Adapters):
         self.laterals.train_only(None)
         self.columns = Columns(ctx.model, self.laterals)
 
-    def before_task(self, task):
+    def before_task(self, task, *, resumed=False):
         model, name, k = self.ctx.model, adapter_name(task.index), task.index
         if k > 0 and name not in model.peft_config:
             add_task_adapter(self.ctx, name)  # B = 0: the column's own update starts at zero

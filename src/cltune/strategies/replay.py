@@ -22,7 +22,7 @@ from pydantic import Field
 from cltune.config import Strict
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.evaluation.evaluate import example_nll
-from cltune.strategies.base import Strategy
+from cltune.strategies.base import Costs, Strategy
 
 
 class ReplaySettings(Strict):
@@ -127,6 +127,7 @@ class Replay(Strategy):
     name = "replay"
     summary = "mix a seeded 10% sample of each earlier dataset's training utterances into later phases"
     sections = {"replay": ReplaySettings}
+    phase1_neutral = True
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -138,10 +139,10 @@ class Replay(Strategy):
     def shared_budget(self) -> bool:
         return self.buffer.settings.budget == "shared"
 
-    def after_task(self, task: TaskData) -> None:
+    def after_task(self, task: TaskData) -> Costs:
         losses = utterance_losses(self.ctx, task.train) if self.buffer.settings.selection == "highest_loss" else None
         self.buffer.add(task, losses)
-        self.costs[task.index + 1] = {"stored_utterances": len(self.buffer.examples())}
+        return {"stored_utterances": len(self.buffer.examples())}
 
     def state(self):
         return self.buffer.to_state(self.ctx.tasks)

@@ -7,7 +7,7 @@ on one episode give θ', then θ ← θ + ε(θ' − θ), with ε annealed linea
 with smaller moves. Phase 1 then trains as usual from the meta-learned θ, so phase 1 is not
 `naive`'s and may not be reused from a naive run.
 
-Cost (kept in `costs[1]`): meta_iterations × inner_steps extra forward/backward passes on
+Cost (phase 1's `before_task` costs): meta_iterations × inner_steps extra forward/backward passes on
 `episode_size` utterances each — with the defaults 100 passes on 16 utterances, 1,600
 utterance-passes, about the work of one epoch over 1,600 training utterances.
 """
@@ -27,7 +27,7 @@ from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError
 from cltune.modeling.batching import collate
 from cltune.modeling.scoring import target_nll
-from cltune.strategies.base import Context, Strategy
+from cltune.strategies.base import Context, Costs, Strategy
 from cltune.strategies.shared import Tensors
 
 
@@ -98,7 +98,6 @@ class Reptile(Strategy):
     summary = ("Reptile meta-learning of the LoRA start point on phase-1 episodes (20 × 5 steps), "
                "then sequential fine-tuning")
     sections = {"reptile": ReptileSettings}
-    phase1_neutral = False  # phase 1 starts from the meta-learned weights, not naive's
 
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
@@ -111,13 +110,14 @@ class Reptile(Strategy):
         return [sample_episode(train, self.cfg.episode_size, self.cfg.episode, rng)
                 for _ in range(self.cfg.meta_iterations)]
 
-    def before_task(self, task: TaskData) -> None:
+    def before_task(self, task: TaskData, *, resumed: bool = False) -> Costs | None:
         # Resuming phase 1 from a step checkpoint: its weights started from the meta-trained θ and are
         # restored, and the pipeline carries the meta-training's cost over from the checkpoint.
-        if task.index == 0 and self.cfg.meta_iterations > 0 and not self.ctx.resumed_phase:
-            self.meta_train(task)
+        if task.index == 0 and self.cfg.meta_iterations > 0 and not resumed:
+            return self.meta_train(task)
+        return None
 
-    def meta_train(self, task: TaskData) -> None:
+    def meta_train(self, task: TaskData) -> Costs:
         cfg, params = self.cfg, self.ctx.trainable()
         start, tokens = time.perf_counter(), 0
         for i, episode in enumerate(self.episodes(task)):
@@ -133,7 +133,7 @@ class Reptile(Strategy):
             # Every process ran the same seeded episodes; the main process's weights settle any
             # drift from nondeterministic kernels, so all start phase 1 from one θ.
             self._assign(broadcast({n: p.detach() for n, p in params.items()}))
-        self.costs[task.index + 1] = {
+        return {
             "meta_wall_s": round(time.perf_counter() - start, 2), "meta_target_tokens": tokens,
             "meta_iterations": cfg.meta_iterations, "inner_steps": cfg.meta_iterations * cfg.inner_steps,
         }

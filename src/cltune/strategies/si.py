@@ -69,7 +69,6 @@ class SI(Strategy):
     summary = "Synaptic Intelligence: quadratic penalty weighted by each parameter's path-integral importance (c=0.1)"
     sections = {"si": SISettings}
     # The importance comes from phase 1's optimizer steps; a reused phase-1 adapter has none.
-    phase1_neutral = False
     _SAVED = ("importance", "anchor", "omega", "start")  # the attributes state() saves
 
     def __init__(self, ctx, settings):
@@ -82,7 +81,7 @@ class SI(Strategy):
         self.step_grads: Tensors = {}  # this step's task gradient, captured after backward
         self.step_before: Tensors = {}  # θ before this step
 
-    def before_task(self, task: TaskData) -> None:
+    def before_task(self, task: TaskData, *, resumed: bool = False) -> None:
         self.start = _snapshot(self.ctx.trainable())
         self.omega = {n: torch.zeros_like(t) for n, t in self.start.items()}
 

@@ -16,6 +16,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -23,7 +24,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from cltune.config import BaseRunConfig, dump_config
-from cltune.data import TaskData
+from cltune.data import Example, TaskData
 from cltune.data.eda import TokenCounter, summarize, write_eda
 from cltune.evaluation.evaluate import Scores, perplexity, test_row
 from cltune.evaluation.results import AgnosticRows, PhaseRecord, RunMetrics, Sample
@@ -34,6 +35,7 @@ from cltune.modeling.model import adapter_parameters, settle_dtypes
 from cltune.storage.files import atomic_write_text, read_json, write_json
 from cltune.storage.hashing import derived_seed
 from cltune.storage.runlock import claim, main_process
+from cltune.strategies.base import Costs, Router
 from cltune.strategies.routing import ROUTER_FILE
 from cltune.training import resume as resuming
 from cltune.training import rundir
@@ -43,7 +45,6 @@ from cltune.training.tracking import flat_settings, phase_scalars
 
 log = logging.getLogger(__name__)
 TEST_NLL = "test_nll.json"  # the latest row's per-utterance test NLLs, for paired comparisons (cltune compare)
-
 
 
 def _prepare_run_dir(session: Session, resolved: str, inputs: list[dict], fresh: bool) -> None:
@@ -71,20 +72,22 @@ def _header(session: Session) -> RunMetrics:
     )
 
 
-def run(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None, resume: bool = False,
-        log_with: Sequence[str] = ()) -> RunMetrics:
-    """Run the stream (or, with `resume`, continue it); returns the metrics also written to RUN/metrics.json.
+def run_stream(config: BaseRunConfig, *, reuse_phase1: Path | None = None, console=None, resume: bool = False,
+               log_with: Sequence[str] = ()) -> RunMetrics:
+    """Hold the run folder, build the session `config` describes and `run` it; the trackers are closed after.
     `log_with`: Accelerate trackers to log to (`cltune.training.tracking`)."""
-    set_seed(config.seed)
     with claim(config.run_dir, enabled=main_process()):  # one run per run folder at a time
         session = build_session(config, log_with=log_with)
         try:
-            return _run(session, reuse_phase1, console, resume, tracked=bool(log_with))
+            return run(session, reuse_phase1=reuse_phase1, console=console, resume=resume)
         finally:
             session.accelerator.end_training()
 
 
-def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tracked: bool) -> RunMetrics:
+def run(session: Session, *, reuse_phase1: Path | None = None, console=None, resume: bool = False) -> RunMetrics:
+    """Run the stream of a freshly built session (or, with `resume`, continue the one its run folder holds);
+    returns the metrics also written to RUN/metrics.json. `reuse_phase1`: a finished phase-1 checkpoint of
+    the same phase-1 settings, loaded instead of training phase 1."""
     config = session.config
     acc, ctx, strategy = session.accelerator, session.ctx, session.strategy
     resolved, inputs = dump_config(config), rundir.input_hashes(config)
@@ -98,7 +101,7 @@ def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tra
     acc.wait_for_everyone()
     if acc.is_main_process:
         _prepare_run_dir(session, resolved, inputs, fresh=fresh)
-    if tracked:  # after a fresh run has cleared an earlier run's logs (trackers live on the main process)
+    if acc.log_with:  # after a fresh run has cleared an earlier run's logs (trackers live on the main process)
         acc.init_trackers(config.name, config=flat_settings(config.model_dump(mode="json")))
 
     metrics = _header(session)
@@ -121,103 +124,177 @@ def _run(session: Session, reuse_phase1: Path | None, console, resume: bool, tra
     return metrics.with_summary()  # a resumed run that was already complete has no phase left to summarize it
 
 
+@dataclass
+class Phase:
+    """One phase on its way through `run_phase`: what each step reads and what it adds."""
+
+    task: TaskData
+    staging_log: Path  # RUN/.phaseK.train_log.jsonl, the loop's log until the phase checkpoint takes it
+    meta: dict  # the checkpoint metadata of the phase and of its step checkpoints
+    step_offset: int  # optimizer steps of earlier phases (trackers count over the whole stream)
+    passes_at_start: tuple[int, int]  # the scorer's forward/backward token counters as the phase began
+    checkpoints: resuming.StepCheckpoints | None = None
+    reuse: Path | None = None  # a phase-1 checkpoint standing in for training
+    hooks_s: dict = field(default_factory=dict)  # seconds in before_task and after_task
+    costs: Costs = field(default_factory=dict)  # what the strategy's hooks reported
+    before: dict = field(default_factory=dict)  # val and test PPL of the model the phase starts from
+    passes: dict = field(default_factory=dict)  # model passes outside evaluation, and the loop's share
+    router: Router | None = None  # what serves after consolidation: the new row, the samples, router.json
+
+
 def run_phase(session: Session, task: TaskData, metrics: RunMetrics, resolved: str, *, reuse_phase1: Path | None = None,
               resume: bool = False) -> RunMetrics:
     """Phase `task.index + 1`: strategy hooks around training, a new matrix row, the phase checkpoint."""
-    config, acc, ctx, strategy = session.config, session.accelerator, session.ctx, session.strategy
-    k, run_dir = task.index, config.run_dir
-    staging_log = run_dir / f".phase{k + 1}.train_log.jsonl"
-    if acc.is_main_process:  # the one writer of the log; another process must not unlink it under it
+    phase = _open(session, task, metrics, reuse_phase1, resume)
+    examples = _set_up(session, phase)
+    result = _train(session, phase, examples)
+    _consolidate(session, phase)
+    metrics, per_utterance, after = _score(session, phase, metrics, result)
+    metrics = _record(session, phase, metrics, result, after, train_examples=None if phase.reuse else len(examples))
+    return _save(session, phase, metrics, resolved, per_utterance)
+
+
+def _open(session: Session, task: TaskData, metrics: RunMetrics, reuse: Path | None, resume: bool) -> Phase:
+    """The phase's bookkeeping: a clean staging log, its seed, its step checkpoints (none when reused)."""
+    config, k = session.config, task.index
+    staging_log = config.run_dir / f".phase{k + 1}.train_log.jsonl"
+    if session.accelerator.is_main_process:  # the one writer of the log; another process must not unlink it under it
         staging_log.unlink(missing_ok=True)
     set_seed(derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
-    step_offset = sum(p.steps for p in metrics.phases)  # trackers count optimizer steps over the whole stream
-    passes_at_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
     meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name,
             "speaker_tokens": session.speaker_tokens,
             "context_turns": config.data.context_turns, "max_length": config.data.max_length,
             "tasks": [{"name": t.name, "speakers": t.speakers} for t in session.tasks]}
-    checkpoints = None if reuse_phase1 is not None else resuming.StepCheckpoints(
-        resuming.steps_folder(run_dir, k), config.phase(k).checkpoint_every, config.phase(k).save_total_limit, meta,
-        resume=resume)
-    # Continuing from a step checkpoint: it restores the trained weights, so work whose only product is
-    # those weights (Reptile's meta-training) is skipped, and the phase's start figures, set-up passes and
-    # costs are the interrupted process's, recorded with the checkpoint.
-    setup = checkpoints.latest_setup() if checkpoints else None
-    ctx.resumed_phase = setup is not None
-    hook_start = time.perf_counter()
-    try:
-        strategy.before_task(task)
-    finally:
-        ctx.resumed_phase = False
+    checkpoints = None if reuse is not None else resuming.StepCheckpoints(
+        resuming.steps_folder(config.run_dir, k), config.phase(k).checkpoint_every,
+        config.phase(k).save_total_limit, meta, resume=resume)
+    scorer = session.ctx.scorer
+    return Phase(task, staging_log, meta, step_offset=sum(p.steps for p in metrics.phases),
+                 passes_at_start=(scorer.forward_tokens, scorer.backward_tokens), checkpoints=checkpoints, reuse=reuse)
+
+
+def _set_up(session: Session, phase: Phase) -> list[Example]:
+    """`before_task`, the phase's training data, and the figures of the model it starts from.
+
+    Continuing from a step checkpoint, which restores the trained weights, `before_task` is told so (work
+    whose only product is those weights, Reptile's meta-training, is skipped), and the start figures, set-up
+    passes, costs and hook time are the interrupted process's, recorded with the checkpoint."""
+    ctx, strategy, task = session.ctx, session.strategy, phase.task
+    setup = phase.checkpoints.latest_setup() if phase.checkpoints else None
+    start = time.perf_counter()
+    phase.costs = dict(strategy.before_task(task, resumed=setup is not None) or {})
     settle_dtypes(ctx.model, ctx.base_dtype)  # an adapter it added came in the base's dtype
-    hooks_s = {"before_task": round(time.perf_counter() - hook_start, 2)}
+    phase.hooks_s = {"before_task": round(time.perf_counter() - start, 2)}
     examples = strategy.train_data(task)  # once per phase
     if setup is not None:
-        before, hooks_s = setup["before"], setup["hooks_s"]
-        strategy.costs[k + 1] = {**strategy.costs.get(k + 1, {}), **setup["costs"]}
+        phase.before, phase.hooks_s = setup["before"], setup["hooks_s"]
+        phase.costs = {**phase.costs, **setup["costs"]}
         ctx.scorer.forward_tokens, ctx.scorer.backward_tokens = (
-            p + q for p, q in zip(passes_at_start, setup["passes"]))
+            p + q for p, q in zip(phase.passes_at_start, setup["passes"]))
     else:
-        # The model the phase starts from (before_task may have changed it: an adapter added, meta-training),
-        # served as the matrix serves this task.
-        with strategy.router().oracle(k):
-            before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length,
-                                            config.eval.batch_size)}
-            fingerprint, measured = session.served.get(k, (None, None))
-            # Most strategies start a phase from the model the last matrix row scored: its figure is reused.
-            before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
-                acc, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size)
-    loop_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
-    if checkpoints is not None:
-        checkpoints.setup = {"before": before, "hooks_s": hooks_s, "costs": strategy.costs.get(k + 1, {}),
-                             "passes": [now - then for now, then in zip(loop_start, passes_at_start)]}
-    if reuse_phase1 is not None:
-        result = _reuse_phase(reuse_phase1, ctx.model, staging_log if acc.is_main_process else None)
+        phase.before = _start_figures(session, task)
+    if phase.checkpoints is not None:
+        loop_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
+        phase.checkpoints.setup = {"before": phase.before, "hooks_s": phase.hooks_s, "costs": phase.costs,
+                                   "passes": [now - then for now, then in zip(loop_start, phase.passes_at_start)]}
+    return examples
+
+
+def _start_figures(session: Session, task: TaskData) -> dict:
+    """Validation and test PPL of the model the phase starts from (before_task may have changed it: an adapter
+    added, meta-training), served as the matrix serves this task."""
+    config, acc, ctx, strategy = session.config, session.accelerator, session.ctx, session.strategy
+    with strategy.router().oracle(task.index):
+        before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length,
+                                        config.eval.batch_size)}
+        fingerprint, measured = session.served.get(task.index, (None, None))
+        # Most strategies start a phase from the model the last matrix row scored: its figure is reused.
+        before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
+            acc, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size)
+    return before
+
+
+def _train(session: Session, phase: Phase, examples: list[Example]) -> PhaseResult:
+    """The training loop on `examples` (or the reused phase-1 checkpoint); counts the loop's model passes."""
+    ctx, k, scorer = session.ctx, phase.task.index, session.ctx.scorer
+    loop_start = (scorer.forward_tokens, scorer.backward_tokens)
+    if phase.reuse is not None:
+        main = session.accelerator.is_main_process
+        result = _reuse_phase(phase.reuse, ctx.model, phase.staging_log if main else None)
     else:
-        result = train_phase(ctx, strategy, task, examples, config.phase(k), k, staging_log, checkpoints, step_offset)
-    loop_end = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
-    hook_start = time.perf_counter()
-    strategy.after_task(task)
+        result = train_phase(ctx, session.strategy, phase.task, examples, session.config.phase(k), k,
+                             phase.staging_log, phase.checkpoints, phase.step_offset)
+    phase.passes = {"training_forward_tokens": scorer.forward_tokens - loop_start[0],
+                    "training_backward_tokens": scorer.backward_tokens - loop_start[1]}
+    return result
+
+
+def _consolidate(session: Session, phase: Phase) -> None:
+    """`after_task` (Fisher, memory, merging), its time and costs; the phase's model passes outside evaluation."""
+    ctx, scorer = session.ctx, session.ctx.scorer
+    start = time.perf_counter()
+    phase.costs = {**phase.costs, **(session.strategy.after_task(phase.task) or {})}
     settle_dtypes(ctx.model, ctx.base_dtype)
-    hooks_s["after_task"] = round(time.perf_counter() - hook_start, 2)
-    passes = _passes(ctx.scorer, passes_at_start, loop_start, loop_end)
-    if reuse_phase1 is not None:  # the training of the phase it stands for counts, as its wall time does
-        source = read_json(reuse_phase1 / "metrics.json").get("strategy", {})
+    phase.hooks_s["after_task"] = round(time.perf_counter() - start, 2)
+    phase.passes = {"forward_tokens": scorer.forward_tokens - phase.passes_at_start[0],
+                    "backward_tokens": scorer.backward_tokens - phase.passes_at_start[1], **phase.passes}
+    if phase.reuse is not None:  # the training of the phase it stands for counts, as its wall time does
+        source = read_json(phase.reuse / "metrics.json").get("strategy", {})
         trained = [source.get(f"training_{key}", source.get(key)) for key in ("forward_tokens", "backward_tokens")]
-        passes = {"forward_tokens": None, "backward_tokens": None} if None in trained else {
-            "forward_tokens": passes["forward_tokens"] + trained[0],
-            "backward_tokens": passes["backward_tokens"] + trained[1],
+        phase.passes = {"forward_tokens": None, "backward_tokens": None} if None in trained else {
+            "forward_tokens": phase.passes["forward_tokens"] + trained[0],
+            "backward_tokens": phase.passes["backward_tokens"] + trained[1],
             "training_forward_tokens": trained[0], "training_backward_tokens": trained[1]}
-    router = strategy.router()
-    metrics, per_utterance = _with_row(metrics, session, router)
-    with router.oracle(k):
+
+
+def _score(session: Session, phase: Phase, metrics: RunMetrics, result: PhaseResult) -> tuple[RunMetrics, dict, dict]:
+    """The matrix's next row (and its per-utterance NLLs), and the phase task's figures after training."""
+    config, acc, ctx, strategy, task = session.config, session.accelerator, session.ctx, session.strategy, phase.task
+    phase.router = strategy.router()
+    metrics, per_utterance = _with_row(metrics, session, phase.router)
+    with phase.router.oracle(task.index):
         # The loop's last validation scored these very weights unless early stopping or after_task changed them.
         validated, val_ppl = result.last_val or (None, None)
         after = {"val_ppl": val_ppl if validated == served_fingerprint(ctx.model, strategy) else perplexity(
             acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length, config.eval.batch_size),
-            "test_ppl": metrics.ppl[-1][k]}
+            "test_ppl": metrics.ppl[-1][task.index]}
+    return metrics, per_utterance, after
+
+
+def _record(session: Session, phase: Phase, metrics: RunMetrics, result: PhaseResult, after: dict,
+            train_examples: int | None) -> RunMetrics:
+    """`metrics` with the phase's record (figures, hook times, costs, passes) and the derived summary."""
+    task, reused = phase.task, {"phase1_from": str(phase.reuse)} if phase.reuse else {}
     record = PhaseRecord(
-        phase=k + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
+        phase=task.index + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
         wall_s=round(result.wall_s, 2), tokens_per_s=round(result.tokens_per_s, 1), best_val_loss=result.best_val_loss,
-        stopped_early=result.stopped_early, train_examples=None if reuse_phase1 is not None else len(examples),
-        before=before, after=after, strategy={"hooks_s": hooks_s, **strategy.costs.get(k + 1, {}), **passes,
-                                              **({"phase1_from": str(reuse_phase1)} if reuse_phase1 else {})},
+        stopped_early=result.stopped_early, train_examples=train_examples, before=phase.before, after=after,
+        strategy={"hooks_s": phase.hooks_s, **phase.costs, **phase.passes, **reused},
     )
     metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb(),
-                                         "adapter_params": adapter_parameters(ctx.model)}).with_summary()
-    acc.log(phase_scalars(metrics.tasks, metrics.ppl, metrics.speaker_attribution), step=step_offset + result.steps)
+                                         "adapter_params": adapter_parameters(session.ctx.model)}).with_summary()
+    session.accelerator.log(phase_scalars(metrics.tasks, metrics.ppl, metrics.speaker_attribution),
+                            step=phase.step_offset + result.steps)
+    return metrics
+
+
+def _save(session: Session, phase: Phase, metrics: RunMetrics, resolved: str, per_utterance: dict) -> RunMetrics:
+    """Main process: the report's samples, the phase checkpoint, RUN/test_nll.json and RUN/metrics.json; then
+    the phase's step checkpoints are superseded."""
+    config, acc, ctx, strategy, k = session.config, session.accelerator, session.ctx, session.strategy, phase.task.index
+    run_dir, router = config.run_dir, phase.router
     if acc.is_main_process:
         samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1, config.seed)]
         metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]})
-        log_text = staging_log.read_text(encoding="utf-8") if staging_log.exists() else ""
+        log_text = phase.staging_log.read_text(encoding="utf-8") if phase.staging_log.exists() else ""
         save_checkpoint(
-            run_dir / f"phase{k + 1}", ctx.model, ctx.tokenizer, meta=meta,
+            run_dir / f"phase{k + 1}", ctx.model, ctx.tokenizer, meta=phase.meta,
             files={"config.resolved.yaml": resolved, "train_log.jsonl": log_text,
-                   "metrics.json": json.dumps(record.model_dump(mode="json"), indent=2) + "\n",
+                   "metrics.json": json.dumps(metrics.phases[-1].model_dump(mode="json"), indent=2) + "\n",
                    ROUTER_FILE: json.dumps(router.to_json(), indent=2) + "\n"},
             tensors=strategy.full_state() or None,
         )
-        staging_log.unlink(missing_ok=True)
+        phase.staging_log.unlink(missing_ok=True)
         write_json(run_dir / TEST_NLL, {"phase": k + 1, **per_utterance})
         metrics.write(run_dir / "metrics.json")
         rundir.finish_phase(run_dir, k)  # only now are its step checkpoints superseded
@@ -250,13 +327,6 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     per_utterance = {mode: {task.name: {"lines": [e.line for e in task.test], "nll": s.nll, "targets": s.targets}
                             for task, s in zip(session.tasks, row)} for mode, row in rows.items()}
     return metrics.model_copy(update=update), per_utterance
-
-
-def _passes(scorer, start, loop_start, loop_end) -> dict[str, int]:
-    """The phase's model passes outside evaluation (token positions), and the training loop's share."""
-    return {"forward_tokens": scorer.forward_tokens - start[0], "backward_tokens": scorer.backward_tokens - start[1],
-            "training_forward_tokens": loop_end[0] - loop_start[0],
-            "training_backward_tokens": loop_end[1] - loop_start[1]}
 
 
 def _reuse_phase(source: Path, model, staging_log: Path | None) -> PhaseResult:

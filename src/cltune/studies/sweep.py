@@ -74,7 +74,7 @@ def _markdown(rows: list[dict], command: str) -> str:
 
 def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | None, console=None) -> Path:
     from cltune.report.plots import tradeoff_scatter
-    from cltune.studies.pipeline import run
+    from cltune.studies.pipeline import run_stream
 
     points = expand_grid(grid)
     base = read_config(config_path, sets)
@@ -90,7 +90,7 @@ def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | N
         reuse = phase1_dirs.get(fingerprint)
         if console:
             console.print(f"[bold]{name}[/] {point}" + (f" (phase 1 from {reuse})" if reuse else ""))
-        metrics = run(config, reuse_phase1=reuse, console=console)
+        metrics = run_stream(config, reuse_phase1=reuse, console=console)
         phase1_dirs.setdefault(fingerprint, config.run_dir / "phase1")
         rows.append(_row(point, metrics, reuse is not None))
     buffer = io.StringIO()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
 
 from cltune.config import BaseRunConfig
 from cltune.data import (
@@ -162,7 +163,8 @@ def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strat
                   log_with: Sequence[str] = ()) -> Session:
     """Assemble a run: precision (chosen once), accelerator (with the trackers `log_with` names, logging under
     RUN/logs), tasks, model with speaker tokens and LoRA, and the config's strategy (or `strategy`, by name,
-    from `registry`)."""
+    from `registry`). Seeded with the config's seed first: the same config builds the same LoRA weights."""
+    set_seed(config.seed)
     precision = resolve_precision(config.model.precision)
     accelerator = make_accelerator(precision, check_trackers(log_with), config.run_dir / "logs")
     datasets, tasks, tokens = load_tasks(config)
