@@ -123,9 +123,9 @@ def raw_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name
 
 def deterministic(metrics) -> dict:
     """metrics.json (or the RunMetrics a run returns) without what legitimately differs between equal runs:
-    the name, wall times and peak memory."""
+    the name, wall times, seconds per stage and peak memory."""
     metrics = metrics if isinstance(metrics, dict) else metrics.to_json()
-    out = {k: v for k, v in metrics.items() if k not in ("run", "peak_rss_mb")}
+    out = {k: v for k, v in metrics.items() if k not in ("run", "peak_rss_mb", "stages_s")}
     out["phases"] = [{k: v for k, v in p.items() if k not in ("wall_s", "tokens_per_s")} for p in metrics["phases"]]
     for p in out["phases"]:
         p["strategy"] = {k: v for k, v in p["strategy"].items() if k != "hooks_s" and not k.endswith("wall_s")}

@@ -7,6 +7,7 @@ command called as a function runs with truthy placeholders for every flag it was
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +37,12 @@ def run_config(config: BaseRunConfig, *, overwrite: bool = False, resume: bool =
         check_run_dir(config.run_dir, overwrite, resume=resume)
         metrics = run_stream(config, console=console, resume=resume, reuse_phase1=phase1_from, log_with=log_with)
         if report and main_process():
+            start = time.perf_counter()
             write_report(config.run_dir)
+            if metrics.stages_s is not None:  # the report's own time joins the stages it could not show
+                stages = {**metrics.stages_s, "report": round(time.perf_counter() - start, 2)}
+                metrics = metrics.model_copy(update={"stages_s": stages})
+                metrics.write(config.run_dir / "metrics.json")
     if report and main_process() and console is not None:
         print_summary(console, metrics)
         console.print(f"report: {config.run_dir / 'report.md'} and {config.run_dir / 'report.html'}")

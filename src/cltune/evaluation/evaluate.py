@@ -11,6 +11,7 @@ frozen base is upcast meanwhile, `TokenScorer.fp32_arithmetic`), or in the run's
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -67,6 +68,10 @@ class Scores:
     attribution: float
     nll: list[float]
     targets: list[int]
+    # Seconds of the scoring, and the share of them attribution added: the other candidates' variants'
+    # part of the scored positions (one pass scores them all, so the time is apportioned, not clocked apart).
+    seconds: float = 0.0
+    attribution_s: float = 0.0
 
 
 def mixture_nll(nll: torch.Tensor) -> torch.Tensor:
@@ -87,6 +92,7 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
     (agnostic routing: what a user who knows only the speaker gets): one candidate, or several
     scored as an equal-prior mixture (`mixture_nll`).
     """
+    start = time.perf_counter()
     attribute = len(tokens) >= 2
     variants = [replace(e, token=t) for e in examples for t in tokens] if attribute else list(examples)
     pad = tokenizer.pad_token_id
@@ -113,7 +119,11 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
     else:
         share = float("nan")
     ppl = math.exp(total.sum().item() / count.sum().item())
-    return Scores(ppl, share, total.tolist(), [int(c) for c in count.tolist()])
+    seconds = time.perf_counter() - start
+    positions = sum(map(len, encode(variants, tokenizer, max_length)))
+    own_positions = sum(map(len, encode(examples, tokenizer, max_length))) if attribute else positions
+    return Scores(ppl, share, total.tolist(), [int(c) for c in count.tolist()], seconds,
+                  seconds * (1 - own_positions / positions))
 
 
 def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> list[Scores]:

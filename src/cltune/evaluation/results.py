@@ -89,6 +89,9 @@ class RunMetrics(_Record):
     # process, as under `cltune compare`; in a notebook, the notebook's peak so far).
     peak_rss_mb: float | None = None
     adapter_params: int | None = None  # LoRA and token-row parameters the model holds at the end (every adapter)
+    # Seconds per stage of the run: load, train, evaluate, attribution, hooks, samples, save, report
+    # (`cltune.training.session.Stages`); a resumed run adds its own to the interrupted one's finished phases.
+    stages_s: dict[str, float] | None = None
     ppl: list[list[float]] = Field(default_factory=list)  # ppl[i][j]: task j after phase i (row 0: before training)
     speaker_attribution: list[list[float | None]] = Field(default_factory=list)
     phases: list[PhaseRecord] = Field(default_factory=list)

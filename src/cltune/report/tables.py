@@ -52,3 +52,13 @@ def print_summary(console, metrics: RunMetrics) -> None:
     console.print(ppl_table(metrics, rows, routing))
     for line in summary_lines(metrics):
         console.print(line, markup=False, highlight=False)
+    if metrics.stages_s:
+        console.print(stages_line(metrics.stages_s), markup=False, highlight=False)
+
+
+def stages_line(stages: dict[str, float]) -> str:
+    """Where the run's time went: `time: 212 s — train 160 s (75%), evaluate 31 s (15%), …`, largest first."""
+    total = sum(stages.values())
+    spent = sorted(((s, name) for name, s in stages.items() if s >= 0.05), reverse=True)
+    return f"time: {total:.0f} s — " + ", ".join(
+        f"{name} {s:.1f} s ({100 * s / total:.0f}%)" if total else f"{name} {s:.1f} s" for s, name in spent)

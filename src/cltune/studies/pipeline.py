@@ -100,7 +100,8 @@ def run(session: Session, *, reuse_phase1: Path | None = None, console=None, res
     fresh = not resume or not rundir.holds_run(config.run_dir)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        _prepare_run_dir(session, resolved, inputs, fresh=fresh)
+        with session.stages.timed("load"):
+            _prepare_run_dir(session, resolved, inputs, fresh=fresh)
     if acc.log_with:  # after a fresh run has cleared an earlier run's logs (trackers live on the main process)
         acc.init_trackers(config.name, config=flat_settings(config.model_dump(mode="json")))
 
@@ -109,6 +110,8 @@ def run(session: Session, *, reuse_phase1: Path | None = None, console=None, res
         metrics = metrics.model_copy(update={k: getattr(saved, k)
                                              for k in ("ppl", "speaker_attribution", "phases", "samples",
                                                        "routing", "agnostic")})
+        for stage, seconds in (saved.stages_s or {}).items():  # the finished phases' time counts too
+            session.stages.add(stage, seconds)
     else:
         metrics, _ = _with_row(metrics, session, strategy.router())
     if console and acc.is_main_process:
@@ -181,10 +184,11 @@ def _set_up(session: Session, phase: Phase) -> list[Example]:
     passes, costs and hook time are the interrupted process's, recorded with the checkpoint."""
     ctx, strategy, task = session.ctx, session.strategy, phase.task
     setup = phase.checkpoints.latest_setup() if phase.checkpoints else None
-    start = time.perf_counter()
-    phase.costs = dict(strategy.before_task(task, resumed=setup is not None) or {})
-    settle_dtypes(ctx.model, ctx.base_dtype)  # an adapter it added came in the base's dtype
-    phase.hooks_s = {"before_task": round(time.perf_counter() - start, 2)}
+    with session.stages.timed("hooks"):
+        start = time.perf_counter()
+        phase.costs = dict(strategy.before_task(task, resumed=setup is not None) or {})
+        settle_dtypes(ctx.model, ctx.base_dtype)  # an adapter it added came in the base's dtype
+        phase.hooks_s = {"before_task": round(time.perf_counter() - start, 2)}
     examples = strategy.train_data(task)  # once per phase
     if setup is not None:
         phase.before, phase.hooks_s = setup["before"], setup["hooks_s"]
@@ -192,7 +196,8 @@ def _set_up(session: Session, phase: Phase) -> list[Example]:
         ctx.scorer.forward_tokens, ctx.scorer.backward_tokens = (
             p + q for p, q in zip(phase.passes_at_start, setup["passes"]))
     else:
-        phase.before = _start_figures(session, task)
+        with session.stages.timed("evaluate"):
+            phase.before = _start_figures(session, task)
     if phase.checkpoints is not None:
         loop_start = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)
         phase.checkpoints.setup = {"before": phase.before, "hooks_s": phase.hooks_s, "costs": phase.costs,
@@ -220,10 +225,14 @@ def _train(session: Session, phase: Phase, examples: list[Example]) -> PhaseResu
     loop_start = (scorer.forward_tokens, scorer.backward_tokens)
     if phase.reuse is not None:
         main = session.accelerator.is_main_process
-        result = _reuse_phase(phase.reuse, ctx.model, phase.staging_log if main else None)
+        with session.stages.timed("load"):
+            result = _reuse_phase(phase.reuse, ctx.model, phase.staging_log if main else None)
     else:
         result = train_phase(ctx, session.strategy, phase.task, examples, session.config.phase(k), k,
                              phase.staging_log, phase.checkpoints, phase.step_offset)
+        session.stages.add("train", result.wall_s - result.validation_s - result.checkpoint_s)
+        session.stages.add("evaluate", result.validation_s)
+        session.stages.add("save", result.checkpoint_s)
     phase.passes = {"training_forward_tokens": scorer.forward_tokens - loop_start[0],
                     "training_backward_tokens": scorer.backward_tokens - loop_start[1]}
     return result
@@ -232,10 +241,11 @@ def _train(session: Session, phase: Phase, examples: list[Example]) -> PhaseResu
 def _consolidate(session: Session, phase: Phase) -> None:
     """`after_task` (Fisher, memory, merging), its time and costs; the phase's model passes outside evaluation."""
     ctx, scorer = session.ctx, session.ctx.scorer
-    start = time.perf_counter()
-    phase.costs = {**phase.costs, **(session.strategy.after_task(phase.task) or {})}
-    settle_dtypes(ctx.model, ctx.base_dtype)
-    phase.hooks_s["after_task"] = round(time.perf_counter() - start, 2)
+    with session.stages.timed("hooks"):
+        start = time.perf_counter()
+        phase.costs = {**phase.costs, **(session.strategy.after_task(phase.task) or {})}
+        settle_dtypes(ctx.model, ctx.base_dtype)
+        phase.hooks_s["after_task"] = round(time.perf_counter() - start, 2)
     phase.passes = {"forward_tokens": scorer.forward_tokens - phase.passes_at_start[0],
                     "backward_tokens": scorer.backward_tokens - phase.passes_at_start[1], **phase.passes}
     if phase.reuse is not None:  # the training of the phase it stands for counts, as its wall time does
@@ -252,7 +262,7 @@ def _score(session: Session, phase: Phase, metrics: RunMetrics, result: PhaseRes
     config, acc, ctx, strategy, task = session.config, session.accelerator, session.ctx, session.strategy, phase.task
     phase.router = strategy.router()
     metrics, per_utterance = _with_row(metrics, session, phase.router)
-    with phase.router.oracle(task.index):
+    with phase.router.oracle(task.index), session.stages.timed("evaluate"):
         # The loop's last validation scored these very weights unless early stopping or after_task changed them.
         validated, val_ppl = result.last_val or (None, None)
         after = {"val_ppl": val_ppl if validated == served_fingerprint(ctx.model, strategy) else perplexity(
@@ -284,8 +294,11 @@ def _save(session: Session, phase: Phase, metrics: RunMetrics, resolved: str, pe
     config, acc, ctx, strategy, k = session.config, session.accelerator, session.ctx, session.strategy, phase.task.index
     run_dir, router = config.run_dir, phase.router
     if acc.is_main_process:
-        samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1, config.seed)]
+        with session.stages.timed("samples"):
+            samples = [Sample(**row) for row in sample_rows(ctx, router, session.tasks, config.eval, k + 1,
+                                                            config.seed)]
         metrics = metrics.model_copy(update={"samples": [*metrics.samples, *samples]})
+        saving = time.perf_counter()
         log_text = phase.staging_log.read_text(encoding="utf-8") if phase.staging_log.exists() else ""
         save_checkpoint(
             run_dir / f"phase{k + 1}", ctx.model, ctx.tokenizer, meta=phase.meta,
@@ -296,6 +309,8 @@ def _save(session: Session, phase: Phase, metrics: RunMetrics, resolved: str, pe
         )
         phase.staging_log.unlink(missing_ok=True)
         write_json(run_dir / TEST_NLL, {"phase": k + 1, **per_utterance})
+        session.stages.add("save", time.perf_counter() - saving)
+        metrics = metrics.model_copy(update={"stages_s": session.stages.to_json()})
         metrics.write(run_dir / "metrics.json")
         rundir.finish_phase(run_dir, k)  # only now are its step checkpoints superseded
     acc.wait_for_everyone()
@@ -309,6 +324,7 @@ def _values(row: list[Scores]) -> tuple[list[float], list[float | None]]:
 def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics, dict]:
     """`metrics` with the next matrix row (a router that needs the task id adds the agnostic row too),
     and that row's per-utterance NLLs by routing and task (RUN/test_nll.json: paired comparisons)."""
+    start = time.perf_counter()
     scores = test_row(session.ctx, router, session.tasks, session.config.eval)
     session.served.clear()
     for task, score in zip(session.tasks, scores):
@@ -326,6 +342,9 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
             *agnostic.speaker_attribution, routed_attribution]})
     per_utterance = {mode: {task.name: {"lines": [e.line for e in task.test], "nll": s.nll, "targets": s.targets}
                             for task, s in zip(session.tasks, row)} for mode, row in rows.items()}
+    attribution = sum(s.attribution_s for row in rows.values() for s in row)
+    session.stages.add("attribution", attribution)
+    session.stages.add("evaluate", time.perf_counter() - start - attribution)
     return metrics.model_copy(update=update), per_utterance
 
 

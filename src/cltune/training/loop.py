@@ -57,6 +57,9 @@ class PhaseResult:
     # (served_fingerprint, validation PPL) of the latest validation: the pipeline reuses the figure when the
     # phase ends on those weights
     last_val: tuple[str, float] | None = None
+    # seconds of wall_s spent validating and writing step checkpoints (the pipeline's evaluate and save stages)
+    validation_s: float = 0.0
+    checkpoint_s: float = 0.0
 
 
 def split_wide(micro_batch: list[int], lengths: list[int], max_tokens: int | None) -> list[list[int]]:
@@ -420,6 +423,7 @@ def train_phase(
                 log.write(json.dumps(row) + "\n")
 
             if step % val_every == 0 or step == len(plan):
+                validating = time.perf_counter()
                 val_ppl = perplexity(acc, ctx.scorer, ctx.tokenizer, require_no_test(task.val, "validation"),
                                      ctx.max_length,
                                      ctx.eval_batch_size)
@@ -438,8 +442,10 @@ def train_phase(
                     loop.since_best += 1
                     result.stopped_early = bool(settings.early_stopping_patience
                                                 and loop.since_best >= settings.early_stopping_patience)
+                result.validation_s += time.perf_counter() - validating
             stop = interrupt.requested(acc)  # Ctrl-C/SIGTERM: stop here, with a checkpoint of this very step
             if checkpoints and (stop or checkpoints.due(step, len(plan), result.stopped_early)):
+                saving = time.perf_counter()
                 _require_finite(ctx.model, where, loop.best_state, strategy)
                 loop.elapsed_s = time.perf_counter() - start
                 if log:
@@ -451,6 +457,7 @@ def train_phase(
                                          ctx.scorer.backward_tokens - counted[1]]},
                                      loop.best_state,
                                      log_path.read_text(encoding="utf-8") if log_path and log_path.exists() else "")
+                result.checkpoint_s += time.perf_counter() - saving
             if stop:
                 saved = ", after saving a step checkpoint" if checkpoints else ""
                 raise interrupt.Interrupted(stop, f"in phase {phase + 1} at step {step} of {len(plan)}{saved}")

@@ -7,7 +7,9 @@ benchmarks and the tests all start here, so a run is built the same way wherever
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +131,31 @@ def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: A
     return model, tokenizer, scorer, new_ids, parameter_counts(model)
 
 
+class Stages:
+    """Seconds a run spends per stage, for metrics.json's `stages_s` and the summary's last line: loading
+    (data, model, EDA), training, evaluation, the attribution share of it, strategy hooks, the report's
+    samples, checkpoints, and the report."""
+
+    ORDER = ("load", "train", "evaluate", "attribution", "hooks", "samples", "save", "report")
+
+    def __init__(self, seconds: dict[str, float] | None = None):
+        self.seconds = {name: 0.0 for name in self.ORDER} | dict(seconds or {})
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+
+    @contextmanager
+    def timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def to_json(self) -> dict[str, float]:
+        return {name: round(value, 2) for name, value in self.seconds.items()}
+
+
 @dataclass
 class Session:
     """Everything one run is made of; `ctx` is what its strategy sees."""
@@ -145,6 +172,7 @@ class Session:
     # task index → (fingerprint of the weights that served it, its test PPL) in the latest matrix row: a
     # phase whose start model is that same model reuses the figure instead of scoring the test set again
     served: dict[int, tuple[str, float]] = field(default_factory=dict)
+    stages: Stages = field(default_factory=Stages)
 
     @property
     def model(self):
@@ -164,6 +192,7 @@ def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strat
     """Assemble a run: precision (chosen once), accelerator (with the trackers `log_with` names, logging under
     RUN/logs), tasks, model with speaker tokens and LoRA, and the config's strategy (or `strategy`, by name,
     from `registry`). Seeded with the config's seed first: the same config builds the same LoRA weights."""
+    start = time.perf_counter()
     set_seed(config.seed)
     precision = resolve_precision(config.model.precision)
     accelerator = make_accelerator(precision, check_trackers(log_with), config.run_dir / "logs")
@@ -175,5 +204,7 @@ def build_session(config: BaseRunConfig, *, registry: Registry = REGISTRY, strat
     name = strategy or config.strategy
     if name not in registry:
         raise UserError(f"strategy: unknown {name!r}; choose one of {', '.join(registry)}")
-    return Session(config, precision, accelerator, datasets, tasks, tokens, ctx,
-                   registry.create(name, ctx, config), counts)
+    session = Session(config, precision, accelerator, datasets, tasks, tokens, ctx,
+                      registry.create(name, ctx, config), counts)
+    session.stages.add("load", time.perf_counter() - start)
+    return session
