@@ -43,6 +43,11 @@ class ModelSettings(Strict):
         "autocast over an fp32 base (GPUs); auto: bf16 where the CPU (AVX-512 BF16, AMX) or GPU has native bf16, fp16 "
         "on older GPUs, else fp32"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations during backward instead of keeping them: "
+        "training memory grows with one layer's activations instead of every layer's, for about a third more "
+        "compute (big models, long rows; docs/benchmarks/performance.md)"
+    )
 
 
 class LoraSettings(Strict):

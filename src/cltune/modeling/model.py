@@ -177,6 +177,20 @@ def attach_lora(model: PreTrainedModel, settings: LoraSettings, new_token_ids: l
     return get_peft_model(model, lora_config(model, settings, new_token_ids), adapter_name=adapter)
 
 
+def checkpoint_layers(model: PeftModel) -> None:
+    """Gradient checkpointing on every decoder layer of the base (non-reentrant, so the frozen embeddings
+    need no gradient); it acts while the model trains and leaves evaluation and generation untouched."""
+    base = model.get_base_model()
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UserError(f"model.gradient_checkpointing: {type(base).__name__} does not support it; "
+                        "set it to false")
+    enable = getattr(base, "activation_checkpointing_enable", None)  # its name from transformers 5.x on
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 ADAPTER_MARKERS = ("lora_", "trainable_tokens_delta")
 
 

@@ -31,6 +31,7 @@ from cltune.modeling.memory import release_free_memory
 from cltune.modeling.model import (
     add_special_tokens,
     attach_lora,
+    checkpoint_layers,
     load_base,
     parameter_counts,
     resize_for,
@@ -124,6 +125,8 @@ def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: A
     new_ids = add_special_tokens(tokenizer, speaker_tokens)
     resize_for(model, tokenizer)
     model = attach_lora(model, config.lora, new_ids)
+    if config.model.gradient_checkpointing:
+        checkpoint_layers(model)
     settle_dtypes(model, base_dtype(precision))
     release_free_memory()  # the loader's fp32 copy of a base now stored in bf16
     scorer = TokenScorer(model, torch.bfloat16 if precision == "bf16" else None,
