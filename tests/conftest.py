@@ -64,6 +64,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+def fast_runs(one_thread):
+    """For a module of in-process runs (`pytestmark = pytest.mark.usefixtures("fast_runs")`): one intra-op thread
+    (`one_thread`), and no EDA plots (a second a run, and what they show is tested in test_eda.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("cltune.studies.pipeline.write_eda", lambda *args, **kwargs: None)
+        yield
+
+
+@pytest.fixture(scope="module")
 def stream(tmp_path_factory) -> Path:
     """A module's folder for the tiny stream's data and runs (`stream_config`)."""
     return tmp_path_factory.mktemp("stream")
@@ -81,8 +90,9 @@ def reference(tiny_model_dir, stream):
 
 @pytest.fixture(scope="session")
 def strategy_streams(tiny_model_dir, tmp_path_factory):
-    """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream, run once per
-    strategy per session and shared by the end-to-end tests and the resume tests."""
+    """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream on conversations with two
+    context turns (every hook then sees examples with context), run once per strategy per session and shared
+    by the end-to-end test, which also resumes against it, and the tests that read a finished run."""
     from cltune.api import make_config
     from cltune.studies.pipeline import run_stream
 
@@ -90,9 +100,9 @@ def strategy_streams(tiny_model_dir, tmp_path_factory):
 
     def streams(strategy: str):
         if strategy not in cache:
-            # a step checkpoint after every step, three steps a phase: resume tests stop and continue inside phase 2
-            raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted", checkpoint_every=1,
-                                max_steps=3)
+            # a step checkpoint after every step, three steps a phase: resume tests stop and continue inside a phase
+            raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted", context_turns=2,
+                                checkpoint_every=1, max_steps=3)
             cache[strategy] = (raw, run_stream(make_config(raw)))
         return cache[strategy]
 

@@ -1,6 +1,6 @@
-"""Plain helpers the tests share (conftest holds the fixtures): dialogue files, tiny run configs, one
-in-process CLI runner, and small tools for damaging files and comparing runs. Tests import this module,
-never each other."""
+"""Plain helpers the tests share (conftest holds the fixtures): dialogue and conversation files, tiny run
+configs, one in-process CLI runner, and small tools for damaging files, crashing runs and comparing them.
+Tests import this module, never each other."""
 
 from __future__ import annotations
 
@@ -39,6 +39,33 @@ def write_dialogue(path: Path, guest: str, rows: int, seed: int = 0) -> Path:
     return path
 
 
+def write_conversations(path: Path, guest: str, conversations: int, seed: int = 0, *, column: bool = True,
+                        interleave: bool = False) -> Path:
+    """`conversations` Host↔guest conversations of 3–7 turns: a conversation column, or (column=False)
+    blank rows between them. `interleave`: the rows of consecutive conversations alternate in the file."""
+    rng = random.Random(seed)
+    talks = []
+    for c in range(conversations):
+        turns = rng.randint(3, 7)
+        talks.append([(f"c{c}", "Host" if i % 2 == 0 else guest, " ".join(rng.choices(WORDS["Host" if i % 2 == 0 else
+                                                                                          guest], k=rng.randint(2, 6))))
+                      for i in range(turns)])
+    rows = []
+    if interleave:
+        for a, b in zip(talks[::2], talks[1::2]):
+            rows += [r for pair in zip(a, b) for r in pair] + a[len(b):] + b[len(a):]
+        rows += talks[-1] if len(talks) % 2 else []
+    else:
+        for talk in talks:
+            rows += talk + ([("", "", "")] if not column else [])
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["conversation", "speaker", "text"] if column else ["speaker", "text"])
+        for c, speaker, text in rows:
+            writer.writerow([c, speaker, text] if column else ([speaker, text] if speaker else []))
+    return path
+
+
 def train_tiny_tokenizer(folder: Path):
     from tiny import train_tiny_tokenizer as train
 
@@ -74,15 +101,24 @@ def tiny_run_config(model_dir: Path, csvs: list[Path], out: Path, strategy: str 
     return config
 
 
-def stream_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", **train) -> dict:
+def stream_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", *,
+                  context_turns: int = 0, **train) -> dict:
     """The tiny two-task stream the end-to-end and resume tests run: dropout on (a resume must reproduce
-    random draws), Reptile's meta-training cut short, and `train` settings on top."""
+    random draws), Reptile's meta-training cut short, and `train` settings on top. `context_turns` > 0: the
+    files hold conversations (a conversation column) and each utterance comes with up to that many earlier
+    turns (max_length 48 leaves them room); a folder's files are written once, by its first call."""
     csvs = [folder / "guest_a.csv", folder / "guest_b.csv"]
     if not csvs[0].exists():
-        write_dialogue(csvs[0], "Guest A", 60, 1)
-        write_dialogue(csvs[1], "Guest B", 40, 2)
+        if context_turns:
+            write_conversations(csvs[0], "Guest A", 14, 1)
+            write_conversations(csvs[1], "Guest B", 10, 2)
+        else:
+            write_dialogue(csvs[0], "Guest A", 60, 1)
+            write_dialogue(csvs[1], "Guest B", 40, 2)
     raw = tiny_run_config(model_dir, csvs, folder / "runs", strategy, name=name)
     raw["lora"]["dropout"] = 0.1
+    if context_turns:
+        raw["data"] = {"max_length": 48, "context_turns": context_turns}
     raw["train"].update(train)
     if strategy == "reptile":  # its default meta-training is a hundred extra steps
         raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
@@ -130,6 +166,26 @@ def deterministic(metrics) -> dict:
     for p in out["phases"]:
         p["strategy"] = {k: v for k, v in p["strategy"].items() if k != "hooks_s" and not k.endswith("wall_s")}
     return out
+
+
+class SimulatedCrash(BaseException):
+    """Raised from inside a run to stop it the way a crash would: nothing catches it."""
+
+
+def crash_after_saves(monkeypatch, count: int) -> None:
+    """Make the `count`-th step checkpoint the last thing the run does."""
+    from cltune.training import resume
+
+    original, calls = resume.StepCheckpoints.save, []
+
+    def save(self, *args, **kwargs):
+        path = original(self, *args, **kwargs)
+        calls.append(path)
+        if len(calls) == count:
+            raise SimulatedCrash(path)
+        return path
+
+    monkeypatch.setattr(resume.StepCheckpoints, "save", save)
 
 
 def flip_byte(path: Path, at: int = -10) -> None:

@@ -1,11 +1,10 @@
 """Context turns (`data.context_turns`): the encoding and its masks, which turns an utterance sees, the
-scores, every strategy on a stream with context, and the report's replies in context."""
+scores, a stream with context and the report's replies in context (every strategy trains with context in
+test_every_strategy.py), generation and chat after context."""
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -15,34 +14,7 @@ from cltune.data import Example, Split, Turn, build_task, load_dialogue
 from cltune.errors import UserError
 from cltune.modeling.batching import IGNORE, collate, encode, fit_context
 
-from helpers import WORDS, prepared, tiny_run_config
-
-
-def write_conversations(path: Path, guest: str, conversations: int, seed: int = 0, *, column: bool = True,
-                        interleave: bool = False) -> Path:
-    """`conversations` Host↔guest conversations of 3–7 turns: a conversation column, or (column=False)
-    blank rows between them. `interleave`: the rows of consecutive conversations alternate in the file."""
-    rng = random.Random(seed)
-    talks = []
-    for c in range(conversations):
-        turns = rng.randint(3, 7)
-        talks.append([(f"c{c}", "Host" if i % 2 == 0 else guest, " ".join(rng.choices(WORDS["Host" if i % 2 == 0 else
-                                                                                          guest], k=rng.randint(2, 6))))
-                      for i in range(turns)])
-    rows = []
-    if interleave:
-        for a, b in zip(talks[::2], talks[1::2]):
-            rows += [r for pair in zip(a, b) for r in pair] + a[len(b):] + b[len(a):]
-        rows += talks[-1] if len(talks) % 2 else []
-    else:
-        for talk in talks:
-            rows += talk + ([("", "", "")] if not column else [])
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["conversation", "speaker", "text"] if column else ["speaker", "text"])
-        for c, speaker, text in rows:
-            writer.writerow([c, speaker, text] if column else ([speaker, text] if speaker else []))
-    return path
+from helpers import prepared, tiny_run_config, write_conversations
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +148,8 @@ def test_a_score_with_context_counts_the_target_tokens_only(tok_model):
 
 @pytest.fixture(scope="module")
 def context_streams(tiny_model_dir, tmp_path_factory):
-    """`streams(strategy, k)` → (run folder, RunMetrics) of a two-task stream whose files have a conversation
-    column, with `data.context_turns` k; run once per (strategy, k) per module."""
+    """`streams(k)` → (run folder, RunMetrics) of a naive two-task stream whose files have a conversation
+    column, with `data.context_turns` k; run once per k per module."""
     from cltune.api import make_config
     from cltune.studies.pipeline import run_stream
 
@@ -185,14 +157,12 @@ def context_streams(tiny_model_dir, tmp_path_factory):
     csvs = [write_conversations(folder / "guest_a.csv", "Guest A", 14, 1),
             write_conversations(folder / "guest_b.csv", "Guest B", 10, 2)]
 
-    def streams(strategy: str, k: int = 2):
-        if (strategy, k) not in cache:
-            raw = tiny_run_config(tiny_model_dir, csvs, folder / "runs", strategy, name=f"{strategy}-k{k}")
+    def streams(k: int):
+        if k not in cache:
+            raw = tiny_run_config(tiny_model_dir, csvs, folder / "runs", "naive", name=f"naive-k{k}")
             raw["data"] = {"max_length": 48, "context_turns": k}
-            if strategy == "reptile":
-                raw["reptile"] = {"meta_iterations": 2, "inner_steps": 1}
-            cache[strategy, k] = (Path(raw["output_dir"]) / raw["name"], run_stream(make_config(raw)))
-        return cache[strategy, k]
+            cache[k] = (Path(raw["output_dir"]) / raw["name"], run_stream(make_config(raw)))
+        return cache[k]
 
     return streams
 
@@ -200,8 +170,8 @@ def context_streams(tiny_model_dir, tmp_path_factory):
 def test_a_stream_with_context_scores_the_same_targets_and_shows_replies_in_context(context_streams):
     from cltune.report import write_report
 
-    alone_dir, alone = context_streams("naive", 0)
-    run_dir, metrics = context_streams("naive", 2)
+    alone_dir, alone = context_streams(0)
+    run_dir, metrics = context_streams(2)
     assert (alone.context_turns, metrics.context_turns) == (0, 2)
     assert json.loads((run_dir / "metrics.json").read_text())["context_turns"] == 2
     # the same test utterances and target tokens with and without context: perplexities compare directly
@@ -229,17 +199,6 @@ def test_a_stream_with_context_scores_the_same_targets_and_shows_replies_in_cont
     assert "## Replies in context" in report and metrics.samples[0].reference[:40] in report
 
 
-@pytest.mark.parametrize("strategy", sorted(__import__("cltune.strategies", fromlist=["REGISTRY"]).REGISTRY))
-def test_every_strategy_learns_with_context_turns(context_streams, strategy):
-    """Replay, Fisher, distillation, projections, pseudo-data and routers all take the examples with their context."""
-    import math
-
-    _, metrics = context_streams(strategy, 2)
-    assert metrics.context_turns == 2 and len(metrics.ppl) == 3
-    assert all(math.isfinite(v) and v > 1 for row in metrics.ppl for v in row)
-    assert metrics.ppl[1][0] < metrics.ppl[0][0]
-
-
 def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp_path, monkeypatch, capsys):
     """`cltune generate --context` prompts with the turns as training encodes a target's context, and prints
     what the library's own call returns; an unknown speaker in the file is refused with its line."""
@@ -250,7 +209,7 @@ def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp
 
     from helpers import run_cli
 
-    run_dir, _ = context_streams("naive", 2)
+    run_dir, _ = context_streams(2)
     phase = run_dir / "phase2"
     talker = Talker(phase)
     assert (talker.context_turns, talker.max_length) == (2, 48)
@@ -289,7 +248,7 @@ def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
 
     from helpers import run_cli
 
-    run_dir, _ = context_streams("naive", 2)
+    run_dir, _ = context_streams(2)
     phase = run_dir / "phase2"
     script = tmp_path / "script.txt"
     script.write_text("so tell me\nwhat do you think\n/speaker Nobody\n/reset\n/speaker host\nquestion today\n"
@@ -314,7 +273,7 @@ def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
     assert talker.prompt([(HOST, "so tell me"), (GUEST, first), (HOST, "what do you think")], GUEST) == \
         talker.prompt([(GUEST, first), (HOST, "what do you think")], GUEST)  # only the last two turns are shown
 
-    alone_dir, _ = context_streams("naive", 0)
+    alone_dir, _ = context_streams(0)
     without = run_cli(monkeypatch, capsys, "chat", alone_dir / "phase2", "--as", "Guest A", "--script", script,
                      "--max-new-tokens", "3")
     assert without.code == 0 and "trained without context turns" in without.out

@@ -25,19 +25,23 @@ from cltune.api import make_config
 from cltune.errors import UserError
 from cltune.modeling.checkpoint import verify
 from cltune.modeling.model import attach_lora
-from cltune.strategies import REGISTRY
 from cltune.studies.pipeline import run_stream
 from cltune.training import resume as resuming
 from cltune.training.loop import DivergedError
 from cltune.training.session import safe_name
 
-from helpers import cltune_command, deterministic, disk_full, flip_byte, raw_config, run_cli
+from helpers import (
+    SimulatedCrash,
+    cltune_command,
+    crash_after_saves,
+    deterministic,
+    disk_full,
+    flip_byte,
+    raw_config,
+    run_cli,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cltune"
-
-
-class SimulatedCrash(BaseException):
-    """Raised from inside a run to stop it the way a crash would: nothing catches it."""
 
 
 def max_relative_ppl_difference(a, b) -> float:
@@ -45,26 +49,7 @@ def max_relative_ppl_difference(a, b) -> float:
                for x, y in zip(ra, rb))
 
 
-def crash_after_saves(monkeypatch, count: int) -> None:
-    """Make the `count`-th step checkpoint the last thing the run does."""
-    original, calls = resuming.StepCheckpoints.save, []
-
-    def save(self, *args, **kwargs):
-        path = original(self, *args, **kwargs)
-        calls.append(path)
-        if len(calls) == count:
-            raise SimulatedCrash(path)
-        return path
-
-    monkeypatch.setattr(resuming.StepCheckpoints, "save", save)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_runs(one_thread):
-    """One intra-op thread (conftest's `one_thread`); in-process runs here skip the EDA plots (a second each)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("cltune.studies.pipeline.write_eda", lambda *args, **kwargs: None)
-        yield
+pytestmark = pytest.mark.usefixtures("fast_runs")  # one thread, no EDA plots (conftest)
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -133,18 +118,6 @@ def test_resume_from_other_crash_points_equals_an_uninterrupted_run(tiny_model_d
             run_stream(config)
     assert not (config.run_dir / "metrics.json").exists()
     assert deterministic(run_stream(config, resume=True)) == deterministic(reference)
-
-
-@pytest.mark.parametrize("strategy", sorted(REGISTRY))
-def test_every_strategy_resumes_mid_phase_2_exactly(strategy_streams, monkeypatch, strategy):
-    """Phase 1's checkpoint and strategy state, then phase 2's step checkpoint: equal to not stopping."""
-    raw, uninterrupted = strategy_streams(strategy)
-    config = make_config({**raw, "name": f"{strategy}-resumed"})
-    with monkeypatch.context() as patch:
-        crash_after_saves(patch, 5)  # phase 1 saves steps 1-3, phase 2 steps 1-2
-        with pytest.raises(SimulatedCrash):
-            run_stream(config)
-    assert deterministic(run_stream(config, resume=True)) == deterministic(uninterrupted)
 
 
 def test_a_phase_resumed_from_a_step_checkpoint_skips_work_the_checkpoint_restores(strategy_streams, monkeypatch):
