@@ -1,10 +1,13 @@
-"""Training throughput of cltune's loop against the reference pipeline's stack, and the machine's matmul ceiling.
+"""Training throughput of cltune's loop against a plain PEFT loop, the reference pipeline's stack, and the ceiling.
 
 Both sides train the same bundled model (SmolLM2-135M-Instruct + LoRA r16, α32, dropout .05 on
 q,k,v,o) on the same utterances (guest A's train split of src/cltune/configs/demo.yaml) on this machine:
 
 - baseline, written the way the reference pipeline did it: HF `Trainer` + PEFT, every utterance padded to
   max_length=100, batch 2 × gradient accumulation 16, fp32, full-vocabulary logits;
+- anchor (`bench/anchor.py`), per precision: the smallest honest PEFT + PyTorch loop on the same model,
+  LoRA shape, utterances and batch size, each batch padded to its longest, one forward and backward
+  per step; cltune's ratio to it, paired round by round, is the figure issue 30 holds cltune to;
 - cltune: the real `cltune.training.loop.train_phase` (Naive strategy, the Context built as
   `cltune.studies.pipeline.run` builds it) with the config's defaults (`micro_batch_size: auto`, LM head
   only at target positions), once per precision: fp32, and bf16 (base in bf16, matmuls in bf16,
@@ -20,6 +23,7 @@ through the activations 2N; no weight gradients for the frozen base), N = base p
 tied embedding counted once (as the LM head). LoRA's own FLOPs and attention are ignored.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/throughput.py   # 3 rounds (~10 min on 2 cores)
+    .venv/bin/python bench/throughput.py --skip-baseline --rounds 5   # anchor vs cltune: median and spread
     .venv/bin/python bench/throughput.py --steps 2 --rounds 1 --json out.json
     .venv/bin/python bench/throughput.py --device cuda --micro-batch-size 128 --batch-size 256 --packing
 """
@@ -52,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cltune utterances per optimizer step (default: the config's)")
     p.add_argument("--packing", action="store_true", help="cltune: pack utterances into rows of --pack-length")
     p.add_argument("--pack-length", type=int, default=256)
-    p.add_argument("--skip-baseline", action="store_true", help="time cltune only (e.g. on a GPU, to size batches)")
+    p.add_argument("--skip-baseline", action="store_true", help="leave out the reference pipeline's stack (slow)")
+    p.add_argument("--skip-anchor", action="store_true", help="leave out the plain PEFT loop")
     p.add_argument("--peak-seconds", type=float, default=2.0, help="time spent on the fp32 matmul peak per round")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     return p.parse_args(argv)
@@ -184,6 +189,14 @@ def main(argv=None) -> int:
             stream, create_strategy("naive", stream.ctx, config), with_small_val(stream.tasks[0]),
             lambda steps, config=config, changes=changes: phase_settings(config, steps, **changes), precision)
     first = next(iter(sides.values()))[0]
+    anchors = {}  # precision → (model, batches): the plain loop beside each cltune side
+    if not args.skip_anchor:
+        from anchor import anchor_batches, anchor_model, run_anchor
+
+        for stream, _, task, settings, precision in sides.values():
+            model, tokenizer = anchor_model(stream, precision, device)
+            encoded = encode(task.train, tokenizer, stream.config.data.max_length)
+            anchors[precision] = (model, anchor_batches(encoded, settings(1).batch_size, tokenizer.pad_token_id))
     if not args.skip_baseline:
         model, tokenizer = baseline_model(first, device)
         counter = TokenCounter()
@@ -199,14 +212,21 @@ def main(argv=None) -> int:
         run_cltune(stream, strategy, task, settings(1))
     if not args.skip_baseline:
         run_baseline(model, dataset, 1, device, counter)
+    for precision, (anchor, batches) in anchors.items():
+        run_anchor(anchor, batches, 1, precision, device)
 
-    names = (["baseline"] if not args.skip_baseline else []) + list(sides)
+    names = (["baseline"] if not args.skip_baseline else []) + [f"anchor {p}" for p in anchors] + list(sides)
     rounds = []
     for r in range(args.rounds):
         got = {}
         for name in names if r % 2 == 0 else names[::-1]:  # alternate the order so load hits every side alike
             if name == "baseline":
                 got[name] = run_baseline(model, dataset, args.baseline_steps, device, counter)
+            elif name.startswith("anchor "):
+                precision = name.split()[1]
+                anchor, batches = anchors[precision]
+                # the batches after the warm-up's, a new stretch of them each round
+                got[name] = run_anchor(anchor, batches[1 + r * args.steps :] + batches, args.steps, precision, device)
             else:
                 stream, strategy, task, settings, _ = sides[name]
                 got[name] = run_cltune(stream, strategy, task, settings(args.steps))
@@ -220,20 +240,31 @@ def main(argv=None) -> int:
     n_params = first.base_params
     summary = {"base_params": n_params, "fp32_peak_flops_median": median(peaks["fp32"]),
                "bf16_peak_flops_median": median(peaks["bf16"]), "sides": {}}
-    reference = names[0]  # the reference pipeline's stack, or (with --skip-baseline) the first cltune side
     rows = []
+
+    def precision_of(name: str) -> str:
+        return "fp32" if name == "baseline" else name.split()[1] if name.startswith("anchor ") else sides[name][4]
+
     for name in names:
-        tps = median(r[name].tokens_per_s for r in rounds)
-        ratio = median(r[name].tokens_per_s / r[reference].tokens_per_s for r in rounds)
-        precision = "fp32" if name == "baseline" else sides[name][4]
+        runs = [r[name].tokens_per_s for r in rounds]
+        tps = median(runs)
+        # each cltune side against the plain loop of its precision, paired round by round; the others against
+        # the reference pipeline's stack (or, without it, the first side)
+        reference = f"anchor {precision_of(name)}" if f"anchor {precision_of(name)}" in names and not \
+            name.startswith("anchor ") else names[0]
+        ratios = [r[name].tokens_per_s / r[reference].tokens_per_s for r in rounds]
+        precision = precision_of(name)
         peak = summary["bf16_peak_flops_median" if precision == "bf16" else "fp32_peak_flops_median"]
         share = 4 * n_params * tps / peak
-        summary["sides"][name] = {"tokens_per_s": tps, f"ratio_to_{reference}": ratio, "precision": precision,
+        summary["sides"][name] = {"tokens_per_s": tps, "tokens_per_s_runs": runs, "against": reference,
+                                  "ratio": median(ratios), "ratios": ratios, "precision": precision,
                                   "share_of_peak": share, "step_s": median(r[name].step_s for r in rounds)}
-        rows.append([name, f"{tps:.1f}", f"{ratio:.2f}×", precision, f"{peak / 1e9:.0f}", f"{100 * share:.1f}%"])
+        rows.append([name, f"{tps:.1f}", f"{min(runs):.1f}–{max(runs):.1f}", f"{median(ratios):.2f}× {reference}",
+                     f"{min(ratios):.2f}–{max(ratios):.2f}", precision, f"{peak / 1e9:.0f}", f"{100 * share:.1f}%"])
     print()
-    print(table(["side", "tok/s (median)", f"vs {reference} (paired)", "matmuls", "peak GFLOP/s", "share of peak"],
-                rows))
+    print(table(["side", "tok/s (median)", "spread", "ratio (median, paired)", "ratio spread", "matmuls",
+                 "peak GFLOP/s", "share of peak"], rows))
+    print(f"\n{len(rounds)} rounds")
     print(f"\nmatmul peak ({device}, {torch.get_num_threads()} threads): "
           f"fp32 2048³ {summary['fp32_peak_flops_median'] / 1e9:.0f} "
           f"GFLOP/s, bf16 {bf16_n}³ {summary['bf16_peak_flops_median'] / 1e9:.0f} GFLOP/s (medians over rounds); "
