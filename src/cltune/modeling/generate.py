@@ -102,23 +102,32 @@ def sample_utterances(
 def sample_rows(ctx, router, tasks, settings, phase: int, seed: int) -> list[dict]:
     """`settings.samples_per_speaker` generations per speaker of each task, each task served by the weights
     `router.oracle` gives it; the report's sample table. Without context turns each is prompted by the speaker
-    token alone (one seeded batch per task); with them, each answers a test utterance's real context (seeded
+    token alone (one seeded batch of every task's prompts where one model serves them all, else one per
+    task); with them, each answers a test utterance's real context (seeded
     choice among the test utterances that have one) and the true reply is kept beside it."""
-    out = []
-    for task in tasks:
-        if any(e.context for e in task.test):
-            out += _replies_in_context(ctx, router, task, settings, phase, seed)
-            continue
-        rows = [(speaker, token) for speaker, token in task.tokens.items() for _ in range(settings.samples_per_speaker)]
+    out: list[dict] = []
+    alone = [task for task in tasks if not any(e.context for e in task.test)]
+    prompted = {task.index for task in alone}
+    # One model for every task (no task routing): every task's prompts share one batch, as a generation step
+    # costs about the same for 4 rows as for 8; otherwise one batch per task, under the weights serving it.
+    groups = [alone] if alone and not router.task_routed else [[task] for task in alone]
+    by_task: dict[str, list[dict]] = {}
+    for group in groups:
+        rows = [(task, speaker, token) for task in group for speaker, token in task.tokens.items()
+                for _ in range(settings.samples_per_speaker)]
         if not rows:
             continue
-        prompts = [[ctx.tokenizer.convert_tokens_to_ids(token)] for _, token in rows]
-        with router.oracle(task.index):
+        prompts = [[ctx.tokenizer.convert_tokens_to_ids(token)] for _, _, token in rows]
+        with router.oracle(group[0].index):
             texts = sample_continuations(ctx.model, ctx.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                          temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed,
                                          batch_size=len(prompts))
-        out += [{"phase": phase, "task": task.name, "speaker": speaker, "token": token, "text": text}
-                for (speaker, token), text in zip(rows, texts)]
+        for (task, speaker, token), text in zip(rows, texts):
+            by_task.setdefault(task.name, []).append(
+                {"phase": phase, "task": task.name, "speaker": speaker, "token": token, "text": text})
+    for task in tasks:  # in task order, whichever way each was sampled
+        out += _replies_in_context(ctx, router, task, settings, phase, seed) if task.index not in prompted else \
+            by_task.get(task.name, [])
     return out
 
 
