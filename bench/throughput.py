@@ -55,9 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None,
                    help="cltune utterances per optimizer step (default: the config's)")
     p.add_argument("--packing", action="store_true", help="cltune: pack utterances into rows of --pack-length")
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a cltune train setting for its sides, e.g. max_micro_batch_tokens=1024 (repeatable)")
     p.add_argument("--pack-length", type=int, default=256)
     p.add_argument("--skip-baseline", action="store_true", help="leave out the reference pipeline's stack (slow)")
     p.add_argument("--skip-anchor", action="store_true", help="leave out the plain PEFT loop")
+    p.add_argument("--uniform-length", type=int, default=None,
+                   help="train every side on utterances of exactly this many tokens (data.max_length N, and only "
+                        "the utterances that fill it): no padding for any loop to save")
     p.add_argument("--peak-seconds", type=float, default=2.0, help="time spent on the fp32 matmul peak per round")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     return p.parse_args(argv)
@@ -145,6 +150,19 @@ def run_baseline(model, dataset, steps: int, device: str, counter: TokenCounter)
     return window(points, load1())
 
 
+def uniform(stream, length: int | None):
+    """Guest A's task; with `length`, only its training utterances whose encoding fills `length` tokens."""
+    from dataclasses import replace
+
+    from cltune.modeling.batching import encode
+
+    task = stream.tasks[0]
+    if not length:
+        return task
+    encoded = encode(task.train, stream.ctx.tokenizer, length)
+    return replace(task, train=[e for e, ids in zip(task.train, encoded) if len(ids) == length])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
@@ -177,6 +195,8 @@ def main(argv=None) -> int:
     precisions = args.precisions.split(",") if args.precisions else (["fp32", "bf16"] if native_bf16 else ["fp32"])
 
     overrides = [f"model.name={args.model}"] if args.model else []
+    if args.uniform_length:
+        overrides.append(f"data.max_length={args.uniform_length}")
     sides = {}  # cltune side name → (stream, strategy, task, settings(steps))
     for precision in precisions:
         stream = demo_stream(overrides=[*overrides, f"model.precision={precision}"])
@@ -184,9 +204,10 @@ def main(argv=None) -> int:
         changes = {k: v for k, v in {"micro_batch_size": args.micro_batch_size, "batch_size": args.batch_size}.items()
                    if v}
         changes.update(packing=args.packing, pack_length=args.pack_length)
+        changes.update(dict(item.split("=", 1) for item in args.train_set))
         resolved = micro_batch(phase_settings(config, 1, **changes), wide=precision != "fp32" or device != "cpu")
         sides[f"cltune {precision} mb{resolved}"] = (
-            stream, create_strategy("naive", stream.ctx, config), with_small_val(stream.tasks[0]),
+            stream, create_strategy("naive", stream.ctx, config), with_small_val(uniform(stream, args.uniform_length)),
             lambda steps, config=config, changes=changes: phase_settings(config, steps, **changes), precision)
     first = next(iter(sides.values()))[0]
     anchors = {}  # precision → (model, batches): the plain loop beside each cltune side
@@ -225,8 +246,8 @@ def main(argv=None) -> int:
             elif name.startswith("anchor "):
                 precision = name.split()[1]
                 anchor, batches = anchors[precision]
-                # the batches after the warm-up's, a new stretch of them each round
-                got[name] = run_anchor(anchor, batches[1 + r * args.steps :] + batches, args.steps, precision, device)
+                # the same batches every round (after the warm-up's), as cltune's side runs the same steps
+                got[name] = run_anchor(anchor, batches[1:], args.steps, precision, device)
             else:
                 stream, strategy, task, settings, _ = sides[name]
                 got[name] = run_cltune(stream, strategy, task, settings(args.steps))
