@@ -174,6 +174,43 @@ def _progress(enabled: bool) -> Progress:
 
 
 @dataclass
+class LossGuard:
+    """Watches a phase's training loss for a rise that the NaN checks miss (a learning rate too high for some
+    weights walks the loss up while every number stays finite).
+
+    The loss is smoothed (exponential average, `decay`); after `warmup` steps, a smoothed loss more than
+    `margin` nats above the lowest smoothed loss so far (perplexity × e ≈ 2.7) means the phase is diverging. The loop then backs off: the last good weights come back and every learning rate is halved,
+    up to `backoffs` times; the next rise stops the phase with a message that names the step and the
+    settings to lower. The state travels in step checkpoints, so a resumed phase decides as an
+    uninterrupted one would.
+    """
+
+    margin: float = 1.0
+    decay: float = 0.9
+    warmup: int = 5
+    backoffs: int = 2
+    smoothed: float | None = None
+    lowest: float = math.inf
+    seen: int = 0
+    backed_off: int = 0
+    tripped: tuple[float, float] | None = None  # (smoothed, lowest) when it last said back off or stop
+
+    def observe(self, loss: float) -> str | None:
+        """"backoff" or "stop" when this step's loss says the phase diverges, else None."""
+        self.seen += 1
+        self.smoothed = loss if self.smoothed is None else self.decay * self.smoothed + (1 - self.decay) * loss
+        if self.seen < self.warmup or self.smoothed <= self.lowest + self.margin:
+            self.lowest = min(self.lowest, self.smoothed)
+            return None
+        self.tripped = (self.smoothed, self.lowest)
+        if self.backed_off >= self.backoffs:
+            return "stop"
+        self.backed_off += 1
+        self.smoothed, self.seen = None, 0  # the restored weights start a new watch (their loss is the old low)
+        return "backoff"
+
+
+@dataclass
 class _Loop:
     """Everything the loop carries from step to step; what a step checkpoint saves and restores."""
 
@@ -182,10 +219,12 @@ class _Loop:
     since_best: int = 0
     step: int = 0  # optimizer steps done
     elapsed_s: float = 0.0  # training time before this process started (a resumed run adds its own)
+    guard: LossGuard = field(default_factory=LossGuard)
 
     def to_json(self, plan_sha: str, data_sha: str, epoch: int) -> dict:
         return {"step": self.step, "epoch": epoch, "since_best": self.since_best, "elapsed_s": self.elapsed_s,
                 "plan_sha256": plan_sha, "data_sha256": data_sha, "result": asdict(self.result),
+                "guard": asdict(self.guard),
                 "rng": "reseeded every step from (seed, phase, step, process): cltune.storage.hashing.derived_seed"}
 
 
@@ -286,6 +325,33 @@ def _optimizer_step(work: StepWork) -> float:
     return nll_sum / step_targets
 
 
+def _watch(loop: _Loop, step_loss: float, parts: PhaseParts, where: str, console) -> None:
+    """The loss guard's verdict on this step: back off (last good weights, halved learning rates) or stop."""
+    guard, settings = loop.guard, parts.settings
+    verdict = guard.observe(step_loss)
+    if verdict is None:
+        return
+    smoothed, lowest = guard.tripped
+    rates = f"train.lr ({settings.lr:g})" + (f" or train.token_lr ({settings.token_lr:g})"
+                                             if settings.token_lr is not None else "")
+    parts.optimizer.zero_grad(set_to_none=True)
+    _restore(parts.ctx.model, loop.best_state, parts.strategy)
+    if verdict == "stop":
+        raise DivergedError(f"{where}: the training loss keeps rising (smoothed {smoothed:.2f}, lowest {lowest:.2f}) "
+                            f"after the learning rates were halved {guard.backed_off} times; lower {rates} "
+                            "(the last good weights were kept)")
+    for group in parts.optimizer.param_groups:
+        group["lr"] *= 0.5
+    parts.scheduler.base_lrs = [lr * 0.5 for lr in parts.scheduler.base_lrs]
+    note = (f"{where}: the training loss rose (smoothed {smoothed:.2f}, lowest {lowest:.2f}): back to the last good "
+            f"weights with every learning rate halved ({guard.backed_off} of {guard.backoffs}); lower {rates} to "
+            "avoid this")
+    if console is not None:
+        console.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
+    else:
+        logger.warning(note)
+
+
 def _average_module_grads(acc, strategy: Strategy) -> None:
     """A strategy's own modules sit outside the DDP-wrapped model: average their gradients here."""
     if acc.num_processes == 1:
@@ -322,7 +388,8 @@ def _resume(checkpoints: StepCheckpoints, ctx: Context, strategy, optimizer, sch
     forward, backward = state.get("passes", (0, 0))
     ctx.scorer.forward_tokens += forward
     ctx.scorer.backward_tokens += backward
-    return _Loop(PhaseResult(**state["result"]), best, state["since_best"], state["step"], state["elapsed_s"])
+    return _Loop(PhaseResult(**state["result"]), best, state["since_best"], state["step"], state["elapsed_s"],
+                 LossGuard(**state.get("guard", {})))
 
 
 def _require_finite(model, where: str, best_state: dict[str, torch.Tensor], strategy: Strategy | None = None) -> None:
@@ -403,6 +470,7 @@ def train_phase(
 
             loop.step = result.steps = step
             result.target_tokens += step_targets
+            _watch(loop, step_loss, parts, where, progress.console if acc.is_main_process else None)
             elapsed = time.perf_counter() - start
             tps = result.target_tokens / elapsed
             progress.update(bar, advance=1, loss=step_loss, tps=tps)

@@ -1,0 +1,84 @@
+"""The training-loss guard: a rising loss that stays finite backs off the learning rates, then stops the phase."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from cltune.training.loop import LossGuard
+
+
+def test_a_falling_or_noisy_loss_never_trips_it():
+    guard, rng = LossGuard(), random.Random(0)
+    # a falling trend with ±0.4 nats of step-to-step noise (length-grouped steps differ that much)
+    verdicts = [guard.observe(5.0 - 0.02 * step + rng.uniform(-0.4, 0.4)) for step in range(200)]
+    assert verdicts == [None] * 200
+    assert guard.backed_off == 0 and guard.lowest < 5.0
+
+
+def test_a_rise_of_more_than_a_nat_backs_off_twice_then_stops():
+    guard = LossGuard()
+    assert [guard.observe(5.0) for _ in range(10)] == [None] * 10
+    # smoothed: 5.0 → 5.2 → 5.38 → 5.542 → 5.688 → 5.819 → 5.937 → 6.043 (> 5.0 + 1 at the 7th rising step)
+    verdicts = [guard.observe(7.0) for _ in range(7)]
+    assert verdicts == [None] * 6 + ["backoff"]
+    smoothed, lowest = guard.tripped
+    assert lowest == 5.0 and smoothed == pytest.approx(7.0 - 2.0 * 0.9**7) and smoothed > 6.0
+    assert (guard.backed_off, guard.smoothed, guard.seen) == (1, None, 0)  # a new watch over the restored weights
+    # the restored weights' loss is the old low: a new rise trips it again only past the warm-up
+    assert [guard.observe(9.0) for _ in range(5)] == [None] * 4 + ["backoff"]
+    assert [guard.observe(9.0) for _ in range(5)] == [None] * 4 + ["stop"]
+    assert guard.backed_off == 2
+
+
+def test_a_spike_inside_the_warm_up_counts_against_the_lowest_loss_seen():
+    guard = LossGuard()
+    verdicts = [guard.observe(loss) for loss in (5.7, 5.7, 5.8, 11.3, 14.0)]
+    assert verdicts == [None, None, None, None, "backoff"]  # the lowest includes the first steps
+    assert guard.tripped[1] == pytest.approx(5.7)
+
+
+def test_its_state_is_plain_json_for_step_checkpoints():
+    import json
+    from dataclasses import asdict
+
+    guard = LossGuard()
+    for loss in (5.0, 5.0, 5.0, 5.0, 5.0, 9.0, 9.0, 9.0):
+        guard.observe(loss)
+    again = LossGuard(**json.loads(json.dumps(asdict(guard))))
+    assert [again.observe(9.0) for _ in range(4)] == [guard.observe(9.0) for _ in range(4)]
+    assert math.isinf(LossGuard().lowest)
+
+
+def test_a_diverging_learning_rate_is_caught_in_a_real_run(tiny_config, capsys):
+    """lr 1.0 spikes the tiny model's loss from 5.7 to 14 in phase 1 and again in phase 2: the guard backs off
+    and the run ends with perplexities near the untrained model's instead of four times them (1,384 measured
+    without the guard); lr 5.0 keeps rising after two back-offs and stops with the step and the setting."""
+    from cltune.errors import DivergedError
+    from cltune.studies.pipeline import run_stream
+
+    sets = ["train.epochs=4", "eval.attribution=false", "eval.samples_per_speaker=0"]
+    metrics = run_stream(tiny_config("naive", [*sets, "train.lr=1.0"], name="backed-off"))
+    out = capsys.readouterr().out
+    assert "phase 1, step 5: the training loss rose" in out and "lower train.lr (1) to avoid this" in out
+    assert max(metrics.ppl[-1]) < 1.5 * max(metrics.ppl[0])
+    with pytest.raises(DivergedError, match=r"phase 1, step \d+: the training loss keeps rising .* after the learning "
+                                            r"rates were halved 2 times; lower train.lr \(5\)"):
+        run_stream(tiny_config("naive", [*sets, "train.lr=5.0"], name="stopped"))
+
+
+def test_the_command_stops_a_diverging_run_in_one_line_with_exit_code_3(cli, tiny_model_dir, two_tasks, tmp_path):
+    import yaml
+
+    from helpers import tiny_run_config
+
+    raw = tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs")
+    raw["train"].update(lr=5.0, epochs=4)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = cli("run", config)
+    assert result.code == 3, result.err
+    assert "the training loss keeps rising" in result.err and "lower train.lr (5)" in result.err
+    assert "Traceback" not in result.err
