@@ -266,12 +266,20 @@ def compare(config: Path = typer.Argument(..., parser=user_path,
             set_: list[str] = typer.Option([], "--set", help="fixed override for every run"),
             out: Path | None = typer.Option(None, parser=user_path,
                                             help="compare folder (default: output_dir/compare)"),
-            bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances")) -> None:
+            bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances"),
+            ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                           help="run the runs side by side as Ray tasks: --ray alone starts a Ray on "
+                                                "this machine for the command; --ray auto or ray://host:port joins "
+                                                "a running cluster (pip install 'cltune\\[ray]')"),
+            run_cpus: float | None = typer.Option(None, help="with --ray: CPUs (and torch threads) per run; default "
+                                                              "4, or all of a smaller machine"),
+            run_gpus: float | None = typer.Option(None, help="with --ray: GPUs per run, fractions allowed; default 1 "
+                                                              "where the cluster has GPUs")) -> None:
     """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
     from cltune.studies.compare import run_compare
 
     md = run_compare(config, [s.strip() for s in strategies.split(",") if s.strip()], seeds, set_, out, bootstrap,
-                     console=console)
+                     console=console, ray=ray, run_cpus=run_cpus, run_gpus=run_gpus)
     console.print(f"compare: {md} and {md.with_suffix('.html')}")
 
 
@@ -331,6 +339,24 @@ def _typer_exceptions(name: str) -> tuple[type[BaseException], ...]:
     return (found,) if isinstance(found, type) else ()
 
 
+# Options whose value may be left out, and what they mean then (`--ray` alone: a Ray started for the command).
+OPTIONAL_VALUES = {"--ray": "local"}
+
+
+def with_optional_values(argv: list[str]) -> list[str]:
+    """`argv` with the implied value after an option of OPTIONAL_VALUES given without one (Click needs a value):
+    at the end, before another option, or before what is plainly a config file rather than an address."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg in OPTIONAL_VALUES:
+            after = argv[i + 1] if i + 1 < len(argv) else None
+            if after is None or after.startswith("-") or Path(after).suffix in (".yaml", ".yml") \
+                    or Path(after).is_file():
+                out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
 
     from cltune.training import interrupt
@@ -338,7 +364,8 @@ def main() -> None:
     _quiet_libraries()
     try:
         with interrupt.handlers():
-            code = app(standalone_mode=False)  # Typer returns an exit code instead of raising Exit here
+            # Typer returns an exit code instead of raising Exit here
+            code = app(args=with_optional_values(sys.argv[1:]), standalone_mode=False)
         if code == 130:  # Typer's own mapping of a KeyboardInterrupt: Ctrl-C outside the training loop
             raise KeyboardInterrupt
         if isinstance(code, int) and code:

@@ -267,16 +267,30 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
 
 
 def run_compare(config_path: Path, strategies: list[str], seeds: int, sets: list[str], out: Path | None = None,
-                bootstrap: int = 1000, console=None) -> Path:
-    """Plan, run (reusing what is done) and write compare.md/.csv/.html/.png; returns compare.md."""
+                bootstrap: int = 1000, console=None, ray: str | None = None, run_cpus: float | None = None,
+                run_gpus: float | None = None) -> Path:
+    """Plan, run (reusing what is done) and write compare.md/.csv/.html/.png; returns compare.md. `ray`: run them
+    as Ray tasks ("local": a Ray started for this command; else a cluster address), each holding `run_cpus` CPUs
+    and `run_gpus` GPUs (`cltune.studies.scale_out`)."""
     from cltune.studies.compare_report import write_outputs
 
     if bootstrap < 1:
         raise UserError("--bootstrap: at least 1 resample (1000 for intervals worth reading)")
+    if ray is not None:
+        from cltune.studies.scale_out import import_ray
+
+        import_ray()  # before any work: a missing extra is a usage error
+    elif run_cpus is not None or run_gpus is not None:
+        raise UserError("--run-cpus and --run-gpus size Ray tasks; add --ray (alone for a Ray on this machine)")
     out = out or read_config(config_path, sets).output_dir / "compare"
     writable_folder(out, "comparison")
     planned = plan_runs(config_path, strategies, seeds, sets, out)
-    results = execute(planned, out, console)
+    if ray is not None:
+        from cltune.studies.scale_out import execute_on_ray
+
+        results = execute_on_ray(planned, out, ray, run_cpus=run_cpus, run_gpus=run_gpus, console=console)
+    else:
+        results = execute(planned, out, console)
     summary = summarize(planned, results, bootstrap)
     command = shlex.join(["cltune", "compare", str(config_path), "--strategies", ",".join(strategies), "--seeds",
                           str(seeds), *(arg for s in sets for arg in ("--set", s))])

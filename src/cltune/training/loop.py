@@ -179,9 +179,10 @@ class LossGuard:
     weights walks the loss up while every number stays finite).
 
     The loss is smoothed (exponential average, `decay`); after `warmup` steps, a smoothed loss more than
-    `margin` nats above the lowest smoothed loss so far (perplexity × e ≈ 2.7) means the phase is diverging. The loop then backs off: the last good weights come back and every learning rate is halved,
-    up to `backoffs` times; the next rise stops the phase with a message that names the step and the
-    settings to lower. The state travels in step checkpoints, so a resumed phase decides as an
+    `margin` nats above the lowest smoothed loss so far (perplexity × e ≈ 2.7) means the phase is diverging.
+    The loop then backs off: the last good weights come back and every learning rate is halved, up to
+    `backoffs` times; the next rise stops the phase with a message that names the step and the settings
+    to lower. The state travels in step checkpoints, so a resumed phase decides as an
     uninterrupted one would.
     """
 
