@@ -243,17 +243,26 @@ def strategies() -> None:
         console.print(f"[bold]{name}[/]: {cls.summary}")
 
 
+RAY_HELP = ("run the runs side by side as Ray tasks: --ray alone starts a Ray on this machine for the command; "
+            "--ray auto or ray://host:port joins a running cluster (pip install 'cltune\\[ray]')")
+RUN_CPUS_HELP = "with --ray: CPUs (and torch threads) per run; default 4, or all of a smaller machine"
+RUN_GPUS_HELP = "with --ray: GPUs per run, fractions allowed; default 1 where the cluster has GPUs"
+
+
 @app.command()
 def sweep(config: Path = typer.Argument(..., parser=user_path, help="run config (YAML)"),
           grid: list[str] = typer.Option(..., "--grid", help="KEY=V1,V2,... e.g. --grid ewc.lambda=0,10,20"),
           set_: list[str] = typer.Option([], "--set", help="fixed override for every point"),
           out: Path | None = typer.Option(None, parser=user_path,
-                                          help="sweep folder (default: output_dir/name-sweep)")) -> None:
+                                          help="sweep folder (default: output_dir/name-sweep)"),
+          ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]", help=RAY_HELP),
+          run_cpus: float | None = typer.Option(None, help=RUN_CPUS_HELP),
+          run_gpus: float | None = typer.Option(None, help=RUN_GPUS_HELP)) -> None:
     """Run a grid of configs (ablations such as the reference pipeline's), reusing phase-1 checkpoints where
     settings allow."""
     from cltune.studies.sweep import run_sweep
 
-    md = run_sweep(config, grid, set_, out, console=console)
+    md = run_sweep(config, grid, set_, out, console=console, ray=ray, run_cpus=run_cpus, run_gpus=run_gpus)
     console.print(f"sweep: {md}")
 
 
@@ -267,14 +276,9 @@ def compare(config: Path = typer.Argument(..., parser=user_path,
             out: Path | None = typer.Option(None, parser=user_path,
                                             help="compare folder (default: output_dir/compare)"),
             bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances"),
-            ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]",
-                                           help="run the runs side by side as Ray tasks: --ray alone starts a Ray on "
-                                                "this machine for the command; --ray auto or ray://host:port joins "
-                                                "a running cluster (pip install 'cltune\\[ray]')"),
-            run_cpus: float | None = typer.Option(None, help="with --ray: CPUs (and torch threads) per run; default "
-                                                              "4, or all of a smaller machine"),
-            run_gpus: float | None = typer.Option(None, help="with --ray: GPUs per run, fractions allowed; default 1 "
-                                                              "where the cluster has GPUs")) -> None:
+            ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]", help=RAY_HELP),
+            run_cpus: float | None = typer.Option(None, help=RUN_CPUS_HELP),
+            run_gpus: float | None = typer.Option(None, help=RUN_GPUS_HELP)) -> None:
     """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
     from cltune.studies.compare import run_compare
 

@@ -48,6 +48,10 @@ class Planned:
     config: BaseRunConfig
     phase1_from: Path | None = None  # naive's phase-1 checkpoint, when this strategy's phase 1 equals it
 
+    @property
+    def label(self) -> str:
+        return f"{self.strategy}, seed {self.seed}"
+
 
 def plan_runs(config_path: Path, strategies: list[str], seeds: int, sets: list[str], out: Path) -> list[Planned]:
     """Every (strategy, seed) run, naive first within each seed; phase 1 shared where it trains alike."""

@@ -1,4 +1,4 @@
-"""Many runs at once: the planned runs of `cltune compare` as Ray tasks, on this machine or a cluster.
+"""Many runs at once: the runs of `cltune compare` and `cltune sweep` as Ray tasks, on this machine or a cluster.
 
 Each run is the same `cltune run` process the serial path starts, launched by a Ray task that holds
 `run_cpus` CPUs (and `run_gpus` GPUs) of the cluster, with torch's threads set to its CPUs. A run whose
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cltune.config import dump_config
+from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
 from cltune.evaluation.results import RunMetrics
 from cltune.storage.files import atomic_write_text
@@ -34,6 +34,16 @@ def import_ray():
     except ImportError:
         raise UserError(f"--ray: Ray is not installed; {INSTALL_HINT}") from None
     return ray
+
+
+@dataclass
+class Job:
+    """One run to make: its config, and the phase-1 checkpoint it takes instead of training phase 1 (the run
+    that writes it, when it is one of the jobs, goes first)."""
+
+    label: str
+    config: BaseRunConfig
+    phase1_from: Path | None = None
 
 
 @dataclass
@@ -76,8 +86,9 @@ def per_run_resources(ray, run_cpus: float | None, run_gpus: float | None) -> tu
 
 def execute_on_ray(planned, out: Path, address: str, *, run_cpus: float | None = None, run_gpus: float | None = None,
                    console=None) -> list[RunMetrics]:
-    """Run (or reuse, or resume) every planned run as a Ray task; `address` "local" starts a Ray for this command
-    (stopped after it), anything else (`auto`, `ray://host:port`) joins a running cluster."""
+    """Run (or reuse, or resume) every planned run (anything with `label`, `config` and `phase1_from`: a `Job`,
+    a compare's `Planned`) as a Ray task; their metrics, in order. `address` "local" starts a Ray for this
+    command (stopped after it), anything else (`auto`, `ray://host:port`) joins a running cluster."""
     from cltune.studies.compare import run_state
 
     ray = import_ray()
@@ -103,7 +114,7 @@ def _execute(ray, planned, out: Path, run_cpus, run_gpus, console, run_state) ->
     pending, by_dir, labels = {}, {}, {}
     for plan in planned:
         state, metrics = run_state(plan.config)
-        label = f"{plan.strategy}, seed {plan.seed}"
+        label = plan.label
         if metrics is not None:
             if console:
                 console.print(f"{label}: reused (finished earlier)")

@@ -72,27 +72,41 @@ def _markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines + ["", "![forgetting vs plasticity](sweep.png)", ""])
 
 
-def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | None, console=None) -> Path:
+def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | None, console=None,
+              ray: str | None = None, run_cpus: float | None = None, run_gpus: float | None = None) -> Path:
+    """Run every grid point (one after another in this process, or with `ray` as Ray tasks: see
+    `cltune.studies.scale_out`) and write sweep.md/.csv/.png; returns sweep.md."""
     from cltune.report.plots import tradeoff_scatter
     from cltune.studies.pipeline import run_stream
+    from cltune.studies.scale_out import Job, execute_on_ray, import_ray
 
+    if ray is not None:
+        import_ray()  # before any work: a missing extra is a usage error
+    elif run_cpus is not None or run_gpus is not None:
+        raise UserError("--run-cpus and --run-gpus size Ray tasks; add --ray (alone for a Ray on this machine)")
     points = expand_grid(grid)
     base = read_config(config_path, sets)
     out = out or base.output_dir / f"{base.name}-sweep"
     writable_folder(out, "sweep")
     phase1_dirs: dict[str, Path] = {}
-    rows = []
+    jobs = []
     for i, point in enumerate(points):
         name = f"point{i:02d}"
         overrides = [*sets, *(f"{k}={v}" for k, v in point.items())]
         config = read_config(config_path, overrides, fixed={"name": name, "output_dir": str(out)})
         fingerprint = phase1_fingerprint(config)
-        reuse = phase1_dirs.get(fingerprint)
-        if console:
-            console.print(f"[bold]{name}[/] {point}" + (f" (phase 1 from {reuse})" if reuse else ""))
-        metrics = run_stream(config, reuse_phase1=reuse, console=console)
+        jobs.append(Job(f"{name} {point}", config, phase1_dirs.get(fingerprint)))
         phase1_dirs.setdefault(fingerprint, config.run_dir / "phase1")
-        rows.append(_row(point, metrics, reuse is not None))
+    if ray is not None:
+        results = execute_on_ray(jobs, out, ray, run_cpus=run_cpus, run_gpus=run_gpus, console=console)
+    else:
+        results = []
+        for job in jobs:
+            if console:
+                console.print(f"[bold]{job.config.name}[/] {job.label.split(' ', 1)[1]}"
+                              + (f" (phase 1 from {job.phase1_from})" if job.phase1_from else ""))
+            results.append(run_stream(job.config, reuse_phase1=job.phase1_from, console=console))
+    rows = [_row(point, metrics, job.phase1_from is not None) for point, job, metrics in zip(points, jobs, results)]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

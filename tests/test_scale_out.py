@@ -1,4 +1,4 @@
-"""`cltune compare --ray`: the same runs as Ray tasks, the same numbers as serially."""
+"""`cltune compare --ray` and `cltune sweep --ray`: the same runs as Ray tasks, the same numbers as serially."""
 
 from __future__ import annotations
 
@@ -94,3 +94,26 @@ def test_ray_alone_means_a_local_ray_wherever_it_stands(tmp_path):
     assert with_optional_values(["compare", "--ray", str(config)]) == ["compare", "--ray", "local", str(config)]
     assert with_optional_values(["compare", "c.yaml", "--ray", "auto"]) == ["compare", "c.yaml", "--ray", "auto"]
     assert with_optional_values(["compare", "--ray", "ray://head:10001", "c.yml"])[2] == "ray://head:10001"
+
+
+def test_sweep_on_a_local_ray_gives_the_serial_rows(tiny_model_dir, two_tasks, tmp_path):
+    """Two EWC strengths share phase 1 (the second point's task waits for the first's): the same sweep rows and
+    the same metrics serially and as Ray tasks."""
+    import csv
+
+    config = tmp_path / "stream.yaml"
+    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "ewc_replay",
+                                                     eval=QUIET_EVAL)))
+    for side, extra in (("serial", ()), ("ray", ("--ray", "--run-cpus", "1"))):
+        proc = subprocess.run(cltune_command("sweep", config, "--grid", "ewc.lambda=0,50", "--out", tmp_path / side,
+                                             *extra), capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {side: list(csv.DictReader((tmp_path / side / "sweep.csv").open())) for side in ("serial", "ray")}
+    for row in (*rows["serial"], *rows["ray"]):
+        row.pop("wall_s")
+    assert rows["serial"] == rows["ray"] and [r["reused_phase1"] for r in rows["ray"]] == ["False", "True"]
+    assert rows["ray"][0]["final_task1_ppl"] != rows["ray"][1]["final_task1_ppl"]  # the strengths differ
+    for point in ("point00", "point01"):
+        one, two = (_relative(json.loads((tmp_path / side / point / "metrics.json").read_text()), tmp_path / side)
+                    for side in ("serial", "ray"))
+        assert deterministic(one) == deterministic(two), point
