@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import QUIET_EVAL, cltune_command, deterministic, tiny_run_config
@@ -117,3 +118,25 @@ def test_sweep_on_a_local_ray_gives_the_serial_rows(tiny_model_dir, two_tasks, t
         one, two = (_relative(json.loads((tmp_path / side / point / "metrics.json").read_text()), tmp_path / side)
                     for side in ("serial", "ray"))
         assert deterministic(one) == deterministic(two), point
+
+
+def test_every_node_must_see_the_compare_folder(tmp_path, monkeypatch):
+    """The probe pinned to each node reads a marker written in the folder: on this one-node Ray it is seen (and
+    removed after); a node that reads something else is named in a one-line refusal."""
+    import ray
+
+    from cltune.errors import UserError
+    from cltune.studies import scale_out
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        scale_out.check_shared_folder(ray, tmp_path)
+        assert not list(tmp_path.glob(".ray-probe-*"))
+        node = ray.util.get_node_ip_address()
+        assert scale_out._sees(str(tmp_path / "missing"), "x") == (node, False)
+        real = scale_out.atomic_write_text
+        monkeypatch.setattr(scale_out, "atomic_write_text", lambda path, text: real(path, "another machine's"))
+        with pytest.raises(UserError, match=f"--ray: node\\(s\\) {node} do not see .*; runs write there"):
+            scale_out.check_shared_folder(ray, tmp_path)
+    finally:
+        ray.shutdown()

@@ -70,6 +70,38 @@ def _run(command: list[str], threads: int, *after) -> Finished:
                     time.perf_counter() - start)
 
 
+def _sees(marker: str, token: str) -> tuple[str, bool]:
+    """Inside a probe task: this node's address, and whether it reads `token` from `marker`."""
+    import ray
+
+    try:
+        seen = Path(marker).read_text(encoding="utf-8") == token
+    except OSError:
+        seen = False
+    return ray.util.get_node_ip_address(), seen
+
+
+def check_shared_folder(ray, folder: Path) -> None:
+    """Runs write into `folder`: every alive node must see it at the same path (a shared filesystem). A probe
+    task pinned to each node reads a marker written here; a node that cannot is named in a one-line error."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = f"{os.getpid()}-{time.time_ns()}"
+    marker = folder / f".ray-probe-{token}"
+    atomic_write_text(marker, token)
+    try:
+        probe = ray.remote(num_cpus=0)(_sees)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        answers = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                           .remote(str(marker.resolve()), token) for n in nodes])
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = [node for node, seen in answers if not seen]
+    if blind:
+        raise UserError(f"--ray: node(s) {', '.join(blind)} do not see {folder.resolve()}; runs write there, so put "
+                        "it on a filesystem every node mounts at the same path (NFS, a cluster filesystem)")
+
+
 def per_run_resources(ray, run_cpus: float | None, run_gpus: float | None) -> tuple[float, float]:
     """CPUs and GPUs each run holds: as given, else one GPU per run where the cluster has GPUs, else
     THREADS_PER_RUN CPUs (all of them on a smaller machine)."""
@@ -109,6 +141,7 @@ def execute_on_ray(planned, out: Path, address: str, *, run_cpus: float | None =
 
 def _execute(ray, planned, out: Path, run_cpus, run_gpus, console, run_state) -> list[RunMetrics]:
     cpus, gpus = per_run_resources(ray, run_cpus, run_gpus)
+    check_shared_folder(ray, out)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_run)
     threads = max(1, int(cpus))
     pending, by_dir, labels = {}, {}, {}
