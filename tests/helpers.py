@@ -188,6 +188,14 @@ def crash_after_saves(monkeypatch, count: int) -> None:
     monkeypatch.setattr(resume.StepCheckpoints, "save", save)
 
 
+def phase1_relative(metrics: dict, folder: Path) -> dict:
+    """metrics.json with `folder` taken out of where a reused phase 1 came from (the same run made in two folders)."""
+    for phase in metrics["phases"]:
+        if "phase1_from" in phase["strategy"]:
+            phase["strategy"]["phase1_from"] = str(Path(phase["strategy"]["phase1_from"]).relative_to(folder))
+    return metrics
+
+
 def flip_byte(path: Path, at: int = -10) -> None:
     """Damage a file the way a bad disk does: one byte inverted."""
     data = bytearray(path.read_bytes())

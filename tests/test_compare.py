@@ -22,7 +22,7 @@ from cltune.evaluation.stats import (
     t975,
 )
 
-from helpers import QUIET_EVAL, tiny_run_config
+from helpers import QUIET_EVAL, deterministic, phase1_relative, tiny_run_config
 
 
 def test_t_intervals_match_hand_computation():
@@ -117,6 +117,26 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
                     cwd=tmp_path)
     assert again.returncode == 0 and again.stdout.count("reused (finished earlier)") == 4, again.stdout + again.stderr
     assert json.loads((out / "compare.json").read_text()) == summary
+
+    # The same compare as Ray tasks of one CPU each on a local Ray (`--ray`): every metric of every run identical
+    # (one torch thread on both sides), replay's task waiting for naive's phase 1, a line per finished run.
+    parallel = _cltune("compare", config, "--strategies", "replay", "--seeds", "2", "--bootstrap", "200", "--out",
+                       tmp_path / "ray", "--ray", "--run-cpus", "1", cwd=tmp_path)
+    assert parallel.returncode == 0, parallel.stderr
+    assert "ray: 4 runs, 1 CPUs each, on 1 node(s)" in parallel.stdout
+    lines = [line for line in parallel.stdout.splitlines() if line.startswith("[") and " done on " in line]
+    assert len(lines) == 4 and all("final mean PPL" in line for line in lines), parallel.stdout
+    for (strategy, seed), folder in runs.items():
+        one = phase1_relative(metrics[(strategy, seed)], out)
+        two = phase1_relative(json.loads((tmp_path / "ray" / "runs" / folder.name / "metrics.json").read_text()),
+                              tmp_path / "ray")
+        assert deterministic(one) == deterministic(two), folder.name
+    figures = json.loads((tmp_path / "ray" / "compare.json").read_text())["strategies"]["replay"]["final_ppl"]
+    assert figures == summary["strategies"]["replay"]["final_ppl"]
+    reused = _cltune("compare", config, "--strategies", "replay", "--seeds", "2", "--bootstrap", "200", "--out",
+                     tmp_path / "ray", "--ray", "--run-cpus", "1", cwd=tmp_path)
+    assert reused.returncode == 0 and reused.stdout.count("reused (finished earlier)") == 4, reused.stdout
+    assert "ray:" not in reused.stdout  # nothing to run: no Ray started
 
 
 def test_compare_replaces_a_run_of_another_config_and_resumes_its_own(tiny_model_dir, two_tasks, tmp_path):

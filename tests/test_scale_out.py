@@ -5,73 +5,55 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from helpers import QUIET_EVAL, cltune_command, deterministic, tiny_run_config
+from helpers import QUIET_EVAL, cltune_command, deterministic, phase1_relative, tiny_run_config
+
+PLUGIN = '''from cltune.strategies.naive import Naive
 
 
-def _compare(config, out, *extra, cwd):
-    return subprocess.run(cltune_command("compare", config, "--strategies", "replay", "--seeds", "2", "--bootstrap",
-                                         "100", "--out", out, *extra), capture_output=True, text=True, cwd=cwd)
+class Mine(Naive):
+    name = "mine"
+    summary = "naive under another name, from outside the package"
 
 
-def _relative(metrics: dict, folder) -> dict:
-    """metrics.json with the compare folder taken out of where a reused phase 1 came from."""
-    for phase in metrics["phases"]:
-        if "phase1_from" in phase["strategy"]:
-            phase["strategy"]["phase1_from"] = str(Path(phase["strategy"]["phase1_from"]).relative_to(folder))
-    return metrics
+STRATEGY = Mine
+'''
 
 
-def test_compare_on_a_local_ray_gives_the_serial_numbers(tiny_model_dir, two_tasks, tmp_path):
-    """2 strategies × 2 seeds serially and as Ray tasks of one CPU each on a local Ray of 2 CPUs: every
-    metric of every run's metrics.json is identical (one torch thread on both sides), replay still takes
-    naive's phase 1 (its task waits for naive's), and each finished run gets a line saying where it ran."""
+def test_a_plugin_strategy_runs_on_the_workers_and_a_failed_run_leaves_the_others(tiny_model_dir, two_tasks,
+                                                                                  tmp_path):
+    """A strategy defined outside the package, named by the config's `plugins` and found through PYTHONPATH, runs
+    as a Ray task like a built-in one (after naive's phase 1, which it reuses). A run that cannot start (a file
+    stands where its run folder goes) fails with its own error; the others finish, the failure is listed with the
+    end of its log, and the command exits 2 naming it. Without PYTHONPATH the plugin is a one-line error."""
+    import os
+
+    (tmp_path / "plugin_home").mkdir()
+    (tmp_path / "plugin_home" / "my_strategies.py").write_text(PLUGIN)
+    raw = tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive", eval=QUIET_EVAL)
     config = tmp_path / "stream.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive",
-                                                     eval=QUIET_EVAL)))
-    serial = _compare(config, tmp_path / "serial", cwd=tmp_path)
-    assert serial.returncode == 0, serial.stderr
-    parallel = _compare(config, tmp_path / "ray", "--ray", "--run-cpus", "1", cwd=tmp_path)
-    assert parallel.returncode == 0, parallel.stderr
-    assert "ray: 4 runs, 1 CPUs each, on 1 node(s)" in parallel.stdout
-    lines = [line for line in parallel.stdout.splitlines() if line.startswith("[") and " done on " in line]
-    assert len(lines) == 4 and all("final mean PPL" in line for line in lines), parallel.stdout
-    for strategy in ("naive", "replay"):
-        for seed in (0, 1):
-            name = f"{strategy}-seed{seed}"
-            one, two = (_relative(json.loads((tmp_path / side / "runs" / name / "metrics.json").read_text()),
-                                  tmp_path / side) for side in ("serial", "ray"))
-            assert deterministic(one) == deterministic(two), name
-    replayed = json.loads((tmp_path / "ray" / "runs" / "replay-seed1" / "metrics.json").read_text())
-    assert replayed["phases"][0]["strategy"]["phase1_from"] == str(tmp_path / "ray" / "runs" / "naive-seed1" /
-                                                                     "phase1")
-    figures = [json.loads((tmp_path / side / "compare.json").read_text())["strategies"]["replay"]["final_ppl"]
-               for side in ("serial", "ray")]
-    assert figures[0] == figures[1]
-    again = _compare(config, tmp_path / "ray", "--ray", "--run-cpus", "1", cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("reused (finished earlier)") == 4, again.stdout
-
-
-def test_a_failed_run_is_reported_while_the_others_finish(tiny_model_dir, two_tasks, tmp_path):
-    """A run that cannot start (a file stands where its run folder goes) fails with its own one-line error; the
-    other run finishes, the failure is listed with the end of its log, and the command exits 2 naming it."""
-    config = tmp_path / "stream.yaml"
-    config.write_text(yaml.safe_dump(tiny_run_config(tiny_model_dir, two_tasks, tmp_path / "runs", "naive",
-                                                     eval=QUIET_EVAL)))
+    config.write_text(yaml.safe_dump({**raw, "plugins": ["my_strategies"]}))
     out = tmp_path / "cmp"
     (out / "runs").mkdir(parents=True)
     (out / "runs" / "replay-seed0").write_text("in the way")
-    proc = subprocess.run(cltune_command("compare", config, "--strategies", "replay", "--seeds", "1", "--bootstrap",
-                                         "100", "--out", out, "--ray", "--run-cpus", "1"),
-                          capture_output=True, text=True, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "plugin_home")}
+    proc = subprocess.run(cltune_command("compare", config, "--strategies", "mine,replay", "--seeds", "1",
+                                         "--bootstrap", "100", "--out", out, "--ray", "--run-cpus", "1"),
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "replay, seed 0: FAILED on " in proc.stdout and "1 of 2 runs failed (replay, seed 0)" in proc.stderr
+    assert "replay, seed 0: FAILED on " in proc.stdout and "1 of 3 runs failed (replay, seed 0)" in proc.stderr
     assert "replay-seed0" in proc.stdout.split("failed:")[-1]  # the end of its log says why
+    mine = json.loads((out / "runs" / "mine-seed0" / "metrics.json").read_text())
+    assert mine["strategy"] == "mine" and mine["phases"][0]["strategy"]["phase1_from"] == str(
+        out / "runs" / "naive-seed0" / "phase1")
     assert (out / "runs" / "naive-seed0" / "metrics.json").exists()
+    missing = subprocess.run(cltune_command("run", config), capture_output=True, text=True, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "plugins: cannot import 'my_strategies' (ModuleNotFoundError" in missing.stderr
+    assert missing.stderr.count("\n") == 1, missing.stderr
 
 
 def test_ray_options_without_ray_or_its_extra_are_usage_errors(cli, tiny_model_dir, two_tasks, tmp_path, monkeypatch):
@@ -115,7 +97,7 @@ def test_sweep_on_a_local_ray_gives_the_serial_rows(tiny_model_dir, two_tasks, t
     assert rows["serial"] == rows["ray"] and [r["reused_phase1"] for r in rows["ray"]] == ["False", "True"]
     assert rows["ray"][0]["final_task1_ppl"] != rows["ray"][1]["final_task1_ppl"]  # the strengths differ
     for point in ("point00", "point01"):
-        one, two = (_relative(json.loads((tmp_path / side / point / "metrics.json").read_text()), tmp_path / side)
+        one, two = (phase1_relative(json.loads((tmp_path / side / point / "metrics.json").read_text()), tmp_path / side)
                     for side in ("serial", "ray"))
         assert deterministic(one) == deterministic(two), point
 
@@ -140,3 +122,4 @@ def test_every_node_must_see_the_compare_folder(tmp_path, monkeypatch):
             scale_out.check_shared_folder(ray, tmp_path)
     finally:
         ray.shutdown()
+

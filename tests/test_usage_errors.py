@@ -11,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cltune.cli import OPTIONAL_VALUES
+
 
 @functools.cache
 def _commands() -> dict:
@@ -58,7 +60,8 @@ def bad_argv(draw) -> list[str]:
     base = [name, *_required_args(command)]
     numbers = [p for p in command.params if p.param_type_name == "option" and _is_number(p)]
     flags = [p for p in command.params if p.param_type_name == "option" and p.is_flag]
-    valued = [p for p in command.params if p.param_type_name == "option" and not p.is_flag]
+    valued = [p for p in command.params if p.param_type_name == "option" and not p.is_flag
+              and p.opts[0] not in OPTIONAL_VALUES]  # `--ray` alone is complete: it means a local Ray
     required = [p for p in command.params if p.required]
     if kind == "bad number" and numbers:
         param = draw(st.sampled_from(numbers))

@@ -369,7 +369,7 @@ def main() -> None:
     try:
         with interrupt.handlers():
             # Typer returns an exit code instead of raising Exit here
-            code = app(args=with_optional_values(sys.argv[1:]), standalone_mode=False)
+            code = app(args=with_optional_values(sys.argv[1:]), prog_name="cltune", standalone_mode=False)
         if code == 130:  # Typer's own mapping of a KeyboardInterrupt: Ctrl-C outside the training loop
             raise KeyboardInterrupt
         if isinstance(code, int) and code:

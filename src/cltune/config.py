@@ -154,6 +154,9 @@ class BaseRunConfig(Strict):
     seed: int = Field(0, description="seed for splits, sampling, data order and initialization")
     output_dir: Path = Field(Path("checkpoints"), description="parent folder of run folders")
     strategy: str = Field("progressive", description="continual-learning strategy (see `cltune strategies`)")
+    plugins: list[str] = Field(default_factory=list, description="Python modules imported before the config is "
+                               "checked, e.g. [my_strategies.l2_anchor]: each registers its strategy (`STRATEGY = "
+                               "YourClass`); importable wherever the run runs (installed, or on PYTHONPATH)")
     model: ModelSettings = Field(default_factory=ModelSettings, description="base model (section below)")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter (section below)")
     data: DataSettings = Field(default_factory=DataSettings, description="reading and splitting the datasets")

@@ -69,6 +69,21 @@ class Registry(Mapping[str, type[Strategy]]):
         """What config validation needs (`cltune.config` imports no strategy and no torch)."""
         return Catalog(tuple(self._classes), tuple(self.sections().items()))
 
+    def load(self, module_name: str) -> None:
+        """Import a plugin module (a config's `plugins`): it registers its strategy by declaring `STRATEGY = Cls`
+        (added here unless it is already) or by calling `REGISTRY.add` itself. Importing runs its code, as
+        installing a package does: name only modules you trust."""
+        from cltune.errors import UserError
+
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise UserError(f"plugins: cannot import {module_name!r} ({type(err).__name__}: {err}); install it or put "
+                            "its folder on PYTHONPATH (on every Ray worker too)") from None
+        declared = getattr(module, "STRATEGY", None)
+        if declared is not None and self._classes.get(getattr(declared, "name", None)) is not declared:
+            self.add(declared)
+
     def create(self, name: str, ctx: Context, config) -> Strategy:
         cls = self._classes[name]
         return cls(ctx, {section: getattr(config, section) for section in cls.sections})

@@ -55,13 +55,13 @@ class Planned:
 
 def plan_runs(config_path: Path, strategies: list[str], seeds: int, sets: list[str], out: Path) -> list[Planned]:
     """Every (strategy, seed) run, naive first within each seed; phase 1 shared where it trains alike."""
+    base_seed = read_config(config_path, sets).seed  # first: it imports the plugins the config names
     unknown = [s for s in strategies if s not in REGISTRY]
     if unknown:
         raise UserError(f"--strategies: unknown {', '.join(unknown)}; choose from {', '.join(REGISTRY)}")
     if seeds < 1:
         raise UserError("--seeds: at least 1 (3 or more for intervals worth reading)")
     names = [REFERENCE] + [s for s in dict.fromkeys(strategies) if s != REFERENCE]
-    base_seed = read_config(config_path, sets).seed
     planned, phase1 = [], {}
     for seed in range(base_seed, base_seed + seeds):
         for name in names:

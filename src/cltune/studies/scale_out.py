@@ -124,6 +124,15 @@ def execute_on_ray(planned, out: Path, address: str, *, run_cpus: float | None =
     from cltune.studies.compare import run_state
 
     ray = import_ray()
+    todo = []  # (plan, state) of the runs not finished yet
+    for plan in planned:
+        state, metrics = run_state(plan.config)
+        if metrics is None:
+            todo.append((plan, state))
+        elif console:
+            console.print(f"{plan.label}: reused (finished earlier)")
+    if not todo:  # nothing to run: no cluster to start or join
+        return [RunMetrics.read(plan.config.run_dir / "metrics.json") for plan in planned]
     ours = not ray.is_initialized()
     if ours:
         try:
@@ -133,25 +142,20 @@ def execute_on_ray(planned, out: Path, address: str, *, run_cpus: float | None =
             raise UserError(f"--ray {address}: could not reach a Ray cluster ({str(err).splitlines()[0]}); "
                             "start one with `ray start --head`, or pass --ray alone for a local one") from None
     try:
-        return _execute(ray, planned, out, run_cpus, run_gpus, console, run_state)
+        return _execute(ray, planned, todo, out, run_cpus, run_gpus, console)
     finally:
         if ours:
             ray.shutdown()
 
 
-def _execute(ray, planned, out: Path, run_cpus, run_gpus, console, run_state) -> list[RunMetrics]:
+def _execute(ray, planned, todo, out: Path, run_cpus, run_gpus, console) -> list[RunMetrics]:
     cpus, gpus = per_run_resources(ray, run_cpus, run_gpus)
     check_shared_folder(ray, out)
     task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_run)
     threads = max(1, int(cpus))
     pending, by_dir, labels = {}, {}, {}
-    for plan in planned:
-        state, metrics = run_state(plan.config)
+    for plan, state in todo:
         label = plan.label
-        if metrics is not None:
-            if console:
-                console.print(f"{label}: reused (finished earlier)")
-            continue
         path = out / "configs" / f"{plan.config.name}.yaml"
         atomic_write_text(path, dump_config(plan.config))
         command = [sys.executable, "-m", "cltune", "run", str(path), "--resume" if state == "interrupted" else
