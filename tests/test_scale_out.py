@@ -54,6 +54,10 @@ def test_a_plugin_strategy_runs_on_the_workers_and_a_failed_run_leaves_the_other
     assert missing.returncode == 2
     assert "plugins: cannot import 'my_strategies' (ModuleNotFoundError" in missing.stderr
     assert missing.stderr.count("\n") == 1, missing.stderr
+    (tmp_path / "plugin_home" / "clash.py").write_text(PLUGIN.replace('"mine"', '"naive"'))
+    config.write_text(yaml.safe_dump({**raw, "plugins": ["clash"]}))
+    clash = subprocess.run(cltune_command("run", config), capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert clash.returncode == 2 and "plugins: clash: strategy name 'naive' is taken" in clash.stderr, clash.stderr
 
 
 def test_ray_options_without_ray_or_its_extra_are_usage_errors(cli, tiny_model_dir, two_tasks, tmp_path, monkeypatch):

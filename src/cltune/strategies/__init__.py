@@ -82,7 +82,10 @@ class Registry(Mapping[str, type[Strategy]]):
                             "its folder on PYTHONPATH (on every Ray worker too)") from None
         declared = getattr(module, "STRATEGY", None)
         if declared is not None and self._classes.get(getattr(declared, "name", None)) is not declared:
-            self.add(declared)
+            try:
+                self.add(declared)
+            except (TypeError, ValueError) as err:  # not a Strategy, a name taken, a section's model differs
+                raise UserError(f"plugins: {module_name}: {err}") from None
 
     def create(self, name: str, ctx: Context, config) -> Strategy:
         cls = self._classes[name]
