@@ -77,9 +77,10 @@ def main(argv=None) -> int:
         f"Serial: `{results['serial']['command']}`", "",
         f"Ray: `{results['ray']['command']}`", "",
         report, "",
-        f"**`--ray` gave {speedup:.2f}× the serial runs per hour** on this machine. The final perplexities are the "
-        "same plan's; they may differ in the last digits between the sides where the thread count differs (one "
-        "thread per run under Ray here, all of them serially).", ""]), encoding="utf-8")
+        f"**`--ray` gave {speedup:.2f}× the serial runs per hour** on this machine. Where the sides run different "
+        "thread counts (`--run-cpus` under Ray, every core serially) the final perplexities may differ: bf16 sums "
+        "round differently with the number of threads, and training grows that; at equal threads they are the same "
+        "(`tests/test_compare.py`).", ""]), encoding="utf-8")
     print(f"wrote {args.doc}")
     return 0
 
