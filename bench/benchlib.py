@@ -142,6 +142,17 @@ def run_cltune(stream: Stream, strategy, task, settings, phase: int = 0) -> Time
     return window(points, load1())
 
 
+def status_mb() -> dict[str, int]:
+    """VmHWM (peak) and VmRSS (now) of this process in MB, from /proc."""
+    with open("/proc/self/status") as fh:
+        return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in fh if line.startswith(("VmHWM", "VmRSS"))}
+
+
+def reset_peak() -> None:
+    """VmHWM back to the current RSS, so the next peak is what comes after."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def median(values) -> float:
     return statistics.median(values)
 

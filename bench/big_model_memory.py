@@ -21,11 +21,6 @@ import time
 from pathlib import Path
 
 
-def status_mb() -> dict[str, int]:
-    with open("/proc/self/status") as fh:
-        return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in fh if line.startswith(("VmHWM", "VmRSS"))}
-
-
 def one_case(checkpointed: bool, batch: int, length: int, precision: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -33,6 +28,8 @@ def one_case(checkpointed: bool, batch: int, length: int, precision: str) -> dic
     from cltune.config import LoraSettings
     from cltune.modeling.model import attach_lora, checkpoint_layers, settle_dtypes
     from cltune.modeling.scoring import TokenScorer, target_nll
+
+    from benchlib import reset_peak, status_mb
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=32_000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -51,7 +48,7 @@ def one_case(checkpointed: bool, batch: int, length: int, precision: str) -> dic
     ids = torch.randint(0, config.vocab_size, (batch, length))
     positions = torch.arange(length).expand(batch, length)
     built = status_mb()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+    reset_peak()
     start = time.perf_counter()
     target_nll(scorer(input_ids=ids, position_ids=positions, labels=ids), ids).mean().backward()
     seconds = time.perf_counter() - start

@@ -16,12 +16,6 @@ import time
 from pathlib import Path
 
 
-def status_mb() -> dict[str, int]:
-    """VmHWM (peak) and VmRSS (now) of this process in MB, from /proc."""
-    with open("/proc/self/status") as fh:
-        return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in fh if line.startswith(("VmHWM", "VmRSS"))}
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--micro-batch", type=int, default=8,
@@ -35,13 +29,13 @@ def main(argv=None) -> int:
     from cltune.modeling.batching import collate
     from cltune.modeling.scoring import target_nll
 
-    from benchlib import demo_stream
+    from benchlib import demo_stream, reset_peak, status_mb
 
     stream = demo_stream()
     ctx = stream.ctx
     built = status_mb()
     encoded = ctx.encode(sorted(stream.tasks[0].train, key=lambda e: -len(e.text))[: args.micro_batch])
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    reset_peak()
     start = time.perf_counter()
     if args.eval:
         example_nll(ctx.accelerator, ctx.scorer, encoded, ctx.tokenizer.pad_token_id, args.micro_batch)

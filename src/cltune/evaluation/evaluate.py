@@ -120,10 +120,10 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
         share = float("nan")
     ppl = math.exp(total.sum().item() / count.sum().item())
     seconds = time.perf_counter() - start
-    positions = sum(map(len, encode(variants, tokenizer, max_length)))
-    own_positions = sum(map(len, encode(examples, tokenizer, max_length))) if attribute else positions
+    # every candidate is one speaker token in the same place, so each variant of an utterance has its length:
+    # the other candidates are (C − 1) / C of the scored positions
     return Scores(ppl, share, total.tolist(), [int(c) for c in count.tolist()], seconds,
-                  seconds * (1 - own_positions / positions))
+                  seconds * (1 - 1 / len(tokens)) if attribute else 0.0)
 
 
 def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> list[Scores]:

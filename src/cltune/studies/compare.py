@@ -280,12 +280,9 @@ def run_compare(config_path: Path, strategies: list[str], seeds: int, sets: list
 
     if bootstrap < 1:
         raise UserError("--bootstrap: at least 1 resample (1000 for intervals worth reading)")
-    if ray is not None:
-        from cltune.studies.scale_out import import_ray
+    from cltune.studies.scale_out import check_options
 
-        import_ray()  # before any work: a missing extra is a usage error
-    elif run_cpus is not None or run_gpus is not None:
-        raise UserError("--run-cpus and --run-gpus size Ray tasks; add --ray (alone for a Ray on this machine)")
+    check_options(ray, run_cpus, run_gpus)
     out = out or read_config(config_path, sets).output_dir / "compare"
     writable_folder(out, "comparison")
     planned = plan_runs(config_path, strategies, seeds, sets, out)

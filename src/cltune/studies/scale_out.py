@@ -36,6 +36,14 @@ def import_ray():
     return ray
 
 
+def check_options(ray: str | None, run_cpus: float | None, run_gpus: float | None) -> None:
+    """Before any work: `--ray` needs its extra installed, and `--run-cpus`/`--run-gpus` need `--ray`."""
+    if ray is not None:
+        import_ray()
+    elif run_cpus is not None or run_gpus is not None:
+        raise UserError("--run-cpus and --run-gpus size Ray tasks; add --ray (alone for a Ray on this machine)")
+
+
 @dataclass
 class Job:
     """One run to make: its config, and the phase-1 checkpoint it takes instead of training phase 1 (the run

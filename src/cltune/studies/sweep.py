@@ -78,12 +78,9 @@ def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | N
     `cltune.studies.scale_out`) and write sweep.md/.csv/.png; returns sweep.md."""
     from cltune.report.plots import tradeoff_scatter
     from cltune.studies.pipeline import run_stream
-    from cltune.studies.scale_out import Job, execute_on_ray, import_ray
+    from cltune.studies.scale_out import Job, check_options, execute_on_ray
 
-    if ray is not None:
-        import_ray()  # before any work: a missing extra is a usage error
-    elif run_cpus is not None or run_gpus is not None:
-        raise UserError("--run-cpus and --run-gpus size Ray tasks; add --ray (alone for a Ray on this machine)")
+    check_options(ray, run_cpus, run_gpus)
     points = expand_grid(grid)
     base = read_config(config_path, sets)
     out = out or base.output_dir / f"{base.name}-sweep"
@@ -101,9 +98,9 @@ def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | N
         results = execute_on_ray(jobs, out, ray, run_cpus=run_cpus, run_gpus=run_gpus, console=console)
     else:
         results = []
-        for job in jobs:
+        for point, job in zip(points, jobs):
             if console:
-                console.print(f"[bold]{job.config.name}[/] {job.label.split(' ', 1)[1]}"
+                console.print(f"[bold]{job.config.name}[/] {point}"
                               + (f" (phase 1 from {job.phase1_from})" if job.phase1_from else ""))
             results.append(run_stream(job.config, reuse_phase1=job.phase1_from, console=console))
     rows = [_row(point, metrics, job.phase1_from is not None) for point, job, metrics in zip(points, jobs, results)]
