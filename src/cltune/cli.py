@@ -247,6 +247,8 @@ RAY_HELP = ("run the runs side by side as Ray tasks: --ray alone starts a Ray on
             "--ray auto or ray://host:port joins a running cluster (pip install 'cltune\\[ray]')")
 RUN_CPUS_HELP = "with --ray: CPUs (and torch threads) per run; default 4, or all of a smaller machine"
 RUN_GPUS_HELP = "with --ray: GPUs per run, fractions allowed; default 1 where the cluster has GPUs"
+RETRIES_HELP = ("with --ray: times a run whose worker died (a lost node, a killed process) is resumed from its last "
+                "step checkpoint on another; default 1")
 
 
 @app.command()
@@ -257,12 +259,14 @@ def sweep(config: Path = typer.Argument(..., parser=user_path, help="run config 
                                           help="sweep folder (default: output_dir/name-sweep)"),
           ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]", help=RAY_HELP),
           run_cpus: float | None = typer.Option(None, help=RUN_CPUS_HELP),
-          run_gpus: float | None = typer.Option(None, help=RUN_GPUS_HELP)) -> None:
+          run_gpus: float | None = typer.Option(None, help=RUN_GPUS_HELP),
+          retries: int | None = typer.Option(None, help=RETRIES_HELP)) -> None:
     """Run a grid of configs (ablations such as the reference pipeline's), reusing phase-1 checkpoints where
     settings allow."""
+    from cltune.studies.scale_out import ray_options
     from cltune.studies.sweep import run_sweep
 
-    md = run_sweep(config, grid, set_, out, console=console, ray=ray, run_cpus=run_cpus, run_gpus=run_gpus)
+    md = run_sweep(config, grid, set_, out, console=console, ray=ray_options(ray, run_cpus, run_gpus, retries))
     console.print(f"sweep: {md}")
 
 
@@ -278,12 +282,14 @@ def compare(config: Path = typer.Argument(..., parser=user_path,
             bootstrap: int = typer.Option(1000, help="bootstrap resamples of the test utterances"),
             ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]", help=RAY_HELP),
             run_cpus: float | None = typer.Option(None, help=RUN_CPUS_HELP),
-            run_gpus: float | None = typer.Option(None, help=RUN_GPUS_HELP)) -> None:
+            run_gpus: float | None = typer.Option(None, help=RUN_GPUS_HELP),
+          retries: int | None = typer.Option(None, help=RETRIES_HELP)) -> None:
     """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
     from cltune.studies.compare import run_compare
+    from cltune.studies.scale_out import ray_options
 
     md = run_compare(config, [s.strip() for s in strategies.split(",") if s.strip()], seeds, set_, out, bootstrap,
-                     console=console, ray=ray, run_cpus=run_cpus, run_gpus=run_gpus)
+                     console=console, ray=ray_options(ray, run_cpus, run_gpus, retries))
     console.print(f"compare: {md} and {md.with_suffix('.html')}")
 
 
@@ -308,8 +314,9 @@ def _resume_hint() -> str:
     import shlex
 
     args = sys.argv[1:]
-    if args and args[0] == "compare":
-        return "; run the same command again to continue (finished runs are reused, a stopped one resumes)"
+    if args and args[0] in ("compare", "sweep"):
+        return (f"; continue with: {shlex.join(['cltune', *args])} (the same command: finished runs are reused, "
+                "stopped ones resume)")
     if not args or args[0] not in RESUMABLE:
         return ""
     args = [a for a in args if a != "--overwrite"] + ([] if "--resume" in args else ["--resume"])

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -37,6 +38,9 @@ from cltune.studies.pipeline import TEST_NLL
 from cltune.studies.runconfig import make_config, read_config
 from cltune.studies.sweep import phase1_fingerprint
 from cltune.training import rundir
+
+if TYPE_CHECKING:
+    from cltune.studies.scale_out import RayOptions
 
 REFERENCE = "naive"
 
@@ -271,25 +275,20 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
 
 
 def run_compare(config_path: Path, strategies: list[str], seeds: int, sets: list[str], out: Path | None = None,
-                bootstrap: int = 1000, console=None, ray: str | None = None, run_cpus: float | None = None,
-                run_gpus: float | None = None) -> Path:
+                bootstrap: int = 1000, console=None, ray: RayOptions | None = None) -> Path:
     """Plan, run (reusing what is done) and write compare.md/.csv/.html/.png; returns compare.md. `ray`: run them
-    as Ray tasks ("local": a Ray started for this command; else a cluster address), each holding `run_cpus` CPUs
-    and `run_gpus` GPUs (`cltune.studies.scale_out`)."""
+    as Ray tasks (`cltune.studies.scale_out`), else one after another."""
     from cltune.studies.compare_report import write_outputs
 
     if bootstrap < 1:
         raise UserError("--bootstrap: at least 1 resample (1000 for intervals worth reading)")
-    from cltune.studies.scale_out import check_options
-
-    check_options(ray, run_cpus, run_gpus)
     out = out or read_config(config_path, sets).output_dir / "compare"
     writable_folder(out, "comparison")
     planned = plan_runs(config_path, strategies, seeds, sets, out)
     if ray is not None:
         from cltune.studies.scale_out import execute_on_ray
 
-        results = execute_on_ray(planned, out, ray, run_cpus=run_cpus, run_gpus=run_gpus, console=console)
+        results = execute_on_ray(planned, out, ray, console)
     else:
         results = execute(planned, out, console)
     summary = summarize(planned, results, bootstrap)

@@ -14,6 +14,7 @@ import itertools
 import json
 import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cltune.config import BaseRunConfig
 from cltune.errors import UserError
@@ -21,6 +22,9 @@ from cltune.evaluation.results import RunMetrics
 from cltune.storage.files import atomic_write_text, writable_folder
 from cltune.strategies import REGISTRY
 from cltune.studies.runconfig import read_config
+
+if TYPE_CHECKING:
+    from cltune.studies.scale_out import RayOptions
 
 
 def expand_grid(grid: list[str]) -> list[dict[str, str]]:
@@ -73,14 +77,13 @@ def _markdown(rows: list[dict], command: str) -> str:
 
 
 def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | None, console=None,
-              ray: str | None = None, run_cpus: float | None = None, run_gpus: float | None = None) -> Path:
+              ray: RayOptions | None = None) -> Path:
     """Run every grid point (one after another in this process, or with `ray` as Ray tasks: see
     `cltune.studies.scale_out`) and write sweep.md/.csv/.png; returns sweep.md."""
     from cltune.report.plots import tradeoff_scatter
     from cltune.studies.pipeline import run_stream
-    from cltune.studies.scale_out import Job, check_options, execute_on_ray
+    from cltune.studies.scale_out import Job, execute_on_ray
 
-    check_options(ray, run_cpus, run_gpus)
     points = expand_grid(grid)
     base = read_config(config_path, sets)
     out = out or base.output_dir / f"{base.name}-sweep"
@@ -95,7 +98,7 @@ def run_sweep(config_path: Path, grid: list[str], sets: list[str], out: Path | N
         jobs.append(Job(f"{name} {point}", config, phase1_dirs.get(fingerprint)))
         phase1_dirs.setdefault(fingerprint, config.run_dir / "phase1")
     if ray is not None:
-        results = execute_on_ray(jobs, out, ray, run_cpus=run_cpus, run_gpus=run_gpus, console=console)
+        results = execute_on_ray(jobs, out, ray, console)
     else:
         results = []
         for point, job in zip(points, jobs):
