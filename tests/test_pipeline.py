@@ -94,3 +94,27 @@ def test_a_reused_phase_1_counts_the_source_training_and_its_own_hooks(tiny_conf
     assert fisher == reused["backward_tokens"] - reused["training_backward_tokens"] > 0
     # its own Fisher
     assert ewc.phases[1].strategy["forward_tokens"] > ewc.phases[1].strategy["training_forward_tokens"]
+
+
+def test_validation_runs_when_something_reads_it(tiny_config, monkeypatch):
+    """Without early stopping a phase validates once, at its end (the figure the pipeline reuses); `eval_every`
+    validates every N steps and at the end; with `early_stopping_patience` once per epoch, stopping after that
+    many validations without improvement (scripted validation figures here: 10, 12, then none needed)."""
+    from cltune.training import loop
+
+    def validations(config):
+        metrics = run_stream(config)
+        rows = [json.loads(line) for line in (config.run_dir / "phase1" / "train_log.jsonl").read_text().splitlines()]
+        return metrics, [r["step"] for r in rows if "val_loss" in r]
+
+    quiet = ["eval.samples_per_speaker=0", "train.epochs=3"]  # 48 training utterances, batch 8: 6 steps an epoch
+    plain, checked = validations(tiny_config("naive", quiet, name="plain"))
+    assert plain.phases[0].steps == 18 and checked == [18]
+    _, checked = validations(tiny_config("naive", [*quiet, "train.eval_every=4"], name="every"))
+    assert checked == [4, 8, 12, 16, 18]
+    figures = iter([10.0, 12.0])
+    real = loop.perplexity
+    monkeypatch.setattr(loop, "perplexity", lambda *a, **k: next(figures, None) or real(*a, **k))
+    stopping, checked = validations(tiny_config("naive", [*quiet, "train.early_stopping_patience=1"], name="stop"))
+    assert checked == [6, 12] and stopping.phases[0].stopped_early
+    assert stopping.phases[0].steps == 12 and stopping.phases[0].best_val_loss == pytest.approx(math.log(10.0))

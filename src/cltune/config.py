@@ -124,7 +124,8 @@ class PhaseSettings(Strict):
     pack_length: int = Field(256, ge=8, description="tokens per packed row")
     early_stopping_patience: int | None = Field(None, ge=1,
                                                 description="stop after this many evaluations without val improvement")
-    eval_every: int | None = Field(None, ge=1, description="validate every N steps (default: once per epoch)")
+    eval_every: int | None = Field(None, ge=1, description="validate every N steps (default: at the end of the phase, "
+                                   "and once per epoch with early stopping)")
     checkpoint_every: int | None = Field(25, ge=1, description="save a resumable step checkpoint (weights, optimizer, "
                                          "scheduler, strategy state, data position) every N optimizer steps; null: "
                                          "only at the "

@@ -436,7 +436,10 @@ def train_phase(
     )
     scorer, optimizer = acc.prepare(ctx.scorer, optimizer)
     parts = PhaseParts(ctx, strategy, scorer, optimizer, scheduler, params, settings, contrast)
-    val_every = settings.eval_every or max(1, math.ceil(len(plan) / math.ceil(settings.epochs)))
+    # Mid-phase validation serves early stopping (or the curve `eval_every` asks for); otherwise the phase's end
+    # is the one figure anything reads (the pipeline reuses it), so there is no mid-phase pass to pay for.
+    per_epoch = max(1, math.ceil(len(plan) / math.ceil(settings.epochs)))
+    val_every = settings.eval_every or (per_epoch if settings.early_stopping_patience else len(plan))
 
     counted = (ctx.scorer.forward_tokens, ctx.scorer.backward_tokens)  # model passes before this loop
     loop = None
