@@ -8,6 +8,11 @@ machine and the command, to --doc (default docs/benchmarks/scale_out.md).
 
     .venv/bin/python bench/scale_out.py                       # naive,replay × 2 seeds, ~6 min on 2 cores
     .venv/bin/python bench/scale_out.py --seeds 3 --run-cpus 2
+    # three datasets (the demo host with guests A, B, C), threads equal on both sides: the runs must be identical
+    .venv/bin/python bench/scale_out.py --guests a,b,c --run-cpus 2 --doc -
+
+Besides runs per hour it counts the runs whose metrics are identical on both sides (everything but wall
+times, memory and the folder names), and the largest relative difference of a final perplexity.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET = ["train.max_steps=8", "eval.samples_per_speaker=0"]
 
@@ -32,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--run-cpus", default="1")
     p.add_argument("--set", dest="sets", action="append", default=None, help=f"overrides (default: {BUDGET})")
     p.add_argument("--out", type=Path, default=ROOT / "checkpoints" / "scale_out")
-    p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks" / "scale_out.md")
+    p.add_argument("--guests", default="a,b", help="the demo host's guests, in order: the stream's datasets")
+    p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks" / "scale_out.md"), help="page to write; -: none")
     args = p.parse_args(argv)
     from benchlib import DEMO_CONFIG, DEMO_DATA, describe_machine, ensure_demo_data, machine_line, table
 
@@ -42,10 +50,10 @@ def main(argv=None) -> int:
     config = args.out / "demo.yaml"
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    text = DEMO_CONFIG.read_text(encoding="utf-8")
-    for name in ("host_guest_a.csv", "host_guest_b.csv"):  # the shipped config names its files relative to --data
-        text = text.replace(f"path: {name}", f"path: {(DEMO_DATA / name).resolve()}")
-    config.write_text(text, encoding="utf-8")
+    raw = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    raw["tasks"] = [{"name": f"guest_{g}", "path": str((DEMO_DATA / f"host_guest_{g}.csv").resolve())}
+                    for g in args.guests.split(",")]
+    config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     sets = [a for s in (args.sets or BUDGET) for a in ("--set", s)]
     rows, results = [], {}
     for side, extra in (("serial", []), ("ray", ["--ray", "--run-cpus", args.run_cpus])):
@@ -68,6 +76,11 @@ def main(argv=None) -> int:
     report = table(["side", "runs", "wall (s)", "runs/hour", "final PPL means (per strategy, per task)"], rows)
     print(report)
     print(f"--ray: {speedup:.2f}× the serial runs/hour")
+    same, total, worst = identical_runs(args.out / "serial", args.out / "ray")
+    print(f"identical runs: {same} of {total}; largest relative difference of a final PPL: {worst:.2e}")
+    if args.doc == "-":
+        return 0
+    args.doc = Path(args.doc)
     args.doc.write_text("\n".join([
         "# Scale-out: `cltune compare` serially and with `--ray`", "",
         f"Measured by `bench/scale_out.py` on {machine_line(machine)}, {time.strftime('%Y-%m-%d %H:%M')}. Both sides "
@@ -83,6 +96,28 @@ def main(argv=None) -> int:
         "(`tests/test_compare.py`).", ""]), encoding="utf-8")
     print(f"wrote {args.doc}")
     return 0
+
+
+def _comparable(metrics: dict, folder: Path) -> dict:
+    """A run's metrics.json without what differs between equal runs: wall times, memory, the folder's name."""
+    out = {k: v for k, v in metrics.items() if k not in ("run", "peak_rss_mb", "stages_s")}
+    out["phases"] = [{k: v for k, v in p.items() if k not in ("wall_s", "tokens_per_s")} for p in metrics["phases"]]
+    for phase in out["phases"]:
+        phase["strategy"] = {k: (str(Path(v).resolve().relative_to(folder.resolve())) if k == "phase1_from" else v)
+                             for k, v in phase["strategy"].items() if k != "hooks_s" and not k.endswith("wall_s")}
+    return out
+
+
+def identical_runs(serial: Path, ray: Path) -> tuple[int, int, float]:
+    """Runs whose metrics are the same on both sides, of all; the largest relative final-PPL difference."""
+    same, total, worst = 0, 0, 0.0
+    for path in sorted((serial / "runs").glob("*/metrics.json")):
+        a = json.loads(path.read_text())
+        b = json.loads((ray / "runs" / path.parent.name / "metrics.json").read_text())
+        total += 1
+        same += _comparable(a, serial) == _comparable(b, ray)
+        worst = max([worst, *(abs(x / y - 1) for x, y in zip(a["ppl"][-1], b["ppl"][-1]))])
+    return same, total, worst
 
 
 if __name__ == "__main__":
