@@ -90,9 +90,10 @@ def reference(tiny_model_dir, stream):
 
 @pytest.fixture(scope="session")
 def strategy_streams(tiny_model_dir, tmp_path_factory):
-    """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream on conversations with two
-    context turns (every hook then sees examples with context), run once per strategy per session and shared
-    by the end-to-end test, which also resumes against it, and the tests that read a finished run."""
+    """`streams(strategy)` → (raw config, RunMetrics) of the uninterrupted tiny stream on whole conversations
+    (`context_turns: all`, windows of 48 tokens: every hook then sees examples with context, in windows that
+    slide where a conversation is longer), run once per strategy per session and shared by the end-to-end test,
+    which also resumes against it, and the tests that read a finished run."""
     from cltune.api import make_config
     from cltune.studies.pipeline import run_stream
 
@@ -101,7 +102,7 @@ def strategy_streams(tiny_model_dir, tmp_path_factory):
     def streams(strategy: str):
         if strategy not in cache:
             # a step checkpoint after every step, three steps a phase: resume tests stop and continue inside a phase
-            raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted", context_turns=2,
+            raw = stream_config(tiny_model_dir, folder, strategy, f"{strategy}-uninterrupted", context_turns="all",
                                 checkpoint_every=1, max_steps=3)
             cache[strategy] = (raw, run_stream(make_config(raw)))
         return cache[strategy]

@@ -102,9 +102,9 @@ def tiny_run_config(model_dir: Path, csvs: list[Path], out: Path, strategy: str 
 
 
 def stream_config(model_dir: Path, folder: Path, strategy: str = "ewc_replay", name: str = "tiny", *,
-                  context_turns: int = 0, **train) -> dict:
+                  context_turns: int | str = 0, **train) -> dict:
     """The tiny two-task stream the end-to-end and resume tests run: dropout on (a resume must reproduce
-    random draws), Reptile's meta-training cut short, and `train` settings on top. `context_turns` > 0: the
+    random draws), Reptile's meta-training cut short, and `train` settings on top. `context_turns` > 0 or "all": the
     files hold conversations (a conversation column) and each utterance comes with up to that many earlier
     turns (max_length 48 leaves them room); a folder's files are written once, by its first call."""
     csvs = [folder / "guest_a.csv", folder / "guest_b.csv"]

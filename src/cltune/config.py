@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_validator,
 )
 
 from cltune.errors import UserError
@@ -72,11 +73,22 @@ class DataSettings(Strict):
     max_length: int = Field(100, ge=4, description="tokens per example: the target utterance (its speaker token and "
                             "end token included) and its context turns; the target is kept first (cut only when it "
                             "alone is longer), then the context fills what is left, oldest turns dropped first")
-    context_turns: int = Field(0, ge=0, description="earlier turns of the same conversation shown before each "
-                               "utterance (each with its speaker token, context only: never targets, never in the "
-                               "perplexity); conversations come from the conversation column or, without one, from "
-                               "blank rows between them; 0: every utterance alone")
+    context_turns: Annotated[int, Field(ge=0)] | Literal["all"] = Field(
+        0, description="earlier turns of the same conversation shown before each utterance (each with its speaker "
+        "token, context only: never in that utterance's loss or perplexity); conversations come from the conversation "
+        "column or, without one, from blank rows between them; 0: every utterance alone; all: whole conversations, "
+        "cut into windows of max_length tokens computed in one pass each, every earlier turn of the window as context "
+        "(at least half a window once a conversation is longer than one)")
+    targets: list[str] | None = Field(None, description="with context_turns: all, the speakers whose turns are "
+                                      "trained and scored; the others' turns are context only; null: every speaker")
     drop_missing: bool = Field(False, description="drop rows with missing text instead of stopping with an error")
+
+    @model_validator(mode="after")
+    def _targets_need_windows(self):
+        if self.targets is not None and self.context_turns != "all":
+            raise ValueError("data.targets picks the trained speakers of whole conversations; it needs "
+                             "data.context_turns: all")
+        return self
 
     @field_validator("split")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -33,7 +34,8 @@ class Turn:
 @dataclass(frozen=True)
 class Example:
     """One utterance ready for the model: its context (up to `data.context_turns` earlier turns of the
-    same conversation and split, oldest first) and its speaker token are context, the text is the target."""
+    same conversation and split, oldest first) and its speaker token are context, the text is the target.
+    `window`: with `context_turns: all`, the window it is a target of (`cltune.data.windows`)."""
 
     task: int
     speaker: str
@@ -42,6 +44,7 @@ class Example:
     split: Split
     line: int
     context: tuple[Turn, ...] = field(default=())
+    window: str | None = None
 
 
 @dataclass
@@ -53,6 +56,16 @@ class TaskData:
     train: list[Example]
     val: list[Example]
     test: list[Example]
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """What `context_turns: all` cuts conversations with: each text's token length as a turn, the window size,
+    and the speakers whose turns are targets (None: every speaker)."""
+
+    turn_lengths: Callable[[list[str]], list[int]]
+    max_length: int
+    targets: tuple[str, ...] | None = None
 
 
 class HeldOutLeakError(RuntimeError):
@@ -132,7 +145,7 @@ def grouped_split(conversations: list[str], fractions: tuple[float, float, float
     return [chosen.get(c, Split.TRAIN) for c in conversations]
 
 
-def conversation_keys(dataset: Dataset, context_turns: int) -> list[str] | None:
+def conversation_keys(dataset: Dataset, context_turns: int | str) -> list[str] | None:
     """Each utterance's conversation: its id column, else (only when context is asked for) its
     blank-row-separated section of the file; None: utterances stand alone (split one by one)."""
     if dataset.conversation_col is not None:
@@ -169,8 +182,10 @@ def with_context(examples: list[Example], keys: list[str] | None, context_turns:
 
 def build_task(
     dataset: Dataset, index: int, tokens: dict[str, str], fractions: tuple[float, float, float], seed: int,
-    context_turns: int = 0,
+    context_turns: int | str = 0, windows: WindowSettings | None = None,
 ) -> TaskData:
+    """A dataset's task: its split, and each utterance's context. `context_turns` "all" needs `windows` (the
+    turn lengths, the window size and the target speakers: `cltune.data.windows`)."""
     utts = dataset.utterances
     pct = "/".join(f"{round(f * 100)}" for f in fractions)
     keys = conversation_keys(dataset, context_turns)
@@ -192,7 +207,13 @@ def build_task(
     examples = [Example(index, u.speaker, tokens[u.speaker], u.text, split, u.line)
                 for u, split in zip(utts, assignment)]
     parts: dict[Split, list[Example]] = {s: [] for s in Split}
-    for example in with_context(examples, keys, context_turns):
+    if context_turns == "all":
+        from cltune.data.windows import with_windows
+
+        ready = with_windows(examples, keys, windows.turn_lengths, windows.max_length, windows.targets)
+    else:
+        ready = with_context(examples, keys, context_turns)
+    for example in ready:
         parts[example.split].append(example)
     return TaskData(
         index,

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from cltune.data.split import Example
-from cltune.modeling.batching import collate, encode, length_grouped_batches
+from cltune.modeling.batching import collate, encode, length_grouped_batches, window_batches
 from cltune.modeling.scoring import TokenScorer, fp32_arithmetic, per_example_sums, target_nll, uncounted
 
 
@@ -29,14 +29,17 @@ def example_nll(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL and target count of every encoded utterance; work is split across processes."""
     n = len(encoded)
-    batches = length_grouped_batches([len(s) for s in encoded], batch_size, seed=0, shuffle=False)
+    if any(getattr(s, "window", None) is not None for s in encoded):  # whole windows, one row each
+        batches = window_batches(encoded, batch_size)
+    else:
+        batches = length_grouped_batches([len(s) for s in encoded], batch_size, seed=0, shuffle=False)
     mine = batches[accelerator.process_index :: accelerator.num_processes]
     was_training = scorer.training
     scorer.eval()
     results = []
     with uncounted(scorer), fp32_arithmetic(scorer):  # evaluation is not part of a strategy's cost
         for indices in mine:
-            batch = collate(encoded, indices, pad_id)
+            batch = collate(encoded, indices, pad_id, merge=True)
             inputs = {k: v.to(accelerator.device) for k, v in batch.model_inputs().items()}
             nll = target_nll(scorer(**inputs), inputs["labels"])
             sums = per_example_sums(nll.double(), batch.target_example, n)[indices].cpu()

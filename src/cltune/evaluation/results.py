@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -84,7 +84,8 @@ class RunMetrics(_Record):
     speaker_tokens: dict[str, str]
     parameters: dict[str, int]
     split_sizes: list[dict[str, int]]
-    context_turns: int = 0  # earlier turns shown before each utterance (`data.context_turns`); never targets
+    # earlier turns shown before each utterance (`data.context_turns`; "all": whole conversations in windows)
+    context_turns: int | Literal["all"] = 0
     # The process's peak resident memory when the last phase ended (per run when each run has its own
     # process, as under `cltune compare`; in a notebook, the notebook's peak so far).
     peak_rss_mb: float | None = None

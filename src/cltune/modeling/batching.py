@@ -20,11 +20,14 @@ IGNORE = -100
 
 
 class Tokens(list):
-    """One example's token ids; the first `context` of them are earlier turns (context only, never targets)."""
+    """One example's token ids; the first `context` of them are earlier turns (context only, never targets).
+    `window`: the conversation window it is a target of (`context_turns: all`), whose other targets' ids are
+    prefixes of, or extend, these."""
 
-    def __init__(self, ids=(), context: int = 0):
+    def __init__(self, ids=(), context: int = 0, window: str | None = None):
         super().__init__(ids)
         self.context = context
+        self.window = window
 
 
 def context_of(seq: Sequence[int]) -> int:
@@ -74,7 +77,7 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
     targets = [[s] + t + end if len(t) <= whole else [s] + t[: max_length - 1] for s, t in zip(speaker_ids, texts)]
     turns = list(dict.fromkeys((turn.token, turn.text) for e in examples for turn in e.context))
     if not turns:
-        return [Tokens(t) for t in targets]
+        return [Tokens(t, 0, e.window) for e, t in zip(examples, targets)]
     turn_texts = tokenizer([text for _, text in turns], add_special_tokens=False)["input_ids"]
     turn_speakers = tokenizer.convert_tokens_to_ids([token for token, _ in turns])
     encoded_turns = {key: turn_ids(s, t, end) for key, s, t in zip(turns, turn_speakers, turn_texts)}
@@ -82,7 +85,7 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
     for example, target in zip(examples, targets):
         context = fit_context([encoded_turns[turn.token, turn.text] for turn in example.context],
                               max_length - len(target))
-        out.append(Tokens(context + target, len(context)))
+        out.append(Tokens(context + target, len(context), example.window))
     return out
 
 
@@ -116,32 +119,58 @@ def _pack(order: list[int], lengths: list[int], pack_length: int) -> list[list[i
     return rows
 
 
-def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_length: int | None = None) -> Batch:
+def _rows(encoded: list[list[int]], indices: list[int], merge: bool) -> list[tuple[int, list[int]]]:
+    """(carrier, examples) per sequence to compute: each example alone, or with `merge` the targets of one
+    window in one sequence — the longest, whose ids the others' are a prefix of (a variant that is not, such
+    as attribution's other speaker token, stays alone)."""
+    if not merge:
+        return [(i, [i]) for i in indices]
+    rows: list[tuple[int, list[int]]] = []
+    carriers: dict[str, tuple[int, list[int]]] = {}
+    for i in sorted(indices, key=lambda j: (-len(encoded[j]), j)):
+        window = getattr(encoded[i], "window", None)
+        row = carriers.get(window) if window is not None else None
+        if row is not None and encoded[row[0]][: len(encoded[i])] == encoded[i]:
+            row[1].append(i)
+            continue
+        rows.append((i, [i]))
+        if window is not None and window not in carriers:
+            carriers[window] = rows[-1]
+    return sorted(rows, key=lambda row: indices.index(row[0]))
+
+
+def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_length: int | None = None,
+            merge: bool = False) -> Batch:
     """One micro-batch: rows of one example each, or packed rows when pack_length is set. Labels hold
-    the target tokens only: context turns and speaker tokens are IGNORE."""
-    lengths = [len(s) for s in encoded]
-    rows = _pack(indices, lengths, pack_length) if pack_length else [[i] for i in indices]
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    owner = torch.full((len(rows), width), -1, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
+    the target tokens only: context turns and speaker tokens are IGNORE. With `merge`, the targets of one
+    conversation window share the row of its longest (`_rows`): each example's targets are labelled in
+    place and owned by it, so per-example sums and the token-weighted loss are those of separate rows
+    (not for per-example gradients, which need an example to a row)."""
+    rows_of = _rows(encoded, indices, merge)
+    lengths = [len(encoded[carrier]) for carrier, _ in rows_of]
+    placed = _pack(list(range(len(rows_of))), lengths, pack_length) if pack_length else [[r] for r in
+                                                                                         range(len(rows_of))]
+    width = max(sum(lengths[r] for r in row) for row in placed)
+    ids = torch.full((len(placed), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(placed), width), IGNORE, dtype=torch.long)
+    owner = torch.full((len(placed), width), -1, dtype=torch.long)
+    positions = torch.zeros((len(placed), width), dtype=torch.long)
+    for r, row in enumerate(placed):
         at = 0
-        for i in row:
-            seq = torch.tensor(encoded[i])
-            n, first = len(seq), context_of(encoded[i]) + 1  # the first target follows the speaker token
+        for carrier, members in (rows_of[k] for k in row):
+            seq = torch.tensor(encoded[carrier])
+            n = len(seq)
             ids[r, at : at + n] = seq
-            labels[r, at + first : at + n] = seq[first:]
-            owner[r, at : at + n] = i
+            for i in members:
+                first, end = at + context_of(encoded[i]) + 1, at + len(encoded[i])  # targets follow the speaker token
+                labels[r, first:end] = seq[first - at : end - at]
+                owner[r, first:end] = i
             positions[r, at : at + n] = torch.arange(n)
             at += n
         positions[r, at:] = torch.arange(width - at)  # padding forms its own block
     target_mask = labels[:, 1:] != IGNORE
-    return Batch(
-        ids, positions, labels, owner[:, 1:][target_mask], list(indices), int(target_mask.sum()),
-        sum(lengths[i] for i in indices)
-    )
+    return Batch(ids, positions, labels, owner[:, 1:][target_mask], list(indices), int(target_mask.sum()),
+                 sum(lengths))
 
 
 def length_grouped_batches(lengths: list[int], micro_batch_size: int, seed: int,
@@ -163,3 +192,19 @@ def length_grouped_batches(lengths: list[int], micro_batch_size: int, seed: int,
     if shuffle:
         rng.shuffle(batches)
     return batches
+
+
+def window_groups(windows: Sequence[str | None]) -> list[list[int]]:
+    """Indices grouped by conversation window (`context_turns: all`), in first-appearance order; an example
+    without a window is a group of its own. A group is computed as one row by `collate(merge=True)`."""
+    groups: dict[str | int, list[int]] = {}
+    for i, window in enumerate(windows):
+        groups.setdefault(window if window is not None else i, []).append(i)
+    return list(groups.values())
+
+
+def window_batches(encoded: list[list[int]], rows: int) -> list[list[int]]:
+    """Evaluation batches of whole windows: windows sorted by length, `rows` windows a batch."""
+    groups = window_groups([getattr(seq, "window", None) for seq in encoded])
+    ordered = sorted(groups, key=lambda g: (max(len(encoded[i]) for i in g), g[0]))
+    return [[i for g in ordered[k : k + rows] for i in g] for k in range(0, len(ordered), rows)]

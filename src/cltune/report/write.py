@@ -201,8 +201,10 @@ def _samples(metrics: RunMetrics) -> list[str]:
         lines.append("")
     replies = [s for s in metrics.samples if s.context]
     if replies:
-        lines += ["## Replies in context", "", f"The model's reply to real test-split contexts (the last "
-                  f"{metrics.context_turns} turns), beside the true reply.", ""] + _table(
+        shown = ("every earlier turn of its window" if metrics.context_turns == "all"
+                 else f"the last {metrics.context_turns} turns")
+        lines += ["## Replies in context", "", f"The model's reply to real test-split contexts ({shown}), beside "
+                  "the true reply.", ""] + _table(
             ["phase", "context", "speaker", "model's reply", "true reply"],
             [[s.phase, " / ".join(f"{_cell(who, 40)}: {_cell(text, 80)}" for who, text in s.context),
               f"{s.speaker} `{s.token}`", _cell(s.text), _cell(s.reference or "")] for s in replies])

@@ -29,7 +29,7 @@ class Sampling:
 class Talker:
     """A loaded checkpoint, ready to reply as any of its speakers."""
 
-    def __init__(self, checkpoint: Path, context_turns: int | None = None):
+    def __init__(self, checkpoint: Path, context_turns: int | str | None = None):
         from cltune.modeling.checkpoint import load_checkpoint
         from cltune.strategies.routing import load_router
 
@@ -39,7 +39,7 @@ class Talker:
         self.router = load_router(checkpoint, self.model)
         self.tokens: dict[str, str] = meta.get("speaker_tokens", {})
         self.task_speakers: list[list[str]] = [t["speakers"] for t in meta.get("tasks", [])]
-        self.trained_turns: int = meta.get("context_turns", 0)
+        self.trained_turns: int | str = meta.get("context_turns", 0)  # "all": whole conversations
         self.context_turns = self.trained_turns if context_turns is None else context_turns
         self.max_length: int = meta.get("max_length", DEFAULT_MAX_LENGTH)
 
@@ -74,7 +74,10 @@ class Talker:
         tok = self.tokenizer
         end = [tok.eos_token_id] if tok.eos_token_id is not None else []
         target = [tok.convert_tokens_to_ids(token)] + tok(text, add_special_tokens=False)["input_ids"]
-        turns = history[len(history) - self.context_turns :] if self.context_turns else []
+        if self.context_turns == "all":  # whole conversations: every earlier turn that fits
+            turns = history
+        else:
+            turns = history[len(history) - self.context_turns :] if self.context_turns else []
         encoded = [turn_ids(tok.convert_tokens_to_ids(t), tok(x, add_special_tokens=False)["input_ids"], end)
                    for t, x in turns]
         context = fit_context(encoded, self.max_length - len(target))

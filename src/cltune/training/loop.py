@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from cltune.config import PhaseSettings
 from cltune.data.split import Example, TaskData, require_no_test
 from cltune.errors import DivergedError, UserError
 from cltune.evaluation.evaluate import perplexity
-from cltune.modeling.batching import Batch, collate, length_grouped_batches, target_count
+from cltune.modeling.batching import Batch, collate, length_grouped_batches, target_count, window_groups
 from cltune.modeling.memory import release_free_memory
 from cltune.modeling.model import is_adapter_weight
 from cltune.modeling.scoring import target_nll
@@ -100,7 +101,8 @@ def micro_batch(settings: PhaseSettings, wide: bool) -> int:
 
 
 def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int, max_tokens: int | None = None,
-               micro_batch_size: int | None = None) -> list[tuple[int, list[list[int]]]]:
+               micro_batch_size: int | None = None,
+               windows: list[str | None] | None = None) -> list[tuple[int, list[list[int]]]]:
     """(epoch, micro-batches) per optimizer step, for all epochs, capped by max_steps.
 
     Which utterances share a step depends on the seed, the lengths and `batch_size` only: groups of
@@ -109,9 +111,12 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int, max_token
     (`micro_batch_size`,
     default the settings' number), and micro-batches wider than `max_tokens` are halved; the loop
     weighs every target token of a step alike, so neither changes the step's math. Fractional
-    epochs take the first part of the last epoch's seeded order.
+    epochs take the first part of the last epoch's seeded order. With `windows` (each utterance's
+    conversation window, `context_turns: all`) the plan is `_window_steps`.
     """
     size = micro_batch_size or micro_batch(settings, wide=False)
+    if windows is not None and any(w is not None for w in windows):
+        return _window_steps(lengths, windows, settings, seed, max_tokens, size)
     group = max(d for d in range(1, LENGTH_GROUP + 1) if settings.batch_size % d == 0)
     per_step = math.ceil(settings.batch_size / group)
     steps: list[tuple[int, list[list[int]]]] = []
@@ -123,6 +128,33 @@ def plan_steps(lengths: list[int], settings: PhaseSettings, seed: int, max_token
             step = sorted((u for g in groups[i : i + per_step] for u in g), key=lambda u: (lengths[u], u))
             steps.append((epoch, [part for k in range(0, len(step), size)
                                   for part in split_wide(step[k : k + size], lengths, max_tokens)]))
+    return steps[: settings.max_steps] if settings.max_steps else steps
+
+
+def _window_steps(lengths: list[int], windows: list[str | None], settings: PhaseSettings, seed: int,
+                  max_tokens: int | None, size: int) -> list[tuple[int, list[list[int]]]]:
+    """Steps of whole windows (a window's targets are computed in one row, so they train together): windows in
+    a seeded order, as many per step as reach `batch_size` utterances; in a step, windows sorted by length and
+    grouped into micro-batches of at most `size` rows and `max_tokens` padded positions."""
+    groups = window_groups(windows)
+    width = [max(lengths[i] for i in g) for g in groups]
+    steps: list[tuple[int, list[list[int]]]] = []
+    for epoch in range(math.ceil(settings.epochs)):
+        order = list(range(len(groups)))
+        random.Random(seed * 1_000 + epoch).shuffle(order)
+        order = order[: max(1, round(min(1.0, settings.epochs - epoch) * len(order)))]
+        step: list[int] = []
+        for k, g in enumerate(order):
+            step.append(g)
+            if sum(len(groups[u]) for u in step) >= settings.batch_size or k == len(order) - 1:
+                micro: list[list[int]] = []
+                for u in sorted(step, key=lambda u: (width[u], u)):
+                    rows = len(micro[-1]) if micro else 0
+                    if not micro or rows >= size or (max_tokens and (rows + 1) * width[u] > max_tokens):
+                        micro.append([])
+                    micro[-1].append(u)
+                steps.append((epoch, [[i for u in mb for i in groups[u]] for mb in micro]))
+                step = []
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
@@ -417,11 +449,13 @@ def train_phase(
     pad_id = ctx.tokenizer.pad_token_id
     wide = ctx.base_dtype != torch.float32 or acc.device.type != "cpu"
     sizes = (token_budget(settings, acc.device), micro_batch(settings, wide=wide))
-    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, *sizes)
+    windows = [e.window for e in examples]
+    plan = plan_steps([len(s) for s in encoded], settings, ctx.seed + phase, *sizes, windows=windows)
     if strategy.shared_budget() and len(examples) > len(task.train):
         # Replayed utterances take new ones' places: as many steps as the task's own split gives.
-        own = [len(s) for e, s in zip(examples, encoded) if e.task == task.index]
-        plan = plan[: len(plan_steps(own, settings, ctx.seed + phase, *sizes))]
+        own = [(len(s), e.window) for e, s in zip(examples, encoded) if e.task == task.index]
+        plan = plan[: len(plan_steps([n for n, _ in own], settings, ctx.seed + phase, *sizes,
+                                     windows=[w for _, w in own]))]
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     contrast = SpeakerContrast(examples, encoded, ctx.tasks, ctx.tokenizer, pad_id) if settings.speaker_loss else None
     pack = settings.pack_length if settings.packing else None
@@ -460,8 +494,8 @@ def train_phase(
             epoch, micro_batches = plan[step - 1]
             where = f"phase {phase + 1}, step {step}"
             set_seed(derived_seed(ctx.seed, phase, step, acc.process_index))  # dropout: same draws after a resume
-            batches = [(collate(encoded, mb, pad_id, pack), w) for mb, w in my_share(micro_batches, acc.process_index,
-                                                                                      acc.num_processes)]
+            batches = [(collate(encoded, mb, pad_id, pack, merge=True), w)  # a window's targets: one row
+                       for mb, w in my_share(micro_batches, acc.process_index, acc.num_processes)]
             step_targets = _targets(encoded, micro_batches)
             info = StepInfo(phase=phase, step=step, steps=len(plan), epoch=epoch)
             try:

@@ -25,7 +25,9 @@ from cltune.data import (
     assign_speaker_tokens,
     build_task,
     load_dialogue,
+    normalize_speaker,
 )
+from cltune.data.split import WindowSettings
 from cltune.errors import UserError
 from cltune.modeling.memory import release_free_memory
 from cltune.modeling.model import (
@@ -33,6 +35,7 @@ from cltune.modeling.model import (
     attach_lora,
     checkpoint_layers,
     load_base,
+    load_tokenizer,
     parameter_counts,
     resize_for,
     settle_dtypes,
@@ -114,8 +117,31 @@ def load_tasks(config: BaseRunConfig) -> tuple[list[Dataset], list[TaskData], di
     if len(set(names)) != len(names):
         raise UserError(f"tasks: names {names} repeat; give each task a distinct `name`")
     tokens = assign_speaker_tokens([s for d in datasets for s in d.speakers], data.speaker_tokens)
-    tasks = [build_task(d, i, tokens, data.split, config.seed, data.context_turns) for i, d in enumerate(datasets)]
+    windows = _window_settings(config, datasets) if data.context_turns == "all" else None
+    tasks = [build_task(d, i, tokens, data.split, config.seed, data.context_turns, windows)
+             for i, d in enumerate(datasets)]
     return datasets, tasks, tokens
+
+
+def _window_settings(config: BaseRunConfig, datasets: list[Dataset]) -> WindowSettings:
+    """How `context_turns: all` measures turns (the model's tokenizer: speaker token, text, end token) and
+    which speakers it trains on (`data.targets`, after aliases; each must speak somewhere)."""
+    data = config.data
+    speakers = {s for d in datasets for s in d.speakers}
+    targets = None
+    if data.targets is not None:
+        targets = tuple(normalize_speaker(t, data.aliases) for t in data.targets)
+        unknown = [t for t, n in zip(data.targets, targets) if n not in speakers]
+        if unknown:
+            raise UserError(f"data.targets: {', '.join(map(repr, unknown))} speak in no task file; the speakers are "
+                            f"{', '.join(sorted(speakers))}")
+    tokenizer = load_tokenizer(config.model)
+    extra = 1 + (tokenizer.eos_token_id is not None)  # the speaker token and the end token
+
+    def turn_lengths(texts: list[str]) -> list[int]:
+        return [len(ids) + extra for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+    return WindowSettings(turn_lengths, data.max_length, targets)
 
 
 def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: Accelerator, precision: str = "fp32"):
