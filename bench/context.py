@@ -57,8 +57,10 @@ def geometric_interval(values: list[float]) -> tuple[float, float | None, float 
     return math.exp(mean), None if low is None else math.exp(low), None if high is None else math.exp(high)
 
 
-def share_interval(values: list[float]) -> tuple[float, float | None, float | None]:
-    """Mean and 95% t-interval of shares, the interval clipped to [0, 1]."""
+def share_interval(values: list[float | None]) -> tuple[float | None, float | None, float | None]:
+    """Mean and 95% t-interval of shares, the interval clipped to [0, 1]; all None (attribution off): None."""
+    if any(v is None for v in values):
+        return None, None, None
     mean, low, high = mean_interval(values)
     return mean, None if low is None else max(0.0, low), None if high is None else min(1.0, high)
 
@@ -80,6 +82,9 @@ def summarize(out: Path, runs: dict[str, list[Path]], reference: str) -> dict:
                                   for j in range(len(tasks))],
             "target_tokens_per_s": [mean_interval([t[j] for t in train]) for j in range(len(tasks))],
             "wall_s": mean_interval([sum(p["wall_s"] for p in m["phases"]) for m in metrics]),
+            # the training loops alone (no validation, checkpoints or strategy hooks), where metrics.json has it
+            "train_s": mean_interval([m["stages_s"]["train"] for m in metrics])
+            if all((m.get("stages_s") or {}).get("train") for m in metrics) else (None, None, None),
             "training_forward_tokens": mean_interval([sum(p["strategy"]["training_forward_tokens"] for p in m["phases"])
                                                       for m in metrics]),
             "test_utterances": [len(nll[0][t]["nll"]) for t in tasks],
@@ -104,9 +109,15 @@ def summarize(out: Path, runs: dict[str, list[Path]], reference: str) -> dict:
 
 def cell(values, digits: int = 1, scale: float = 1.0) -> str:
     mean, low, high = values
+    if mean is None:
+        return "—"
     if low is None:
         return f"{scale * mean:.{digits}f}"
     return f"{scale * mean:.{digits}f} [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
+
+
+def _share(values) -> str:
+    return "—" if values[0] is None else cell(values, 1, 100) + "%"
 
 
 def tables(summary: dict, sets: dict[str, list[str]]) -> list[str]:
@@ -122,14 +133,17 @@ def tables(summary: dict, sets: dict[str, list[str]]) -> list[str]:
                                   for d in diffs) + " |")
     lines += ["", "| variant | " + " | ".join(f"{t} attribution after learning it" for t in tasks) + " | "
               + " | ".join(f"{t} attribution at the end" for t in tasks) + " | "
-              + " | ".join(f"phase {j + 1} target tokens/s" for j in range(len(tasks))) + " | training s | "
-              f"training positions vs {ref} |",
-              "|---|" + "---|" * (3 * len(tasks) + 2)]
+              + " | ".join(f"phase {j + 1} target tokens/s" for j in range(len(tasks))) + " | phases s | train s | "
+              f"train s vs {ref} | training positions vs {ref} |",
+              "|---|" + "---|" * (3 * len(tasks) + 4)]
+    reference_train = summary["variants"][ref]["train_s"][0]
     for name, row in summary["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(cell(v, 1, 100) + "%" for v in row["attribution"]) + " | "
-                     + " | ".join(cell(v, 1, 100) + "%" for v in row["final_attribution"]) + " | "
+        lines.append(f"| {name} | " + " | ".join(_share(v) for v in row["attribution"]) + " | "
+                     + " | ".join(_share(v) for v in row["final_attribution"]) + " | "
                      + " | ".join(cell(v, 0) for v in row["target_tokens_per_s"]) + f" | {cell(row['wall_s'], 0)} | "
-                     f"{row['training_forward_tokens'][0] / reference_positions:.2f}× |")
+                     f"{cell(row['train_s'], 0)} | "
+                     + (f"{row['train_s'][0] / reference_train:.2f}×" if row["train_s"][0] and reference_train else "—")
+                     + f" | {row['training_forward_tokens'][0] / reference_positions:.2f}× |")
     sizes = next(iter(summary["variants"].values()))["test_utterances"]
     lines += ["", f"Test utterances per seed: {', '.join(f'{t} {n}' for t, n in zip(tasks, sizes))} (split by "
               "conversation, so each seed has its own test set; every variant of a seed scores the same one)."]

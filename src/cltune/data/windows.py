@@ -62,5 +62,5 @@ def with_windows(examples: list[Example], keys: list[str], turn_lengths: Callabl
             for t in chosen:
                 e = examples[members[t]]
                 out.append((members[t], Example(e.task, e.speaker, e.token, e.text, e.split, e.line,
-                                                tuple(turns[start:t]), window=f"{key}/{split}/{w}")))
+                                                tuple(turns[start:t]), window=f"{key!r}/{split}/{w}")))
     return [e for _, e in sorted(out, key=lambda pair: pair[0])]  # file order, as every other mode
