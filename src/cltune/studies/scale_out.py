@@ -241,7 +241,7 @@ class _Scheduler:
         self.ray, self.cpus, self.gpus, self.retries, self.console = ray, cpus, gpus, retries, console
         self.out = out.resolve()  # what every node reads: absolute paths
         self.task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_run)
-        self.stop = out / STOP_MARKER
+        self.stop = self.out / STOP_MARKER
         self.stop.unlink(missing_ok=True)
         self.total = len(todo)
         making = {plan.config.run_dir for plan in todo}
@@ -304,6 +304,8 @@ class _Scheduler:
         self.running[self.task.remote(command, max(1, int(self.cpus)), str(self.stop), os.getcwd())] = label
 
     def _collect(self, ref) -> None:
+        from cltune.studies.compare import run_state
+
         label = self.running.pop(ref)
         plan = self.plans[label]
         try:
@@ -313,7 +315,9 @@ class _Scheduler:
             return
         except self.ray.exceptions.RayError as err:  # its worker or node died
             cause = type(err).__name__
-            if self.tries[label] <= self.retries:
+            if run_state(plan.config)[1] is not None:  # it had finished and written everything first
+                self._finished(plan, label, "on a worker that died after it finished")
+            elif self.tries[label] <= self.retries:
                 self._say(f"{label}: its worker died ({cause}); resuming it from its last step checkpoint on a live "
                           f"worker (retry {self.tries[label]} of {self.retries})")
                 self._submit(label)
@@ -325,10 +329,13 @@ class _Scheduler:
         if finished.code != 0:
             self._fail(label, finished.tail, f"FAILED on {where} after {finished.wall_s:.0f} s")
             return
+        self._finished(plan, label, f"on {where} in {finished.wall_s:.0f} s")
+
+    def _finished(self, plan, label: str, how: str) -> None:
         self.done += 1
         final = RunMetrics.read(plan.config.run_dir / "metrics.json").ppl[-1]
-        self._say(f"[{self.done}/{self.total}] {label}: done on {where} in {finished.wall_s:.0f} s, final mean PPL "
-                  f"{sum(final) / len(final):.2f}{self._eta()}")
+        self._say(f"[{self.done}/{self.total}] {label}: done {how}, final mean PPL {sum(final) / len(final):.2f}"
+                  f"{self._eta()}")
         for waiting in [w for w, source in self.blocked.items() if source == plan.config.run_dir]:
             del self.blocked[waiting]
             self._submit(waiting)
