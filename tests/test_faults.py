@@ -340,9 +340,15 @@ def test_compare_passes_one_ctrl_c_to_its_running_child_and_waits_for_it(tmp_pat
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=ctrl_c_once_ready, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        _run_child([sys.executable, "-c", CHILD, str(said)])
+    # Python's own Ctrl-C handler for the duration, whatever an earlier test in this worker process left (a library's
+    # C-level handler included: signal.signal installs the interpreter's again). Seen once: no KeyboardInterrupt here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=ctrl_c_once_ready, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            _run_child([sys.executable, "-c", CHILD, str(said)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert said.read_text() == "SIGINT True"  # one SIGINT, to a child in a session of its own; it had exited
 
 
