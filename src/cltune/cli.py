@@ -283,7 +283,7 @@ def compare(config: Path = typer.Argument(..., parser=user_path,
             ray: str | None = typer.Option(None, "--ray", metavar="[ADDRESS]", help=RAY_HELP),
             run_cpus: float | None = typer.Option(None, help=RUN_CPUS_HELP),
             run_gpus: float | None = typer.Option(None, help=RUN_GPUS_HELP),
-          retries: int | None = typer.Option(None, help=RETRIES_HELP)) -> None:
+            retries: int | None = typer.Option(None, help=RETRIES_HELP)) -> None:
     """Compare strategies on one stream over several seeds: intervals, paired differences against naive, costs."""
     from cltune.studies.compare import run_compare
     from cltune.studies.scale_out import ray_options

@@ -136,7 +136,8 @@ def _rows(encoded: list[list[int]], indices: list[int], merge: bool) -> list[tup
         rows.append((i, [i]))
         if window is not None and window not in carriers:
             carriers[window] = rows[-1]
-    return sorted(rows, key=lambda row: indices.index(row[0]))
+    position = {i: k for k, i in enumerate(indices)}
+    return sorted(rows, key=lambda row: position[row[0]])  # the micro-batch's order, as without merging
 
 
 def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_length: int | None = None,

@@ -75,7 +75,7 @@ def ray_options(address: str | None, run_cpus: float | None, run_gpus: float | N
 @dataclass
 class Job:
     """One run to make: its config, and the phase-1 checkpoint it takes instead of training phase 1 (the run
-    that writes it, when it is one of the jobs, goes first)."""
+    that writes it, when it is one of the jobs, finishes before this one starts)."""
 
     label: str
     config: BaseRunConfig

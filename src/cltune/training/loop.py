@@ -144,9 +144,11 @@ def _window_steps(lengths: list[int], windows: list[str | None], settings: Phase
         random.Random(seed * 1_000 + epoch).shuffle(order)
         order = order[: max(1, round(min(1.0, settings.epochs - epoch) * len(order)))]
         step: list[int] = []
+        utterances = 0
         for k, g in enumerate(order):
             step.append(g)
-            if sum(len(groups[u]) for u in step) >= settings.batch_size or k == len(order) - 1:
+            utterances += len(groups[g])
+            if utterances >= settings.batch_size or k == len(order) - 1:
                 micro: list[list[int]] = []
                 for u in sorted(step, key=lambda u: (width[u], u)):
                     rows = len(micro[-1]) if micro else 0
@@ -154,7 +156,7 @@ def _window_steps(lengths: list[int], windows: list[str | None], settings: Phase
                         micro.append([])
                     micro[-1].append(u)
                 steps.append((epoch, [[i for u in mb for i in groups[u]] for mb in micro]))
-                step = []
+                step, utterances = [], 0
     return steps[: settings.max_steps] if settings.max_steps else steps
 
 
