@@ -28,29 +28,32 @@ def _ids(tokenizer, text):
 
 
 def test_context_turns_are_context_only_in_the_encoding_and_the_labels(tok_model):
-    """A hand-built example: `<HOST> so tell me </s> <GUEST_A> i love pizza </s> <HOST> what do you think </s>`;
-    only the last utterance's text and end token are targets, packed beside a plain utterance or alone."""
+    """A hand-built example: `<s> <HOST> so tell me </s> <GUEST_A> i love pizza </s> <HOST> what do you think </s>`;
+    only the last utterance's text and end token are targets, packed beside a plain utterance or alone; each
+    example begins with the start token."""
     _, tok = tok_model
     host, guest, end = tok.convert_tokens_to_ids(["<HOST>", "<GUEST_A>"]) + [tok.eos_token_id]
+    bos = tok.bos_token_id
+    assert bos is not None and bos not in (host, guest, end)
     context = (Turn("Host", "<HOST>", "so tell me", 2), Turn("Guest A", "<GUEST_A>", "i love pizza", 3))
     example = Example(0, "Host", "<HOST>", "what do you think", Split.TRAIN, 4, context)
     plain = Example(0, "Guest A", "<GUEST_A>", "music", Split.TRAIN, 5)
     seq, alone = encode([example, plain], tok, 64)
-    prefix = [host, *_ids(tok, "so tell me"), end, guest, *_ids(tok, "i love pizza"), end]
+    prefix = [bos, host, *_ids(tok, "so tell me"), end, guest, *_ids(tok, "i love pizza"), end]
     target = [host, *_ids(tok, "what do you think"), end]
     assert list(seq) == prefix + target and seq.context == len(prefix)
-    assert list(alone) == [guest, *_ids(tok, "music"), end] and alone.context == 0
+    assert list(alone) == [bos, guest, *_ids(tok, "music"), end] and alone.context == 1
 
     batch = collate([seq, alone], [0, 1], pad_id=0, pack_length=128)  # one packed row: the longer example first
     assert batch.input_ids.tolist() == [list(seq) + list(alone)]
-    assert batch.labels.tolist() == [[IGNORE] * (len(prefix) + 1) + target[1:] + [IGNORE] + list(alone)[1:]]
+    assert batch.labels.tolist() == [[IGNORE] * (len(prefix) + 1) + target[1:] + [IGNORE] * 2 + list(alone)[2:]]
     assert batch.position_ids.tolist() == [list(range(len(seq))) + list(range(len(alone)))]
-    assert batch.n_targets == len(target) - 1 + len(alone) - 1
-    assert batch.target_example.tolist() == [0] * (len(target) - 1) + [1] * (len(alone) - 1)
+    assert batch.n_targets == len(target) - 1 + len(alone) - 2
+    assert batch.target_example.tolist() == [0] * (len(target) - 1) + [1] * (len(alone) - 2)
 
     rows = collate([seq, alone], [0, 1], pad_id=0)  # one row each, padded
     assert rows.labels[0].tolist() == [IGNORE] * (len(prefix) + 1) + target[1:]
-    assert rows.labels[1].tolist() == [IGNORE] + list(alone)[1:] + [IGNORE] * (len(seq) - len(alone))
+    assert rows.labels[1].tolist() == [IGNORE] * 2 + list(alone)[2:] + [IGNORE] * (len(seq) - len(alone))
 
 
 def test_truncation_drops_the_oldest_context_first_and_never_the_target(tok_model):
@@ -62,18 +65,20 @@ def test_truncation_drops_the_oldest_context_first_and_never_the_target(tok_mode
     target = [host, *_ids(tok, "question today"), end]
     first, second = [host, *_ids(tok, old), end], [guest, *_ids(tok, recent), end]
 
-    def encoded(max_length):
+    def encoded(max_length):  # (context after the start token, target)
         [seq] = encode([example], tok, max_length)
-        return list(seq[: seq.context]), list(seq[seq.context :])
+        assert seq[0] == tok.bos_token_id
+        return list(seq[1 : seq.context]), list(seq[seq.context :])
 
-    assert encoded(len(target) + len(first) + len(second)) == (first + second, target)  # everything fits
+    whole = 1 + len(target) + len(first) + len(second)  # the start token and every turn
+    assert encoded(whole) == (first + second, target)  # everything fits
     # three tokens short of the whole: the oldest turn keeps its speaker token, the end of its text and its end
-    assert encoded(len(target) + len(first) + len(second) - 3) == ([host, *first[4:]] + second, target)
-    assert encoded(len(target) + len(second) + 2) == (second, target)  # two tokens: too few for a turn, dropped
-    assert encoded(len(target)) == ([], target)
+    assert encoded(whole - 3) == ([host, *first[4:]] + second, target)
+    assert encoded(1 + len(target) + len(second) + 2) == (second, target)  # two tokens: too few for a turn, dropped
+    assert encoded(1 + len(target)) == ([], target)
     # a target longer than max_length is cut (no end token) and leaves no room for context, as without context
-    assert encoded(3) == ([], target[:3]) == ([], list(encode([Example(0, "Host", "<HOST>", "question today",
-                                                                       Split.TEST, 9)], tok, 3)[0]))
+    assert encoded(4) == ([], target[:3]) == ([], list(encode([Example(0, "Host", "<HOST>", "question today",
+                                                                       Split.TEST, 9)], tok, 4)[0])[1:])
     assert fit_context([[1, 2, 8, 3], [4, 5, 6, 7]], 8) == [1, 2, 8, 3, 4, 5, 6, 7]
     assert fit_context([[1, 2, 8, 3], [4, 5, 6, 7]], 7) == [1, 8, 3, 4, 5, 6, 7]  # speaker, last text token, end
     assert fit_context([[1, 2, 8, 3], [4, 5, 6, 7]], 6) == [4, 5, 6, 7]
@@ -143,7 +148,7 @@ def test_a_score_with_context_counts_the_target_tokens_only(tok_model):
     by_hand = -sum(log_probs[i - 1, seq[i]].item() for i in range(first, len(seq)))
     assert total.item() == pytest.approx(by_hand, rel=1e-5)
     assert count.item() == len(seq) - first == len(encode([Example(0, "Host", "<HOST>", "what do you think",
-                                                                   Split.TEST, 4)], tok, 64)[0]) - 1
+                                                                   Split.TEST, 4)], tok, 64)[0]) - 2
 
 
 @pytest.fixture(scope="module")
@@ -210,6 +215,7 @@ def test_generation_prompts_are_encoded_as_training_encodes(context_streams, tmp
     from helpers import run_cli
 
     run_dir, _ = context_streams(2)
+    capsys.readouterr()  # the stream's progress, when this test trained it
     phase = run_dir / "phase2"
     talker = Talker(phase)
     assert (talker.context_turns, talker.max_length) == (2, 48)
@@ -249,6 +255,7 @@ def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
     from helpers import run_cli
 
     run_dir, _ = context_streams(2)
+    capsys.readouterr()  # the stream's progress, when this test trained it
     phase = run_dir / "phase2"
     script = tmp_path / "script.txt"
     script.write_text("so tell me\nwhat do you think\n/speaker Nobody\n/reset\n/speaker host\nquestion today\n"
@@ -279,6 +286,53 @@ def test_chat_script_end_to_end(context_streams, tmp_path, monkeypatch, capsys):
     assert without.code == 0 and "trained without context turns" in without.out
     missing = run_cli(monkeypatch, capsys, "chat", phase, "--as", "Guest A", "--script", tmp_path / "nope.txt")
     assert missing.code == 2 and "nope.txt: cannot read the script" in missing.err
+
+
+def test_a_whole_conversation_chat_reuses_its_cache_inside_a_window_and_replies_as_without_it(context_streams):
+    """`context_turns: all`: each turn's prompt is the current window (training's rule, the reply counted at its
+    budget); inside a window the next prompt extends the last prompt, and the cache serves all of that prefix;
+    a new window starts over. Greedy replies with the cache are the replies without it."""
+    import io
+
+    from rich.console import Console
+
+    from cltune.serving.chat import Sampling, Talker, chat
+
+    run_dir, _ = context_streams("all")
+    phase = run_dir / "phase2"
+    lines = [f"hi {i}" for i in range(12)]
+    runs = {}
+    for kv_cache in (True, False):
+        talker = Talker(phase, kv_cache=kv_cache)
+        assert talker.context_turns == "all" and talker.max_length == 48
+        reused, prompts = [], []
+        original = talker.prompt
+
+        def prompt(history, token, text="", reply_budget=0, talker=talker, original=original, prompts=prompts):
+            prompts.append(original(history, token, text, reply_budget)[0])
+            return original(history, token, text, reply_budget)
+
+        talker.prompt = prompt
+        original_reply = talker.reply
+
+        def reply(*args, talker=talker, original_reply=original_reply, reused=reused, **kwargs):
+            text = original_reply(*args, **kwargs)
+            reused.append(talker.caches["<GUEST_A>"].reused if talker.kv_cache else 0)
+            return text
+
+        talker.reply = reply
+        history = chat(talker, "Guest A", "Host", lines, Console(file=io.StringIO(), width=200),
+                       sampling=Sampling(max_new_tokens=4, temperature=0))
+        runs[kv_cache] = (history, prompts, reused)
+    (history, prompts, reused), (plain_history, plain_prompts, _) = runs[True], runs[False]
+    assert history == plain_history and prompts == plain_prompts and len(prompts) == len(lines)
+    assert all(len(p) + 4 + 1 <= 48 for p in prompts)  # prompt and reply budget inside a training window
+    kinds = set()
+    for before, after, served in zip(prompts, prompts[1:], reused[1:]):
+        extends = after[: len(before)] == before
+        kinds.add(extends)
+        assert served >= len(before) if extends else served < len(before)
+    assert kinds == {True, False}  # the conversation outgrew a window at least once
 
 
 def test_chat_stops_a_reply_on_ctrl_c_and_ends_at_end_of_input():

@@ -128,6 +128,13 @@ def test_a_gguf_export_loads_in_transformers_with_the_merged_logits(strategy_str
     for text in ["<GUEST_A> so tell me what do you think", "[PAD]<HOST> i love pizza</s>"]:
         assert (tokenizer(text, add_special_tokens=False)["input_ids"]
                 == reference(text, add_special_tokens=False)["input_ids"])
+    import gguf
+
+    fields = gguf.GGUFReader(tmp_path / "gguf" / name).fields
+    add_bos, bos = (fields[f"tokenizer.ggml.{key}"] for key in ("add_bos_token", "bos_token_id"))
+    # llama.cpp begins every prompt with the start token, as training began every row
+    assert bool(add_bos.parts[add_bos.data[0]][0]) and int(bos.parts[bos.data[0]][0]) == reference.bos_token_id
+    assert json.loads((merged / "cltune_export.json").read_text())["prompt"].startswith("<s> ")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=name, dtype=torch.float32).eval()
     with torch.no_grad():
         loaded = torch.stack([model(input_ids=_ids(tokenizer, "<GUEST_B>", t)).logits[0, :6] for t in TEXTS])

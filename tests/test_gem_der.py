@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from cltune.modeling.batching import target_count
 from cltune.strategies.agem import agem_project
 from cltune.strategies.der import logit_match
 from cltune.strategies.gem import gem_project, nonnegative_qp
@@ -83,7 +84,7 @@ def test_der_stores_the_phase_end_logits_of_its_buffer_and_pulls_towards_them(ti
     encoded = der.ctx.encode(kept)
     for example, ids in zip(kept, encoded):
         values, top = der.stored[example]
-        assert values.shape == top.shape == (len(ids) - 1, 32)  # every target position, the 32 largest logits
+        assert values.shape == top.shape == (target_count(ids), 32)  # every target position, the 32 largest logits
         assert (values[:, :-1] >= values[:, 1:]).all()
     assert metrics.phases[1].strategy["stored_utterances"] == len(kept)
     assert metrics.phases[1].strategy["stored_logits"] == sum(v.numel() for v, _ in der.stored.values())

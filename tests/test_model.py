@@ -188,7 +188,27 @@ def test_only_a_complete_utterance_ends_with_the_end_token(tiny_model_dir):
     text = "so tell me what do you think about that question today"
     n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     eos, host = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<HOST>")
-    fits, cut = encode(examples([text]), tokenizer, n + 2), encode(examples([text]), tokenizer, n + 1)
-    assert fits[0][0] == host and fits[0][-1] == eos and len(fits[0]) == n + 2  # speaker, every text token, end
-    assert cut[0][-1] != eos and len(cut[0]) == n + 1  # one token short: n text tokens, no claimed end
+    fits, cut = encode(examples([text]), tokenizer, n + 3), encode(examples([text]), tokenizer, n + 2)
+    # start token, speaker token, every text token, end token
+    assert fits[0][:2] == [tokenizer.bos_token_id, host] and fits[0][-1] == eos and len(fits[0]) == n + 3
+    assert fits[0].context == 1  # the start token is context, never a target
+    assert cut[0][-1] != eos and len(cut[0]) == n + 2  # one token short: n text tokens, no claimed end
     assert encode(examples([text]), tokenizer, 6)[0] == fits[0][:6]
+
+
+def test_a_tokenizer_without_a_start_token_encodes_rows_from_the_speaker_token(tmp_path):
+    """Models whose tokenizer has no beginning-of-sequence token (GPT-2-style ones may lack it) begin each row with
+    the speaker token, and generation prompts the same way."""
+    from cltune.modeling.batching import start_ids
+
+    from helpers import TOKENIZER_CORPUS
+    from tiny import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "no-bos", TOKENIZER_CORPUS, bos=False)
+    _, tokenizer, _ = prepared(folder)
+    assert tokenizer.bos_token_id is None and start_ids(tokenizer) == []
+    text = "so tell me what do you think"
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    [seq] = encode(examples([text]), tokenizer, n + 2)
+    assert seq == [tokenizer.convert_tokens_to_ids("<HOST>"), *tokenizer(text, add_special_tokens=False)["input_ids"],
+                   tokenizer.eos_token_id] and seq.context == 0

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cltune.data.split import Example, HeldOutLeakError, Split, TaskData
+from cltune.modeling.batching import target_count
 from cltune.strategies import reptile
 from cltune.strategies.base import Context
 from cltune.strategies.reptile import (
@@ -92,7 +93,7 @@ def test_meta_training_equals_the_reptile_formula(tiny_config):
     assert any(not torch.equal(meta[n], theta0[n]) for n in theta0)
     for name in theta0:
         torch.testing.assert_close(meta[name], expected[name], rtol=0, atol=1e-6)
-    n_targets = sum(len(ids) - 1 for ep in episodes for ids in ctx.encode(ep))
+    n_targets = sum(target_count(ids) for ep in episodes for ids in ctx.encode(ep))
     assert costs["meta_target_tokens"] == tokens_seen == 3 * n_targets
     assert costs["inner_steps"] == 6 and costs["meta_iterations"] == 2
 

@@ -1,9 +1,14 @@
 """Utterances → token ids → length-grouped (optionally packed) micro-batches.
 
-Each example is `[context turns] <SPEAKER> text <eos>`: the context turns (each `<SPEAKER> text
-<eos>`, with `data.context_turns` > 0) and the speaker token are context, every later token is a
-target. Packed rows restart position ids at each example; transformers reads that as a
-block-diagonal causal mask, so a packed example sees exactly what it would see alone.
+Each example is `<bos> [context turns] <SPEAKER> text <eos>`: the start token (the tokenizer's
+beginning-of-sequence token, where it has one), the context turns (each `<SPEAKER> text <eos>`,
+with `data.context_turns` > 0) and the speaker token are context, every later token is a target.
+The start token is there because a speaker token at position 0 predicts its utterance's first
+word poorly: the first position of these models attends to nothing but itself. Measured on the
+demo's guest A (one seed, no context): final test PPL 114.8 without it, 90.0 with it, on the same
+target tokens (docs/benchmarks/context.md). Packed rows restart position ids at each example;
+transformers reads that as a block-diagonal causal mask, so a packed example sees exactly what it
+would see alone.
 """
 
 from __future__ import annotations
@@ -30,8 +35,14 @@ class Tokens(list):
         self.window = window
 
 
+def start_ids(tokenizer) -> list[int]:
+    """The start token every example begins with: the tokenizer's beginning-of-sequence token, if it has one."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
 def context_of(seq: Sequence[int]) -> int:
-    """How many leading ids of an encoded example are context turns (0 for a plain list)."""
+    """How many leading ids of an encoded example are context: the start token and any context turns (0 for a
+    plain list)."""
     return getattr(seq, "context", 0)
 
 
@@ -60,10 +71,11 @@ def fit_context(turns: list[list[int]], budget: int) -> list[int]:
 
 
 def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
-    """Token ids of each example: context turns, speaker token, text, end-of-sequence token — at most `max_length`.
+    """Token ids of each example: start token, context turns, speaker token, text, end-of-sequence token — at
+    most `max_length`.
 
-    The target utterance comes first: one that does not fit alone is cut to `max_length − 1` text
-    tokens and gets no end token (its end was not reached, so neither training nor perplexity may
+    The target utterance comes first: one that does not fit alone (after the start token) is cut to
+    fit without its end token (its end was not reached, so neither training nor perplexity may
     claim it was), and leaves no room for context. The context turns fill the rest (`fit_context`).
     The target's ids do not depend on its context, so perplexity with and without context scores
     the same target tokens.
@@ -73,18 +85,19 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
     texts = tokenizer([e.text for e in examples], add_special_tokens=False)["input_ids"]
     speaker_ids = tokenizer.convert_tokens_to_ids([e.token for e in examples])
     end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    whole = max_length - 1 - len(end)  # text tokens that fit with the end token
-    targets = [[s] + t + end if len(t) <= whole else [s] + t[: max_length - 1] for s, t in zip(speaker_ids, texts)]
+    start = start_ids(tokenizer)
+    room = max_length - len(start) - 1  # text tokens that fit after the start and speaker tokens
+    targets = [[s] + t + end if len(t) + len(end) <= room else [s] + t[:room] for s, t in zip(speaker_ids, texts)]
     turns = list(dict.fromkeys((turn.token, turn.text) for e in examples for turn in e.context))
     if not turns:
-        return [Tokens(t, 0, e.window) for e, t in zip(examples, targets)]
+        return [Tokens(start + t, len(start), e.window) for e, t in zip(examples, targets)]
     turn_texts = tokenizer([text for _, text in turns], add_special_tokens=False)["input_ids"]
     turn_speakers = tokenizer.convert_tokens_to_ids([token for token, _ in turns])
     encoded_turns = {key: turn_ids(s, t, end) for key, s, t in zip(turns, turn_speakers, turn_texts)}
     out = []
     for example, target in zip(examples, targets):
-        context = fit_context([encoded_turns[turn.token, turn.text] for turn in example.context],
-                              max_length - len(target))
+        context = start + fit_context([encoded_turns[turn.token, turn.text] for turn in example.context],
+                                      max_length - len(start) - len(target))
         out.append(Tokens(context + target, len(context), example.window))
     return out
 

@@ -1,4 +1,5 @@
-"""Sampling continuations in a speaker's style: context turns (optional), the speaker token, then an optional prompt."""
+"""Sampling continuations in a speaker's style: the start token, context turns (optional), the speaker token, then an
+optional prompt — the layout training encoded (`cltune.modeling.batching`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from contextlib import AbstractContextManager
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from cltune.modeling.batching import context_of, encode
+from cltune.modeling.batching import context_of, encode, start_ids
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations and generate_text's defaults
 
@@ -45,20 +46,58 @@ class TextStream(BaseStreamer):
         self.shown = len(text)
 
 
+class PrefixCache:
+    """One conversation's keys and values under one set of weights, kept from one generation to the next.
+
+    A chat's next prompt starts with the previous one and its reply, so `sample_continuations` computes
+    only the tokens after the longest prefix the two share; the rest of the cache is dropped. The cache
+    holds every token of the last sequence but its final one (generation never feeds that one back).
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.cache = None
+        self.reused = 0  # tokens of the last prompt read from the cache
+
+    def prepare(self, ids: list[int]):
+        """The cache for a generation from `ids`, cut to the prefix it shares with them (at least one token of
+        `ids` is left to compute)."""
+        from transformers import DynamicCache
+
+        keep = 0
+        for held, new in zip(self.ids, ids[: len(ids) - 1]):
+            if held != new:
+                break
+            keep += 1
+        if self.cache is None or keep == 0:
+            self.cache = DynamicCache()
+        elif self.cache.get_seq_length() > keep:
+            self.cache.crop(keep - self.cache.get_seq_length())  # a negative count: the tokens to drop
+        self.ids, self.reused = self.ids[:keep], keep
+        return self.cache
+
+    def hold(self, sequence: list[int]) -> None:
+        """Record the tokens the cache now holds: the start of `sequence` (prompt and reply)."""
+        self.ids = list(sequence[: self.cache.get_seq_length()])
+
+
 @torch.no_grad()
 def sample_continuations(
     model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, batch_size: int, streamer: BaseStreamer | None = None,
+    seed: int, batch_size: int, streamer: BaseStreamer | None = None, cache: PrefixCache | None = None,
 ) -> list[str]:
     """One sampled continuation per prompt (token ids), decoded and stripped (empty ones included).
 
     The prompts must all have one length, so rows need no padding and `batch_size` of them share
     a forward pass. Each chunk reseeds with seed + its first row, so samples depend on `seed` and
     `batch_size`, not on earlier calls. Temperature 0 is greedy decoding. A `streamer` (one prompt)
-    receives the tokens as they come.
+    receives the tokens as they come; a `cache` (one prompt) carries keys and values over from the
+    previous call, so a prompt that extends the last one computes only its new tokens.
     """
     if len({len(p) for p in prompts}) > 1:
         raise ValueError("sample_continuations: prompts of different lengths would need padding")
+    if cache is not None and len(prompts) != 1:
+        raise ValueError("sample_continuations: a prefix cache serves one prompt")
     device = next(model.parameters()).device
     sampling = temperature > 0
     was_training = model.training
@@ -68,11 +107,15 @@ def sample_continuations(
         for start in range(0, len(prompts), batch_size):
             inputs = torch.tensor(prompts[start : start + batch_size], dtype=torch.long, device=device)
             torch.manual_seed(seed + start)
+            reuse = {} if cache is None else {"cache": cache.prepare(prompts[0])}
             out = model.generate(
                 input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                 do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
                 top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+                **reuse,
             )
+            if cache is not None:
+                cache.hold(out[0].tolist())
             texts += [t.strip() for t in tokenizer.batch_decode(out[:, inputs.shape[1]:], skip_special_tokens=True)]
     finally:
         model.train(was_training)
@@ -83,8 +126,9 @@ def generate_text(
     model, tokenizer, speaker_token: str, prompt: str = "", *, max_new_tokens: int = 40,
     temperature: float = SAMPLE_TEMPERATURE, top_p: float = SAMPLE_TOP_P, seed: int = 0,
 ) -> str:
-    """One continuation of `<SPEAKER> prompt`."""
-    ids = [tokenizer.convert_tokens_to_ids(speaker_token)] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """One continuation of `<bos> <SPEAKER> prompt`."""
+    ids = [*start_ids(tokenizer), tokenizer.convert_tokens_to_ids(speaker_token),
+           *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
     return sample_continuations(model, tokenizer, [ids], max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seed, batch_size=1)[0]
 
@@ -93,8 +137,9 @@ def sample_utterances(
     model, tokenizer, speaker_token: str, n: int, *, max_new_tokens: int, temperature: float, top_p: float,
     seed: int, batch_size: int,
 ) -> list[str]:
-    """`n` utterances prompted by the speaker token alone (generative replay's pseudo-data)."""
-    return sample_continuations(model, tokenizer, [[tokenizer.convert_tokens_to_ids(speaker_token)]] * n,
+    """`n` utterances prompted by the speaker token alone, after the start token (generative replay's pseudo-data)."""
+    prompt = [*start_ids(tokenizer), tokenizer.convert_tokens_to_ids(speaker_token)]
+    return sample_continuations(model, tokenizer, [prompt] * n,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 seed=seed, batch_size=batch_size)
 
@@ -117,7 +162,8 @@ def sample_rows(ctx, router, tasks, settings, phase: int, seed: int) -> list[dic
                 for _ in range(settings.samples_per_speaker)]
         if not rows:
             continue
-        prompts = [[ctx.tokenizer.convert_tokens_to_ids(token)] for _, _, token in rows]
+        start = start_ids(ctx.tokenizer)
+        prompts = [[*start, ctx.tokenizer.convert_tokens_to_ids(token)] for _, _, token in rows]
         with router.oracle(group[0].index):
             texts = sample_continuations(ctx.model, ctx.tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                          temperature=SAMPLE_TEMPERATURE, top_p=SAMPLE_TOP_P, seed=seed,

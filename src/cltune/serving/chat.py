@@ -1,10 +1,19 @@
 """Talking to a saved checkpoint: replies in a chosen speaker's voice after the conversation so far.
 
 `Talker` serves `cltune generate` (with or without `--context`) and `cltune chat`. A reply is
-prompted as training encoded a target: the last `context_turns` turns (each `<SPEAKER> text <eos>`,
-cut to the checkpoint's `max_length`, oldest dropped first), the speaker token, the prompt. The
-weights are the ones the checkpoint's router gives the speaker (no task id), as the run's agnostic
-evaluation scored them; a speaker several datasets share is sampled from the mixture of theirs.
+prompted as training encoded a target: the start token (checkpoints trained with one), the last
+`context_turns` turns (each `<SPEAKER> text <eos>`, cut to the checkpoint's `max_length`, oldest
+dropped first), the speaker token, the prompt. With
+`context_turns: all` the turns are those of the conversation's current window, cut as training cut
+windows (`cltune.data.windows`, the reply counted at its token budget): the window grows turn by
+turn and, once the next reply would not fit, starts again at a turn that keeps at least half a
+window of context. The weights are the ones the checkpoint's router gives the speaker (no task id),
+as the run's agnostic evaluation scored them; a speaker several datasets share is sampled from the
+mixture of theirs.
+
+A chat keeps each voice's keys and values between turns (`PrefixCache`): inside a window a turn
+computes only its own new tokens — the user's line and the reply — instead of the whole
+conversation again. The mixture of a shared speaker is computed without a cache.
 """
 
 from __future__ import annotations
@@ -12,8 +21,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cltune.errors import UserError
+
+if TYPE_CHECKING:  # torch and transformers load when a checkpoint does
+    from cltune.modeling.generate import PrefixCache
 
 DEFAULT_MAX_LENGTH = 100  # checkpoints saved before the meta recorded it used the config default
 
@@ -29,7 +42,7 @@ class Sampling:
 class Talker:
     """A loaded checkpoint, ready to reply as any of its speakers."""
 
-    def __init__(self, checkpoint: Path, context_turns: int | str | None = None):
+    def __init__(self, checkpoint: Path, context_turns: int | str | None = None, kv_cache: bool = True):
         from cltune.modeling.checkpoint import load_checkpoint
         from cltune.strategies.routing import load_router
 
@@ -42,6 +55,13 @@ class Talker:
         self.trained_turns: int | str = meta.get("context_turns", 0)  # "all": whole conversations
         self.context_turns = self.trained_turns if context_turns is None else context_turns
         self.max_length: int = meta.get("max_length", DEFAULT_MAX_LENGTH)
+        self.start: list[int] = []  # checkpoints saved before rows began with the start token have none
+        if meta.get("start_token", False):
+            from cltune.modeling.batching import start_ids
+
+            self.start = start_ids(self.tokenizer)
+        self.kv_cache = kv_cache
+        self.caches: dict[str, PrefixCache] = {}  # by the voice whose weights computed them
 
     def token(self, speaker: str, where: str | Path | None = None) -> str:
         """The token of `speaker`, given as a name (any case and spacing) or as the token itself."""
@@ -66,38 +86,46 @@ class Talker:
                 return self.tokens[others[0]]
         return None
 
-    def prompt(self, history: list[tuple[str, str]], token: str, text: str = "") -> tuple[list[int], int]:
-        """(ids, index of the speaker token): the last `context_turns` (token, text) turns of `history` that fit
-        `max_length` with the speaker token and `text`, then those."""
+    def prompt(self, history: list[tuple[str, str]], token: str, text: str = "", reply_budget: int = 0,
+               ) -> tuple[list[int], int]:
+        """(ids, index of the speaker token): the start token, the context turns of `history` (the last
+        `context_turns`, or with "all" the current window's, planned with the reply at `reply_budget` tokens) as far
+        as they fit `max_length` with the speaker token and `text`, then those."""
+        from cltune.data.windows import plan_windows
         from cltune.modeling.batching import fit_context, turn_ids
 
         tok = self.tokenizer
         end = [tok.eos_token_id] if tok.eos_token_id is not None else []
         target = [tok.convert_tokens_to_ids(token)] + tok(text, add_special_tokens=False)["input_ids"]
-        if self.context_turns == "all":  # whole conversations: every earlier turn that fits
-            turns = history
-        else:
-            turns = history[len(history) - self.context_turns :] if self.context_turns else []
+        turns = history if self.context_turns == "all" else \
+            history[len(history) - self.context_turns :] if self.context_turns else []
         encoded = [turn_ids(tok.convert_tokens_to_ids(t), tok(x, add_special_tokens=False)["input_ids"], end)
                    for t, x in turns]
-        context = fit_context(encoded, self.max_length - len(target))
+        room = self.max_length - len(self.start)
+        if self.context_turns == "all" and encoded:  # the window the reply would be a target of
+            lengths = [min(len(turn), room) for turn in encoded]
+            lengths.append(min(len(target) + reply_budget + len(end), room))
+            first, _ = plan_windows(lengths, [True] * len(lengths), room)[-1]
+            encoded = encoded[first:]
+        context = self.start + fit_context(encoded, room - len(target))
         return context + target, len(context)
 
     def reply(self, history: list[tuple[str, str]], token: str, text: str = "", sampling: Sampling = Sampling(),
               emit: Callable[[str], None] | None = None) -> str:
         """A continuation of `text` by `token`'s speaker after `history` (the text not repeated); `emit` receives
         the reply piece by piece as it is generated."""
-        from cltune.modeling.generate import TextStream, generate_mixture, sample_continuations
+        from cltune.modeling.generate import PrefixCache, TextStream, generate_mixture, sample_continuations
 
-        ids, start = self.prompt(history, token, text)
+        ids, start = self.prompt(history, token, text, reply_budget=sampling.max_new_tokens)
         stream = TextStream(self.tokenizer, emit) if emit else None
         options = {"max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
                    "top_p": sampling.top_p, "seed": sampling.seed, "streamer": stream}
         if len(self.router.agnostic_choices(token)) > 1:
             return generate_mixture(self.model, self.tokenizer, lambda: self.router.agnostic_choices(token), ids,
                                     start=start, **options)
+        cache = self.caches.setdefault(token, PrefixCache()) if self.kv_cache else None
         with self.router.agnostic(token):
-            return sample_continuations(self.model, self.tokenizer, [ids], batch_size=1, **options)[0]
+            return sample_continuations(self.model, self.tokenizer, [ids], batch_size=1, cache=cache, **options)[0]
 
 
 def read_context(talker: Talker, path: Path) -> list[tuple[str, str]]:

@@ -153,7 +153,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None
             elif gguf:
                 model = plain_model(talker.meta, talker.tokenizer, served_weights(talker.model))
                 write_gguf(model, talker.tokenizer, tmp / f"model-{gguf}.gguf", gguf,
-                           source_pre_tokenizer(talker.meta["model"]["name"]))
+                           source_pre_tokenizer(talker.meta["model"]["name"]), add_bos=bool(talker.start))
             else:
                 model = plain_model(talker.meta, talker.tokenizer, served_weights(talker.model))
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -161,12 +161,20 @@ def export_checkpoint(checkpoint: Path, out: Path, *, speaker: str | None = None
             kind_written = "peft-adapter" if adapter else f"gguf-{gguf}" if gguf else "merged"
             write_json(tmp / EXPORT_NOTE, {"checkpoint": str(checkpoint), "router": kind, "speaker": speaker,
                                            "dataset": sub, "format": kind_written,
-                                           "speaker_tokens": talker.tokens, "context_turns": talker.trained_turns})
+                                           "speaker_tokens": talker.tokens, "context_turns": talker.trained_turns,
+                                           "prompt": _prompt_layout(talker)})
 
         with weights:
             write_folder(folder, fill)
         _readable(folder)
     return folders
+
+
+def _prompt_layout(talker) -> str:
+    """How a prompt to the exported model is laid out, as training laid out its rows."""
+    start = talker.tokenizer.convert_ids_to_tokens(talker.start[0]) + " " if talker.start else ""
+    end = talker.tokenizer.eos_token or ""
+    return f"{start}[<SPEAKER> earlier turn {end} ...] <SPEAKER> (the reply follows)"
 
 
 def _readable(folder: Path) -> None:

@@ -26,7 +26,7 @@ def _rotary_layout(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def _tokenizer_metadata(writer, tokenizer, pre: str) -> None:
+def _tokenizer_metadata(writer, tokenizer, pre: str, add_bos: bool) -> None:
     import gguf
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -47,11 +47,12 @@ def _tokenizer_metadata(writer, tokenizer, pre: str) -> None:
                           (writer.add_pad_token_id, tokenizer.pad_token_id)):
         if value is not None:
             setter(value)
-    writer.add_add_bos_token(False)  # cltune's utterances start with their speaker token, never a BOS
+    writer.add_add_bos_token(add_bos)  # the start token training put before every row (`start_token` checkpoints)
 
 
-def write_gguf(model, tokenizer, path: Path, kind: str, pre: str = "gpt2") -> Path:
-    """Write `model` (a plain Llama-family causal LM) and `tokenizer` to the GGUF file `path` (`kind` f16 or q8_0)."""
+def write_gguf(model, tokenizer, path: Path, kind: str, pre: str = "gpt2", add_bos: bool = True) -> Path:
+    """Write `model` (a plain Llama-family causal LM) and `tokenizer` to the GGUF file `path` (`kind` f16 or q8_0);
+    `add_bos`: llama.cpp begins every prompt with the BOS token, as cltune's training rows begin."""
     import gguf
 
     config = model.config
@@ -77,7 +78,7 @@ def write_gguf(model, tokenizer, path: Path, kind: str, pre: str = "gpt2") -> Pa
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
-    _tokenizer_metadata(writer, tokenizer, pre)
+    _tokenizer_metadata(writer, tokenizer, pre, add_bos and tokenizer.bos_token_id is not None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":

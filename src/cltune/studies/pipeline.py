@@ -166,7 +166,7 @@ def _open(session: Session, task: TaskData, metrics: RunMetrics, reuse: Path | N
     set_seed(derived_seed(config.seed, k, "before_task"))  # the same draws whether or not resumed
     meta = {"model": config.model.model_dump(), "phase": k + 1, "task": task.name,
             "speaker_tokens": session.speaker_tokens,
-            "context_turns": config.data.context_turns, "max_length": config.data.max_length,
+            "context_turns": config.data.context_turns, "max_length": config.data.max_length, "start_token": True,
             "tasks": [{"name": t.name, "speakers": t.speakers} for t in session.tasks]}
     checkpoints = None if reuse is not None else resuming.StepCheckpoints(
         resuming.steps_folder(config.run_dir, k), config.phase(k).checkpoint_every,

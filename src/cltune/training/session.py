@@ -29,6 +29,7 @@ from cltune.data import (
 )
 from cltune.data.split import WindowSettings
 from cltune.errors import UserError
+from cltune.modeling.batching import start_ids
 from cltune.modeling.memory import release_free_memory
 from cltune.modeling.model import (
     add_special_tokens,
@@ -141,7 +142,7 @@ def _window_settings(config: BaseRunConfig, datasets: list[Dataset]) -> WindowSe
     def turn_lengths(texts: list[str]) -> list[int]:
         return [len(ids) + extra for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
 
-    return WindowSettings(turn_lengths, data.max_length, targets)
+    return WindowSettings(turn_lengths, data.max_length - len(start_ids(tokenizer)), targets)  # after the start token
 
 
 def build_model(config: BaseRunConfig, speaker_tokens: list[str], accelerator: Accelerator, precision: str = "fp32"):
