@@ -10,6 +10,8 @@ between the notes markers is kept).
 
     .venv/bin/python bench/context.py --out /work/bench-context --doc docs/benchmarks/context.md
     .venv/bin/python bench/context.py --variant "k2-token-lr=data.context_turns=2,train.token_lr=null"
+    .venv/bin/python bench/context.py --only-variants --variant before= --variant after= --reference before \\
+        --source before=/tmp/wt-before --source after=/tmp/wt-after   # two commits, as git worktrees
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +39,9 @@ NOTES = ("<!-- notes:start -->", "<!-- notes:end -->")
 VARIANTS = {"k0": ["data.context_turns=0"], "k2": ["data.context_turns=2"]}
 
 
-def run_one(out: Path, config: Path, variant: str, sets: list[str], seed: int) -> Path:
-    """One run of the demo config (skipped when its metrics.json is complete); returns its folder."""
+def run_one(out: Path, config: Path, variant: str, sets: list[str], seed: int, source: Path | None = None) -> Path:
+    """One run of the demo config (skipped when its metrics.json is complete); returns its folder. `source`: a
+    checkout whose src/ runs it instead of this one (a before/after comparison of two commits)."""
     run_dir = out / "runs" / f"{variant}-s{seed}"
     metrics = run_dir / "metrics.json"
     if metrics.exists() and len(json.loads(metrics.read_text())["ppl"]) == 3:
@@ -46,8 +50,9 @@ def run_one(out: Path, config: Path, variant: str, sets: list[str], seed: int) -
                "--set", f"name={run_dir.name}", "--set", f"output_dir={run_dir.parent}"]
     for item in sets:
         command += ["--set", item]
-    print(" ".join(command[3:]), flush=True)
-    subprocess.run(command, check=True)
+    print(" ".join(command[3:]), f"({source})" if source else "", flush=True)
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source / "src")}
+    subprocess.run(command, check=True, env=env)
     return run_dir
 
 
@@ -180,13 +185,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=KEY=VALUE,KEY=VALUE: another variant (its --set overrides)")
+    parser.add_argument("--source", action="append", default=[],
+                        help="NAME=PATH: run variant NAME with the code of the checkout at PATH (a git worktree)")
+    parser.add_argument("--only-variants", action="store_true", help="run the --variant ones only, not k0 and k2")
     parser.add_argument("--reference", default="k0")
     parser.add_argument("--doc", type=Path, help="write the tables into this Markdown file")
     args = parser.parse_args()
-    sets = dict(VARIANTS)
+    sets = {} if args.only_variants else dict(VARIANTS)
     for spec in args.variant:
         name, _, items = spec.partition("=")
-        sets[name] = items.split(",")
+        sets[name] = [item for item in items.split(",") if item]
+    sources = {name: Path(path).resolve() for name, _, path in (spec.partition("=") for spec in args.source)}
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
     write_demo_corpus(data)
@@ -196,7 +205,7 @@ def main() -> None:
     config = args.out / "demo.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     machine = describe_machine()
-    runs = {name: [run_one(args.out, config, name, items, seed) for seed in range(args.seeds)]
+    runs = {name: [run_one(args.out, config, name, items, seed, sources.get(name)) for seed in range(args.seeds)]
             for name, items in sets.items()}
     summary = summarize(args.out, runs, args.reference)
     summary["machine"] = machine

@@ -63,6 +63,47 @@ def test_demo_data_writes_the_three_guest_files(monkeypatch, capsys, tmp_path):
     assert sizes["a"] == 791 and sizes["b"] == 219  # the reference pipeline's dataset sizes
 
 
+def test_demo_data_writes_more_guests_in_order_of_their_turns_with_the_host(monkeypatch, capsys, tmp_path):
+    """`--guests 6`: A, B, C as always, then the host's partners with the most turns (D first), up to 400 turns each;
+    the corpus has the dozen partners of 700+ turns the long-stream configs count on."""
+    import json as json_
+
+    from cltune.data.demo import GUESTS, HOST, _corpus_path, host_partners, pair_conversations
+
+    result = run_cli(monkeypatch, capsys, "demo-data", "--out", tmp_path / "data", "--guests", "6")
+    assert result.code == 0, result.err
+    corpus = json_.loads(_corpus_path().read_text(encoding="utf-8"))
+    partners = host_partners(corpus)
+    assert sum(turns >= 700 for _, turns in partners) >= 12
+    extra = [p for p, _ in partners if p not in GUESTS.values()][:3]
+    for letter, partner in zip("def", extra):
+        rows = list(csv.DictReader((tmp_path / "data" / f"host_guest_{letter}.csv").open(encoding="utf-8")))
+        assert {r["speaker"] for r in rows} == {"Host", f"Guest {letter.upper()}"} and 200 <= len(rows) <= 400
+        theirs = {t for _, turns in pair_conversations(corpus, HOST, partner) for s, t in turns if s == partner}
+        assert {r["text"] for r in rows if r["speaker"] != "Host"} <= theirs  # that partner's own words
+        assert len({r["conversation"] for r in rows}) >= 8  # enough conversations to split by conversation
+    assert not (tmp_path / "data" / "host_guest_g.csv").exists()
+    refused = run_cli(monkeypatch, capsys, "demo-data", "--out", tmp_path / "none", "--guests", "0")
+    assert refused.code == 2 and "--guests 0: the demo corpus writes 1 to 26 guests" in refused.err
+    assert "Traceback" not in refused.err and not (tmp_path / "none").exists()
+
+
+def test_the_podcast_config_runs_the_host_and_six_guests(monkeypatch, capsys, tmp_path, tiny_model_dir):
+    """`cltune demo --config podcast`: the shipped podcast config writes the six guests it reads and runs them in
+    order with the default strategy; its matrix is 7 × 6 (the tiny model, two steps a phase)."""
+    monkeypatch.chdir(tmp_path)
+    out, data = tmp_path / "checkpoints", tmp_path / "data"
+    sets = [f"model.name={tiny_model_dir}", *TINY_DEMO, "eval.samples_per_speaker=0", "eval.attribution=false"]
+    result = run_cli(monkeypatch, capsys, "demo", "--config", "podcast", "--out", out, "--data", data,
+                     *[a for s in sets for a in ("--set", s)])
+    assert result.code == 0, result.err
+    metrics = _metrics(out / "podcast")
+    assert metrics["tasks"] == [f"guest_{x}" for x in "abcdef"] and metrics["strategy"] == "progressive"
+    _finite_matrix(metrics, 6)
+    assert [p["steps"] for p in metrics["phases"]] == [2] * 6
+    assert sorted(p.name for p in data.iterdir()) == [f"host_guest_{x}.csv" for x in "abcdef"]
+
+
 def test_demo_runs_the_readme_main_job(monkeypatch, capsys, tmp_path, tiny_model_dir):
     """`make demo` is `cltune demo`: the default demo config, here pointed at the tiny model."""
     monkeypatch.chdir(tmp_path)  # outside the repository: the demo config ships inside the package

@@ -50,3 +50,29 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
     path.write_text("tasks:\n  - path: a.csv\n bad: [\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"run.yaml: line \d+: invalid YAML"):
         read_config(path)
+
+
+def test_a_glob_task_is_one_task_per_matching_file_in_sorted_order(tmp_path):
+    """`tasks: [{glob: PATTERN}]`, read against the config's folder: each matching file is a task named after it, in
+    sorted order, with the entry's other settings; a pattern that matches nothing, or one that also names a path or
+    a name, is a one-line error naming the config."""
+    folder = tmp_path / "transcripts"
+    folder.mkdir()
+    for name in ("b_guest.csv", "a_guest.csv", "c_guest.csv", "notes.txt"):
+        (folder / name).write_text("who,text\nHost,hi\nGuest,hello\n", encoding="utf-8")
+    path = tmp_path / "run.yaml"
+    path.write_text('tasks: [{glob: "transcripts/*.csv", speaker_col: who}, {path: transcripts/notes.txt}]\n',
+                    encoding="utf-8")
+    config = read_config(path)
+    assert [t.path for t in config.tasks] == [folder / "a_guest.csv", folder / "b_guest.csv", folder / "c_guest.csv",
+                                              folder / "notes.txt"]
+    assert [t.speaker_col for t in config.tasks] == ["who", "who", "who", None]
+    absolute = tmp_path / "absolute.yaml"
+    absolute.write_text(yaml.safe_dump({"tasks": [{"glob": f"{folder}/[ab]_*.csv"}]}), encoding="utf-8")
+    assert [t.path.name for t in read_config(absolute).tasks] == ["a_guest.csv", "b_guest.csv"]
+    for entry, message in (('{glob: "nothing/*.csv"}', r"run.yaml: tasks: glob 'nothing/\*.csv' matches no file"),
+                           ('{glob: "transcripts/*.csv", name: x}', r"run.yaml: a task with glob .* drop its name")):
+        path.write_text(f"tasks: [{entry}]\n", encoding="utf-8")
+        with pytest.raises(UserError, match=message) as err:
+            read_config(path)
+        assert "\n" not in str(err.value)

@@ -86,7 +86,9 @@ def test_the_report_explains_its_figures_and_shows_attribution_in_percent(tmp_pa
     assert "guest_a: chance 50% with 2 speakers" in report
     assert "in the heatmap darker is worse" in report and "## Forgetting (one model for every task)" in report
     page = html.read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == 2 and "<table>" in page  # heatmap, forgetting (no phases logged)
+    # heatmap, each task over the phases, forgetting (no phases logged: no loss curves)
+    assert page.count("data:image/png;base64,") == 3 and "<table>" in page
+    assert "![each task's perplexity over the phases](report_assets/ppl_lines.png)" in report
     assert "&lt;HOST&gt;" in page and "<HOST>" not in page  # speaker tokens are text, never markup
 
 
@@ -161,3 +163,17 @@ def test_the_heatmap_has_a_colorbar_that_says_darker_is_worse():
     assert luminance[0] < luminance[1]
     assert ax.get_xlabel().startswith("evaluated on") and ax.get_ylabel().startswith("after phase")
     assert [t.get_text() for t in ax.get_yticklabels()] == ["before training", "1: guest_a", "2: guest_b"]
+
+
+def test_the_line_chart_draws_each_tasks_column_over_the_phases_and_marks_where_it_was_learned():
+    from cltune.report.plots import lines_figure
+
+    ppl = [[20.0, 30.0, 40.0], [10.0, 25.0, 35.0], [12.0, 8.0, 33.0], [13.0, 9.0, 7.0]]
+    fig = lines_figure(ppl, ["guest_a", "guest_b", "guest_c"])
+    ax = fig.axes[0]
+    whole = [line for line in ax.lines if line.get_linestyle() == "-"]
+    assert [list(line.get_ydata()) for line in whole] == [[row[j] for row in ppl] for j in range(3)]
+    stars = [line for line in ax.lines if line.get_marker() == "*"]
+    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in stars] == [([1], [10.0]), ([2], [8.0]), ([3], [7.0])]
+    assert ax.get_yscale() == "log" and [t.get_text() for t in ax.get_xticklabels()] == [
+        "before", "1: guest_a", "2: guest_b", "3: guest_c"]

@@ -133,11 +133,23 @@ def shipped_config(name: str):
     return as_file(files("cltune").joinpath("configs", f"{name}.yaml"))
 
 
-def demo_config(config_path: Path | None, data: Path, out: Path, sets: Sequence[str] = ()) -> BaseRunConfig:
-    """The demo config (the shipped one when `config_path` is None) with its task files read from `data`
-    (by file name) and its run under `out`."""
+SHIPPED_CONFIGS = ("demo", "podcast")  # `cltune demo --config NAME` takes these names as well as a file
+
+
+def shipped_name(config_path: Path | None) -> str | None:
+    """The shipped config `config_path` names (None: the demo's), or None when it is a file to read."""
     if config_path is None:
-        with shipped_config("demo") as path:
+        return "demo"
+    text = str(config_path)
+    return text if text in SHIPPED_CONFIGS and not config_path.exists() else None
+
+
+def demo_config(config_path: Path | None, data: Path, out: Path, sets: Sequence[str] = ()) -> BaseRunConfig:
+    """The demo config (the shipped one when `config_path` is None, or a shipped one by name: demo, podcast) with
+    its task files read from `data` (by file name) and its run under `out`."""
+    name = shipped_name(config_path)
+    if name is not None:
+        with shipped_config(name) as path:
             return demo_config(path, data, out, sets)
     config = read_config(config_path, sets, fixed={"output_dir": str(out)})
     tasks = []
@@ -155,13 +167,29 @@ def run_demo(out: Path, data: Path, config_path: Path | None = None, sets: Seque
              log_with: Sequence[str] = (), resume: bool = False) -> RunMetrics:
     """The main job: write the demo corpus to `data`, then run the demo config (replacing an earlier demo run,
     or with `resume` continuing a stopped one)."""
-    from cltune.data.demo import write_demo_corpus
+    from cltune.data.demo import guest_count, write_demo_corpus
 
-    for path in write_demo_corpus(data):
+    for path in write_demo_corpus(data, guests=guest_count(_task_files(config_path))):
         if console is not None:
             console.print(f"wrote {path}")
     return run_config(demo_config(config_path, data, out, sets), overwrite=not resume, resume=resume, console=console,
                       log_with=log_with)
+
+
+def _task_files(config_path: Path | None) -> list[str]:
+    """The task file names a demo config reads (none when the file cannot be read: demo_config reports that)."""
+    import yaml
+
+    name = shipped_name(config_path)
+    try:
+        if name is not None:
+            with shipped_config(name) as path:
+                raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        else:
+            raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        return [str(task["path"]) for task in raw["tasks"]]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
 
 
 def generate_from(checkpoint: Path, speaker: str, prompt: str = "", *, context: Path | None = None,

@@ -63,12 +63,15 @@ def drop_missing_option():
 
 
 @app.command("demo-data")
-def demo_data(out: Path = typer.Option(Path("data"), parser=user_path, help="folder for host_guest_{a,b,c}.csv"),
-              seed: int = typer.Option(0, help="seed for the sample of conversations")) -> None:
-    """Write the demo corpus (one host, three guests) from the chitchat-dataset package."""
+def demo_data(out: Path = typer.Option(Path("data"), parser=user_path, help="folder for host_guest_{a,b,c,…}.csv"),
+              seed: int = typer.Option(0, help="seed for the sample of conversations"),
+              guests: int = typer.Option(3, help="how many guests of the host: A, B, C, then the host's other "
+                                         "partners by turns (up to 400 turns each; the podcast config reads 6)"),
+              ) -> None:
+    """Write the demo corpus (one host, three guests or --guests N) from the chitchat-dataset package."""
     from cltune.data.demo import write_demo_corpus
 
-    for path in write_demo_corpus(out, seed=seed):
+    for path in write_demo_corpus(out, seed=seed, guests=guests):
         console.print(f"wrote {path}")
 
 
@@ -298,7 +301,8 @@ def demo(out: Path = typer.Option(Path("checkpoints"), parser=user_path, help="w
          data: Path = typer.Option(Path("data"), parser=user_path,
                                    help="where the demo CSVs go; the config's task files are read from here"),
          config: Path | None = typer.Option(None, parser=user_path, help="a run config to use instead of the shipped "
-                                            "demo config (its task files are read by name from --data)"),
+                                            "demo config (its task files are read by name from --data), or a shipped "
+                                            "one by name: podcast (the host and six guests)"),
          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
          resume: bool = typer.Option(False, help="continue a stopped demo run instead of starting it over"),
          log_with: list[str] = typer.Option([], "--log-with", help=LOG_WITH_HELP)) -> None:

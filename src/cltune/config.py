@@ -99,7 +99,8 @@ class DataSettings(Strict):
 
 
 class TaskSpec(Strict):
-    path: Path = Field(description="CSV or JSONL file, one utterance per row")
+    path: Path = Field(description="CSV or JSONL file, one utterance per row (in a config file, `glob: PATTERN` "
+                       "instead gives one task per matching file, in sorted order)")
     name: str | None = Field(None, description="task name; default: the file's stem")
     speaker_col: str | None = None
     text_col: str | None = None
@@ -340,6 +341,25 @@ def build_config(raw: dict, overrides: list[str] | None = None, source: str = "c
     return config
 
 
+def _expand_glob(task, base: Path, source: Path) -> list:
+    """A task entry `{glob: PATTERN, ...}` as one task per matching file, sorted by path (relative patterns are read
+    against the config's folder); every other entry as it is."""
+    if not isinstance(task, dict) or "glob" not in task:
+        return [task]
+    pattern, rest = str(task["glob"]), {k: v for k, v in task.items() if k != "glob"}
+    if "path" in rest or "name" in rest:
+        raise UserError(f"{source}: a task with glob {pattern!r} names its files by the pattern; drop its "
+                        f"{'path' if 'path' in rest else 'name'} (each task is named after its file)")
+    full = Path(pattern).expanduser()
+    root = full.anchor if full.is_absolute() else base
+    relative = str(full.relative_to(full.anchor)) if full.is_absolute() else pattern
+    matches = sorted(p for p in Path(root).glob(relative) if p.is_file())
+    if not matches:
+        raise UserError(f"{source}: tasks: glob {pattern!r} matches no file under {Path(root).resolve()}; check the "
+                        "pattern (it is read against the config file's folder)")
+    return [{**rest, "path": str(p)} for p in matches]
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None, *, catalog: Catalog,
                 fixed: dict[str, Any] | None = None) -> BaseRunConfig:
     path = Path(path)
@@ -361,6 +381,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None, *, catalog
         raise UserError(f"{path}: line 1: expected a mapping of settings at the top level")
     base = path.parent
     tasks = raw.get("tasks")
+    if isinstance(tasks, list):
+        tasks = raw["tasks"] = [t for task in tasks for t in _expand_glob(task, base, path)]
     for task in tasks if isinstance(tasks, list) else []:  # task paths are relative to the config file
         if isinstance(task, dict) and "path" in task and not Path(str(task["path"])).expanduser().is_absolute():
             candidate = base / str(task["path"])

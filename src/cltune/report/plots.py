@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 
 from cltune.report.words import UNCHANGED_PCT
 
@@ -73,6 +74,38 @@ def heatmap_figure(ppl: list[list[float]], tasks: list[str], title: str = "") ->
 
 def ppl_heatmap(ppl: list[list[float]], tasks: list[str], path: Path, title: str = "") -> Path:
     return save(heatmap_figure(ppl, tasks, title), path)
+
+
+def lines_figure(ppl: list[list[float]], tasks: list[str], title: str = "") -> Figure:
+    """Each task's test perplexity over the phases (x: after phase i, 0 = before training; log y): a line
+    per task, a filled marker where the task is learned, open markers before."""
+    fig, ax = plt.subplots(figsize=(4.5 + 0.5 * len(ppl), 3.6))
+    phases = list(range(len(ppl)))
+    for j, task in enumerate(tasks):
+        values = [row[j] for row in ppl]
+        (line,) = ax.plot(phases, values, "-", label=task)
+        learned = j + 1 if j + 1 < len(ppl) else None
+        ax.plot(phases[: learned or len(ppl)], values[: learned or len(ppl)], "o", mfc="none", color=line.get_color())
+        if learned is not None:
+            ax.plot(phases[learned:], values[learned:], "o", color=line.get_color())
+            ax.plot([learned], [values[learned]], "*", markersize=12, color=line.get_color())
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 300, not 3×10²
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xticks(phases, ["before"] + [f"{i}: {tasks[i - 1]}" for i in range(1, len(ppl))],
+                  rotation=30 if len(ppl) > 4 else 0, ha="right" if len(ppl) > 4 else "center")
+    ax.set_xlabel("after phase (task learned)")
+    ax.set_ylabel("test perplexity (log scale)\nlower is better")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False,
+              title="★ learned; open: not yet", title_fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def ppl_lines(ppl: list[list[float]], tasks: list[str], path: Path, title: str = "") -> Path:
+    return save(lines_figure(ppl, tasks, title), path)
 
 
 def forgetting_figure(values: list[float], tasks: list[str], routing: str = "") -> Figure:

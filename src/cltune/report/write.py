@@ -14,7 +14,7 @@ from markdown_it import MarkdownIt
 from cltune.config import BaseRunConfig
 from cltune.errors import UserError
 from cltune.evaluation.results import RunMetrics
-from cltune.report.plots import forgetting_bars, loss_curves, ppl_heatmap
+from cltune.report.plots import forgetting_bars, loss_curves, ppl_heatmap, ppl_lines
 from cltune.report.words import (
     FORGETTING_MEANING,
     chance_words,
@@ -31,7 +31,8 @@ RESOLVED = "config.resolved.yaml"
 # the router each phase checkpoint saved (cltune.strategies.routing reads it; written by the pipeline)
 ROUTER = "router.json"
 IMAGES = {"loss": "report_assets/loss.png", "heatmap": "report_assets/ppl.png",
-          "heatmap_agnostic": "report_assets/ppl_agnostic.png", "forgetting": "report_assets/forgetting.png"}
+          "heatmap_agnostic": "report_assets/ppl_agnostic.png", "forgetting": "report_assets/forgetting.png",
+          "lines": "report_assets/ppl_lines.png"}
 
 
 def _read_phases(run_dir: Path) -> tuple[dict[int, list[dict]], dict | None]:
@@ -122,6 +123,8 @@ def _matrices(metrics: RunMetrics, images: dict[str, str], router: dict | None) 
         lines += ["## Test perplexity matrix" + (f" ({routing_label('oracle')})" if oracle else ""), "",
                   f"{MATRIX_READING} {routing_caption(metrics, metrics.routing, router)}", ""]
         lines += _matrix(metrics.tasks, metrics.ppl) + ["", f"![perplexity matrix]({images['heatmap']})", ""]
+        if len(metrics.ppl) > 2:  # a line per task over the phases: where each is learned, how it moves after
+            lines += [f"![each task's perplexity over the phases]({images['lines']})", ""]
     if metrics.agnostic is not None and metrics.agnostic.ppl:
         lines += ["## Test perplexity matrix (agnostic: routed by speaker token)", "",
                   f"{MATRIX_READING} {routing_caption(metrics, 'agnostic', router)}", ""]
@@ -292,6 +295,9 @@ def _plots(run_dir: Path, metrics: RunMetrics, logs: dict[int, list[dict]]) -> N
     if metrics.ppl:
         ppl_heatmap(metrics.ppl, metrics.tasks, run_dir / IMAGES["heatmap"],
                     f"test perplexity — {routing_label(metrics.routing)}")
+        if len(metrics.ppl) > 2:
+            ppl_lines(metrics.ppl, metrics.tasks, run_dir / IMAGES["lines"],
+                      f"each task over the phases — {routing_label(metrics.routing)}")
     if metrics.agnostic is not None and metrics.agnostic.ppl:
         ppl_heatmap(metrics.agnostic.ppl, metrics.tasks, run_dir / IMAGES["heatmap_agnostic"],
                     f"test perplexity — {routing_label('agnostic')}")
