@@ -194,3 +194,29 @@ def test_training_steps_keep_windows_whole():
     assert plan != plan_steps(lengths, settings, 1, 200, 4, windows=windows)  # the seed orders the windows
     assert plan_steps(lengths, PhaseSettings(epochs=2, batch_size=16, max_steps=3), 0, 200, 4, windows=windows) \
         == plan[:3]
+
+
+def test_replay_keeps_whole_windows_so_a_replayed_window_is_one_row(tmp_path):
+    """With whole conversations the replay sample is whole windows in seeded order (the last one cut to the
+    count): as many targets as without windows, from as few windows as that allows."""
+    from cltune.data import assign_speaker_tokens, build_task, load_dialogue
+    from cltune.data.split import WindowSettings
+    from cltune.strategies.replay import replay_sample
+
+    path = write_conversations(tmp_path / "talks.csv", "Guest A", 12, 3)
+    dataset = load_dialogue(path)
+    tokens = assign_speaker_tokens(dataset.speakers, {})
+    lengths = lambda texts: [len(t.split()) + 2 for t in texts]  # noqa: E731 - a word a token
+    train = build_task(dataset, 0, tokens, (0.6, 0.2, 0.2), 0, "all", WindowSettings(lengths, 24, None)).train
+    windows: dict[str, list] = {}
+    for e in train:
+        windows.setdefault(e.window, []).append(e)
+    assert len(windows) > 4 and max(len(v) for v in windows.values()) > 1
+    sample = replay_sample(train, 0.3, seed=5)
+    assert len(sample) == round(0.3 * len(train))
+    chosen = list(dict.fromkeys(e.window for e in sample))
+    assert all(windows[w] == [e for e in sample if e.window == w] for w in chosen[:-1])  # whole windows, in order
+    assert [e for e in sample if e.window == chosen[-1]] == windows[chosen[-1]][: len(sample) - sum(
+        len(windows[w]) for w in chosen[:-1])]
+    assert replay_sample(train, 0.3, seed=5) == sample and replay_sample(train, 0.3, seed=6) != sample
+    assert len(replay_sample(train, 0.3, seed=5, cap=3)) == 3

@@ -40,14 +40,23 @@ class ReplaySettings(Strict):
 
 
 def replay_sample(train: list[Example], ratio: float, seed: int, cap: int | None = None) -> list[Example]:
-    """A seeded sample of `ratio` of a training split (at least one utterance when ratio > 0)."""
+    """A seeded sample of `ratio` of a training split (at least one utterance when ratio > 0). With whole
+    conversations (`context_turns: all`) it takes whole windows in seeded order, the last one cut to the count,
+    so a replayed window is computed once for all of its targets instead of once per target."""
     examples = require_no_test(train, "the replay buffer")
     if ratio <= 0 or not examples:
         return []
     k = max(1, round(ratio * len(examples)))
     if cap:
         k = min(k, cap)
-    return random.Random(seed).sample(examples, k)
+    if not any(e.window for e in examples):
+        return random.Random(seed).sample(examples, k)
+    windows: dict[object, list[Example]] = {}
+    for i, example in enumerate(examples):
+        windows.setdefault(example.window or i, []).append(example)
+    order = list(windows)
+    random.Random(seed).shuffle(order)
+    return [e for key in order for e in windows[key]][:k]
 
 
 def highest_loss(train: list[Example], losses: list[float], ratio: float, cap: int | None = None) -> list[Example]:
