@@ -212,3 +212,34 @@ def test_a_tokenizer_without_a_start_token_encodes_rows_from_the_speaker_token(t
     [seq] = encode(examples([text]), tokenizer, n + 2)
     assert seq == [tokenizer.convert_tokens_to_ids("<HOST>"), *tokenizer(text, add_special_tokens=False)["input_ids"],
                    tokenizer.eos_token_id] and seq.context == 0
+
+
+def test_generation_reads_the_new_token_rows_sparsely_with_the_same_logits(tiny_model_dir):
+    """`sparse_token_rows`: the model's own forward (generation's) with the new rows looked up and scored on their
+    own gives PEFT's logits, and afterwards the wrappers' forward is PEFT's again."""
+    from cltune.modeling.generate import sample_continuations
+    from cltune.modeling.scoring import sparse_token_rows
+
+    model, tokenizer, new_ids = prepared(tiny_model_dir)
+    wrappers = [m for m in model.modules() if hasattr(m, "token_adapter")]
+    assert len(wrappers) == 2  # the embedding and the LM head tied to it
+    with torch.no_grad():
+        for m in wrappers:
+            for delta in m.token_adapter.trainable_tokens_delta.values():
+                delta.normal_()  # trained-looking rows, unlike the base's
+    ids = torch.tensor([[tokenizer.bos_token_id, new_ids[0], 5, 9, new_ids[1], 7]])
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        with sparse_token_rows(model):
+            assert all("forward" in m.__dict__ for m in wrappers)
+            sparse = model(input_ids=ids).logits
+    torch.testing.assert_close(sparse, plain, rtol=1e-5, atol=1e-5)
+    assert plain[..., new_ids].abs().sum() > 0 and all("forward" not in m.__dict__ for m in wrappers)
+    prompt = [[tokenizer.bos_token_id, new_ids[0]]]
+    settings = {"max_new_tokens": 6, "temperature": 0, "top_p": 1, "seed": 0, "batch_size": 1}
+    with torch.no_grad():
+        expected = tokenizer.decode(model.generate(input_ids=torch.tensor(prompt), max_new_tokens=6, do_sample=False,
+                                                   pad_token_id=tokenizer.pad_token_id)[0, 2:],
+                                    skip_special_tokens=True).strip()
+    assert sample_continuations(model, tokenizer, prompt, **settings)[0] == expected

@@ -11,6 +11,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from cltune.modeling.batching import context_of, encode, start_ids
+from cltune.modeling.scoring import sparse_token_rows
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 0.8, 0.95  # the report's sample generations and generate_text's defaults
 
@@ -104,19 +105,20 @@ def sample_continuations(
     model.eval()
     texts: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            inputs = torch.tensor(prompts[start : start + batch_size], dtype=torch.long, device=device)
-            torch.manual_seed(seed + start)
-            reuse = {} if cache is None else {"cache": cache.prepare(prompts[0])}
-            out = model.generate(
-                input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
-                do_sample=sampling, temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                top_k=None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
-                **reuse,
-            )
-            if cache is not None:
-                cache.hold(out[0].tolist())
-            texts += [t.strip() for t in tokenizer.batch_decode(out[:, inputs.shape[1]:], skip_special_tokens=True)]
+        with sparse_token_rows(model):  # generation reads the new token rows without rebuilding the vocabulary matrix
+            for start in range(0, len(prompts), batch_size):
+                inputs = torch.tensor(prompts[start : start + batch_size], dtype=torch.long, device=device)
+                torch.manual_seed(seed + start)
+                reuse = {} if cache is None else {"cache": cache.prepare(prompts[0])}
+                out = model.generate(
+                    input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                    do_sample=sampling, temperature=temperature if sampling else None,
+                    top_p=top_p if sampling else None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id, streamer=streamer, **reuse,
+                )
+                if cache is not None:
+                    cache.hold(out[0].tolist())
+                texts += [t.strip() for t in tokenizer.batch_decode(out[:, inputs.shape[1]:], skip_special_tokens=True)]
     finally:
         model.train(was_training)
     return texts
@@ -218,22 +220,24 @@ def generate_mixture(
     if streamer is not None:
         streamer.put(torch.tensor(ids))  # the prompt, as generate sends it first
     try:
-        for _ in range(max_new_tokens):
-            inputs = torch.tensor([sequence], dtype=torch.long, device=device)
-            log_probs = []
-            for weights in candidates():
-                with weights:
-                    log_probs.append(torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1).cpu())
-            stacked = torch.stack(log_probs)  # (candidates, positions, vocab)
-            seen = torch.tensor(sequence[start + 1 :], dtype=torch.long)
-            scored = stacked[:, start:-1].gather(-1, seen.view(1, -1, 1).expand(len(log_probs), -1, 1))
-            mixture = torch.logsumexp(torch.log_softmax(scored.sum(dim=(1, 2)), dim=0)[:, None] + stacked[:, -1], dim=0)
-            token = sample_token(mixture, temperature, top_p, generator)
-            sequence.append(token)
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if token == tokenizer.eos_token_id:
-                break
+        with sparse_token_rows(model):
+            for _ in range(max_new_tokens):
+                inputs = torch.tensor([sequence], dtype=torch.long, device=device)
+                log_probs = []
+                for weights in candidates():
+                    with weights:
+                        log_probs.append(torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1).cpu())
+                stacked = torch.stack(log_probs)  # (candidates, positions, vocab)
+                seen = torch.tensor(sequence[start + 1 :], dtype=torch.long)
+                scored = stacked[:, start:-1].gather(-1, seen.view(1, -1, 1).expand(len(log_probs), -1, 1))
+                posterior = torch.log_softmax(scored.sum(dim=(1, 2)), dim=0)
+                mixture = torch.logsumexp(posterior[:, None] + stacked[:, -1], dim=0)
+                token = sample_token(mixture, temperature, top_p, generator)
+                sequence.append(token)
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+                if token == tokenizer.eos_token_id:
+                    break
     finally:
         model.train(was_training)
         if streamer is not None:
