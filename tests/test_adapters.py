@@ -202,3 +202,19 @@ def test_later_adapters_join_each_speakers_mixture(tiny_config, strategy):
                                                   f"{strategy}.shared_speakers=latest"]))
     latest.strategy.before_task(latest.tasks[1])
     assert latest.strategy.router().routes["<GUEST_A>"] == ["default"]  # later adapters only join a likelihood mixture
+
+
+@pytest.mark.parametrize("strategy", ["adapters", "progressive"])
+def test_metrics_record_the_memory_of_each_column(strategy_streams, strategy):
+    """Each phase of a per-task strategy records its newest column's parameters (adapter, token rows and, for
+    progressive, its lateral gains), all columns' and their bytes (fp32): the total matches the adapter count the
+    run reports at the end, plus progressive's gains, which only later columns have."""
+    _, metrics = strategy_streams(strategy)
+    first, second = (p.strategy for p in metrics.phases)
+    assert (first["columns"], second["columns"]) == (1, 2)
+    assert first["all_columns_parameters"] == first["column_parameters"] > 0
+    assert second["all_columns_parameters"] == first["column_parameters"] + second["column_parameters"]
+    gains = second["column_parameters"] - first["column_parameters"]  # same LoRA shapes: the rest is gains
+    assert second["all_columns_parameters"] == metrics.adapter_params + gains
+    assert (gains > 0) == (strategy == "progressive")
+    assert second["all_columns_bytes"] == 4 * second["all_columns_parameters"]

@@ -180,6 +180,18 @@ class AdapterRouter(Router):
         return cls(model, list(data["tasks"]), routes, data.get("shared_speakers", "latest") == "likelihood")
 
 
+def column_costs(model, names: list[str], extra: list[list[torch.Tensor]] | None = None) -> dict:
+    """The memory of the per-task weights (metrics.json): the newest adapter's (`names[-1]`: its LoRA factors and
+    token rows, plus its `extra` tensors, such as lateral gains), all adapters' together, and their bytes."""
+    per, size = [], 0
+    for name, more in zip(names, extra or [[] for _ in names]):
+        tensors = [p for n, p in model.named_parameters() if name in n.split(".")] + list(more)
+        per.append(sum(t.numel() for t in tensors))
+        size += sum(t.numel() * t.element_size() for t in tensors)
+    return {"columns": len(names), "column_parameters": per[-1], "all_columns_parameters": sum(per),
+            "all_columns_bytes": size}
+
+
 class Adapters(Strategy):
     name = "adapters"
     summary = "one LoRA adapter per task; earlier adapters frozen; routed by task id (oracle) or speaker token"
@@ -202,6 +214,9 @@ class Adapters(Strategy):
             if self.cfg.warm_start:
                 copy_adapter(self.ctx.model, adapter_name(task.index - 1), name)
         self.ctx.model.set_adapter(name)  # PEFT: this adapter trains, every other adapter is frozen
+
+    def after_task(self, task):
+        return column_costs(self.ctx.model, [adapter_name(i) for i in range(self.learned)])
 
     def routes(self) -> dict[str, list[int]]:
         return speaker_routes([t.tokens.values() for t in self.ctx.tasks[: self.learned]])

@@ -39,6 +39,7 @@ from cltune.strategies.adapters import (
     RoutingSettings,
     adapter_name,
     add_task_adapter,
+    column_costs,
     copy_adapter,
     later_adapters_field,
     token_rows,
@@ -198,6 +199,9 @@ class Progressive(Adapters):
 
     def after_task(self, task):
         self.laterals.train_only(None)
+        columns = range(task.index + 1)
+        return column_costs(self.ctx.model, [adapter_name(k) for k in columns],
+                            [list(self.laterals.columns[k]) for k in columns])
 
     def router(self) -> Router:
         plain = super().router()
