@@ -128,6 +128,27 @@ def test_context_turns_zero_keeps_every_utterance_alone(tmp_path, two_tasks):
         _task(two_tasks[0], 2)
 
 
+def test_a_file_that_is_one_conversation_splits_into_consecutive_parts_when_the_user_says_so(tmp_path, two_tasks):
+    """Without conversations in the file, context needs `data.one_conversation_per_file` (the error says so); with
+    it the file's first turns train, the next validate, the last test, and no context crosses a part."""
+    from cltune.data.split import WindowSettings
+
+    with pytest.raises(UserError, match=r"set data.one_conversation_per_file: true if each file is one conversation"):
+        _task(two_tasks[0], 2)
+    dataset = load_dialogue(two_tasks[0])
+    tokens = {"Host": "<HOST>", "Guest A": "<GUEST_A>"}
+    lengths = lambda texts: [len(t.split()) + 2 for t in texts]  # noqa: E731 - a word a token
+    for k, windows in ((2, None), ("all", WindowSettings(lengths, 40, None))):
+        task = build_task(dataset, 0, tokens, (0.8, 0.1, 0.1), 0, k, windows, whole_file=True)
+        lines = {split: [e.line for e in part] for split, part in (("train", task.train), ("val", task.val),
+                                                                   ("test", task.test))}
+        assert (len(lines["train"]), len(lines["val"]), len(lines["test"])) == (48, 6, 6)  # 60 rows, 80/10/10
+        assert max(lines["train"]) < min(lines["val"]) and max(lines["val"]) < min(lines["test"])
+        for split, part in (("train", task.train), ("val", task.val), ("test", task.test)):
+            assert all(t.line in lines[split] and t.line < e.line for e in part for t in e.context)
+        assert sum(bool(e.context) for e in task.test) >= 5  # the test part is a conversation of its own
+
+
 def test_a_score_with_context_counts_the_target_tokens_only(tok_model):
     """The scorer's NLL of an example with context equals −Σ log p over its target tokens from a plain forward
     of the whole sequence; its target count is the target's, as without context."""

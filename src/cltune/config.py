@@ -82,6 +82,10 @@ class DataSettings(Strict):
     targets: list[str] | None = Field(None, description="with context_turns: all, the speakers whose turns are "
                                       "trained and scored; the others' turns are context only; null: every speaker")
     drop_missing: bool = Field(False, description="drop rows with missing text instead of stopping with an error")
+    one_conversation_per_file: bool = Field(
+        False, description="each file is one conversation (a transcript): context turns run through the file, and "
+        "the split takes consecutive parts of it (the first turns train, the next validate, the last test) instead "
+        "of whole conversations")
 
     @model_validator(mode="after")
     def _targets_need_windows(self):

@@ -157,8 +157,8 @@ def conversation_keys(dataset: Dataset, context_turns: int | str) -> list[str] |
         raise UserError(
             f"{dataset.path}: data.context_turns {context_turns} needs the file's conversations, and it has no "
             f"conversation column and {len(set(blocks))} blank-row-separated section(s) (a split by conversation needs "
-            "3); add a conversation column (e.g. conversation_id), separate conversations with a blank row, or set "
-            "data.context_turns: 0")
+            "3); add a conversation column (e.g. conversation_id), separate conversations with a blank row, set "
+            "data.one_conversation_per_file: true if each file is one conversation, or set data.context_turns: 0")
     return blocks
 
 
@@ -180,16 +180,26 @@ def with_context(examples: list[Example], keys: list[str] | None, context_turns:
     return out
 
 
+def consecutive_split(n: int, fractions: tuple[float, float, float]) -> list[Split]:
+    """A file that is one conversation: its first turns train, the next validate, the last test (sizes as
+    `split_counts`), so a turn's context never comes from another split's part of the file."""
+    train, val, test = split_counts(n, fractions)
+    return [Split.TRAIN] * train + [Split.VAL] * val + [Split.TEST] * test
+
+
 def build_task(
     dataset: Dataset, index: int, tokens: dict[str, str], fractions: tuple[float, float, float], seed: int,
-    context_turns: int | str = 0, windows: WindowSettings | None = None,
+    context_turns: int | str = 0, windows: WindowSettings | None = None, whole_file: bool = False,
 ) -> TaskData:
     """A dataset's task: its split, and each utterance's context. `context_turns` "all" needs `windows` (the
-    turn lengths, the window size and the target speakers: `cltune.data.windows`)."""
+    turn lengths, the window size and the target speakers: `cltune.data.windows`). `whole_file`: the file is
+    one conversation (a transcript), split into consecutive parts."""
     utts = dataset.utterances
     pct = "/".join(f"{round(f * 100)}" for f in fractions)
-    keys = conversation_keys(dataset, context_turns)
-    if keys is not None:
+    keys = [str(dataset.path)] * len(utts) if whole_file else conversation_keys(dataset, context_turns)
+    if whole_file:
+        assignment = consecutive_split(len(utts), fractions)
+    elif keys is not None:
         where = f"in column {dataset.conversation_col!r}" if dataset.conversation_col else "(blank-row-separated)"
         if len(set(keys)) < 3:
             raise UserError(f"{dataset.path}: {len(set(keys))} conversation(s) {where} are too few for a {pct} split "

@@ -119,7 +119,8 @@ def load_tasks(config: BaseRunConfig) -> tuple[list[Dataset], list[TaskData], di
         raise UserError(f"tasks: names {names} repeat; give each task a distinct `name`")
     tokens = assign_speaker_tokens([s for d in datasets for s in d.speakers], data.speaker_tokens)
     windows = _window_settings(config, datasets) if data.context_turns == "all" else None
-    tasks = [build_task(d, i, tokens, data.split, config.seed, data.context_turns, windows)
+    tasks = [build_task(d, i, tokens, data.split, config.seed, data.context_turns, windows,
+                        data.one_conversation_per_file)
              for i, d in enumerate(datasets)]
     return datasets, tasks, tokens
 
