@@ -223,6 +223,23 @@ def test_cltune_generate_samples_a_shared_speaker_from_the_mixture(monkeypatch, 
                               seed=3, start=len(ids) - 1)
     assert result.out.strip() == direct == generate_from(phase2, "Host", max_new_tokens=5, seed=3)
 
+    # the cached mixture draws what the mixture recomputed from the whole sequence at every token draws (greedy)
+    ids += tokenizer("so tell me", add_special_tokens=False)["input_ids"]
+    sequence, start = list(ids), len(start_ids(tokenizer))
+    with torch.no_grad():
+        for _ in range(8):
+            log_probs = []
+            for weights in router.agnostic_choices("<HOST>"):
+                with weights:
+                    log_probs.append(torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0], dim=-1))
+            stacked = torch.stack(log_probs)  # (candidates, positions, vocab)
+            seen = torch.tensor(sequence[start + 1 :])
+            scores = stacked[:, start:-1].gather(-1, seen.view(1, -1, 1).expand(len(log_probs), -1, 1)).sum((1, 2))
+            sequence.append(int(torch.logsumexp(torch.log_softmax(scores, 0)[:, None] + stacked[:, -1], 0).argmax()))
+    cached = generate_mixture(model, tokenizer, lambda: router.agnostic_choices("<HOST>"), ids, max_new_tokens=8,
+                              temperature=0, start=start)
+    assert cached == tokenizer.decode(sequence[len(ids):], skip_special_tokens=True).strip() and cached
+
 
 def test_the_routing_loss_is_the_mean_over_layers_of_the_gate_nll_of_each_targets_dataset():
     from cltune.strategies.fusion import routing_loss

@@ -209,9 +209,12 @@ def generate_mixture(
 
     Each token is drawn from Σ_c π_c p_c(· | x<t) with the posterior π_c ∝ p_c(x_{start+1}..x_{t−1}), the tokens
     after the speaker token (prompt and sampled ones, untempered; the context, like evaluation's, is not scored);
-    temperature and top-p then shape that distribution. `candidates()` gives fresh contexts, one per candidate. One
-    forward per candidate per token, without a cache: turns are short.
+    temperature and top-p then shape that distribution. `candidates()` gives fresh contexts, one per candidate, in
+    the same order each call. Each candidate keeps its own key/value cache and running score, so a token costs one
+    forward of that token per candidate (the prompt is read once per candidate).
     """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
@@ -219,20 +222,32 @@ def generate_mixture(
     sequence = list(ids)
     if streamer is not None:
         streamer.put(torch.tensor(ids))  # the prompt, as generate sends it first
+    caches: list = []
+    scores: torch.Tensor | None = None  # per candidate: Σ log p of the tokens after the speaker token so far
+    pending, offset = list(ids), 0  # tokens not yet through the model, and the position of the first of them
     try:
         with sparse_token_rows(model):
             for _ in range(max_new_tokens):
-                inputs = torch.tensor([sequence], dtype=torch.long, device=device)
-                log_probs = []
-                for weights in candidates():
+                inputs = torch.tensor([pending], dtype=torch.long, device=device)
+                last, seen = [], []
+                for i, weights in enumerate(candidates()):
+                    if i == len(caches):
+                        caches.append(DynamicCache())
                     with weights:
-                        log_probs.append(torch.log_softmax(model(input_ids=inputs).logits[0].float(), dim=-1).cpu())
-                stacked = torch.stack(log_probs)  # (candidates, positions, vocab)
-                seen = torch.tensor(sequence[start + 1 :], dtype=torch.long)
-                scored = stacked[:, start:-1].gather(-1, seen.view(1, -1, 1).expand(len(log_probs), -1, 1))
-                posterior = torch.log_softmax(scored.sum(dim=(1, 2)), dim=0)
-                mixture = torch.logsumexp(posterior[:, None] + stacked[:, -1], dim=0)
+                        logits = model(input_ids=inputs, cache=caches[i], use_cache=True).logits[0]
+                    log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()  # (pending positions, vocab)
+                    # position p predicts token p + 1: score those after the speaker token
+                    positions = range(max(start, offset), len(sequence) - 1)
+                    scored = [log_probs[p - offset, sequence[p + 1]] for p in positions]
+                    seen.append(torch.stack(scored).sum() if scored else torch.zeros(()))
+                    last.append(log_probs[-1])
+                stacked = torch.stack(last)  # (candidates, vocab): each candidate's next-token distribution
+                scores = torch.stack(seen) if scores is None else scores + torch.stack(seen)
+                mixture = torch.logsumexp(torch.log_softmax(scores, dim=0)[:, None] + stacked, dim=0)
                 token = sample_token(mixture, temperature, top_p, generator)
+                if len(sequence) - 1 >= start:  # the last position's score of the token just drawn
+                    scores = scores + stacked[:, token]
+                offset, pending = len(sequence), [token]
                 sequence.append(token)
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))

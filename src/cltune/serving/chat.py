@@ -13,7 +13,7 @@ mixture of theirs.
 
 A chat keeps each voice's keys and values between turns (`PrefixCache`): inside a window a turn
 computes only its own new tokens — the user's line and the reply — instead of the whole
-conversation again. The mixture of a shared speaker is computed without a cache.
+conversation again. The mixture of a shared speaker keeps a cache per candidate within a reply.
 """
 
 from __future__ import annotations
