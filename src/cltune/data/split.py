@@ -196,10 +196,10 @@ def build_task(
     one conversation (a transcript), split into consecutive parts."""
     utts = dataset.utterances
     pct = "/".join(f"{round(f * 100)}" for f in fractions)
-    keys = [str(dataset.path)] * len(utts) if whole_file else conversation_keys(dataset, context_turns)
     if whole_file:
+        keys = [str(dataset.path)] * len(utts)
         assignment = consecutive_split(len(utts), fractions)
-    elif keys is not None:
+    elif (keys := conversation_keys(dataset, context_turns)) is not None:
         where = f"in column {dataset.conversation_col!r}" if dataset.conversation_col else "(blank-row-separated)"
         if len(set(keys)) < 3:
             raise UserError(f"{dataset.path}: {len(set(keys))} conversation(s) {where} are too few for a {pct} split "
