@@ -70,6 +70,14 @@ def fit_context(turns: list[list[int]], budget: int) -> list[int]:
     return kept
 
 
+def layout(start: list[int], turns: list[list[int]], target: list[int], max_length: int,
+           window: str | None = None) -> Tokens:
+    """One row as training reads it and generation prompts it: the start token, the latest `turns` that fit
+    `max_length` beside it and `target` (`fit_context`), then `target`."""
+    context = start + fit_context(turns, max_length - len(start) - len(target))
+    return Tokens(context + target, len(context), window)
+
+
 def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
     """Token ids of each example: start token, context turns, speaker token, text, end-of-sequence token — at
     most `max_length`.
@@ -94,12 +102,8 @@ def encode(examples: list[Example], tokenizer, max_length: int) -> list[Tokens]:
     turn_texts = tokenizer([text for _, text in turns], add_special_tokens=False)["input_ids"]
     turn_speakers = tokenizer.convert_tokens_to_ids([token for token, _ in turns])
     encoded_turns = {key: turn_ids(s, t, end) for key, s, t in zip(turns, turn_speakers, turn_texts)}
-    out = []
-    for example, target in zip(examples, targets):
-        context = start + fit_context([encoded_turns[turn.token, turn.text] for turn in example.context],
-                                      max_length - len(start) - len(target))
-        out.append(Tokens(context + target, len(context), example.window))
-    return out
+    return [layout(start, [encoded_turns[turn.token, turn.text] for turn in example.context], target, max_length,
+                   example.window) for example, target in zip(examples, targets)]
 
 
 @dataclass

@@ -92,7 +92,7 @@ class Talker:
         `context_turns`, or with "all" the current window's, planned with the reply at `reply_budget` tokens) as far
         as they fit `max_length` with the speaker token and `text`, then those."""
         from cltune.data.windows import plan_windows
-        from cltune.modeling.batching import fit_context, turn_ids
+        from cltune.modeling.batching import layout, turn_ids
 
         tok = self.tokenizer
         end = [tok.eos_token_id] if tok.eos_token_id is not None else []
@@ -107,8 +107,8 @@ class Talker:
             lengths.append(min(len(target) + reply_budget + len(end), room))
             first, _ = plan_windows(lengths, [True] * len(lengths), room)[-1]
             encoded = encoded[first:]
-        context = self.start + fit_context(encoded, room - len(target))
-        return context + target, len(context)
+        row = layout(self.start, encoded, target, self.max_length)
+        return list(row), row.context
 
     def reply(self, history: list[tuple[str, str]], token: str, text: str = "", sampling: Sampling = Sampling(),
               emit: Callable[[str], None] | None = None) -> str:
