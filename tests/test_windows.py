@@ -118,6 +118,64 @@ def test_a_window_is_one_row_and_each_target_scores_as_it_would_alone(tiny_model
     assert split_off.input_ids.shape[0] == 2  # another speaker token on the first turn: not a prefix, its own row
 
 
+def test_a_windows_lead_is_computed_forward_only(tiny_model_dir):
+    """`collate(lead=True)`: each row's lead (start token and the turns before its first target) goes through the
+    model without a graph. The logits are those of the whole rows (two rows, leads of different lengths, the
+    short row padded); the gradients equal those of the model run row by row — the lead under no_grad into a
+    key/value cache, the rest after it — and differ from the whole rows' (the lead's keys and values no longer
+    train); the ledger counts no backward for the leads; without a graph, the lead changes nothing."""
+    from transformers import DynamicCache
+
+    from cltune.data.split import Example, Split, Turn
+    from cltune.modeling.batching import IGNORE, collate, encode
+    from cltune.modeling.scoring import TokenScorer, target_nll
+
+    model, tokenizer, _ = prepared(tiny_model_dir, ("<HOST>", "<GUEST_A>", "<GUEST_B>"))
+    lead_turns = (Turn("Guest B", "<GUEST_B>", "we met at the station", 0), Turn("Host", "<HOST>", "hello there", 1))
+    examples = [Example(0, "Guest A", "<GUEST_A>", "good morning to you", Split.TRAIN, 2, lead_turns, "c0/train/1"),
+                Example(0, "Host", "<HOST>", "how was the trip", Split.TRAIN, 3,
+                        (*lead_turns, Turn("Guest A", "<GUEST_A>", "good morning to you", 2)), "c0/train/1"),
+                Example(0, "Host", "<HOST>", "fine", Split.TRAIN, 4, (), "c1/train/0")]
+    encoded = encode(examples, tokenizer, 128)
+    scorer = TokenScorer(model).train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def gradients(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in trained]
+
+    def run(lead):
+        batch = collate(encoded, [0, 1, 2], tokenizer.pad_token_id, merge=True, lead=lead)
+        before = scorer.backward_tokens
+        logits = scorer(**batch.model_inputs())
+        backward = scorer.backward_tokens - before
+        return batch, logits.detach(), gradients(target_nll(logits, batch.labels).sum()), backward
+
+    apart, logits_apart, grad_apart, backward_apart = run(True)
+    whole, logits_whole, grad_whole, backward_whole = run(False)
+    assert apart.lead.tolist() == [encoded[0].context, encoded[2].context]  # rows: the window, the short one
+    assert apart.row_tokens.tolist() == [len(encoded[1]), len(encoded[2])] and whole.lead is None
+    assert apart.input_ids.shape == whole.input_ids.shape == (2, len(encoded[1]))
+    assert torch.allclose(logits_apart, logits_whole, rtol=1e-5, atol=1e-5)
+    assert backward_whole - backward_apart == sum(apart.lead.tolist()) > 2
+
+    loss = 0.0  # the reference: each row alone, its lead under no_grad into a cache
+    for r, (p, n) in enumerate(zip(apart.lead.tolist(), apart.row_tokens.tolist())):
+        ids, labels, cache = apart.input_ids[r : r + 1, :n], apart.labels[r, :n], DynamicCache()
+        with torch.no_grad():
+            model(input_ids=ids[:, :p], cache=cache, use_cache=True)
+        logits = model(input_ids=ids[:, p:], position_ids=torch.arange(p, n)[None], cache=cache,
+                       use_cache=True).logits[0, :-1]
+        loss = loss + torch.nn.functional.cross_entropy(logits, labels[p + 1 :], ignore_index=IGNORE,
+                                                        reduction="sum")
+    reference = gradients(loss)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grad_apart, reference))
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grad_apart, grad_whole))
+    with torch.no_grad():  # without a graph the rows are computed whole: the lead changes nothing
+        assert torch.equal(scorer(**apart.model_inputs()), scorer(**whole.model_inputs()))
+
+
 def test_context_turns_all_trains_and_scores_whole_windows(tiny_model_dir, tmp_path):
     """`cltune run` with `context_turns: all`: it trains and scores, metrics.json says which mode made the
     matrix, the untrained model's row equals scoring each utterance after the same turns on its own row

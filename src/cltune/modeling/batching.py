@@ -115,9 +115,14 @@ class Batch:
     examples: list[int]  # indices into the encoded list
     n_targets: int
     n_tokens: int  # real (non-pad) tokens
+    lead: torch.Tensor | None = None  # per row: positions before its first target, computed without a graph
+    row_tokens: torch.Tensor | None = None  # per row: real tokens (with `lead`)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels}
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels}
+        if self.lead is not None:
+            inputs |= {"lead": self.lead, "row_tokens": self.row_tokens}
+        return inputs
 
 
 def _pack(order: list[int], lengths: list[int], pack_length: int) -> list[list[int]]:
@@ -158,12 +163,17 @@ def _rows(encoded: list[list[int]], indices: list[int], merge: bool) -> list[tup
 
 
 def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_length: int | None = None,
-            merge: bool = False) -> Batch:
+            merge: bool = False, lead: bool = False) -> Batch:
     """One micro-batch: rows of one example each, or packed rows when pack_length is set. Labels hold
     the target tokens only: context turns and speaker tokens are IGNORE. With `merge`, the targets of one
     conversation window share the row of its longest (`_rows`): each example's targets are labelled in
     place and owned by it, so per-example sums and the token-weighted loss are those of separate rows
-    (not for per-example gradients, which need an example to a row)."""
+    (not for per-example gradients, which need an example to a row).
+
+    With `lead`, each row's lead — the start token and the turns before its first target; in a long
+    conversation's later window, the half window it re-reads from the window before — is marked for
+    `TokenScorer` to compute without a graph: the same forward, no backward through it. Only when every row
+    holds one sequence (a packed row's later sequences have no cache of their own)."""
     rows_of = _rows(encoded, indices, merge)
     lengths = [len(encoded[carrier]) for carrier, _ in rows_of]
     placed = _pack(list(range(len(rows_of))), lengths, pack_length) if pack_length else [[r] for r in
@@ -187,8 +197,12 @@ def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_leng
             at += n
         positions[r, at:] = torch.arange(width - at)  # padding forms its own block
     target_mask = labels[:, 1:] != IGNORE
-    return Batch(ids, positions, labels, owner[:, 1:][target_mask], list(indices), int(target_mask.sum()),
-                 sum(lengths))
+    batch = Batch(ids, positions, labels, owner[:, 1:][target_mask], list(indices), int(target_mask.sum()),
+                  sum(lengths))
+    if lead and all(len(row) == 1 for row in placed):
+        batch.lead = torch.tensor([min(context_of(encoded[i]) for i in rows_of[row[0]][1]) for row in placed])
+        batch.row_tokens = torch.tensor([lengths[row[0]] for row in placed])
+    return batch
 
 
 def length_grouped_batches(lengths: list[int], micro_batch_size: int, seed: int,

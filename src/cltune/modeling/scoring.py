@@ -144,12 +144,19 @@ class TokenScorer(nn.Module):
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-                return_hidden: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_hidden: bool = False, lead: torch.Tensor | None = None,
+                row_tokens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at target positions, shape (targets, vocab), row-major over the batch; with
-        `return_hidden`, also the last hidden states there, shape (targets, width)."""
+        `return_hidden`, also the last hidden states there, shape (targets, width).
+
+        `lead` (per row: leading positions before its first target) and `row_tokens` (per row: its real
+        tokens; one sequence a row, right-padded) make a forward that builds a graph compute each row's
+        lead without one (`_lead_apart`): the same logits, no gradient through the lead."""
+        split = lead is not None and torch.is_grad_enabled() and bool(lead.any()) and not self._checkpointing()
         if self._counting:
             self.forward_tokens += input_ids.numel()
-            self.backward_tokens += input_ids.numel() if torch.is_grad_enabled() else 0
+            if torch.is_grad_enabled():
+                self.backward_tokens += input_ids.numel() - (int(lead.sum()) if split else 0)
         low = self.compute_dtype is not None
         with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=low):
             base = self._base()
@@ -157,12 +164,49 @@ class TokenScorer(nn.Module):
             embeds = _embed(base.get_input_embeddings(), input_ids)
             if low:  # the residual stream starts (and so stays) fp32
                 embeds = (base.get_input_embeddings()(input_ids) if embeds is None else embeds).float()
-            inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
-            hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
+            if split:
+                if embeds is None:
+                    embeds = base.get_input_embeddings()(input_ids)
+                hidden, labels = _lead_apart(decoder, embeds, position_ids, labels, lead, row_tokens)
+            else:
+                inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+                hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
             mask = labels[:, 1:] != IGNORE
             at_targets = hidden[:, :-1][mask]
             logits = _head(base.get_output_embeddings(), at_targets)
         return (logits, at_targets) if return_hidden else logits
+
+    def _checkpointing(self) -> bool:
+        """Gradient checkpointing recomputes each layer, which would write a key/value cache twice."""
+        return bool(getattr(self._base(), "is_gradient_checkpointing", False))
+
+
+def _lead_apart(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                lead: torch.Tensor, row_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden states after each row's lead, and their labels, with the leads computed
+    without a graph: one pass over the leads (the first `lead.max()` positions of every row) fills a key/value
+    cache, the rest of each row (`lead[r]` to `row_tokens[r]`, moved to the front and right-padded) attends to
+    its own row's lead through it. The forward is the whole row's (the lead's positions that belong to another
+    row's rest are masked out of the cache); the backward skips the leads. Every target lies after its row's
+    lead, and a row's targets keep their order, so the targets read from these hidden states are the whole
+    rows' targets in the same order."""
+    from transformers import DynamicCache
+
+    device = embeds.device
+    width = int(lead.max())
+    rest = row_tokens - lead
+    span = int(rest.max())
+    steps = torch.arange(span, device=device)
+    index = (lead[:, None] + steps[None]).clamp(max=embeds.shape[1] - 1)
+    real = steps[None] < rest[:, None]
+    cache = DynamicCache()
+    with torch.no_grad():
+        decoder(inputs_embeds=embeds[:, :width], position_ids=position_ids[:, :width], cache=cache, use_cache=True)
+    kept = torch.arange(width, device=device)[None] < lead[:, None]
+    hidden = decoder(inputs_embeds=embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1])),
+                     position_ids=position_ids.gather(1, index), attention_mask=torch.cat([kept, real], 1).long(),
+                     cache=cache, use_cache=True).last_hidden_state
+    return hidden, labels.gather(1, index).masked_fill(~real, IGNORE)
 
 
 def uncounted(scorer: nn.Module):

@@ -120,6 +120,11 @@ class Strategy:
         self.ctx = ctx
         self.settings = settings
 
+    def whole_rows(self) -> bool:
+        """True when this phase's batch_loss reads what hooks recorded at every position of the forward pass: each
+        row is then computed in one call, never with a window's lead apart (`train.window_lead_grad`)."""
+        return False
+
     def before_task(self, task: TaskData, *, resumed: bool = False) -> Costs | None:
         """Called before training on `task` (e.g. add an adapter, sample pseudo-data); returns its costs.
         `resumed`: the phase continues from a step checkpoint, which restores the trained weights and the
@@ -226,6 +231,9 @@ class Composite(Strategy):
         if len(routing) > 1:
             raise ValueError(f"{self.name}: {[m.name for m in routing]} each route inference; combine at most one")
         self._routing = routing[0] if routing else None
+
+    def whole_rows(self):
+        return any(m.whole_rows() for m in self.members)
 
     def before_task(self, task, *, resumed=False):
         return _merged(m.before_task(task, resumed=resumed) for m in self.members)

@@ -186,6 +186,9 @@ class Fusion(Replay):
         self.gate.requires_grad_(True)
         self.origin = torch.tensor([e.task for e in self.train_data(task)], dtype=torch.long)
 
+    def whole_rows(self) -> bool:
+        return self.mix is not None and bool(self.cfg.route_loss)  # the routing loss reads every position's gate
+
     def batch_loss(self, batch, outputs, step):
         """The routing loss: at each target position the gate should pick the adapter of the utterance's dataset
         (the training data knows which; evaluation and generation never need it)."""

@@ -464,6 +464,8 @@ def train_phase(
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     contrast = SpeakerContrast(examples, encoded, ctx.tasks, ctx.tokenizer, pad_id) if settings.speaker_loss else None
     pack = settings.pack_length if settings.packing else None
+    # A window's lead (the turns before its first target) is computed forward only unless asked otherwise.
+    lead = any(w is not None for w in windows) and not settings.window_lead_grad and not strategy.whole_rows()
 
     # Model order for clipping: the gradient norm sums per-parameter norms, and the order sets its last bits.
     params = list(_trained(ctx.model, strategy).values())
@@ -499,7 +501,7 @@ def train_phase(
             epoch, micro_batches = plan[step - 1]
             where = f"phase {phase + 1}, step {step}"
             set_seed(derived_seed(ctx.seed, phase, step, acc.process_index))  # dropout: same draws after a resume
-            batches = [(collate(encoded, mb, pad_id, pack, merge=True), w)  # a window's targets: one row
+            batches = [(collate(encoded, mb, pad_id, pack, merge=True, lead=lead), w)  # a window's targets: one row
                        for mb, w in my_share(micro_batches, acc.process_index, acc.num_processes)]
             step_targets = _targets(encoded, micro_batches)
             info = StepInfo(phase=phase, step=step, steps=len(plan), epoch=epoch)
