@@ -176,6 +176,51 @@ def test_a_windows_lead_is_computed_forward_only(tiny_model_dir):
         assert torch.equal(scorer(**apart.model_inputs()), scorer(**whole.model_inputs()))
 
 
+def test_attribution_variants_branch_off_their_window(tiny_model_dir):
+    """Every utterance of two windows scored under each of three speaker tokens (what attribution does):
+    `collate(branch=True)` computes each window once and each variant with another token as a branch that
+    reads the window's keys and values for its context; every variant's summed NLL equals the variant scored
+    alone after the same turns, and the positions computed are the windows' plus the branches' own tokens."""
+    from dataclasses import replace
+
+    from cltune.data.split import Example, Split, Turn
+    from cltune.modeling.batching import collate, encode
+    from cltune.modeling.scoring import TokenScorer, per_example_sums, target_nll
+
+    tokens = ("<HOST>", "<GUEST_A>", "<GUEST_B>")
+    model, tokenizer, _ = prepared(tiny_model_dir, tokens)
+    scorer = TokenScorer(model).eval()
+    lines = [("Host", "<HOST>", "hello there friend"), ("Guest A", "<GUEST_A>", "good morning to you"),
+             ("Host", "<HOST>", "how was the trip"), ("Guest A", "<GUEST_A>", "long and slow")]
+    window = []
+    for c, talk in enumerate((lines, lines[:2])):
+        turns = [Turn(sp, tok, text, i) for i, (sp, tok, text) in enumerate(talk)]
+        window += [Example(0, sp, tok, text, Split.TEST, 10 * c + i, tuple(turns[:i]), window=f"c{c}/test/0")
+                   for i, (sp, tok, text) in enumerate(talk)]
+    variants = [replace(e, token=t) for e in window for t in tokens]
+    encoded = encode(variants, tokenizer, 128)
+
+    def sums(batch):
+        before = scorer.forward_tokens
+        with torch.no_grad():
+            nll = target_nll(scorer(**batch.model_inputs()), batch.labels)
+        return per_example_sums(nll.double(), batch.target_example, len(variants)), scorer.forward_tokens - before
+
+    branched = collate(encoded, list(range(len(encoded))), tokenizer.pad_token_id, merge=True, branch=True)
+    alone = collate(encoded, list(range(len(encoded))), tokenizer.pad_token_id)
+    got, computed = sums(branched)
+    want, _ = sums(alone)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5) and (got > 0).all()
+    whole = branched.source == torch.arange(len(branched.source))
+    assert int(whole.sum()) == 2 and len(branched.source) == 2 + (len(tokens) - 1) * len(window)
+    own = [i for i, v in enumerate(variants) if v.token == window[i // len(tokens)].token]
+    others = [i for i, v in enumerate(variants) if i not in own]
+    carriers = [own[3], own[5]]  # each window's last utterance with its own token
+    assert computed == sum(len(encoded[i]) for i in carriers) + sum(len(encoded[i]) - encoded[i].context
+                                                                      for i in others)
+    assert computed < branched.input_ids.numel() / 3
+
+
 def test_context_turns_all_trains_and_scores_whole_windows(tiny_model_dir, tmp_path):
     """`cltune run` with `context_turns: all`: it trains and scores, metrics.json says which mode made the
     matrix, the untrained model's row equals scoring each utterance after the same turns on its own row

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from cltune.data.split import Example
-from cltune.modeling.batching import collate, encode, length_grouped_batches, window_batches
+from cltune.modeling.batching import collate, context_of, encode, length_grouped_batches, window_batches
 from cltune.modeling.scoring import TokenScorer, fp32_arithmetic, per_example_sums, target_nll, uncounted
 
 
@@ -39,7 +39,7 @@ def example_nll(
     results = []
     with uncounted(scorer), fp32_arithmetic(scorer):  # evaluation is not part of a strategy's cost
         for indices in mine:
-            batch = collate(encoded, indices, pad_id, merge=True)
+            batch = collate(encoded, indices, pad_id, merge=True, branch=True)
             inputs = {k: v.to(accelerator.device) for k, v in batch.model_inputs().items()}
             nll = target_nll(scorer(**inputs), inputs["labels"])
             sums = per_example_sums(nll.double(), batch.target_example, n)[indices].cpu()
@@ -99,18 +99,19 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
     attribute = len(tokens) >= 2
     variants = [replace(e, token=t) for e in examples for t in tokens] if attribute else list(examples)
     pad = tokenizer.pad_token_id
+    encoded = encode(variants, tokenizer, max_length)
     if route is None:
-        total, count = example_nll(accelerator, scorer, encode(variants, tokenizer, max_length), pad, batch_size)
+        total, count = example_nll(accelerator, scorer, encoded, pad, batch_size)
     else:
         total = torch.zeros(len(variants), dtype=torch.double)
         count = torch.zeros(len(variants), dtype=torch.double)
         for token in sorted({v.token for v in variants}):
             picked = [i for i, v in enumerate(variants) if v.token == token]
-            encoded = encode([variants[i] for i in picked], tokenizer, max_length)
             candidates = []
             for weights in route(token):
                 with weights:
-                    nll, count[picked] = example_nll(accelerator, scorer, encoded, pad, batch_size)
+                    nll, count[picked] = example_nll(accelerator, scorer, [encoded[i] for i in picked], pad,
+                                                     batch_size)
                 candidates.append(nll)
             total[picked] = mixture_nll(torch.stack(candidates))
     if attribute:
@@ -123,10 +124,26 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
         share = float("nan")
     ppl = math.exp(total.sum().item() / count.sum().item())
     seconds = time.perf_counter() - start
-    # every candidate is one speaker token in the same place, so each variant of an utterance has its length:
-    # the other candidates are (C − 1) / C of the scored positions
     return Scores(ppl, share, total.tolist(), [int(c) for c in count.tolist()], seconds,
-                  seconds * (1 - 1 / len(tokens)) if attribute else 0.0)
+                  seconds * _attribution_share(examples, tokens, encoded) if attribute else 0.0)
+
+
+def _attribution_share(examples: list[Example], tokens: list[str], encoded: list[list[int]]) -> float:
+    """The share of the scored positions that attribution adds: the variants with another speaker's token
+    (`encoded`: every example under each of `tokens`, in that order). Without windows each variant has its
+    utterance's length, so (C − 1) / C; with windows an utterance's own variant shares its window's row (the
+    longest) and another's computes its own tokens only (`collate(branch=True)`)."""
+    own: dict[object, int] = {}
+    other = 0
+    for k, seq in enumerate(encoded):
+        example = examples[k // len(tokens)]
+        window = getattr(seq, "window", None)
+        if tokens[k % len(tokens)] == example.token:
+            key = window if window is not None else k
+            own[key] = max(own.get(key, 0), len(seq))
+        else:
+            other += len(seq) - (context_of(seq) if window is not None else 0)
+    return other / (other + sum(own.values()))
 
 
 def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> list[Scores]:

@@ -117,11 +117,14 @@ class Batch:
     n_tokens: int  # real (non-pad) tokens
     lead: torch.Tensor | None = None  # per row: positions before its first target, computed without a graph
     row_tokens: torch.Tensor | None = None  # per row: real tokens (with `lead`)
+    source: torch.Tensor | None = None  # per row: the row that computes its lead (itself: computed whole)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids, "labels": self.labels}
         if self.lead is not None:
             inputs |= {"lead": self.lead, "row_tokens": self.row_tokens}
+        if self.source is not None:
+            inputs["source"] = self.source
         return inputs
 
 
@@ -163,7 +166,7 @@ def _rows(encoded: list[list[int]], indices: list[int], merge: bool) -> list[tup
 
 
 def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_length: int | None = None,
-            merge: bool = False, lead: bool = False) -> Batch:
+            merge: bool = False, lead: bool = False, branch: bool = False) -> Batch:
     """One micro-batch: rows of one example each, or packed rows when pack_length is set. Labels hold
     the target tokens only: context turns and speaker tokens are IGNORE. With `merge`, the targets of one
     conversation window share the row of its longest (`_rows`): each example's targets are labelled in
@@ -173,7 +176,11 @@ def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_leng
     With `lead`, each row's lead — the start token and the turns before its first target; in a long
     conversation's later window, the half window it re-reads from the window before — is marked for
     `TokenScorer` to compute without a graph: the same forward, no backward through it. Only when every row
-    holds one sequence (a packed row's later sequences have no cache of their own)."""
+    holds one sequence (a packed row's later sequences have no cache of their own).
+
+    With `branch` (and merge, no packing), a row left alone by merging whose context is the start of a longer
+    row of its window (attribution's variant with another speaker token after the same turns) becomes that
+    row's branch: it computes only its own target, after the other row's keys and values (`TokenScorer`)."""
     rows_of = _rows(encoded, indices, merge)
     lengths = [len(encoded[carrier]) for carrier, _ in rows_of]
     placed = _pack(list(range(len(rows_of))), lengths, pack_length) if pack_length else [[r] for r in
@@ -202,7 +209,32 @@ def collate(encoded: list[list[int]], indices: list[int], pad_id: int, pack_leng
     if lead and all(len(row) == 1 for row in placed):
         batch.lead = torch.tensor([min(context_of(encoded[i]) for i in rows_of[row[0]][1]) for row in placed])
         batch.row_tokens = torch.tensor([lengths[row[0]] for row in placed])
+    elif branch and merge and not pack_length:
+        source = _sources(encoded, [carrier for carrier, _ in rows_of])
+        if source != list(range(len(source))):
+            batch.source = torch.tensor(source)
+            batch.lead = torch.tensor([context_of(encoded[c]) for c, _ in rows_of])
+            batch.row_tokens = torch.tensor(lengths)
     return batch
+
+
+def _sources(encoded: list[list[int]], carriers: list[int]) -> list[int]:
+    """For each row (its carrier), the row whose ids begin with its context: a longer row of its window,
+    computed whole, or itself."""
+    source = list(range(len(carriers)))
+    whole: dict[str, list[int]] = {}
+    for r in sorted(range(len(carriers)), key=lambda r: (-len(encoded[carriers[r]]), r)):
+        seq = encoded[carriers[r]]
+        window = getattr(seq, "window", None)
+        if window is None:
+            continue
+        n = context_of(seq)
+        found = next((s for s in whole.get(window, []) if encoded[carriers[s]][:n] == seq[:n]), None) if n else None
+        if found is None:
+            whole.setdefault(window, []).append(r)
+        else:
+            source[r] = found
+    return source
 
 
 def length_grouped_batches(lengths: list[int], micro_batch_size: int, seed: int,

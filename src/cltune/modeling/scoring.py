@@ -145,13 +145,18 @@ class TokenScorer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 return_hidden: bool = False, lead: torch.Tensor | None = None,
-                row_tokens: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                row_tokens: torch.Tensor | None = None,
+                source: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits at target positions, shape (targets, vocab), row-major over the batch; with
         `return_hidden`, also the last hidden states there, shape (targets, width).
 
         `lead` (per row: leading positions before its first target) and `row_tokens` (per row: its real
         tokens; one sequence a row, right-padded) make a forward that builds a graph compute each row's
-        lead without one (`_lead_apart`): the same logits, no gradient through the lead."""
+        lead without one (`_lead_apart`): the same logits, no gradient through the lead. With `source` (per
+        row: the row whose first `lead` tokens are its own, itself for a row computed whole), a row of another
+        source reads its lead from that row's keys and values instead of computing it (`_branches`)."""
+        if source is not None and bool((source != torch.arange(len(source), device=source.device)).any()):
+            return self._branched(input_ids, position_ids, labels, lead, row_tokens, source, return_hidden)
         split = lead is not None and torch.is_grad_enabled() and bool(lead.any()) and not self._checkpointing()
         if self._counting:
             self.forward_tokens += input_ids.numel()
@@ -176,6 +181,24 @@ class TokenScorer(nn.Module):
             logits = _head(base.get_output_embeddings(), at_targets)
         return (logits, at_targets) if return_hidden else logits
 
+    def _branched(self, input_ids, position_ids, labels, lead, row_tokens, source, return_hidden):
+        """`forward` for a batch with branch rows (`_branches`), counted as the positions it computes."""
+        whole = source == torch.arange(len(source), device=source.device)
+        if self._counting:
+            computed = int(row_tokens[whole].sum() + (row_tokens - lead)[~whole].sum())
+            self.forward_tokens += computed
+            self.backward_tokens += computed if torch.is_grad_enabled() else 0
+        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
+            base = self._base()
+            embeds = _embed(base.get_input_embeddings(), input_ids)
+            if embeds is None:
+                embeds = base.get_input_embeddings()(input_ids)
+            if self.compute_dtype is not None:
+                embeds = embeds.float()
+            at_targets = _branches(base.get_decoder(), embeds, position_ids, labels, lead, row_tokens, source)
+            logits = _head(base.get_output_embeddings(), at_targets)
+        return (logits, at_targets) if return_hidden else logits
+
     def _checkpointing(self) -> bool:
         """Gradient checkpointing recomputes each layer, which would write a key/value cache twice."""
         return bool(getattr(self._base(), "is_gradient_checkpointing", False))
@@ -183,30 +206,81 @@ class TokenScorer(nn.Module):
 
 def _lead_apart(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
                 lead: torch.Tensor, row_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's last hidden states after each row's lead, and their labels, with the leads computed
-    without a graph: one pass over the leads (the first `lead.max()` positions of every row) fills a key/value
-    cache, the rest of each row (`lead[r]` to `row_tokens[r]`, moved to the front and right-padded) attends to
-    its own row's lead through it. The forward is the whole row's (the lead's positions that belong to another
-    row's rest are masked out of the cache); the backward skips the leads. Every target lies after its row's
-    lead, and a row's targets keep their order, so the targets read from these hidden states are the whole
-    rows' targets in the same order."""
+    """The decoder's last hidden states after each row's lead, and their labels (`_after_leads`), with the leads
+    computed without a graph: one pass over the leads (the first `lead.max()` positions of every row) fills a
+    key/value cache that the rest of each row attends to. The forward is the whole row's; the backward skips the
+    leads. Every target lies after its row's lead, and a row's targets keep their order, so the targets read from
+    these hidden states are the whole rows' targets in the same order."""
     from transformers import DynamicCache
 
-    device = embeds.device
     width = int(lead.max())
-    rest = row_tokens - lead
-    span = int(rest.max())
-    steps = torch.arange(span, device=device)
-    index = (lead[:, None] + steps[None]).clamp(max=embeds.shape[1] - 1)
-    real = steps[None] < rest[:, None]
     cache = DynamicCache()
     with torch.no_grad():
         decoder(inputs_embeds=embeds[:, :width], position_ids=position_ids[:, :width], cache=cache, use_cache=True)
+    return _after_leads(decoder, embeds, position_ids, labels, lead, row_tokens, cache, width)
+
+
+def _after_leads(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+                 lead: torch.Tensor, row_tokens: torch.Tensor, cache, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens after its lead (`lead[r]` to `row_tokens[r]`, moved to the front and right-padded) through
+    the decoder, attending to the first `lead[r]` of the `width` positions `cache` holds for that row (the rest
+    of them, another row's or nobody's, masked out): their last hidden states and labels."""
+    device = embeds.device
+    rest = row_tokens - lead
+    steps = torch.arange(int(rest.max()), device=device)
+    index = (lead[:, None] + steps[None]).clamp(max=embeds.shape[1] - 1)
+    real = steps[None] < rest[:, None]
     kept = torch.arange(width, device=device)[None] < lead[:, None]
     hidden = decoder(inputs_embeds=embeds.gather(1, index[..., None].expand(-1, -1, embeds.shape[-1])),
                      position_ids=position_ids.gather(1, index), attention_mask=torch.cat([kept, real], 1).long(),
                      cache=cache, use_cache=True).last_hidden_state
     return hidden, labels.gather(1, index).masked_fill(~real, IGNORE)
+
+
+# Key/value positions a chunk of branch rows may hold (rows × their source's width): about 46 kB each for
+# SmolLM2-135M in fp32, so a chunk's cache stays under 400 MB.
+BRANCH_POSITIONS = 8192
+
+
+def _branches(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
+              lead: torch.Tensor, row_tokens: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states at every row's targets, row-major, computing each shared lead once.
+
+    Rows whose `source` is themselves go through the decoder whole, into a key/value cache. Every other
+    row (a branch: the same first `lead` tokens as its source, then its own) computes only its own tokens,
+    attending to its source's first `lead` keys and values: evaluation's variants of a window (attribution's
+    other speaker tokens after the same turns) cost their own tokens, not the window again. The same
+    hidden states as each row computed whole; branches go in chunks of at most `BRANCH_POSITIONS` cached
+    positions."""
+    from transformers import DynamicCache
+
+    device = embeds.device
+    whole = (source == torch.arange(len(source), device=device)).nonzero().squeeze(1)
+    branch = (source != torch.arange(len(source), device=device)).nonzero().squeeze(1)
+    cache = DynamicCache()
+    hidden = decoder(inputs_embeds=embeds[whole], position_ids=position_ids[whole], cache=cache,
+                     use_cache=True).last_hidden_state
+    pieces = {int(r): _row_targets(hidden[k], labels[r]) for k, r in enumerate(whole)}
+    held = [(layer.keys, layer.values) for layer in cache.layers]
+    slot = torch.full((len(source),), -1, dtype=torch.long, device=device)
+    slot[whole] = torch.arange(len(whole), device=device)
+    width = hidden.shape[1]
+    chunk = max(1, BRANCH_POSITIONS // width)
+    for start in range(0, len(branch), chunk):
+        rows = branch[start : start + chunk]
+        own = slot[source[rows]]
+        part = DynamicCache()
+        for layer, (keys, values) in enumerate(held):
+            part.update(keys[own], values[own], layer)
+        out, row_labels = _after_leads(decoder, embeds[rows], position_ids[rows], labels[rows], lead[rows],
+                                       row_tokens[rows], part, width)
+        pieces |= {int(r): _row_targets(out[k], row_labels[k]) for k, r in enumerate(rows)}
+    return torch.cat([pieces[r] for r in range(len(source))])
+
+
+def _row_targets(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One row's hidden states at the positions that predict its targets."""
+    return hidden[:-1][labels[1:] != IGNORE]
 
 
 def uncounted(scorer: nn.Module):
