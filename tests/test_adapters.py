@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from cltune.modeling.checkpoint import load_checkpoint
 from cltune.strategies.adapters import (
     AdapterRouter,
+    candidates,
     original_token_rows,
     speaker_routes,
     token_rows,
@@ -189,6 +190,22 @@ def test_a_strategy_without_task_routing_reports_one_matrix(strategy_streams):
     assert metrics.routing == "single" and metrics.agnostic is None
 
 
+def test_max_candidates_bounds_a_speakers_mixture_to_its_latest_own_and_the_newest():
+    """Six tasks learned, a host in all of them and a guest in the second: unbounded, the mixture grows with the
+    stream; bounded, it is the speaker's last own task and the newest others, in stream order, never more."""
+    learned = range(6)
+    assert candidates([0, 1, 2, 3, 4, 5], learned) == [0, 1, 2, 3, 4, 5]
+    assert candidates([1], learned) == [1, 2, 3, 4, 5]
+    assert candidates([0, 1, 2, 3, 4, 5], learned, 2) == [4, 5]
+    assert candidates([1], learned, 2) == [1, 5] and candidates([1], learned, 3) == [1, 4, 5]
+    assert candidates([1, 3], learned, 1) == [3] and candidates([1, 3], range(2), 2) == [1, 3]
+    assert candidates([5], learned, 2) == [5]  # the newest task's own speaker: nothing later to add
+    for most in range(1, 7):
+        for own in ([0], [2], [0, 3], [0, 1, 2, 3, 4, 5]):
+            chosen = candidates(own, learned, most)
+            assert own[-1] in chosen and len(chosen) <= most and chosen == sorted(set(chosen))
+
+
 @pytest.mark.parametrize("strategy", ["adapters", "progressive"])
 def test_later_adapters_join_each_speakers_mixture(tiny_config, strategy):
     session = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=true"]))
@@ -202,6 +219,9 @@ def test_later_adapters_join_each_speakers_mixture(tiny_config, strategy):
                                                   f"{strategy}.shared_speakers=latest"]))
     latest.strategy.before_task(latest.tasks[1])
     assert latest.strategy.router().routes["<GUEST_A>"] == ["default"]  # later adapters only join a likelihood mixture
+    bounded = build_session(tiny_config(strategy, [f"{strategy}.later_adapters=true", f"{strategy}.max_candidates=1"]))
+    bounded.strategy.before_task(bounded.tasks[1])
+    assert bounded.strategy.router().routes == {"<HOST>": ["task2"], "<GUEST_A>": ["default"], "<GUEST_B>": ["task2"]}
 
 
 @pytest.mark.parametrize("strategy", ["adapters", "progressive"])

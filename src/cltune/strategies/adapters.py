@@ -56,6 +56,10 @@ class RoutingSettings(Strict):
         "likelihood", description="agnostic scoring of a speaker several tasks share: an equal-prior mixture of their "
                                   "adapters (each token predicted from the earlier ones only), or the latest task's")
     later_adapters: bool = later_adapters_field(False)
+    max_candidates: int | None = Field(
+        None, ge=1, description="with likelihood: at most this many adapters (columns) in a speaker's mixture — its "
+                                "latest own and the newest ones — so scoring a speaker costs at most this many passes "
+                                "however long the stream; null: every candidate (the cost grows with the tasks)")
 
 
 class AdaptersSettings(WarmStartSettings, RoutingSettings):
@@ -180,6 +184,15 @@ class AdapterRouter(Router):
         return cls(model, list(data["tasks"]), routes, data.get("shared_speakers", "latest") == "likelihood")
 
 
+def candidates(own: list[int], learned: Iterable[int], most: int | None = None) -> list[int]:
+    """The tasks whose adapters score a speaker, in stream order: its own tasks (`own`), then those in `learned`
+    after its last one; with `most`, only its last own task and the newest others, `most` in all."""
+    chosen = [*own, *(j for j in learned if j > own[-1])]
+    if most is None or len(chosen) <= most:
+        return chosen
+    return sorted([own[-1], *[j for j in chosen if j != own[-1]][len(chosen) - most :]] if most > 1 else [own[-1]])
+
+
 def column_costs(model, names: list[str], extra: list[list[torch.Tensor]] | None = None) -> dict:
     """The memory of the per-task weights (metrics.json): the newest adapter's (`names[-1]`: its LoRA factors and
     token rows, plus its `extra` tensors, such as lateral gains), all adapters' together, and their bytes."""
@@ -233,7 +246,7 @@ class Adapters(Strategy):
         tasks = [self.adapter_for_task(i) for i in range(len(self.ctx.tasks))]
         likelihood = self.cfg.shared_speakers == "likelihood"
         later = range(self.learned) if likelihood and self.cfg.later_adapters else range(0)
-        routes = {t: [adapter_name(i) for i in [*indices, *(j for j in later if j > indices[-1])]]
+        routes = {t: [adapter_name(i) for i in candidates(indices, later, self.cfg.max_candidates)]
                   for t, indices in self.routes().items()}
         return AdapterRouter(self.ctx.model, tasks, routes, likelihood)
 
