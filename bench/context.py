@@ -10,6 +10,7 @@ between the notes markers is kept).
 
     .venv/bin/python bench/context.py --out /work/bench-context --doc docs/benchmarks/context.md
     .venv/bin/python bench/context.py --variant "k2-token-lr=data.context_turns=2,train.token_lr=null"
+    .venv/bin/python bench/context.py --guests d,e --out /tmp/bench-context-de   # the host with guests D and E
     .venv/bin/python bench/context.py --only-variants --variant before= --variant after= --reference before \\
         --source before=/tmp/wt-before --source after=/tmp/wt-after   # two commits, as git worktrees
 """
@@ -190,6 +191,8 @@ def main() -> None:
     parser.add_argument("--only-variants", action="store_true", help="run the --variant ones only, not k0 and k2")
     parser.add_argument("--reference", default="k0")
     parser.add_argument("--doc", type=Path, help="write the tables into this Markdown file")
+    parser.add_argument("--guests", help="another stream: the demo host with these guests in order (letters, e.g. "
+                                         "d,e: `cltune demo-data --guests` names them), in place of guests A and B")
     args = parser.parse_args()
     sets = {} if args.only_variants else dict(VARIANTS)
     for spec in args.variant:
@@ -198,8 +201,11 @@ def main() -> None:
     sources = {name: Path(path).resolve() for name, _, path in (spec.partition("=") for spec in args.source)}
     args.out.mkdir(parents=True, exist_ok=True)
     data = args.out / "data"
-    write_demo_corpus(data)
+    letters = [x.strip().lower() for x in args.guests.split(",")] if args.guests else []
+    write_demo_corpus(data, guests=max([3] + [ord(x) - ord("a") + 1 for x in letters]))
     raw = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    if letters:
+        raw["tasks"] = [{"name": f"guest_{x}", "path": f"host_guest_{x}.csv"} for x in letters]
     for task in raw["tasks"]:
         task["path"] = str(data / Path(task["path"]).name)
     config = args.out / "demo.yaml"
