@@ -4,6 +4,7 @@ folder, and small two-speaker dialogue CSVs. Nothing touches the network."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ from helpers import TOKENIZER_CORPUS, run_cli, stream_config, tiny_run_config, w
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+_MADE_BASETEMP = pytest.StashKey[Path]()
+
+
 def pytest_configure(config) -> None:
     """Every test's temporary folder has a quote, double quotes, a space and non-ASCII letters in its
     path, so each command test also checks that no command breaks on such paths (issue: a path pasted
@@ -23,6 +27,19 @@ def pytest_configure(config) -> None:
         import tempfile
 
         config.option.basetemp = tempfile.mkdtemp(prefix="cltune it's \"odd\" é ")
+        config.stash[_MADE_BASETEMP] = Path(config.option.basetemp)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The folder pytest_configure made goes once every test passed (a run leaves about 400 MB there); after a
+    failure it stays for a look, and the summary names it."""
+    made = session.config.stash.get(_MADE_BASETEMP, None)
+    if made is None or hasattr(session.config, "workerinput"):
+        return
+    if exitstatus == 0:
+        shutil.rmtree(made, ignore_errors=True)
+    else:
+        print(f"\ntest folders kept for a look: {made}")
 
 
 @pytest.fixture(scope="session")
