@@ -208,12 +208,12 @@ def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def logits_of(ctx, examples):
-    """The scorer's logits for `examples` (target positions), without gradients."""
+def logits_of(ctx, examples, grad: bool = False):
+    """The scorer's logits for `examples` (target positions), dropout off; without gradients unless `grad`."""
     import torch
 
     from cltune.modeling.batching import collate
 
     batch = collate(ctx.encode(examples), list(range(len(examples))), ctx.tokenizer.pad_token_id)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return ctx.scorer.eval()(**batch.model_inputs())

@@ -138,6 +138,37 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
     assert strategy.columns.current == 1 and trainable(model) == expected  # switching back restores both
 
 
+def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every_adapter(tiny_config):
+    """A column's lateral inputs (`LateralSum`: one product of the earlier adapters stacked) give the logits and
+    the gains' gradients of PEFT running every adapter with its gain (`AdapterMix`), to float rounding."""
+    session = build_session(tiny_config("progressive"))
+    ctx, model, strategy = session.ctx, session.model, session.strategy
+    stand_in_for_training(model)
+    strategy.before_task(ctx.tasks[1])
+    stand_in_for_training(model)
+    gains = strategy.laterals.columns[1]
+    with torch.no_grad():
+        for g in gains:
+            g.copy_(torch.rand_like(g) * 2 - 0.5)
+    batch = ctx.tasks[1].test[:4]
+
+    def logits_and_gain_grads():
+        model.zero_grad(set_to_none=True)
+        strategy.laterals.zero_grad(set_to_none=True)  # the gains are the strategy's, not the model's
+        logits = logits_of(ctx, batch, grad=True)
+        logits.float().pow(2).mean().backward()
+        return logits.detach(), [g.grad.clone() for g in gains]
+
+    fused, fused_grads = logits_and_gain_grads()
+    strategy.columns.use(None)
+    mix = AdapterMix(model, ["default", "task2"], lambda layer, x: [gains[layer][0], None])
+    mixed, mixed_grads = logits_and_gain_grads()
+    mix.remove()
+    assert torch.allclose(fused, mixed, rtol=1e-4, atol=1e-3) and fused.abs().max() > 1  # logits up to 16 here
+    assert all((a - b).abs().max() <= 1e-3 * b.abs().max() for a, b in zip(fused_grads, mixed_grads))
+    assert any(a.abs().sum() > 0 for a in fused_grads)
+
+
 def test_progressive_stream_forgets_nothing_by_task_id_and_its_checkpoint_routes_the_same(tiny_config):
     config = tiny_config("progressive", PPL_ONLY)
     metrics = run_stream(config)

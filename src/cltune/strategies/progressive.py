@@ -46,7 +46,7 @@ from cltune.strategies.adapters import (
     using_adapter,
 )
 from cltune.strategies.base import Router, module_weights
-from cltune.strategies.mixing import AdapterMix, lora_layers, trainability_kept
+from cltune.strategies.mixing import lora_layers, trainability_kept
 
 LATERALS = "laterals"
 
@@ -94,6 +94,43 @@ def column_of(adapter: str) -> int:
     return 0 if adapter == "default" else int(adapter.removeprefix("task")) - 1
 
 
+class LateralSum:
+    """Column `len(earlier)`'s lateral inputs, added in every LoRA layer by one forward hook, with the column's own
+    adapter active in PEFT as a single adapter is:
+
+        Σ_j u_j ⊙ (s_j B_j A_j x) = B' (A x),   A = [A_0; …; A_{k−1}],   B' = [u_j ⊙ s_j B_j for j < k] side by side
+
+    two matrix products of rank k·r for all earlier adapters together, where PEFT's multi-adapter path runs each
+    adapter on its own (with a hook per adapter to scale it): the same function in eval mode (to float rounding;
+    tested), at the cost of one LoRA of rank k·r. In training the earlier adapters share the column's dropout draw
+    on x (PEFT draws one per adapter). A and B' are built at every forward from the live weights, so loading
+    weights after installing needs nothing more."""
+
+    def __init__(self, model, own: str, earlier: list[str], gains):
+        self.model, self.previous, self._hooks = model, model.active_adapter, []
+        with trainability_kept(model):
+            model.set_adapter(own)
+        for index, layer in enumerate(lora_layers(model)):
+            self._hooks.append(layer.register_forward_hook(self._add(own, earlier, gains[index])))
+
+    @staticmethod
+    def _add(own: str, earlier: list[str], gains):
+        def hook(layer, args, output):
+            x = layer.lora_dropout[own](args[0])
+            a = torch.cat([layer.lora_A[name].weight for name in earlier])
+            b = torch.cat([layer.lora_B[name].weight * (layer.scaling[name] * gains[j][:, None])
+                           for j, name in enumerate(earlier)], dim=1)
+            return output + (x.to(a.dtype) @ a.T @ b.T).to(output.dtype)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        with trainability_kept(self.model):
+            self.model.set_adapter(self.previous)
+
+
 class Columns:
     """Which column the model serves. Switching removes the current column's mix and installs another's;
     which parameters are trainable is left as it was."""
@@ -101,7 +138,7 @@ class Columns:
     def __init__(self, model, laterals: Laterals):
         self.model, self.laterals = model, laterals
         self.current: int | None = None
-        self._mix: AdapterMix | None = None
+        self._mix: LateralSum | None = None
 
     def use(self, column: int | None) -> None:
         if column == self.current:
@@ -113,10 +150,9 @@ class Columns:
             if column == 0:
                 self.model.set_adapter(adapter_name(0))
             elif column is not None:
-                gains = self.laterals.columns[column]
-                # adapters 0..column: the earlier ones through the column's gains, its own at weight 1
-                self._mix = AdapterMix(self.model, [adapter_name(i) for i in range(column + 1)],
-                                       lambda layer, x: [*gains[layer], None])
+                # its own adapter at weight 1, the earlier ones through the column's gains
+                self._mix = LateralSum(self.model, adapter_name(column), [adapter_name(i) for i in range(column)],
+                                       self.laterals.columns[column])
         self.current = column
 
     @contextmanager
