@@ -155,49 +155,43 @@ class TokenScorer(nn.Module):
         lead without one (`_lead_apart`): the same logits, no gradient through the lead. With `source` (per
         row: the row whose first `lead` tokens are its own, itself for a row computed whole), a row of another
         source reads its lead from that row's keys and values instead of computing it (`_branches`)."""
-        if source is not None and bool((source != torch.arange(len(source), device=source.device)).any()):
-            return self._branched(input_ids, position_ids, labels, lead, row_tokens, source, return_hidden)
-        split = lead is not None and torch.is_grad_enabled() and bool(lead.any()) and not self._checkpointing()
+        branched = source is not None and bool((source != torch.arange(len(source), device=source.device)).any())
+        split = (not branched and lead is not None and torch.is_grad_enabled() and bool(lead.any())
+                 and not self._checkpointing())
         if self._counting:
-            self.forward_tokens += input_ids.numel()
-            if torch.is_grad_enabled():
-                self.backward_tokens += input_ids.numel() - (int(lead.sum()) if split else 0)
+            self._count(input_ids, lead, row_tokens, source if branched else None, split)
         low = self.compute_dtype is not None
         with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=low):
             base = self._base()
             decoder = base.get_decoder()
             embeds = _embed(base.get_input_embeddings(), input_ids)
-            if low:  # the residual stream starts (and so stays) fp32
-                embeds = (base.get_input_embeddings()(input_ids) if embeds is None else embeds).float()
-            if split:
-                if embeds is None:
-                    embeds = base.get_input_embeddings()(input_ids)
-                hidden, labels = _lead_apart(decoder, embeds, position_ids, labels, lead, row_tokens)
+            if low or branched or split:
+                embeds = base.get_input_embeddings()(input_ids) if embeds is None else embeds
+                embeds = embeds.float() if low else embeds  # a low-precision run's residual stream starts fp32
+            if branched:
+                at_targets = _branches(decoder, embeds, position_ids, labels, lead, row_tokens, source)
             else:
-                inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
-                hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
-            mask = labels[:, 1:] != IGNORE
-            at_targets = hidden[:, :-1][mask]
+                if split:
+                    hidden, labels = _lead_apart(decoder, embeds, position_ids, labels, lead, row_tokens)
+                else:
+                    inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+                    hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
+                at_targets = hidden[:, :-1][labels[:, 1:] != IGNORE]
             logits = _head(base.get_output_embeddings(), at_targets)
         return (logits, at_targets) if return_hidden else logits
 
-    def _branched(self, input_ids, position_ids, labels, lead, row_tokens, source, return_hidden):
-        """`forward` for a batch with branch rows (`_branches`), counted as the positions it computes."""
-        whole = source == torch.arange(len(source), device=source.device)
-        if self._counting:
+    def _count(self, input_ids, lead, row_tokens, source, split: bool) -> None:
+        """The ledger: positions through the model, and those with a graph. Branch rows (`source`) compute only
+        their own tokens; a split-off lead has no graph."""
+        grad = torch.is_grad_enabled()
+        if source is not None:
+            whole = source == torch.arange(len(source), device=source.device)
             computed = int(row_tokens[whole].sum() + (row_tokens - lead)[~whole].sum())
             self.forward_tokens += computed
-            self.backward_tokens += computed if torch.is_grad_enabled() else 0
-        with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype is not None):
-            base = self._base()
-            embeds = _embed(base.get_input_embeddings(), input_ids)
-            if embeds is None:
-                embeds = base.get_input_embeddings()(input_ids)
-            if self.compute_dtype is not None:
-                embeds = embeds.float()
-            at_targets = _branches(base.get_decoder(), embeds, position_ids, labels, lead, row_tokens, source)
-            logits = _head(base.get_output_embeddings(), at_targets)
-        return (logits, at_targets) if return_hidden else logits
+            self.backward_tokens += computed if grad else 0
+            return
+        self.forward_tokens += input_ids.numel()
+        self.backward_tokens += input_ids.numel() - (int(lead.sum()) if split else 0) if grad else 0
 
     def _checkpointing(self) -> bool:
         """Gradient checkpointing recomputes each layer, which would write a key/value cache twice."""
