@@ -247,6 +247,28 @@ def test_context_turns_all_trains_and_scores_whole_windows(tiny_model_dir, tmp_p
     assert window["ppl"][0] == pytest.approx(each["ppl"][0], rel=1e-5)
 
 
+def test_window_lead_grad_false_trains_without_a_graph_through_the_leads(tiny_model_dir, tmp_path):
+    """`cltune run` at a window small enough to slide, with and without `train.window_lead_grad`: the same forward
+    positions, fewer with a graph when the leads are computed forward only, the same target tokens, and a
+    different validation loss after training (the gradient differs)."""
+    csvs = [write_conversations(tmp_path / "guest_a.csv", "Guest A", 14, 1)]
+    runs = {}
+    for grad in (True, False):
+        raw = tiny_run_config(tiny_model_dir, csvs, tmp_path / "runs", "naive", name=f"lead-{grad}", eval=QUIET_EVAL)
+        raw["data"] = {"max_length": 40, "context_turns": "all"}
+        raw["train"]["window_lead_grad"] = grad
+        config = tmp_path / f"lead-{grad}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        proc = subprocess.run(cltune_command("run", config), capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        runs[grad] = json.loads((tmp_path / "runs" / f"lead-{grad}" / "metrics.json").read_text())["phases"][0]
+    whole, apart = runs[True]["strategy"], runs[False]["strategy"]
+    assert whole["training_forward_tokens"] == apart["training_forward_tokens"] == whole["training_backward_tokens"]
+    assert apart["training_backward_tokens"] < 0.8 * whole["training_backward_tokens"]
+    assert runs[True]["target_tokens"] == runs[False]["target_tokens"]
+    assert runs[True]["best_val_loss"] != runs[False]["best_val_loss"]
+
+
 def test_targets_need_whole_conversations_and_name_speakers_that_exist(cli, tiny_model_dir, tmp_path):
     csvs = [write_conversations(tmp_path / "guest_a.csv", "Guest A", 14, 1)]
     raw = tiny_run_config(tiny_model_dir, csvs, tmp_path / "runs", "naive", eval=QUIET_EVAL)

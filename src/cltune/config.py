@@ -137,10 +137,11 @@ class PhaseSettings(Strict):
         "auto", description="split a micro-batch whose padded size (utterances × longest) exceeds this many token "
         "positions, so a few long utterances cannot set the peak memory; the step's math stays the same; auto: 400 on "
         "a CPU, no limit on a GPU; null: never split")
-    window_lead_grad: bool = Field(False, description="context_turns: all — also back-propagate through each "
-                                   "window's lead (the turns before its first target: in a long conversation's later "
-                                   "windows, the half window it re-reads from the window before); false computes the "
-                                   "lead forward only: the same forward and loss, less backward work")
+    window_lead_grad: bool = Field(True, description="context_turns: all — back-propagate through each window's "
+                                   "lead (the turns before its first target: in a long conversation's later windows, "
+                                   "the half window it re-reads from the window before); false computes the lead "
+                                   "forward only: the same forward and loss, no gradient through the lead's keys and "
+                                   "values (on the demo, 0.94× the training time at +1–2% test perplexity)")
     packing: bool = Field(False, description="pack utterances into rows with per-utterance attention and positions")
     pack_length: int = Field(256, ge=8, description="tokens per packed row")
     early_stopping_patience: int | None = Field(None, ge=1,

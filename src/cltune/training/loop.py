@@ -464,7 +464,7 @@ def train_phase(
     plan_sha, data_sha = fingerprint(plan), fingerprint(encoded)
     contrast = SpeakerContrast(examples, encoded, ctx.tasks, ctx.tokenizer, pad_id) if settings.speaker_loss else None
     pack = settings.pack_length if settings.packing else None
-    # A window's lead (the turns before its first target) is computed forward only unless asked otherwise.
+    # A window's lead (the turns before its first target) computed forward only, when asked (window_lead_grad).
     lead = any(w is not None for w in windows) and not settings.window_lead_grad and not strategy.whole_rows()
 
     # Model order for clipping: the gradient norm sums per-parameter norms, and the order sets its last bits.
