@@ -56,7 +56,9 @@ def main() -> None:
     scorer = ctx.scorer.train()
     print(f"{type(strategy).__name__}, precision {ctx.base_dtype}, {torch.get_num_threads()} threads")
 
-    def per_adapter(k: int) -> AdapterMix:
+    def per_adapter(k: int) -> AdapterMix | None:
+        if k == 0:  # the first column has no laterals: its own adapter alone
+            return model.set_adapter(adapter_name(0))
         gains = strategy.laterals.columns[k]
         return AdapterMix(model, [adapter_name(i) for i in range(k + 1)], lambda layer, x: [*gains[layer], None])
 
