@@ -1,5 +1,6 @@
 """Several LoRA adapters at once, each one's update scaled inside every layer: what `fusion` (a learned
-gate per token) and `progressive` (learned lateral gains per channel) are built on.
+gate per token) is built on. (`progressive`'s lateral gains, one per channel, add the earlier adapters as one
+stacked product instead: `cltune.strategies.progressive.LateralSum`, tested equal to a mix of them.)
 
 PEFT sums the active adapters of a LoRA layer, ΔW x = Σ_i s_i B_i A_i x. An `AdapterMix` activates a
 list of adapters in every LoRA layer and multiplies adapter i's output B_i A_i x by a weight that
