@@ -225,7 +225,8 @@ def test_ctrl_c_stops_every_ray_run_at_a_step_checkpoint_and_names_the_command_t
     command = cltune_command("sweep", config, "--grid", "train.lr=1e-3,2e-3", "--out", out, "--ray", "--run-cpus", "1")
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.monotonic() + 240
-    while len(list(out.glob("point*/steps/phase1/*"))) < 2:  # both runs are training: each saved a step
+    # both runs are training: each saved a step (one run keeps several step folders, so count the runs)
+    while len({step.parts[-4] for step in out.glob("point*/steps/phase1/step-*")}) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
