@@ -27,11 +27,12 @@ def main() -> None:
     from cltune.modeling import batching
     from cltune.modeling.checkpoint import load_checkpoint
     from cltune.modeling.scoring import TokenScorer
+    from cltune.storage.verified import phase_folders
     from cltune.studies.runconfig import read_config
     from cltune.training.session import load_tasks, make_accelerator
 
     config = read_config(args.run / "config.resolved.yaml")
-    last = max((p for p in args.run.glob("phase*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    last = phase_folders(args.run)[-1]
     model, tokenizer, _ = load_checkpoint(last)
     tasks = load_tasks(config)[1]
     accelerator, scorer = make_accelerator("fp32"), TokenScorer(model)

@@ -31,13 +31,14 @@ def main() -> None:
     from cltune.evaluation.stats import log_ppl, percentile_interval, resamples
     from cltune.modeling.checkpoint import load_checkpoint
     from cltune.modeling.scoring import TokenScorer, fp32_arithmetic
+    from cltune.storage.verified import phase_folders
     from cltune.strategies.adapters import adapter_name, candidates
     from cltune.strategies.routing import load_router
     from cltune.studies.runconfig import read_config
     from cltune.training.session import load_tasks, make_accelerator
 
     config = read_config(args.run / "config.resolved.yaml")
-    last = max((p for p in args.run.glob("phase*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    last = phase_folders(args.run)[-1]
     model, tokenizer, _ = load_checkpoint(last)
     router = load_router(last, model)
     tasks = load_tasks(config)[1]

@@ -139,8 +139,9 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
 
 
 def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every_adapter(tiny_config):
-    """A column's lateral inputs (`LateralSum`: one product of the earlier adapters stacked) give the logits and
-    the gains' gradients of PEFT running every adapter with its gain (`AdapterMix`), to float rounding."""
+    """A column (`LateralSum`: its own adapter and the earlier ones stacked in one product, PEFT running none) gives
+    the logits and the gradients of the gains and of its own adapter of PEFT running every adapter with its gain
+    (`AdapterMix`), to float rounding."""
     session = build_session(tiny_config("progressive"))
     ctx, model, strategy = session.ctx, session.model, session.strategy
     stand_in_for_training(model)
@@ -157,7 +158,8 @@ def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every
         strategy.laterals.zero_grad(set_to_none=True)  # the gains are the strategy's, not the model's
         logits = logits_of(ctx, batch, grad=True)
         logits.float().pow(2).mean().backward()
-        return logits.detach(), [g.grad.clone() for g in gains]
+        own = [p.grad.clone() for n, p in model.named_parameters() if ".task2." in n and "lora_" in n]
+        return logits.detach(), [g.grad.clone() for g in gains] + own
 
     fused, fused_grads = logits_and_gain_grads()
     strategy.columns.use(None)
@@ -166,7 +168,7 @@ def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every
     mix.remove()
     assert torch.allclose(fused, mixed, rtol=1e-4, atol=1e-3) and fused.abs().max() > 1  # logits up to 16 here
     assert all((a - b).abs().max() <= 1e-3 * b.abs().max() for a, b in zip(fused_grads, mixed_grads))
-    assert any(a.abs().sum() > 0 for a in fused_grads)
+    assert len(fused_grads) == len(gains) + 2 * len(gains) and all(a.abs().sum() > 0 for a in fused_grads)
 
 
 def test_progressive_stream_forgets_nothing_by_task_id_and_its_checkpoint_routes_the_same(tiny_config):

@@ -155,11 +155,12 @@ class TokenScorer(nn.Module):
         lead without one (`_lead_apart`): the same logits, no gradient through the lead. With `source` (per
         row: the row whose first `lead` tokens are its own, itself for a row computed whole), a row of another
         source reads its lead from that row's keys and values instead of computing it (`_branches`)."""
-        branched = source is not None and bool((source != torch.arange(len(source), device=source.device)).any())
+        whole = None if source is None else source == torch.arange(len(source), device=source.device)
+        branched = whole is not None and not bool(whole.all())
         split = (not branched and lead is not None and torch.is_grad_enabled() and bool(lead.any())
                  and not self._checkpointing())
         if self._counting:
-            self._count(input_ids, lead, row_tokens, source if branched else None, split)
+            self._count(input_ids, lead, row_tokens, whole if branched else None, split)
         low = self.compute_dtype is not None
         with torch.autocast(input_ids.device.type, dtype=self.compute_dtype, enabled=low):
             base = self._base()
@@ -169,23 +170,22 @@ class TokenScorer(nn.Module):
                 embeds = base.get_input_embeddings()(input_ids) if embeds is None else embeds
                 embeds = embeds.float() if low else embeds  # a low-precision run's residual stream starts fp32
             if branched:
-                at_targets = _branches(decoder, embeds, position_ids, labels, lead, row_tokens, source)
+                at_targets = _branches(decoder, embeds, position_ids, labels, lead, row_tokens, source, whole)
             else:
                 if split:
                     hidden, labels = _lead_apart(decoder, embeds, position_ids, labels, lead, row_tokens)
                 else:
                     inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
                     hidden = decoder(**inputs, position_ids=position_ids, use_cache=False).last_hidden_state
-                at_targets = hidden[:, :-1][labels[:, 1:] != IGNORE]
+                at_targets = _at_targets(hidden, labels)
             logits = _head(base.get_output_embeddings(), at_targets)
         return (logits, at_targets) if return_hidden else logits
 
-    def _count(self, input_ids, lead, row_tokens, source, split: bool) -> None:
-        """The ledger: positions through the model, and those with a graph. Branch rows (`source`) compute only
-        their own tokens; a split-off lead has no graph."""
+    def _count(self, input_ids, lead, row_tokens, whole, split: bool) -> None:
+        """The ledger: positions through the model, and those with a graph. Branch rows (those not `whole`)
+        compute only their own tokens; a split-off lead has no graph."""
         grad = torch.is_grad_enabled()
-        if source is not None:
-            whole = source == torch.arange(len(source), device=source.device)
+        if whole is not None:
             computed = int(row_tokens[whole].sum() + (row_tokens - lead)[~whole].sum())
             self.forward_tokens += computed
             self.backward_tokens += computed if grad else 0
@@ -237,10 +237,10 @@ BRANCH_POSITIONS = 8192
 
 
 def _branches(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor,
-              lead: torch.Tensor, row_tokens: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+              lead: torch.Tensor, row_tokens: torch.Tensor, source: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     """The decoder's last hidden states at every row's targets, row-major, computing each shared lead once.
 
-    Rows whose `source` is themselves go through the decoder whole, into a key/value cache. Every other
+    Rows whose `source` is themselves (`whole`) go through the decoder whole, into a key/value cache. Every other
     row (a branch: the same first `lead` tokens as its source, then its own) computes only its own tokens,
     attending to its source's first `lead` keys and values: evaluation's variants of a window (attribution's
     other speaker tokens after the same turns) cost their own tokens, not the window again. The same
@@ -249,12 +249,11 @@ def _branches(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tens
     from transformers import DynamicCache
 
     device = embeds.device
-    whole = (source == torch.arange(len(source), device=device)).nonzero().squeeze(1)
-    branch = (source != torch.arange(len(source), device=device)).nonzero().squeeze(1)
+    whole, branch = whole.nonzero().squeeze(1), (~whole).nonzero().squeeze(1)
     cache = DynamicCache()
     hidden = decoder(inputs_embeds=embeds[whole], position_ids=position_ids[whole], cache=cache,
                      use_cache=True).last_hidden_state
-    pieces = {int(r): _row_targets(hidden[k], labels[r]) for k, r in enumerate(whole)}
+    pieces = {int(r): _at_targets(hidden[k], labels[r]) for k, r in enumerate(whole)}
     held = [(layer.keys, layer.values) for layer in cache.layers]
     slot = torch.full((len(source),), -1, dtype=torch.long, device=device)
     slot[whole] = torch.arange(len(whole), device=device)
@@ -268,13 +267,14 @@ def _branches(decoder: nn.Module, embeds: torch.Tensor, position_ids: torch.Tens
             part.update(keys[own], values[own], layer)
         out, row_labels = _after_leads(decoder, embeds[rows], position_ids[rows], labels[rows], lead[rows],
                                        row_tokens[rows], part, width)
-        pieces |= {int(r): _row_targets(out[k], row_labels[k]) for k, r in enumerate(rows)}
+        pieces |= {int(r): _at_targets(out[k], row_labels[k]) for k, r in enumerate(rows)}
     return torch.cat([pieces[r] for r in range(len(source))])
 
 
-def _row_targets(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One row's hidden states at the positions that predict its targets."""
-    return hidden[:-1][labels[1:] != IGNORE]
+def _at_targets(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The hidden states at the positions that predict targets, row-major: of a batch (rows, positions, width)
+    with its labels (rows, positions), or of one row (positions, width) with its (positions)."""
+    return hidden[..., :-1, :][labels[..., 1:] != IGNORE]
 
 
 def uncounted(scorer: nn.Module):

@@ -25,7 +25,7 @@ from cltune.report.words import (
     speakers_per_task,
 )
 from cltune.storage.files import atomic_write_text, read_json, writable_folder
-from cltune.storage.verified import verify
+from cltune.storage.verified import phase_folders, verify
 
 RESOLVED = "config.resolved.yaml"
 # the router each phase checkpoint saved (cltune.strategies.routing reads it; written by the pipeline)
@@ -39,8 +39,7 @@ def _read_phases(run_dir: Path) -> tuple[dict[int, list[dict]], dict | None]:
     """Each phase checkpoint's training log, and the last one's router table, read only once each folder
     matches its manifest."""
     logs, router = {}, None
-    folders = [f for f in run_dir.glob("phase*") if f.is_dir() and f.name[5:].isdigit()]
-    for folder in sorted(folders, key=lambda f: int(f.name[5:])):
+    for folder in phase_folders(run_dir):
         path = folder / "train_log.jsonl"
         if path.exists():
             verify(folder)

@@ -45,6 +45,12 @@ def _manifest_entries(folder: Path, required: tuple[str, ...]) -> dict:
     return checked
 
 
+def phase_folders(run_dir: str | Path) -> list[Path]:
+    """A run folder's phase checkpoint folders (`phase1`, `phase2`, …), in phase order."""
+    folders = [f for f in Path(run_dir).glob("phase*") if f.is_dir() and f.name[5:].isdigit()]
+    return sorted(folders, key=lambda f: int(f.name[5:]))
+
+
 def verify(folder: str | Path, required: tuple[str, ...] = ()) -> None:
     """Refuse a folder with a missing or damaged manifest (or one that lists none of `required`), or files
     that are missing or changed."""
@@ -53,8 +59,7 @@ def verify(folder: str | Path, required: tuple[str, ...] = ()) -> None:
         raise UserError(f"{folder}: {'is a file' if folder.exists() else 'no such folder'}; "
                         "pass a phase folder of a run, e.g. checkpoints/demo/phase2")
     if not (folder / MANIFEST).is_file():
-        phases = sorted((p.name for p in folder.glob("phase[0-9]*") if (p / MANIFEST).is_file()),
-                        key=lambda n: (len(n), n))
+        phases = [p.name for p in phase_folders(folder) if (p / MANIFEST).is_file()]
         if phases:  # a run folder: name the phase folders it holds
             raise UserError(f"{folder}: a run folder, not a checkpoint; pass one of its phase folders: "
                             + ", ".join(str(folder / name) for name in phases))

@@ -95,32 +95,36 @@ def column_of(adapter: str) -> int:
 
 
 class LateralSum:
-    """Column `len(earlier)`'s lateral inputs, added in every LoRA layer by one forward hook, with the column's own
-    adapter active in PEFT as a single adapter is:
+    """Column `len(earlier)`: its own adapter and its lateral inputs as one low-rank product in every LoRA layer,
 
-        Σ_j u_j ⊙ (s_j B_j A_j x) = B' (A x),   A = [A_0; …; A_{k−1}],   B' = [u_j ⊙ s_j B_j for j < k] side by side
+        s_k B_k A_k x + Σ_{j<k} u_j ⊙ (s_j B_j A_j x) = B' (A x),
+        A = [A_0; …; A_k],   B' = [u_0 ⊙ s_0 B_0, …, u_{k−1} ⊙ s_{k−1} B_{k−1}, s_k B_k] side by side,
 
-    two matrix products of rank k·r for all earlier adapters together, where PEFT's multi-adapter path runs each
-    adapter on its own (with a hook per adapter to scale it): the same function in eval mode (to float rounding;
-    tested), at the cost of one LoRA of rank k·r. In training the earlier adapters share the column's dropout draw
-    on x (PEFT draws one per adapter). A and B' are built at every forward from the live weights, so loading
-    weights after installing needs nothing more."""
+    added by one forward hook on the layer while PEFT runs none of its adapters there (each layer's active list
+    is emptied; the model's active adapter stays the column's own, whose token rows the embedding serves). So a
+    column costs one LoRA of rank (k+1)·r: one dropout draw, two products and one sum a layer, where PEFT's
+    multi-adapter path runs each adapter on its own, with a hook per adapter to scale it. The same function and
+    gradients (to float rounding; tested) in eval mode; in training every adapter shares the one dropout draw on
+    x (PEFT draws one per adapter). A and B' are built at every forward from the live weights, so loading weights
+    after installing needs nothing more."""
 
     def __init__(self, model, own: str, earlier: list[str], gains):
         self.model, self.previous, self._hooks = model, model.active_adapter, []
         with trainability_kept(model):
             model.set_adapter(own)
-        for index, layer in enumerate(lora_layers(model)):
-            self._hooks.append(layer.register_forward_hook(self._add(own, earlier, gains[index])))
+            for index, layer in enumerate(lora_layers(model)):
+                layer.set_adapter([])  # the hook adds the column's whole update, its own adapter's included
+                self._hooks.append(layer.register_forward_hook(self._add(layer, own, earlier, gains[index])))
 
     @staticmethod
-    def _add(own: str, earlier: list[str], gains):
-        def hook(layer, args, output):
-            x = layer.lora_dropout[own](args[0])
-            a = torch.cat([layer.lora_A[name].weight for name in earlier])
-            b = torch.cat([layer.lora_B[name].weight * (layer.scaling[name] * gains[j][:, None])
-                           for j, name in enumerate(earlier)], dim=1)
-            return output + (x.to(a.dtype) @ a.T @ b.T).to(output.dtype)
+    def _add(layer, own: str, earlier: list[str], gains):
+        def hook(module, args, output):
+            x = layer.lora_dropout[own](args[0]).to(layer.lora_A[own].weight.dtype)
+            a = torch.cat([layer.lora_A[name].weight for name in (*earlier, own)])
+            b = torch.cat([*(layer.lora_B[name].weight * (layer.scaling[name] * gains[j][:, None])
+                             for j, name in enumerate(earlier)),
+                           layer.lora_B[own].weight * layer.scaling[own]], dim=1)
+            return output + (x @ a.T @ b.T).to(output.dtype)
         return hook
 
     def remove(self) -> None:
