@@ -2,8 +2,8 @@
 
 The bound changes only how a speaker is scored (which columns join its likelihood mixture), not training, so one
 run serves every bound: its last checkpoint scores each task's test utterances agnostically (by speaker token)
-with every candidate (the run's own router) and with at most N (N = 1, 2, 3): its last own column and the newest
-others. Prints per task the perplexity under each bound, its change against every candidate (paired on the same
+with every candidate (its own columns and every later one, as `later_adapters: true` routes it, whatever bound the
+run was trained with) and with at most N (N = 1, 2, 3): its last own column and the newest others. Prints per task the perplexity under each bound, its change against every candidate (paired on the same
 utterances, 95% bootstrap over utterances: one seed), and the scoring time, measured side by side.
 
     .venv/bin/python bench/candidates.py RUN_DIR [--bounds 1,2,3]
@@ -47,9 +47,9 @@ def main() -> None:
     for task in tasks[:learned]:
         for token in task.tokens.values():
             own.setdefault(token, []).append(task.index)
-    full = dict(router.routes)
+    trained = dict(router.routes)
     accelerator, scorer = make_accelerator("fp32"), TokenScorer(model)
-    print(f"{args.run}: {last.name}, {type(router).__name__}, routes {full}")
+    print(f"{args.run}: {last.name}, {type(router).__name__}, routes {trained}")
     bounds = [None, *(int(b) for b in args.bounds.split(","))]
     print("| task | bound | candidates (host, guest) | test PPL | vs every candidate | scoring s |")
     print("|---|---|---|---|---|---|")
@@ -57,7 +57,7 @@ def main() -> None:
         scores = {}
         for bound in bounds:
             router.routes = {t: [adapter_name(i) for i in candidates(own[t], range(learned), bound)]
-                             for t in full} if bound else full
+                             for t in trained}
             start = time.perf_counter()
             with fp32_arithmetic(scorer):
                 scores[bound] = score_split(accelerator, scorer, tokenizer, task.test, [], config.data.max_length,
@@ -74,7 +74,7 @@ def main() -> None:
                 change = f"{math.expm1(diff):+.2%} [{math.expm1(low):+.2%}, {math.expm1(high):+.2%}]"
             print(f"| {task.name} | {bound or 'all'} | {sizes} | {scores[bound].ppl:.2f} | {change or '—'} | "
                   f"{seconds:.1f} |", flush=True)
-        router.routes = full
+        router.routes = trained
 
 
 if __name__ == "__main__":

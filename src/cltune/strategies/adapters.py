@@ -56,10 +56,12 @@ class RoutingSettings(Strict):
         "likelihood", description="agnostic scoring of a speaker several tasks share: an equal-prior mixture of their "
                                   "adapters (each token predicted from the earlier ones only), or the latest task's")
     later_adapters: bool = later_adapters_field(False)
+    # 2: measured on the podcast config (docs/benchmarks/long_streams.md): every guest scored lower than with
+    # all six candidates, at a cost that stops growing with the stream
     max_candidates: int | None = Field(
-        None, ge=1, description="with likelihood: at most this many adapters (columns) in a speaker's mixture — its "
-                                "latest own and the newest ones — so scoring a speaker costs at most this many passes "
-                                "however long the stream; null: every candidate (the cost grows with the tasks)")
+        2, ge=1, description="with likelihood: at most this many adapters (columns) in a speaker's mixture — its "
+                             "latest own and the newest ones — so scoring a speaker costs at most this many passes "
+                             "however long the stream; null: every candidate (the cost grows with the tasks)")
 
 
 class AdaptersSettings(WarmStartSettings, RoutingSettings):
