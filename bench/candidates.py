@@ -3,8 +3,9 @@
 The bound changes only how a speaker is scored (which columns join its likelihood mixture), not training, so one
 run serves every bound: its last checkpoint scores each task's test utterances agnostically (by speaker token)
 with every candidate (its own columns and every later one, as `later_adapters: true` routes it, whatever bound the
-run was trained with) and with at most N (N = 1, 2, 3): its last own column and the newest others. Prints per task the perplexity under each bound, its change against every candidate (paired on the same
-utterances, 95% bootstrap over utterances: one seed), and the scoring time, measured side by side.
+run was trained with) and with at most N (N = 1, 2, 3): its last own column and the newest others. Prints per task
+the perplexity under each bound, its change against every candidate (paired on the same utterances, 95% bootstrap
+over utterances: one seed), and the scoring time, measured side by side.
 
     .venv/bin/python bench/candidates.py RUN_DIR [--bounds 1,2,3]
 """
