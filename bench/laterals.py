@@ -1,14 +1,15 @@
-"""progressive's cost per training token as columns accumulate, against one adapter (what naive trains).
+"""The cost per training token of the routed strategies' mixes as columns accumulate, against one adapter (what
+naive trains).
 
 On the podcast config (the demo host and six guests, the bundled SmolLM2-135M, the run's precision), the
 progressive strategy adds its columns one by one; after each, the same micro-batches of that column's task go
 through a training step (forward, backward) three ways, interleaved round by round:
 
 - `one adapter`: the column's own adapter alone (no laterals): naive's work per token;
-- `stacked`: the column with its laterals as `progressive` computes them (`LateralSum`: one low-rank product
-  of all earlier adapters);
-- `per adapter`: the same function with PEFT running every adapter with its gain (`AdapterMix`, how
-  `progressive` computed it before).
+- `progressive`: the column with its laterals as `progressive` computes them (`AdapterMix`: its own adapter and
+  every earlier one, weighted per output channel by the gains, as one low-rank product);
+- `per token`: every adapter so far weighted per token by a linear gate on each layer's input, as `fusion` mixes
+  them (the same `AdapterMix`, the gate's arithmetic included).
 
 Prints seconds per step (median over rounds) and the ratios to `one adapter`, measured side by side.
 
@@ -42,7 +43,7 @@ def main() -> None:
     from cltune.modeling.batching import collate
     from cltune.modeling.scoring import target_nll
     from cltune.strategies.adapters import adapter_name
-    from cltune.strategies.mixing import AdapterMix
+    from cltune.strategies.mixing import AdapterMix, lora_layers
     from cltune.training.session import build_session
 
     folder = Path(tempfile.mkdtemp(prefix="bench-laterals-"))
@@ -56,11 +57,13 @@ def main() -> None:
     scorer = ctx.scorer.train()
     print(f"{type(strategy).__name__}, precision {ctx.base_dtype}, {torch.get_num_threads()} threads")
 
-    def per_adapter(k: int) -> AdapterMix | None:
-        if k == 0:  # the first column has no laterals: its own adapter alone
-            return model.set_adapter(adapter_name(0))
-        gains = strategy.laterals.columns[k]
-        return AdapterMix(model, [adapter_name(i) for i in range(k + 1)], lambda layer, x: [*gains[layer], None])
+    gate = [torch.nn.Linear(layer.in_features, len(ctx.tasks)) for layer in lora_layers(model)]
+
+    def per_token(k: int) -> AdapterMix:
+        def scales(index, x):
+            weights = gate[index](x.detach().float())[..., : k + 1].softmax(-1)
+            return [weights[..., i : i + 1] for i in range(k + 1)]
+        return AdapterMix(model, [adapter_name(i) for i in range(k + 1)], scales)
 
     def step(batch) -> float:
         start = time.perf_counter()
@@ -69,15 +72,15 @@ def main() -> None:
         target_nll(scorer(**batch.model_inputs()), batch.labels).mean().backward()
         return time.perf_counter() - start
 
-    print("| columns | one adapter s | stacked s | per adapter s | stacked / one | per adapter / one |")
+    print("| columns | one adapter s | progressive s | per token s | progressive / one | per token / one |")
     print("|---|---|---|---|---|---|")
     for k, task in enumerate(ctx.tasks):
         strategy.before_task(task)
         encoded = ctx.encode(task.train[: args.utterances])
         batch = collate(encoded, list(range(len(encoded))), ctx.tokenizer.pad_token_id)
         ways = {"one": lambda k=k: strategy.columns.use(None) or model.set_adapter(adapter_name(k)),
-                "stacked": lambda k=k: strategy.columns.use(k),
-                "per adapter": lambda k=k: strategy.columns.use(None) or per_adapter(k)}
+                "progressive": lambda k=k: strategy.columns.use(k),
+                "per token": lambda k=k: strategy.columns.use(None) or per_token(k)}
         times: dict[str, list[float]] = {name: [] for name in ways}
         for _ in range(args.rounds + 1):  # the first round warms up
             for name, install in ways.items():
@@ -86,8 +89,8 @@ def main() -> None:
                 if isinstance(mix, AdapterMix):
                     mix.remove()
         med = {name: statistics.median(t[1:]) for name, t in times.items()}
-        print(f"| {k + 1} | {med['one']:.3f} | {med['stacked']:.3f} | {med['per adapter']:.3f} | "
-              f"{med['stacked'] / med['one']:.2f}× | {med['per adapter'] / med['one']:.2f}× |", flush=True)
+        print(f"| {k + 1} | {med['one']:.3f} | {med['progressive']:.3f} | {med['per token']:.3f} | "
+              f"{med['progressive'] / med['one']:.2f}× | {med['per token'] / med['one']:.2f}× |", flush=True)
         strategy.columns.use(k)
         strategy.after_task(task)
 

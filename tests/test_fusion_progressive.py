@@ -1,5 +1,6 @@
-"""`fusion` and `progressive`: adapters mixed inside each layer (`AdapterMix`), phases that start where the
-last one ended, earlier tasks' weights untouched, and checkpoints that `cltune generate` serves as the run did."""
+"""`fusion` and `progressive`: adapters mixed inside each layer (`AdapterMix`: one low-rank product, equal to PEFT
+running each adapter with its weight), phases that start where the last one ended, earlier tasks' weights
+untouched, and checkpoints that `cltune generate` serves as the run did."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from cltune.evaluation.evaluate import perplexity
 from cltune.modeling.checkpoint import load_checkpoint
 from cltune.modeling.scoring import TokenScorer
 from cltune.strategies.adapters import token_rows, using_adapter
-from cltune.strategies.mixing import AdapterMix
+from cltune.strategies.mixing import AdapterMix, lora_layers, trainability_kept
 from cltune.strategies.routing import load_router
 from cltune.studies.pipeline import run_stream
 from cltune.training.session import build_session, load_tasks, make_accelerator
@@ -32,6 +33,79 @@ def stand_in_for_training(model) -> None:
 
 def trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+class PeftMix:
+    """The reference `AdapterMix` is tested against: PEFT runs every adapter of the list in every LoRA layer (its
+    own dropout, products and sum each), and a hook on each adapter's B multiplies its output by its weight."""
+
+    def __init__(self, model, adapters, scales):
+        self.model, self.previous, self.weights, self.hooks = model, model.active_adapter, {}, []
+        with trainability_kept(model):
+            model.set_adapter(adapters[-1])
+            for index, layer in enumerate(lora_layers(model)):
+                layer.set_adapter(list(adapters))
+                self.hooks.append(layer.register_forward_pre_hook(
+                    lambda module, args, index=index: self.weights.__setitem__(index, scales(index, args[0]))))
+                for position, name in enumerate(adapters):
+                    self.hooks.append(layer.lora_B[name].register_forward_hook(
+                        lambda module, args, out, index=index, position=position: out if (
+                            w := self.weights[index][position]) is None else out * w.to(out.dtype)))
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+        with trainability_kept(self.model):
+            self.model.set_adapter(self.previous)
+
+
+def logits_and_grads(ctx, examples, tensors):
+    """Logits of `examples` with a graph, and the gradients of `tensors` of a loss on them."""
+    for t in tensors:
+        t.grad = None
+    logits = logits_of(ctx, examples, grad=True)
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), [t.grad.clone() for t in tensors]
+
+
+def same_function(ctx, examples, tensors, first, second) -> None:
+    """`first` and `second` (each installs a mix and returns it) give the same logits and the same gradients."""
+    results = []
+    for install in (first, second):
+        mix = install()
+        results.append(logits_and_grads(ctx, examples, tensors))
+        mix.remove()
+    (a, a_grads), (b, b_grads) = results
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-3) and a.abs().max() > 1
+    assert all((x - y).abs().max() <= 1e-3 * y.abs().max() and y.abs().sum() > 0 for x, y in zip(a_grads, b_grads))
+
+
+def test_a_mix_of_per_channel_or_per_token_weights_is_the_function_peft_computes_adapter_by_adapter(tiny_config):
+    """One low-rank product gives the logits and gradients of PEFT running each adapter with its weight: per
+    output channel (progressive's gains), per token (fusion's gate), a number, or none."""
+    session = build_session(tiny_config("adapters"))
+    ctx, model = session.ctx, session.model
+    stand_in_for_training(model)
+    session.strategy.before_task(ctx.tasks[1])
+    stand_in_for_training(model)
+    model.eval()  # no dropout: PEFT draws one per adapter, the mix one for all
+    torch.manual_seed(1)
+    layers = lora_layers(model)
+    channel = [torch.rand(layer.out_features, requires_grad=True) for layer in layers]
+    gate = [torch.randn(layer.in_features, requires_grad=True) for layer in layers]
+
+    def token(index, x):  # a weight per token read off the layer's input, as fusion's gate does
+        return torch.sigmoid(x.float() @ gate[index])[..., None]
+
+    trained = [p for n, p in model.named_parameters() if ".task2." in n and "lora_" in n]
+    weightings = [(lambda i, x: [channel[i], None], channel),  # progressive's
+                  (lambda i, x: [token(i, x), 1 - token(i, x)], gate),  # fusion's
+                  (lambda i, x: [token(i, x), channel[i]], gate + channel),
+                  (lambda i, x: [torch.tensor(0.3), None], [])]
+    for scales, weights in weightings:
+        same_function(ctx, ctx.tasks[1].test[:4], [*weights, *trained],
+                      lambda scales=scales: AdapterMix(model, ["default", "task2"], scales),
+                      lambda scales=scales: PeftMix(model, ["default", "task2"], scales))
 
 
 def test_a_mix_weights_each_adapter_inside_every_layer_and_comes_off_cleanly(tiny_config):
@@ -139,9 +213,9 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
 
 
 def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every_adapter(tiny_config):
-    """A column (`LateralSum`: its own adapter and the earlier ones stacked in one product, PEFT running none) gives
-    the logits and the gradients of the gains and of its own adapter of PEFT running every adapter with its gain
-    (`AdapterMix`), to float rounding."""
+    """A column (its own adapter and the earlier ones stacked in one product, PEFT running none) gives the logits
+    and the gradients of the gains and of its own adapter of PEFT running every adapter with its gain, to float
+    rounding."""
     session = build_session(tiny_config("progressive"))
     ctx, model, strategy = session.ctx, session.model, session.strategy
     stand_in_for_training(model)
@@ -163,7 +237,7 @@ def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every
 
     fused, fused_grads = logits_and_gain_grads()
     strategy.columns.use(None)
-    mix = AdapterMix(model, ["default", "task2"], lambda layer, x: [gains[layer][0], None])
+    mix = PeftMix(model, ["default", "task2"], lambda layer, x: [gains[layer][0], None])
     mixed, mixed_grads = logits_and_gain_grads()
     mix.remove()
     assert torch.allclose(fused, mixed, rtol=1e-4, atol=1e-3) and fused.abs().max() > 1  # logits up to 16 here

@@ -1,13 +1,21 @@
-"""Several LoRA adapters at once, each one's update scaled inside every layer: what `fusion` (a learned
-gate per token) is built on. (`progressive`'s lateral gains, one per channel, add the earlier adapters as one
-stacked product instead: `cltune.strategies.progressive.LateralSum`, tested equal to a mix of them.)
+"""Several LoRA adapters at once, each one's update weighted inside every layer, computed as one low-rank
+product: what `fusion` (a learned gate per token) and `progressive` (learned lateral gains per channel) are
+built on.
 
-PEFT sums the active adapters of a LoRA layer, ΔW x = Σ_i s_i B_i A_i x. An `AdapterMix` activates a
-list of adapters in every LoRA layer and multiplies adapter i's output B_i A_i x by a weight that
-`scales(layer, x)` returns for that layer's input x: a tensor broadcast against the output (one value
-per token, per channel, or both), or None for 1. PEFT's adapters stay the only weights that change the
-model; the mix adds forward hooks (one on each LoRA layer to compute the weights, one on each adapter's
-B to apply them) and removes them exactly.
+PEFT sums the active adapters of a LoRA layer, ΔW x = Σ_i s_i B_i A_i x, one adapter after another. An
+`AdapterMix` weights adapter i's update by w_i and computes the whole sum as one LoRA of the adapters' total rank:
+
+    Σ_i w_i ⊙ (s_i B_i A_i x) = B' ((A x) ⊙ t),   A = [A_0; …; A_{n−1}],   B' = [c_0 ⊙ s_0 B_0, …] side by side,
+
+where a per-token weight (shape (..., 1)) scales its adapter's block of A x (t) and a per-channel one (shape
+(out,)) or a scalar scales its B (c). `scales(layer, x)` returns the weights for that layer's input x, None
+for 1. One forward hook a layer adds the sum while PEFT runs none of its adapters there (each layer's active
+list is emptied): one dropout draw (the primary adapter's), two products and one sum a layer, the cost of a
+single LoRA of the total rank, where PEFT's own path costs every adapter's dropout, products and sums plus a
+hook each to weight them. The same function and gradients as PEFT running each adapter with its weight (to
+float rounding; tested) in eval mode; in training the adapters share one dropout draw on x (PEFT draws one
+per adapter). A and B' are built at every forward from the live weights, so loading weights after installing
+needs nothing more.
 
 The last adapter of the list is the primary one: the model's active adapter, whose trainable token
 rows (speaker tokens) the embedding uses (PEFT serves one adapter's rows at a time).
@@ -21,7 +29,8 @@ from contextlib import contextmanager
 import torch
 from peft.tuners.lora import LoraLayer
 
-# scales(layer index, layer input) -> one weight per adapter of the mix (None: weight 1, the output untouched)
+# scales(layer index, layer input) -> one weight per adapter of the mix: per token (..., 1), per output channel
+# (out,) or one number (a 0-d tensor); None: weight 1
 Scales = Callable[[int, torch.Tensor], Sequence[torch.Tensor | None]]
 
 
@@ -31,7 +40,7 @@ def lora_layers(model) -> list[LoraLayer]:
 
 
 class AdapterMix:
-    """`adapters` all active in every LoRA layer of `model`, adapter i's output weighted by `scales(l, x)[i]`.
+    """`adapters` all added in every LoRA layer of `model`, adapter i's update weighted by `scales(l, x)[i]`.
 
     Installing keeps which parameters are trainable (PEFT's per-layer set_adapter flips them) and
     `remove()` restores the model's previous active adapter and trainability.
@@ -40,31 +49,41 @@ class AdapterMix:
     def __init__(self, model, adapters: Sequence[str], scales: Scales):
         self.model, self.adapters, self.scales = model, list(adapters), scales
         self.previous = model.active_adapter
-        self._weights: dict[int, Sequence[torch.Tensor | None]] = {}
         self._hooks = []
         with trainability_kept(model):
             model.set_adapter(self.adapters[-1])
             for index, layer in enumerate(lora_layers(model)):
-                layer.set_adapter(self.adapters)
-                self._hooks.append(layer.register_forward_pre_hook(self._compute(index)))
-                for position, name in enumerate(self.adapters):
-                    self._hooks.append(layer.lora_B[name].register_forward_hook(self._apply(index, position)))
+                layer.set_adapter([])  # the hook adds every adapter's update
+                self._hooks.append(layer.register_forward_hook(self._add(index, layer)))
 
-    def _compute(self, index: int):
-        def hook(module, args):
-            self._weights[index] = self.scales(index, args[0])
-        return hook
+    def _add(self, index: int, layer: LoraLayer):
+        names, primary = self.adapters, self.adapters[-1]
 
-    def _apply(self, index: int, position: int):
         def hook(module, args, output):
-            weight = self._weights[index][position]
-            return output if weight is None else output * weight.to(output.dtype)
+            x = args[0]
+            weights = self.scales(index, x)
+            dtype = layer.lora_A[primary].weight.dtype
+            h = layer.lora_dropout[primary](x).to(dtype) @ torch.cat([layer.lora_A[n].weight for n in names]).T
+            blocks, columns = [], []
+            for name, weight in zip(names, weights):
+                b, rank = layer.lora_B[name].weight * layer.scaling[name], layer.lora_A[name].weight.shape[0]
+                if weight is not None and weight.dim() and weight.shape[-1] == 1:  # per token: its block of A x
+                    weight = weight.to(h.dtype).expand(*h.shape[:-1], rank)
+                elif weight is not None:  # per output channel (or one number): its B
+                    b = b * (weight[:, None] if weight.dim() else weight)
+                    weight = None
+                blocks.append(weight)
+                columns.append(b)
+            if any(w is not None for w in blocks):
+                h = h * torch.cat([h.new_ones(*h.shape[:-1], layer.lora_A[n].weight.shape[0]) if w is None else w
+                                   for n, w in zip(names, blocks)], dim=-1)
+            return output + (h @ torch.cat(columns, dim=1).T).to(output.dtype)
         return hook
 
     def remove(self) -> None:
         for handle in self._hooks:
             handle.remove()
-        self._hooks, self._weights = [], {}
+        self._hooks = []
         with trainability_kept(self.model):
             self.model.set_adapter(self.previous)
 

@@ -6,6 +6,9 @@ outputs through learned lateral gains (one per output channel, per earlier adapt
 
     ΔW^(k) x = s_k B_k A_k x + Σ_{j<k} u_{k,j,l} ⊙ (s_j B_j A_j x)
 
+computed as one low-rank product of the k+1 adapters stacked (`AdapterMix`): a training step costs about what one
+adapter's does however many columns there are (docs/benchmarks/long_streams.md).
+
 Column k starts as column k−1 exactly, the other gains copied from column k−1 and the token rows from
 its rows, in one of two ways (`new_column`): `fresh`, B_k = 0 (LoRA's initialisation) and u_{k,k−1} = 1;
 or `copy`, adapter k a copy of adapter k−1 and u_{k,k−1} = 0 (a non-zero B_k, so both factors get
@@ -46,7 +49,7 @@ from cltune.strategies.adapters import (
     using_adapter,
 )
 from cltune.strategies.base import Router, module_weights
-from cltune.strategies.mixing import lora_layers, trainability_kept
+from cltune.strategies.mixing import AdapterMix, lora_layers, trainability_kept
 
 LATERALS = "laterals"
 
@@ -94,47 +97,6 @@ def column_of(adapter: str) -> int:
     return 0 if adapter == "default" else int(adapter.removeprefix("task")) - 1
 
 
-class LateralSum:
-    """Column `len(earlier)`: its own adapter and its lateral inputs as one low-rank product in every LoRA layer,
-
-        s_k B_k A_k x + Σ_{j<k} u_j ⊙ (s_j B_j A_j x) = B' (A x),
-        A = [A_0; …; A_k],   B' = [u_0 ⊙ s_0 B_0, …, u_{k−1} ⊙ s_{k−1} B_{k−1}, s_k B_k] side by side,
-
-    added by one forward hook on the layer while PEFT runs none of its adapters there (each layer's active list
-    is emptied; the model's active adapter stays the column's own, whose token rows the embedding serves). So a
-    column costs one LoRA of rank (k+1)·r: one dropout draw, two products and one sum a layer, where PEFT's
-    multi-adapter path runs each adapter on its own, with a hook per adapter to scale it. The same function and
-    gradients (to float rounding; tested) in eval mode; in training every adapter shares the one dropout draw on
-    x (PEFT draws one per adapter). A and B' are built at every forward from the live weights, so loading weights
-    after installing needs nothing more."""
-
-    def __init__(self, model, own: str, earlier: list[str], gains):
-        self.model, self.previous, self._hooks = model, model.active_adapter, []
-        with trainability_kept(model):
-            model.set_adapter(own)
-            for index, layer in enumerate(lora_layers(model)):
-                layer.set_adapter([])  # the hook adds the column's whole update, its own adapter's included
-                self._hooks.append(layer.register_forward_hook(self._add(layer, own, earlier, gains[index])))
-
-    @staticmethod
-    def _add(layer, own: str, earlier: list[str], gains):
-        def hook(module, args, output):
-            x = layer.lora_dropout[own](args[0]).to(layer.lora_A[own].weight.dtype)
-            a = torch.cat([layer.lora_A[name].weight for name in (*earlier, own)])
-            b = torch.cat([*(layer.lora_B[name].weight * (layer.scaling[name] * gains[j][:, None])
-                             for j, name in enumerate(earlier)),
-                           layer.lora_B[own].weight * layer.scaling[own]], dim=1)
-            return output + (x @ a.T @ b.T).to(output.dtype)
-        return hook
-
-    def remove(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        with trainability_kept(self.model):
-            self.model.set_adapter(self.previous)
-
-
 class Columns:
     """Which column the model serves. Switching removes the current column's mix and installs another's;
     which parameters are trainable is left as it was."""
@@ -142,7 +104,7 @@ class Columns:
     def __init__(self, model, laterals: Laterals):
         self.model, self.laterals = model, laterals
         self.current: int | None = None
-        self._mix: LateralSum | None = None
+        self._mix: AdapterMix | None = None
 
     def use(self, column: int | None) -> None:
         if column == self.current:
@@ -154,9 +116,10 @@ class Columns:
             if column == 0:
                 self.model.set_adapter(adapter_name(0))
             elif column is not None:
-                # its own adapter at weight 1, the earlier ones through the column's gains
-                self._mix = LateralSum(self.model, adapter_name(column), [adapter_name(i) for i in range(column)],
-                                       self.laterals.columns[column])
+                # one low-rank product a layer: the earlier adapters through the column's gains, its own at weight 1
+                gains = self.laterals.columns[column]
+                self._mix = AdapterMix(self.model, [adapter_name(i) for i in range(column + 1)],
+                                       lambda layer, x: [*gains[layer], None])
         self.current = column
 
     @contextmanager
