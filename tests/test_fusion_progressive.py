@@ -119,9 +119,16 @@ def test_a_mix_weights_each_adapter_inside_every_layer_and_comes_off_cleanly(tin
     with using_adapter(model, "default"):
         default_alone = logits_of(ctx, examples)
 
+    with using_adapter(model, None):
+        base = logits_of(ctx, examples)
+
     zero = torch.zeros(())
     mix = AdapterMix(model, ["default", "task2"], lambda layer, x: [zero, None])  # default's update weighted 0
     assert torch.allclose(logits_of(ctx, examples), alone, atol=1e-6)
+    with using_adapter(model, None):  # adapters disabled: the mix steps aside too
+        assert torch.equal(logits_of(ctx, examples), base)
+    with pytest.raises(RuntimeError, match="remove the mix before switching adapters"), using_adapter(model, "task2"):
+        logits_of(ctx, examples)
     assert trainable(model) == trains  # PEFT's per-layer set_adapter flips trainability; the mix keeps it
     mix.remove()
     both = AdapterMix(model, ["default", "task2"], lambda layer, x: [None, None])

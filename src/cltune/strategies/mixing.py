@@ -60,6 +60,11 @@ class AdapterMix:
         names, primary = self.adapters, self.adapters[-1]
 
         def hook(module, args, output):
+            if layer.disable_adapters:  # the base model alone (`using_adapter(model, None)`)
+                return output
+            if layer.active_adapters:  # PEFT would run them as well: the sum would count them twice
+                raise RuntimeError(f"adapters {layer.active_adapters} were set active under an AdapterMix of "
+                                   f"{names}; remove the mix before switching adapters")
             x = args[0]
             weights = self.scales(index, x)
             dtype = layer.lora_A[primary].weight.dtype
