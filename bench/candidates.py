@@ -62,7 +62,7 @@ def main() -> None:
             start = time.perf_counter()
             with fp32_arithmetic(scorer):
                 scores[bound] = score_split(accelerator, scorer, tokenizer, task.test, [], config.data.max_length,
-                                            config.eval.batch_size, route=router.agnostic_choices)
+                                            config.eval.batch_size, route=router.named_choices)
             seconds = time.perf_counter() - start
             sizes = ", ".join(str(len(router.routes.get(t, []))) for t in task.tokens.values())
             change = ""

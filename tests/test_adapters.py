@@ -72,6 +72,40 @@ def test_the_router_routes_by_task_or_speaker_and_survives_json(tiny_config):
     assert old.routes == {"<HOST>": ["task2"]} and not old.likelihood
 
 
+def test_the_agnostic_row_reuses_what_the_oracle_row_scored_with_the_same_weights(tiny_config, monkeypatch):
+    """A guest's own adapter scores its utterances in the oracle row and again as an agnostic candidate: with the
+    memo it is scored once, the agnostic figures the same (to float rounding), fewer positions through the model."""
+    import cltune.evaluation.evaluate as evaluate
+
+    session = build_session(tiny_config("adapters", ["eval.attribution=true"]))
+    ctx, model = session.ctx, session.model
+    session.strategy.before_task(session.tasks[1])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    router = AdapterRouter(model, ["default", "task2"], {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default"],
+                                                         "<GUEST_B>": ["task2"]})
+    assert [name for name, _ in router.named_choices("<HOST>")] == ["default", "task2"]
+    assert router.oracle_name(1) == "task2"
+    scored = []
+    example_nll = evaluate.example_nll
+    monkeypatch.setattr(evaluate, "example_nll", lambda acc, scorer, encoded, *a: scored.append(
+        sum(map(len, encoded))) or example_nll(acc, scorer, encoded, *a))
+    rows, positions = {}, {}
+    for memo in (None, {}):
+        evaluate.test_row(ctx, router, session.tasks, session.config.eval, memo=memo)
+        scored.clear()
+        rows[memo is None] = evaluate.test_row(ctx, router, session.tasks, session.config.eval, agnostic=True,
+                                               memo=memo)
+        positions[memo is None] = sum(scored)
+    alone, shared = rows[True], rows[False]
+    assert [s.ppl for s in shared] == pytest.approx([s.ppl for s in alone], rel=1e-6)
+    assert [s.attribution for s in shared] == [s.attribution for s in alone]
+    # with the memo only the host's variants under the other task's adapter are scored again: about a third
+    assert 0 < positions[False] < positions[True] / 2
+
+
 @pytest.mark.parametrize("warm_start", [False, True])
 def test_before_task_adds_an_isolated_trainable_adapter(tiny_config, warm_start):
     config = tiny_config("adapters", [f"adapters.warm_start={str(warm_start).lower()}"])

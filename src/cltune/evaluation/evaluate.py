@@ -83,35 +83,48 @@ def mixture_nll(nll: torch.Tensor) -> torch.Tensor:
     return -(torch.logsumexp(-nll.double(), dim=0) - math.log(nll.shape[0]))
 
 
+# Per-variant summed NLLs and target counts of one split scored by named weights (`score_split`'s `memo`)
+Scored = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
 def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens: list[str], max_length: int,
-                batch_size: int = 32, route=None) -> Scores:
+                batch_size: int = 32, route=None, name: str | None = None, memo: Scored | None = None) -> Scores:
     """Perplexity and attribution of `examples`, from one scoring of every utterance per candidate token.
 
     Each utterance is scored once per candidate token (the dataset's speakers), after the same
     context turns; the text and end tokens are the same targets in every variant, so the summed
     NLLs compare directly, and the variant with the utterance's own token is exactly what
     perplexity scores. Without `route` all variants go through the model as it is, in one pass;
-    with it, each variant is scored by the weights `route(token)` gives its speaker token
-    (agnostic routing: what a user who knows only the speaker gets): one candidate, or several
-    scored as an equal-prior mixture (`mixture_nll`).
+    with it, each variant is scored by the weights `route(token)` gives its speaker token, as (name,
+    weights) pairs (agnostic routing: what a user who knows only the speaker gets): one candidate, or
+    several scored as an equal-prior mixture (`mixture_nll`).
+
+    `memo` (the same examples and tokens): unrouted scoring by weights called `name` leaves its NLLs there,
+    and routed scoring takes a candidate's NLLs from there instead of scoring them again.
     """
     start = time.perf_counter()
     attribute = len(tokens) >= 2
     variants = [replace(e, token=t) for e in examples for t in tokens] if attribute else list(examples)
     pad = tokenizer.pad_token_id
     encoded = encode(variants, tokenizer, max_length)
+    memo = {} if memo is None else memo
     if route is None:
         total, count = example_nll(accelerator, scorer, encoded, pad, batch_size)
+        if name is not None:
+            memo[name] = total, count
     else:
         total = torch.zeros(len(variants), dtype=torch.double)
         count = torch.zeros(len(variants), dtype=torch.double)
         for token in sorted({v.token for v in variants}):
             picked = [i for i, v in enumerate(variants) if v.token == token]
             candidates = []
-            for weights in route(token):
-                with weights:
-                    nll, count[picked] = example_nll(accelerator, scorer, [encoded[i] for i in picked], pad,
-                                                     batch_size)
+            for candidate, weights in route(token):
+                if candidate in memo:
+                    nll, count[picked] = memo[candidate][0][picked], memo[candidate][1][picked]
+                else:
+                    with weights:
+                        nll, count[picked] = example_nll(accelerator, scorer, [encoded[i] for i in picked], pad,
+                                                         batch_size)
                 candidates.append(nll)
             total[picked] = mixture_nll(torch.stack(candidates))
     if attribute:
@@ -146,22 +159,26 @@ def _attribution_share(examples: list[Example], tokens: list[str], encoded: list
     return other / (other + sum(own.values()))
 
 
-def test_row(ctx, router, tasks, settings, agnostic: bool = False) -> list[Scores]:
+def test_row(ctx, router, tasks, settings, agnostic: bool = False,
+             memo: dict[int, Scored] | None = None) -> list[Scores]:
     """One row of the matrix: each task's test scores. Oracle: each task served by the weights
     `router.oracle(task)` gives it, in one pass. `agnostic`: each utterance served by the weights its
-    speaker token routes to. The whole row runs in one `fp32_arithmetic()` window (one upcast)."""
+    speaker token routes to. The whole row runs in one `fp32_arithmetic()` window (one upcast). `memo` (per
+    task): the oracle row leaves its NLLs there by the name of their weights, and the agnostic row of the same
+    model reuses them for a candidate of that name (a guest's own column scores it in both rows)."""
+    memo = {} if memo is None else memo
     row = []
     with fp32_arithmetic(ctx.scorer):
         for task in tasks:
-            row.append(_test_scores(ctx, router, task, settings, agnostic))
+            row.append(_test_scores(ctx, router, task, settings, agnostic, memo.setdefault(task.index, {})))
     return row
 
 
-def _test_scores(ctx, router, task, settings, agnostic: bool) -> Scores:
+def _test_scores(ctx, router, task, settings, agnostic: bool, memo: Scored) -> Scores:
     candidates = list(task.tokens.values()) if settings.attribution else []
     if agnostic:
         return score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
-                           settings.batch_size, route=router.agnostic_choices)
+                           settings.batch_size, route=router.named_choices, memo=memo)
     with router.oracle(task.index):
         return score_split(ctx.accelerator, ctx.scorer, ctx.tokenizer, task.test, candidates, ctx.max_length,
-                           settings.batch_size)
+                           settings.batch_size, name=router.oracle_name(task.index), memo=memo)

@@ -170,10 +170,14 @@ class AdapterRouter(Router):
         # A speaker no learned task has: the model as it is (its active adapter).
         return self.serve(self.routes[token][-1]) if token in self.routes else nullcontext()
 
-    def agnostic_choices(self, token: str):
-        if not self.likelihood or len(self.routes.get(token, [])) < 2:
-            return [self.agnostic(token)]
-        return [self.serve(adapter) for adapter in self.routes[token]]
+    def named_choices(self, token: str):
+        if token not in self.routes:
+            return [(None, self.agnostic(token))]
+        adapters = self.routes[token] if self.likelihood else self.routes[token][-1:]
+        return [(adapter, self.serve(adapter)) for adapter in adapters]
+
+    def oracle_name(self, task_index: int) -> str:
+        return self.tasks[task_index]
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes,

@@ -94,7 +94,16 @@ class Router:
     def agnostic_choices(self, token: str) -> list[AbstractContextManager]:
         """The candidate weights for a speaker token when several could serve it (a speaker several tasks
         share): scoring mixes them with equal priors. Most speakers have one: `agnostic(token)`."""
-        return [self.agnostic(token)]
+        return [weights for _, weights in self.named_choices(token)]
+
+    def named_choices(self, token: str) -> list[tuple[str | None, AbstractContextManager]]:
+        """`agnostic_choices` with a name for each candidate: the same name as `oracle_name` of a task means the
+        same weights, so evaluation reuses what the oracle row scored (None: a name that matches nothing)."""
+        return [(None, self.agnostic(token))]
+
+    def oracle_name(self, task_index: int) -> str | None:
+        """The name of the weights `oracle(task_index)` serves (see `named_choices`); None: unnamed."""
+        return None
 
     def to_json(self) -> dict:
         """Saved in every checkpoint as router.json, so `generate` routes as evaluation did."""

@@ -325,7 +325,8 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     """`metrics` with the next matrix row (a router that needs the task id adds the agnostic row too),
     and that row's per-utterance NLLs by routing and task (RUN/test_nll.json: paired comparisons)."""
     start = time.perf_counter()
-    scores = test_row(session.ctx, router, session.tasks, session.config.eval)
+    memo: dict = {}  # what the oracle row scored, by weights: the agnostic row reuses it
+    scores = test_row(session.ctx, router, session.tasks, session.config.eval, memo=memo)
     session.served.clear()
     for task, score in zip(session.tasks, scores):
         with router.oracle(task.index):
@@ -334,7 +335,7 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     update: dict = {"ppl": [*metrics.ppl, ppl], "speaker_attribution": [*metrics.speaker_attribution, attribution]}
     rows = {"oracle" if router.task_routed else "single": scores}
     if router.task_routed:
-        rows["agnostic"] = test_row(session.ctx, router, session.tasks, session.config.eval, agnostic=True)
+        rows["agnostic"] = test_row(session.ctx, router, session.tasks, session.config.eval, agnostic=True, memo=memo)
         routed, routed_attribution = _values(rows["agnostic"])
         agnostic = metrics.agnostic or AgnosticRows()
         update["routing"] = "oracle"
