@@ -87,6 +87,7 @@ def test_the_agnostic_row_reuses_what_the_oracle_row_scored_with_the_same_weight
     router = AdapterRouter(model, ["default", "task2"], {"<HOST>": ["default", "task2"], "<GUEST_A>": ["default"],
                                                          "<GUEST_B>": ["task2"]})
     assert [name for name, _ in router.named_choices("<HOST>")] == ["default", "task2"]
+    assert [name for name, _ in router.named_choices("<NOBODY>")] == [model.active_adapter] == ["task2"]
     assert router.oracle_name(1) == "task2"
     scored = []
     example_nll = evaluate.example_nll

@@ -171,8 +171,8 @@ class AdapterRouter(Router):
         return self.serve(self.routes[token][-1]) if token in self.routes else nullcontext()
 
     def named_choices(self, token: str):
-        if token not in self.routes:
-            return [(None, self.agnostic(token))]
+        if token not in self.routes:  # the model as it is: its active adapter (a progressive column's own)
+            return [(self.model.active_adapter, self.agnostic(token))]
         adapters = self.routes[token] if self.likelihood else self.routes[token][-1:]
         return [(adapter, self.serve(adapter)) for adapter in adapters]
 
