@@ -260,6 +260,10 @@ def test_progressive_stream_forgets_nothing_by_task_id_and_its_checkpoint_routes
     model, tokenizer, _ = load_checkpoint(phase2)
     router = load_router(phase2, model)
     assert router.to_json()["kind"] == "progressive" and router.to_json()["at_rest"] == 1
+    assert router.at_rest() == "task2"  # the column installed names the weights an unknown speaker gets
+    router.columns.use(None)
+    assert router.at_rest() is None and router.named_choices("<NOBODY>")[0][0] is None
+    router.columns.use(1)
     tasks = load_tasks(config)[1]
     acc, scorer = make_accelerator("fp32"), TokenScorer(model)
     for k, task in enumerate(tasks):

@@ -149,6 +149,10 @@ class ProgressiveRouter(AdapterRouter):
     def serve(self, adapter: str | None):
         return self.columns.serving(adapter)
 
+    def at_rest(self) -> str | None:
+        current = self.columns.current  # None: no column installed, PEFT's active adapter alone (no column's name)
+        return None if current is None else adapter_name(current)
+
     def to_json(self) -> dict:
         return {**super().to_json(), "at_rest": self.columns.current}
 
