@@ -66,23 +66,19 @@ class AdapterMix:
                 raise RuntimeError(f"adapters {layer.active_adapters} were set active under an AdapterMix of "
                                    f"{names}; remove the mix before switching adapters")
             x = args[0]
-            weights = self.scales(index, x)
-            dtype = layer.lora_A[primary].weight.dtype
-            h = layer.lora_dropout[primary](x).to(dtype) @ torch.cat([layer.lora_A[n].weight for n in names]).T
-            blocks, columns = [], []
-            for name, weight in zip(names, weights):
-                b, rank = layer.lora_B[name].weight * layer.scaling[name], layer.lora_A[name].weight.shape[0]
-                if weight is not None and weight.dim() and weight.shape[-1] == 1:  # per token: its block of A x
-                    weight = weight.to(h.dtype).expand(*h.shape[:-1], rank)
+            a = [layer.lora_A[name].weight for name in names]
+            b = [layer.lora_B[name].weight * layer.scaling[name] for name in names]
+            per_token = {}  # adapter position -> its weight per token, which scales that adapter's block of A x
+            for i, weight in enumerate(self.scales(index, x)):
+                if weight is not None and weight.dim() and weight.shape[-1] == 1:
+                    per_token[i] = weight
                 elif weight is not None:  # per output channel (or one number): its B
-                    b = b * (weight[:, None] if weight.dim() else weight)
-                    weight = None
-                blocks.append(weight)
-                columns.append(b)
-            if any(w is not None for w in blocks):
-                h = h * torch.cat([h.new_ones(*h.shape[:-1], layer.lora_A[n].weight.shape[0]) if w is None else w
-                                   for n, w in zip(names, blocks)], dim=-1)
-            return output + (h @ torch.cat(columns, dim=1).T).to(output.dtype)
+                    b[i] = b[i] * (weight[:, None] if weight.dim() else weight)
+            h = layer.lora_dropout[primary](x).to(a[-1].dtype) @ torch.cat(a).T
+            if per_token:
+                h = h * torch.cat([per_token[i].to(h.dtype).expand(*h.shape[:-1], len(a[i])) if i in per_token
+                                   else h.new_ones(*h.shape[:-1], len(a[i])) for i in range(len(a))], dim=-1)
+            return output + (h @ torch.cat(b, dim=1).T).to(output.dtype)
         return hook
 
     def remove(self) -> None:
