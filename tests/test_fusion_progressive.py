@@ -219,6 +219,54 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
     assert strategy.columns.current == 1 and trainable(model) == expected  # switching back restores both
 
 
+def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on_validation(tiny_config):
+    """After a phase, every speaker is routed to the one candidate column (its own, the newest) whose perplexity on
+    its utterances in the learned tasks' validation splits is the lowest; the choice survives a checkpoint
+    (`state`) and is what the router serves and saves."""
+    session = build_session(tiny_config("progressive"))
+    ctx, model, strategy = session.ctx, session.model, session.strategy
+    acc = ctx.accelerator
+    stand_in_for_training(model)
+    strategy.after_task(ctx.tasks[0])
+    before = torch.get_rng_state()
+    strategy.before_task(ctx.tasks[1])  # a copied column: its random initialisation is drawn on a forked stream
+    assert torch.equal(torch.get_rng_state(), before)
+    stand_in_for_training(model)
+    with torch.no_grad():
+        for gains in strategy.laterals.columns[1]:
+            gains.add_(torch.rand_like(gains) - 0.5)
+    strategy.chosen = {}  # what phase 1 chose aside: every speaker's candidates
+    candidates = strategy.router().routes
+    assert candidates["<GUEST_A>"] == ["default", "task2"] and candidates["<GUEST_B>"] == ["task2"]
+    costs = strategy.after_task(ctx.tasks[1])
+    router = strategy.router()
+    best, gaps = {}, []
+    for token, names in candidates.items():
+        examples = [e for task in ctx.tasks for e in task.val if e.token == token]
+        assert examples
+        ppl = []
+        for name in names:
+            with router.serve(name):
+                ppl.append(perplexity(acc, ctx.scorer, ctx.tokenizer, examples, ctx.max_length))
+        best[token] = names[ppl.index(min(ppl))]
+        gaps.append(max(ppl) / min(ppl))
+    assert max(gaps) > 1.01  # the candidates differ, so the choice is one
+    assert router.routes == {token: [name] for token, name in best.items()}
+    assert router.to_json()["shared_speakers"] == "validated"
+    own_latest = {"<HOST>": "task2", "<GUEST_A>": "default", "<GUEST_B>": "task2"}
+    assert costs["speakers_on_later_columns"] == sum(best[t] != own for t, own in own_latest.items())
+    restored = type(strategy)(ctx, strategy.settings)
+    restored.load_full_state(strategy.full_state())
+    assert restored.router().routes == router.routes
+
+
+def test_progressive_fresh_columns_draw_their_initialisation_from_the_run_s_random_stream(tiny_config):
+    session = build_session(tiny_config("progressive", ["progressive.new_column=fresh"]))
+    before = torch.get_rng_state()
+    session.strategy.before_task(session.ctx.tasks[1])  # a fresh LoRA A is random: the stream moves
+    assert not torch.equal(torch.get_rng_state(), before)
+
+
 def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every_adapter(tiny_config):
     """A column (its own adapter and the earlier ones stacked in one product, PEFT running none) gives the logits
     and the gradients of the gains and of its own adapter of PEFT running every adapter with its gain, to float
@@ -326,7 +374,7 @@ def test_cltune_generate_samples_a_shared_speaker_from_the_mixture(monkeypatch, 
 
     from helpers import run_cli
 
-    config = tiny_config("progressive", PPL_ONLY)
+    config = tiny_config("progressive", [*PPL_ONLY, "progressive.shared_speakers=likelihood"])
     run_stream(config)
     capsys.readouterr()  # the run's progress lines
     phase2 = config.run_dir / "phase2"

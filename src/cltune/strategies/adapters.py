@@ -15,6 +15,12 @@ how they are used:
   from itself, so the perplexity is that of a real sequential predictor (at most log C nats per
   utterance worse than the best candidate's, whichever it is). It costs one pass per candidate.
 - `latest`: the adapter of the latest learned task with that speaker.
+- `validated`: after each phase, every speaker goes to the one candidate whose NLL on that speaker's
+  utterances in the learned tasks' validation splits is the lowest (`validated_routes`): one pass per
+  speaker, and where the newest adapter has kept an earlier speaker (later ones help it) the speaker
+  gets the newest one's transfer whole, without the mixture's up to ln C nats. It reads the earlier
+  tasks' validation splits (held out, never trained on) at every phase's end, as choosing settings on
+  them would: the earlier files must still be at hand; nothing of them is stored.
 With `later_adapters` (and `likelihood`) every speaker's mixture also holds the adapters of the tasks
 learned after its last one — where later adapters start from earlier ones (`warm_start`, progressive
 columns) they may know the speaker better now (backward transfer), for the same ln C bound.
@@ -24,6 +30,7 @@ report's samples are per task (oracle). The table is saved in every checkpoint's
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Literal
@@ -32,8 +39,11 @@ import torch
 from pydantic import Field
 
 from cltune.config import Strict
+from cltune.data.split import TaskData
+from cltune.evaluation.evaluate import example_nll
 from cltune.modeling.model import lora_config
-from cltune.strategies.base import Context, Router, Strategy
+from cltune.modeling.scoring import fp32_arithmetic
+from cltune.strategies.base import Context, Costs, Router, Strategy
 from cltune.strategies.mixing import trainability_kept
 
 
@@ -46,22 +56,34 @@ class WarmStartSettings(Strict):
 def later_adapters_field(default: bool):
     """The `later_adapters` setting; `progressive` turns it on by default."""
     return Field(default,
-                 description="with likelihood: a speaker's mixture also holds the adapters (columns) of every task "
-                             "learned after its last one (backward transfer where they grew from earlier ones; "
-                             "≤ ln C nats/utterance)")
+                 description="with likelihood or validated: a speaker's candidates also hold the adapters (columns) "
+                             "of every task learned after its last one (backward transfer where they grew from earlier "
+                             "ones; the mixture costs ≤ ln C nats/utterance)")
+
+
+SharedSpeakers = Literal["likelihood", "latest", "validated"]
+
+
+def shared_speakers_field(default: SharedSpeakers):
+    """The `shared_speakers` setting; `progressive` chooses by validation by default."""
+    return Field(default,
+                 description="agnostic scoring of a speaker with several candidate adapters (a speaker several tasks "
+                             "share; with later_adapters every speaker): an equal-prior mixture of them (each token "
+                             "predicted from the earlier ones only), the latest task's, or the one that scores the "
+                             "speaker's validation utterances best after each phase (validated: reads the earlier "
+                             "tasks' validation splits)")
 
 
 class RoutingSettings(Strict):
-    shared_speakers: Literal["likelihood", "latest"] = Field(
-        "likelihood", description="agnostic scoring of a speaker several tasks share: an equal-prior mixture of their "
-                                  "adapters (each token predicted from the earlier ones only), or the latest task's")
+    shared_speakers: SharedSpeakers = shared_speakers_field("likelihood")
     later_adapters: bool = later_adapters_field(False)
     # 2: measured on the podcast config (docs/benchmarks/long_streams.md): lower test PPL than all six candidates
     # in 20 of 24 guest × run cells (4 runs), at a cost that stops growing with the stream
     max_candidates: int | None = Field(
-        2, ge=1, description="with likelihood: at most this many adapters (columns) in a speaker's mixture — its "
-                             "latest own and the newest ones — so scoring a speaker costs at most this many passes "
-                             "however long the stream; null: every candidate (the cost grows with the tasks)")
+        2, ge=1, description="with likelihood or validated: at most this many candidate adapters (columns) for a "
+                             "speaker — its latest own and the newest ones — so scoring (likelihood) or choosing "
+                             "(validated) costs at most this many passes however long the stream; null: every "
+                             "candidate (the cost grows with the tasks)")
 
 
 class AdaptersSettings(WarmStartSettings, RoutingSettings):
@@ -151,13 +173,16 @@ def speaker_routes(task_tokens: Sequence[Iterable[str]]) -> dict[str, list[int]]
 class AdapterRouter(Router):
     """Per-task adapters: `tasks[i]` serves task i (None: the base model alone); `routes[token]` lists the
     adapters of the tasks that have a speaker (stream order). `likelihood`: a shared speaker is scored by
-    the mixture of its candidates; otherwise by the last one."""
+    the mixture of its candidates; otherwise by the last one. `validated`: the routes hold the candidate
+    validation chose (one a speaker, once a phase has ended; the flag only names the mode in router.json)."""
 
     kind = "adapters"
     task_routed = True
 
-    def __init__(self, model, tasks: list[str | None], routes: dict[str, list[str]], likelihood: bool = True):
+    def __init__(self, model, tasks: list[str | None], routes: dict[str, list[str]], likelihood: bool = True,
+                 validated: bool = False):
         self.model, self.tasks, self.routes, self.likelihood = model, tasks, routes, likelihood
+        self.validated = validated and likelihood
 
     def serve(self, adapter: str | None):
         """The weights one adapter name stands for (progressive columns override this)."""
@@ -184,14 +209,38 @@ class AdapterRouter(Router):
         return self.tasks[task_index]
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes,
-                "shared_speakers": "likelihood" if self.likelihood else "latest"}
+        mode = "validated" if self.validated else "likelihood" if self.likelihood else "latest"
+        return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes, "shared_speakers": mode}
 
     @classmethod
     def from_json(cls, data: dict, model, folder=None) -> AdapterRouter:
         # Checkpoints written before shared speakers had candidates map a token to one adapter: the latest.
         routes = {t: [a] if isinstance(a, str) else list(a) for t, a in dict(data["routes"]).items()}
-        return cls(model, list(data["tasks"]), routes, data.get("shared_speakers", "latest") == "likelihood")
+        mode = data.get("shared_speakers", "latest")
+        return cls(model, list(data["tasks"]), routes, mode != "latest", mode == "validated")
+
+
+@torch.no_grad()
+def validated_routes(ctx: Context, router: AdapterRouter, tasks: Sequence[TaskData]) -> dict[str, str]:
+    """Each speaker's candidate (of `router.routes`) whose summed NLL on that speaker's utterances in `tasks`'
+    validation splits is the lowest (the earlier candidate on a tie); a speaker with one candidate or no
+    validation utterance keeps its latest. One scoring of those utterances per candidate."""
+    chosen = {}
+    with fp32_arithmetic(ctx.scorer):
+        for token, names in router.routes.items():
+            examples = [e for task in tasks for e in task.val if e.token == token]
+            if len(names) == 1 or not examples:
+                chosen[token] = names[-1]
+                continue
+            encoded = ctx.encode(examples)
+            losses = []
+            for name in names:
+                with router.serve(name):
+                    total, _ = example_nll(ctx.accelerator, ctx.scorer, encoded, ctx.tokenizer.pad_token_id,
+                                           ctx.eval_batch_size)
+                losses.append(total.sum().item())
+            chosen[token] = names[losses.index(min(losses))]
+    return chosen
 
 
 def candidates(own: list[int], learned: Iterable[int], most: int | None = None) -> list[int]:
@@ -224,6 +273,7 @@ class Adapters(Strategy):
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
         self.cfg: AdaptersSettings = next(iter(settings.values()))
+        self.chosen: dict[str, str] = {}  # validated: speaker token → the adapter chosen after the last phase
 
     @property
     def learned(self) -> int:
@@ -239,7 +289,35 @@ class Adapters(Strategy):
         self.ctx.model.set_adapter(name)  # PEFT: this adapter trains, every other adapter is frozen
 
     def after_task(self, task):
-        return column_costs(self.ctx.model, [adapter_name(i) for i in range(self.learned)])
+        return {**column_costs(self.ctx.model, [adapter_name(i) for i in range(self.learned)]),
+                **self.validate_routes()}
+
+    def validate_routes(self) -> Costs:
+        """validated: choose every speaker's adapter on the learned tasks' validation splits; returns the
+        choice's seconds and how many speakers went to a later task's adapter than their own latest."""
+        if self.cfg.shared_speakers != "validated":
+            return {}
+        start = time.perf_counter()
+        self.chosen = {}
+        mixture = self.router()  # every speaker's candidates
+        self.chosen = validated_routes(self.ctx, mixture, self.ctx.tasks[: self.learned])
+        routes = self.routes()
+        later = sum(self.chosen[t] != adapter_name(indices[-1]) for t, indices in routes.items())
+        return {"route_validation_s": round(time.perf_counter() - start, 2), "speakers_on_later_columns": later}
+
+    def state(self):
+        if not self.chosen:
+            return {}
+        tokens = sorted({t for task in self.ctx.tasks for t in task.tokens.values()})
+        names = [adapter_name(i) for i in range(len(self.ctx.tasks))]
+        return {"validated_routes": torch.tensor([names.index(self.chosen[t]) if t in self.chosen else -1
+                                                  for t in tokens])}
+
+    def load_state(self, state):
+        if "validated_routes" in state:
+            tokens = sorted({t for task in self.ctx.tasks for t in task.tokens.values()})
+            self.chosen = {t: adapter_name(int(i)) for t, i in zip(tokens, state["validated_routes"].tolist())
+                           if i >= 0}
 
     def routes(self) -> dict[str, list[int]]:
         return speaker_routes([t.tokens.values() for t in self.ctx.tasks[: self.learned]])
@@ -252,13 +330,15 @@ class Adapters(Strategy):
         known = [routes[t][-1] for t in self.ctx.tasks[task_index].tokens.values() if t in routes]
         return adapter_name(max(known)) if known else None
 
-    def router(self) -> Router:
+    def router(self) -> AdapterRouter:
+        """Task → adapter and speaker → candidates (validated: the chosen one, once a phase has chosen)."""
         tasks = [self.adapter_for_task(i) for i in range(len(self.ctx.tasks))]
-        likelihood = self.cfg.shared_speakers == "likelihood"
+        likelihood = self.cfg.shared_speakers != "latest"
         later = range(self.learned) if likelihood and self.cfg.later_adapters else range(0)
-        routes = {t: [adapter_name(i) for i in candidates(indices, later, self.cfg.max_candidates)]
+        routes = {t: [self.chosen[t]] if t in self.chosen else
+                  [adapter_name(i) for i in candidates(indices, later, self.cfg.max_candidates)]
                   for t, indices in self.routes().items()}
-        return AdapterRouter(self.ctx.model, tasks, routes, likelihood)
+        return AdapterRouter(self.ctx.model, tasks, routes, likelihood, self.cfg.shared_speakers == "validated")
 
 
 ROUTERS = (AdapterRouter,)  # `cltune generate` rebuilds a saved AdapterRouter from its router.json

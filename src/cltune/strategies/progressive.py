@@ -17,11 +17,15 @@ one ended while every earlier column, adapter and gain stays frozen: a task serv
 scores exactly as when its phase ended.
 
 Routing is that of `adapters` (the same routing settings): by task id (oracle) or by speaker token
-(agnostic, shared speakers by likelihood). The defaults, `copy` and `later_adapters` (every later column
-joins a speaker's mixture, since it grew from the speaker's own), are the measured best of the four
-combinations: new-task perplexity at naive's and most of naive's backward transfer. Lateral gains are saved
-with every checkpoint (`module.laterals.`);
-`cltune generate` routes through them (router kind `progressive`).
+(agnostic). The defaults, `copy` and `later_adapters` (a speaker's candidates are its own column and the
+later ones, since they grew from its own), are the measured best of the four combinations: new-task
+perplexity at naive's and most of naive's backward transfer. `shared_speakers: validated` (default) sends
+each speaker, after every phase, to the candidate that scores its validation utterances best: where the
+newest column has kept an earlier guest (plain sequential fine-tuning would not forget it) the guest gets
+that column's transfer, otherwise its own column, exactly as its phase left it. A copied column draws
+no random numbers (its initialisation is overwritten), so its training sees the random stream that
+continuing one adapter would (`naive`'s dropout masks). Lateral gains are saved with every checkpoint
+(`module.laterals.`); `cltune generate` routes through them (router kind `progressive`).
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ from cltune.strategies.adapters import (
     AdapterRouter,
     Adapters,
     RoutingSettings,
+    SharedSpeakers,
     adapter_name,
     add_task_adapter,
     column_costs,
     copy_adapter,
     later_adapters_field,
+    shared_speakers_field,
     token_rows,
     using_adapter,
 )
@@ -61,6 +67,8 @@ class ProgressiveSettings(RoutingSettings):
         description="copy: the column's adapter starts as a copy of the previous adapter, whose gain starts at 0; "
                     "fresh: it starts at zero (LoRA's B = 0) with gain 1 on the previous adapter")
     later_adapters: bool = later_adapters_field(True)
+    # validated: measured on the podcast config against likelihood (docs/benchmarks/long_streams.md)
+    shared_speakers: SharedSpeakers = shared_speakers_field("validated")
 
 
 class Laterals(torch.nn.Module):
@@ -142,8 +150,8 @@ class ProgressiveRouter(AdapterRouter):
 
     kind = "progressive"
 
-    def __init__(self, model, tasks, routes, likelihood: bool, columns: Columns):
-        super().__init__(model, tasks, routes, likelihood)
+    def __init__(self, model, tasks, routes, likelihood: bool, columns: Columns, validated: bool = False):
+        super().__init__(model, tasks, routes, likelihood, validated)
         self.columns = columns
 
     def serve(self, adapter: str | None):
@@ -170,7 +178,7 @@ class ProgressiveRouter(AdapterRouter):
                             "folder") from None
         columns = Columns(model, laterals)
         columns.use(data.get("at_rest", 0))
-        return cls(model, plain.tasks, plain.routes, plain.likelihood, columns)
+        return cls(model, plain.tasks, plain.routes, plain.likelihood, columns, plain.validated)
 
 
 class Progressive(Adapters):
@@ -188,8 +196,11 @@ class Progressive(Adapters):
     def before_task(self, task, *, resumed=False):
         model, name, k = self.ctx.model, adapter_name(task.index), task.index
         if k > 0 and name not in model.peft_config:
-            add_task_adapter(self.ctx, name)  # B = 0: the column's own update starts at zero
             copied = self.cfg.new_column == "copy"
+            # B = 0: the column's own update starts at zero; a copy overwrites the random A, so drawing it must not
+            # move the run's random stream (the phase's dropout masks stay those of one adapter trained on)
+            with torch.random.fork_rng(devices=[], enabled=copied):
+                add_task_adapter(self.ctx, name)
             if copied:  # LoRA weights and token rows; the copied adapter's gain starts at 0 instead
                 copy_adapter(model, adapter_name(k - 1), name)
             else:
@@ -207,12 +218,14 @@ class Progressive(Adapters):
     def after_task(self, task):
         self.laterals.train_only(None)
         columns = range(task.index + 1)
-        return column_costs(self.ctx.model, [adapter_name(k) for k in columns],
-                            [list(self.laterals.columns[k]) for k in columns])
+        return {**column_costs(self.ctx.model, [adapter_name(k) for k in columns],
+                               [list(self.laterals.columns[k]) for k in columns]),
+                **self.validate_routes()}
 
     def router(self) -> Router:
         plain = super().router()
-        return ProgressiveRouter(self.ctx.model, plain.tasks, plain.routes, plain.likelihood, self.columns)
+        return ProgressiveRouter(self.ctx.model, plain.tasks, plain.routes, plain.likelihood, self.columns,
+                                 plain.validated)
 
     def modules(self):
         return {LATERALS: self.laterals}
