@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from cltune.evaluation.evaluate import perplexity
 from cltune.modeling.checkpoint import load_checkpoint
 from cltune.modeling.scoring import TokenScorer
+from cltune.strategies import adapters as adapters_module
 from cltune.strategies.adapters import token_rows, using_adapter
 from cltune.strategies.mixing import AdapterMix, lora_layers, trainability_kept
 from cltune.strategies.routing import load_router
@@ -219,7 +220,7 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
     assert strategy.columns.current == 1 and trainable(model) == expected  # switching back restores both
 
 
-def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on_validation(tiny_config):
+def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on_validation(tiny_config, monkeypatch):
     """After a phase, every speaker is routed to the one candidate column (its own, the newest) whose perplexity on
     its utterances in the learned tasks' validation splits is the lowest; the choice survives a checkpoint
     (`state`) and is what the router serves and saves."""
@@ -258,6 +259,11 @@ def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on
     restored = type(strategy)(ctx, strategy.settings)
     restored.load_full_state(strategy.full_state())
     assert restored.router().routes == router.routes
+    # columns never change after their phase: each (column, task) pair is scored once, and choosing again scores none
+    assert set(strategy._validation_nll) == {("default", 0), ("default", 1), ("task2", 0), ("task2", 1)}
+    monkeypatch.setattr(adapters_module, "example_nll", lambda *args, **kwargs: pytest.fail("scored again"))
+    strategy.validate_routes()
+    assert strategy.router().routes == router.routes
 
 
 def test_progressive_fresh_columns_draw_their_initialisation_from_the_run_s_random_stream(tiny_config):

@@ -117,7 +117,7 @@ PROGRESSIVE_ROUTER = {"kind": "progressive", "tasks": ["default", "task2"], "at_
                                  "<GUEST_B>": ["task2"]}}
 
 
-@pytest.mark.parametrize("shared", ["likelihood", "latest"])
+@pytest.mark.parametrize("shared", ["likelihood", "latest", "validated"])
 def test_a_routed_run_is_scored_and_charted_by_speaker_routing(tmp_path, monkeypatch, shared):
     # oracle: each task its own column, exactly as learned (0%); routed by speaker token: guest_a 10% worse
     routed = AgnosticRows(ppl=[[20.0, 30.0], [10.0, 25.0], [11.0, 8.5]], speaker_attribution=ATTRIBUTION)
@@ -132,6 +132,8 @@ def test_a_routed_run_is_scored_and_charted_by_speaker_routing(tmp_path, monkeyp
 
     monkeypatch.setattr(report_write, "forgetting_bars", spy)
     router = {**PROGRESSIVE_ROUTER, "shared_speakers": shared}
+    if shared == "validated":  # one column a speaker, chosen on validation: guest A now by guest B's column
+        router["routes"] = {"<HOST>": ["task2"], "<GUEST_A>": ["task2"], "<GUEST_B>": ["task2"]}
     report = write_report(_run_dir(tmp_path, metrics, router))[0].read_text(encoding="utf-8")
     assert charted["values"] == pytest.approx([10.0]) and charted["routing"] == "routed by speaker token"
     assert "## Forgetting (routed by speaker token)" in report and "| guest_a | +10.00% |" in report
@@ -141,8 +143,11 @@ def test_a_routed_run_is_scored_and_charted_by_speaker_routing(tmp_path, monkeyp
     if shared == "likelihood":  # the caption follows the router the evaluation used, not fixed text
         assert ("Host `<HOST>` → an equal-prior mixture of guest_a's and guest_b's columns" in report
                 and "the latest task with that speaker" not in report)
-    else:
+    elif shared == "latest":
         assert "Host `<HOST>` → guest_b's column (the latest task with that speaker)" in report
+    else:
+        assert ("Guest A `<GUEST_A>` → guest_b's column;" in report and "mixture" not in report
+                and "chosen after the phase among its own and later ones by the lowest perplexity" in report)
     assert "Guest B `<GUEST_B>` → guest_b's column" in report
     assert set(_config_block(report)) == set(BaseRunConfig.model_fields) | {"progressive"}
     text = _summary(metrics)

@@ -168,7 +168,7 @@ def _agnostic_caption(metrics: RunMetrics, router: dict | None) -> str:
         if adapter is not None:
             owner.setdefault(adapter, task)
     names = {token: name for name, token in metrics.speaker_tokens.items()}
-    mixture = router.get("shared_speakers") == "likelihood"
+    mode = router.get("shared_speakers")
     parts = []
     for token, candidates in routes.items():
         candidates = [candidates] if isinstance(candidates, str) else list(candidates)
@@ -176,12 +176,15 @@ def _agnostic_caption(metrics: RunMetrics, router: dict | None) -> str:
         served = [f"{owner.get(a, a)}'s" for a in candidates]
         if len(candidates) == 1:
             parts.append(f"{who} → {served[0]} {unit}")
-        elif mixture:
+        elif mode in ("likelihood", "validated"):  # validated: candidates before a phase has chosen
             parts.append(f"{who} → an equal-prior mixture of {' and '.join(served)} {unit}s (the mean of their "
                          "likelihoods, each token predicted from the ones before it)")
         else:
             parts.append(f"{who} → {served[-1]} {unit} (the latest task with that speaker)")
-    return lead + ". After the last phase: " + "; ".join(parts) + "."
+    chosen = "" if mode != "validated" else (
+        f" Each speaker's {unit} was chosen after the phase among its own and later ones by the lowest perplexity on "
+        "its validation utterances (the learned tasks' validation splits).")
+    return lead + ". After the last phase: " + "; ".join(parts) + "." + chosen
 
 
 @dataclass

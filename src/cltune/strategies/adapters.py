@@ -221,24 +221,33 @@ class AdapterRouter(Router):
 
 
 @torch.no_grad()
-def validated_routes(ctx: Context, router: AdapterRouter, tasks: Sequence[TaskData]) -> dict[str, str]:
+def validated_routes(ctx: Context, router: AdapterRouter, tasks: Sequence[TaskData],
+                     cache: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, str]:
     """Each speaker's candidate (of `router.routes`) whose summed NLL on that speaker's utterances in `tasks`'
     validation splits is the lowest (the earlier candidate on a tie); a speaker with one candidate or no
-    validation utterance keeps its latest. One scoring of those utterances per candidate."""
+    validation utterance keeps its latest.
+
+    `cache` holds each (adapter, task)'s per-utterance NLLs on the task's validation split: an adapter never
+    changes after its phase, so a later phase scores only the pairs it has not seen — the newest adapter on
+    every learned task, the others on the newest task."""
+    cache = {} if cache is None else cache
     chosen = {}
     with fp32_arithmetic(ctx.scorer):
+        def nll(name: str, task: TaskData) -> torch.Tensor:
+            if (name, task.index) not in cache:
+                with router.serve(name):
+                    cache[name, task.index] = example_nll(ctx.accelerator, ctx.scorer, ctx.encode(task.val),
+                                                          ctx.tokenizer.pad_token_id, ctx.eval_batch_size)[0]
+            return cache[name, task.index]
+
         for token, names in router.routes.items():
-            examples = [e for task in tasks for e in task.val if e.token == token]
-            if len(names) == 1 or not examples:
+            mine = {task.index: torch.tensor([e.token == token for e in task.val], dtype=torch.bool)
+                    for task in tasks}
+            heard = [task for task in tasks if mine[task.index].any()]
+            if len(names) == 1 or not heard:
                 chosen[token] = names[-1]
                 continue
-            encoded = ctx.encode(examples)
-            losses = []
-            for name in names:
-                with router.serve(name):
-                    total, _ = example_nll(ctx.accelerator, ctx.scorer, encoded, ctx.tokenizer.pad_token_id,
-                                           ctx.eval_batch_size)
-                losses.append(total.sum().item())
+            losses = [sum(nll(name, task)[mine[task.index]].sum().item() for task in heard) for name in names]
             chosen[token] = names[losses.index(min(losses))]
     return chosen
 
@@ -274,6 +283,7 @@ class Adapters(Strategy):
         super().__init__(ctx, settings)
         self.cfg: AdaptersSettings = next(iter(settings.values()))
         self.chosen: dict[str, str] = {}  # validated: speaker token → the adapter chosen after the last phase
+        self._validation_nll: dict[tuple[str, int], torch.Tensor] = {}  # validated_routes' cache
 
     @property
     def learned(self) -> int:
@@ -300,7 +310,7 @@ class Adapters(Strategy):
         start = time.perf_counter()
         self.chosen = {}
         mixture = self.router()  # every speaker's candidates
-        self.chosen = validated_routes(self.ctx, mixture, self.ctx.tasks[: self.learned])
+        self.chosen = validated_routes(self.ctx, mixture, self.ctx.tasks[: self.learned], self._validation_nll)
         routes = self.routes()
         later = sum(self.chosen[t] != adapter_name(indices[-1]) for t, indices in routes.items())
         return {"route_validation_s": round(time.perf_counter() - start, 2), "speakers_on_later_columns": later}
