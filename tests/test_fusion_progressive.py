@@ -266,6 +266,34 @@ def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on
     assert strategy.router().routes == router.routes
 
 
+def test_later_matrix_rows_reuse_what_frozen_columns_scored_with_the_same_figures(tiny_config, monkeypatch, tmp_path):
+    """Column 1 is frozen after phase 1, so the row after phase 2 takes its scores of guest A's test split from the
+    row before (with attribution: every speaker-token variant) and scores fewer utterances; every figure of both
+    matrices and every per-utterance NLL is what scoring again gives, bit for bit."""
+    from cltune.evaluation import evaluate as evaluation
+    from cltune.strategies.progressive import ProgressiveRouter
+
+    real, scored = evaluation.example_nll, []
+
+    def counting(accelerator, scorer, encoded, *args, **kwargs):
+        scored.append(len(encoded))
+        return real(accelerator, scorer, encoded, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "example_nll", counting)
+    runs = {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(ProgressiveRouter, "weights_fingerprint", lambda self, name: None)
+        scored.clear()
+        config = tiny_config("progressive", ["eval.samples_per_speaker=0", f"output_dir={tmp_path / str(reuse)}"])
+        runs[reuse] = (run_stream(config), sum(scored), (config.run_dir / "test_nll.json").read_text())
+    (kept, kept_scored, kept_nll), (again, again_scored, again_nll) = runs[True], runs[False]
+    assert kept.ppl == again.ppl and kept.agnostic.ppl == again.agnostic.ppl and kept_nll == again_nll
+    assert kept.speaker_attribution == again.speaker_attribution
+    guest_a = 2 * len(load_tasks(config)[1][0].test)  # guest A's test utterances, each under two speaker tokens
+    assert again_scored - kept_scored == guest_a > 0
+
+
 def test_progressive_fresh_columns_draw_their_initialisation_from_the_run_s_random_stream(tiny_config):
     session = build_session(tiny_config("progressive", ["progressive.new_column=fresh"]))
     before = torch.get_rng_state()

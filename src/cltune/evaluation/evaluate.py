@@ -109,7 +109,10 @@ def score_split(accelerator, scorer, tokenizer, examples: list[Example], tokens:
     encoded = encode(variants, tokenizer, max_length)
     memo = {} if memo is None else memo
     if route is None:
-        total, count = example_nll(accelerator, scorer, encoded, pad, batch_size)
+        if name is not None and name in memo:
+            total, count = memo[name]
+        else:
+            total, count = example_nll(accelerator, scorer, encoded, pad, batch_size)
         if name is not None:
             memo[name] = total, count
     else:
@@ -157,6 +160,31 @@ def _attribution_share(examples: list[Example], tokens: list[str], encoded: list
         else:
             other += len(seq) - (context_of(seq) if window is not None else 0)
     return other / (other + sum(own.values()))
+
+
+class EarlierScores:
+    """What earlier matrix rows scored, by task and weights fingerprint (`Router.weights_fingerprint`): a frozen
+    column serves its task the same in every later row, so a row takes those scores instead of scoring again."""
+
+    def __init__(self):
+        self.kept: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prints: dict[str, str] = {}
+
+    def memo(self, router, tasks) -> dict[int, Scored]:
+        """The row's memo (per task: weights name → scores), filled with what weights unchanged since scored."""
+        names = {router.oracle_name(t.index) for t in tasks}
+        names |= {name for t in tasks for token in t.tokens.values() for name, _ in router.named_choices(token)}
+        prints = {name: router.weights_fingerprint(name) for name in names if name is not None}
+        self.prints = {name: p for name, p in prints.items() if p is not None}
+        return {t.index: {name: self.kept[t.index, p] for name, p in self.prints.items() if (t.index, p) in self.kept}
+                for t in tasks}
+
+    def keep(self, memo: dict[int, Scored]) -> None:
+        """Keep a row's scores (the memo `memo()` gave, filled by the row) for the rows after it."""
+        for task, scored in memo.items():
+            for name, value in scored.items():
+                if name in self.prints:
+                    self.kept[task, self.prints[name]] = value
 
 
 def test_row(ctx, router, tasks, settings, agnostic: bool = False,

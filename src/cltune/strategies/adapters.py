@@ -43,7 +43,7 @@ from cltune.data.split import TaskData
 from cltune.evaluation.evaluate import example_nll
 from cltune.modeling.model import lora_config
 from cltune.modeling.scoring import fp32_arithmetic
-from cltune.strategies.base import Context, Costs, Router, Strategy
+from cltune.strategies.base import Context, Costs, Router, Strategy, weights_digest
 from cltune.strategies.mixing import trainability_kept
 
 
@@ -208,6 +208,13 @@ class AdapterRouter(Router):
     def oracle_name(self, task_index: int) -> str:
         return self.tasks[task_index]
 
+    def weights(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor the weights called `name` compute with beside the frozen base: the adapter's."""
+        return [(n, p) for n, p in self.model.named_parameters() if name in n.split(".")]
+
+    def weights_fingerprint(self, name: str) -> str | None:
+        return None if name is None else weights_digest(self.weights(name))
+
     def to_json(self) -> dict:
         mode = "validated" if self.validated else "likelihood" if self.likelihood else "latest"
         return {"kind": self.kind, "tasks": self.tasks, "routes": self.routes, "shared_speakers": mode}
@@ -313,7 +320,7 @@ class Adapters(Strategy):
         self.chosen = validated_routes(self.ctx, mixture, self.ctx.tasks[: self.learned], self._validation_nll)
         routes = self.routes()
         later = sum(self.chosen[t] != adapter_name(indices[-1]) for t, indices in routes.items())
-        return {"route_validation_s": round(time.perf_counter() - start, 2), "speakers_on_later_columns": later}
+        return {"route_choice_wall_s": round(time.perf_counter() - start, 2), "speakers_on_later_columns": later}
 
     def state(self):
         if not self.chosen:

@@ -21,6 +21,8 @@ the pipeline writes it into the phase's record in metrics.json.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +105,11 @@ class Router:
 
     def oracle_name(self, task_index: int) -> str | None:
         """The name of the weights `oracle(task_index)` serves (see `named_choices`); None: unnamed."""
+        return None
+
+    def weights_fingerprint(self, name: str) -> str | None:
+        """A digest of the weights `name` stands for now: a later matrix row reuses what an earlier one scored by
+        weights of the same digest (a frozen column). None: never reused across rows."""
         return None
 
     def to_json(self) -> dict:
@@ -196,6 +203,15 @@ class Strategy:
             if weights:
                 module.load_state_dict(weights)
         self.load_state({k: v for k, v in state.items() if not k.startswith("module.")})
+
+
+def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A digest of named tensors' names and exact values."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in named:
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def under(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -157,6 +157,13 @@ class ProgressiveRouter(AdapterRouter):
     def serve(self, adapter: str | None):
         return self.columns.serving(adapter)
 
+    def weights(self, name: str) -> list[tuple[str, torch.Tensor]]:
+        """Column `name`'s tensors: its adapter, the earlier ones and its lateral gains."""
+        k = column_of(name)
+        adapters = {adapter_name(i) for i in range(k + 1)}
+        own = [(n, p) for n, p in self.model.named_parameters() if adapters & set(n.split("."))]
+        return own + [(f"{LATERALS}.{k}.{layer}", g) for layer, g in enumerate(self.columns.laterals.columns[k])]
+
     def at_rest(self) -> str | None:
         current = self.columns.current  # None: no column installed, PEFT's active adapter alone (no column's name)
         return None if current is None else adapter_name(current)

@@ -325,7 +325,8 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     """`metrics` with the next matrix row (a router that needs the task id adds the agnostic row too),
     and that row's per-utterance NLLs by routing and task (RUN/test_nll.json: paired comparisons)."""
     start = time.perf_counter()
-    memo: dict = {}  # what the oracle row scored, by weights: the agnostic row reuses it
+    # what the oracle row scored, by weights: the agnostic row reuses it, and later rows what frozen weights scored
+    memo = session.earlier.memo(router, session.tasks)
     scores = test_row(session.ctx, router, session.tasks, session.config.eval, memo=memo)
     session.served.clear()
     for task, score in zip(session.tasks, scores):
@@ -341,6 +342,7 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
         update["routing"] = "oracle"
         update["agnostic"] = agnostic.model_copy(update={"ppl": [*agnostic.ppl, routed], "speaker_attribution": [
             *agnostic.speaker_attribution, routed_attribution]})
+    session.earlier.keep(memo)
     per_utterance = {mode: {task.name: {"lines": [e.line for e in task.test], "nll": s.nll, "targets": s.targets}
                             for task, s in zip(session.tasks, row)} for mode, row in rows.items()}
     attribution = sum(s.attribution_s for row in rows.values() for s in row)

@@ -29,6 +29,7 @@ from cltune.data import (
 )
 from cltune.data.split import WindowSettings
 from cltune.errors import UserError
+from cltune.evaluation.evaluate import EarlierScores
 from cltune.modeling.batching import start_ids
 from cltune.modeling.memory import release_free_memory
 from cltune.modeling.model import (
@@ -203,6 +204,7 @@ class Session:
     # task index → (fingerprint of the weights that served it, its test PPL) in the latest matrix row: a
     # phase whose start model is that same model reuses the figure instead of scoring the test set again
     served: dict[int, tuple[str, float]] = field(default_factory=dict)
+    earlier: EarlierScores = field(default_factory=EarlierScores)  # the matrix rows' scores of frozen weights
     stages: Stages = field(default_factory=Stages)
 
     @property
