@@ -234,18 +234,19 @@ def validated_routes(ctx: Context, router: AdapterRouter, tasks: Sequence[TaskDa
     validation splits is the lowest (the earlier candidate on a tie); a speaker with one candidate or no
     validation utterance keeps its latest.
 
-    `cache` holds each (adapter, task)'s per-utterance NLLs on the task's validation split: an adapter never
-    changes after its phase, so a later phase scores only the pairs it has not seen — the newest adapter on
-    every learned task, the others on the newest task."""
+    `cache` holds per-utterance NLLs on a task's validation split by the weights' fingerprint and the task: an
+    adapter never changes after its phase, so a later phase scores only the pairs it has not seen — the newest
+    adapter on every learned task, the others on the newest task."""
     cache = {} if cache is None else cache
     chosen = {}
     with fp32_arithmetic(ctx.scorer):
         def nll(name: str, task: TaskData) -> torch.Tensor:
-            if (name, task.index) not in cache:
+            key = router.weights_fingerprint(name), task.index
+            if key not in cache:
                 with router.serve(name):
-                    cache[name, task.index] = example_nll(ctx.accelerator, ctx.scorer, ctx.encode(task.val),
-                                                          ctx.tokenizer.pad_token_id, ctx.eval_batch_size)[0]
-            return cache[name, task.index]
+                    cache[key] = example_nll(ctx.accelerator, ctx.scorer, ctx.encode(task.val),
+                                             ctx.tokenizer.pad_token_id, ctx.eval_batch_size)[0]
+            return cache[key]
 
         for token, names in router.routes.items():
             mine = {task.index: torch.tensor([e.token == token for e in task.val], dtype=torch.bool)
