@@ -5,14 +5,15 @@ untouched, and checkpoints that `cltune generate` serves as the run did."""
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from cltune.evaluation.evaluate import perplexity
+from cltune.evaluation.evaluate import example_nll, perplexity
 from cltune.modeling.checkpoint import load_checkpoint
-from cltune.modeling.scoring import TokenScorer
+from cltune.modeling.scoring import TokenScorer, fp32_arithmetic
 from cltune.strategies import adapters as adapters_module
 from cltune.strategies.adapters import token_rows, using_adapter
 from cltune.strategies.mixing import AdapterMix, lora_layers, trainability_kept
@@ -221,12 +222,11 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
 
 
 def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on_validation(tiny_config, monkeypatch):
-    """After a phase, every speaker is routed to the one candidate column (its own, the newest) whose perplexity on
-    its utterances in the learned tasks' validation splits is the lowest; the choice survives a checkpoint
-    (`state`) and is what the router serves and saves."""
+    """After a phase, every speaker is routed to whichever of its candidate columns (its own, the newest) alone or
+    their equal-prior mixture has the lowest NLL on its utterances in the learned tasks' validation splits; the
+    choice survives a checkpoint (`state`) and is what the router serves and saves."""
     session = build_session(tiny_config("progressive"))
     ctx, model, strategy = session.ctx, session.model, session.strategy
-    acc = ctx.accelerator
     stand_in_for_training(model)
     strategy.after_task(ctx.tasks[0])
     before = torch.get_rng_state()
@@ -245,17 +245,21 @@ def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on
     for token, names in candidates.items():
         examples = [e for task in ctx.tasks for e in task.val if e.token == token]
         assert examples
-        ppl = []
+        each, encoded = [], ctx.encode(examples)
         for name in names:
-            with router.serve(name):
-                ppl.append(perplexity(acc, ctx.scorer, ctx.tokenizer, examples, ctx.max_length))
-        best[token] = names[ppl.index(min(ppl))]
-        gaps.append(max(ppl) / min(ppl))
-    assert max(gaps) > 1.01  # the candidates differ, so the choice is one
-    assert router.routes == {token: [name] for token, name in best.items()}
+            with router.serve(name), fp32_arithmetic(ctx.scorer):
+                each.append(example_nll(ctx.accelerator, ctx.scorer, encoded, ctx.tokenizer.pad_token_id)[0])
+        options = {(name,): float(nll.sum()) for name, nll in zip(names, each)}
+        options[tuple(names)] = float((-(torch.stack(each).neg().logsumexp(0) - math.log(len(names)))).sum())
+        best[token] = list(min(options, key=options.get))
+        gaps.append(max(options.values()) / min(options.values()))
+    assert max(gaps) > 1.01  # the options differ, so the choice is one
+    assert router.routes == best
     assert router.to_json()["shared_speakers"] == "validated"
-    own_latest = {"<HOST>": "task2", "<GUEST_A>": "default", "<GUEST_B>": "task2"}
-    assert costs["speakers_on_later_columns"] == sum(best[t] != own for t, own in own_latest.items())
+    own_latest = {"<HOST>": ["task2"], "<GUEST_A>": ["default"], "<GUEST_B>": ["task2"]}
+    assert costs["speakers_on_later_columns"] == sum(len(best[t]) == 1 and best[t] != own
+                                                    for t, own in own_latest.items())
+    assert costs["speakers_on_mixtures"] == sum(len(route) == 2 for route in best.values())
     column_of_print = {router.weights_fingerprint(name): name for name in ("default", "task2")}
     restored = type(strategy)(ctx, strategy.settings)
     restored.load_full_state(strategy.full_state())
@@ -266,6 +270,33 @@ def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on
     monkeypatch.setattr(adapters_module, "example_nll", lambda *args, **kwargs: pytest.fail("scored again"))
     strategy.validate_routes()
     assert strategy.router().routes == router.routes
+
+
+@pytest.mark.parametrize(("first", "second", "route"), [
+    ([1.0, 1.0, 1.0], [5.0, 5.0, 5.0], ["default"]),  # one column is better on every utterance
+    ([6.0, 6.0, 6.0], [2.0, 3.0, 2.0], ["task2"]),
+    ([1.0, 9.0, 1.0], [9.0, 1.0, 9.0], ["default", "task2"]),  # each better on some: the mixture is far lower
+])
+def test_a_validated_route_is_the_lowest_of_each_candidate_and_their_mixture(monkeypatch, first, second, route):
+    from types import SimpleNamespace
+
+    served = []
+    per_name = {"default": torch.tensor(first + [0.5], dtype=torch.double),  # the last: another speaker's
+                "task2": torch.tensor(second + [0.5], dtype=torch.double)}
+
+    @contextmanager
+    def serve(name):
+        served.append(name)
+        yield
+
+    monkeypatch.setattr(adapters_module, "example_nll", lambda *args, **kwargs: (per_name[served[-1]], None))
+    task = SimpleNamespace(index=0, val=[SimpleNamespace(token=t) for t in ("<A>", "<A>", "<A>", "<B>")])
+    ctx = SimpleNamespace(scorer=torch.nn.Identity(), encode=lambda examples: examples, accelerator=None,
+                          tokenizer=SimpleNamespace(pad_token_id=0), eval_batch_size=8)
+    router = SimpleNamespace(routes={"<A>": ["default", "task2"], "<B>": ["task2"]}, serve=serve,
+                             weights_fingerprint=lambda name: f"print-{name}")
+    assert adapters_module.validated_routes(ctx, router, [task]) == {"<A>": route, "<B>": ["task2"]}
+    assert served == ["default", "task2"]  # one scoring of the split per candidate; <B> has one candidate
 
 
 def test_later_matrix_rows_reuse_what_frozen_columns_scored_with_the_same_figures(tiny_config, monkeypatch, tmp_path):

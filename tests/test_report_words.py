@@ -146,8 +146,9 @@ def test_a_routed_run_is_scored_and_charted_by_speaker_routing(tmp_path, monkeyp
     elif shared == "latest":
         assert "Host `<HOST>` → guest_b's column (the latest task with that speaker)" in report
     else:
-        assert ("Guest A `<GUEST_A>` → guest_b's column;" in report and "mixture" not in report
-                and "chosen after the phase among its own and later ones by the lowest perplexity" in report)
+        assert ("Guest A `<GUEST_A>` → guest_b's column;" in report and "equal-prior mixture" not in report
+                and "Each speaker's route was chosen after the phase — its own column, a later one or their "
+                    "mixture — by the lowest perplexity on its validation utterances" in report)
     assert "Guest B `<GUEST_B>` → guest_b's column" in report
     assert set(_config_block(report)) == set(BaseRunConfig.model_fields) | {"progressive"}
     text = _summary(metrics)

@@ -182,8 +182,8 @@ def _agnostic_caption(metrics: RunMetrics, router: dict | None) -> str:
         else:
             parts.append(f"{who} → {served[-1]} {unit} (the latest task with that speaker)")
     chosen = "" if mode != "validated" else (
-        f" Each speaker's {unit} was chosen after the phase among its own and later ones by the lowest perplexity on "
-        "its validation utterances (the learned tasks' validation splits).")
+        f" Each speaker's route was chosen after the phase — its own {unit}, a later one or their mixture — by the "
+        "lowest perplexity on its validation utterances (the learned tasks' validation splits).")
     return lead + ". After the last phase: " + "; ".join(parts) + "." + chosen
 
 

@@ -15,12 +15,13 @@ how they are used:
   from itself, so the perplexity is that of a real sequential predictor (at most log C nats per
   utterance worse than the best candidate's, whichever it is). It costs one pass per candidate.
 - `latest`: the adapter of the latest learned task with that speaker.
-- `validated`: after each phase, every speaker goes to the one candidate whose NLL on that speaker's
-  utterances in the learned tasks' validation splits is the lowest (`validated_routes`): one pass per
-  speaker, and where the newest adapter has kept an earlier speaker (later ones help it) the speaker
-  gets the newest one's transfer whole, without the mixture's up to ln C nats. It reads the earlier
-  tasks' validation splits (held out, never trained on) at every phase's end, as choosing settings on
-  them would: the earlier files must still be at hand; nothing of them is stored.
+- `validated`: after each phase, every speaker goes to whichever of its candidates alone, or their
+  equal-prior mixture, has the lowest NLL on that speaker's utterances in the learned tasks' validation
+  splits (`validated_routes`): where the newest adapter has kept an earlier speaker (later ones help
+  it) the speaker gets the newest one's transfer whole, without the mixture's up to ln C nats; where
+  the candidates are better together, the mixture; one pass per speaker when one adapter is chosen. It
+  reads the earlier tasks' validation splits (held out, never trained on) at every phase's end, as
+  choosing settings on them would: the earlier files must still be at hand; nothing of them is stored.
 With `later_adapters` (and `likelihood`) every speaker's mixture also holds the adapters of the tasks
 learned after its last one — where later adapters start from earlier ones (`warm_start`, progressive
 columns) they may know the speaker better now (backward transfer), for the same ln C bound.
@@ -40,7 +41,7 @@ from pydantic import Field
 
 from cltune.config import Strict
 from cltune.data.split import TaskData
-from cltune.evaluation.evaluate import example_nll
+from cltune.evaluation.evaluate import example_nll, mixture_nll
 from cltune.modeling.model import lora_config
 from cltune.modeling.scoring import fp32_arithmetic
 from cltune.strategies.base import Context, Costs, Router, Strategy, weights_digest
@@ -69,9 +70,9 @@ def shared_speakers_field(default: SharedSpeakers):
     return Field(default,
                  description="agnostic scoring of a speaker with several candidate adapters (a speaker several tasks "
                              "share; with later_adapters every speaker): an equal-prior mixture of them (each token "
-                             "predicted from the earlier ones only), the latest task's, or the one that scores the "
-                             "speaker's validation utterances best after each phase (validated: reads the earlier "
-                             "tasks' validation splits)")
+                             "predicted from the earlier ones only), the latest task's, or whichever of the "
+                             "candidates alone or their mixture scores the speaker's validation utterances best "
+                             "after each phase (validated: reads the earlier tasks' validation splits)")
 
 
 class RoutingSettings(Strict):
@@ -173,8 +174,8 @@ def speaker_routes(task_tokens: Sequence[Iterable[str]]) -> dict[str, list[int]]
 class AdapterRouter(Router):
     """Per-task adapters: `tasks[i]` serves task i (None: the base model alone); `routes[token]` lists the
     adapters of the tasks that have a speaker (stream order). `likelihood`: a shared speaker is scored by
-    the mixture of its candidates; otherwise by the last one. `validated`: the routes hold the candidate
-    validation chose (one a speaker, once a phase has ended; the flag only names the mode in router.json)."""
+    the mixture of its candidates; otherwise by the last one. `validated`: the routes hold what validation
+    chose (one adapter or a mixture, once a phase has ended; the flag only names the mode in router.json)."""
 
     kind = "adapters"
     task_routed = True
@@ -229,10 +230,11 @@ class AdapterRouter(Router):
 
 @torch.no_grad()
 def validated_routes(ctx: Context, router: AdapterRouter, tasks: Sequence[TaskData],
-                     cache: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, str]:
-    """Each speaker's candidate (of `router.routes`) whose summed NLL on that speaker's utterances in `tasks`'
-    validation splits is the lowest (the earlier candidate on a tie); a speaker with one candidate or no
-    validation utterance keeps its latest.
+                     cache: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, list[str]]:
+    """Each speaker's route: of its candidates (`router.routes`) alone and all of them as an equal-prior mixture
+    (`mixture_nll`, as agnostic scoring mixes them), the one whose summed NLL on that speaker's utterances in
+    `tasks`' validation splits is the lowest (on a tie the earlier candidate, then the mixture); a speaker with
+    one candidate or no validation utterance keeps its candidates.
 
     `cache` holds per-utterance NLLs on a task's validation split by the weights' fingerprint and the task: an
     adapter never changes after its phase, so a later phase scores only the pairs it has not seen — the newest
@@ -241,22 +243,28 @@ def validated_routes(ctx: Context, router: AdapterRouter, tasks: Sequence[TaskDa
     chosen = {}
     with fp32_arithmetic(ctx.scorer):
         def nll(name: str, task: TaskData) -> torch.Tensor:
-            key = router.weights_fingerprint(name), task.index
-            if key not in cache:
-                with router.serve(name):
-                    cache[key] = example_nll(ctx.accelerator, ctx.scorer, ctx.encode(task.val),
-                                             ctx.tokenizer.pad_token_id, ctx.eval_batch_size)[0]
-            return cache[key]
+            fingerprint = router.weights_fingerprint(name)  # None: weights that cannot be told apart, never kept
+            if (fingerprint, task.index) in cache:
+                return cache[fingerprint, task.index]
+            with router.serve(name):
+                scored = example_nll(ctx.accelerator, ctx.scorer, ctx.encode(task.val), ctx.tokenizer.pad_token_id,
+                                     ctx.eval_batch_size)[0]
+            if fingerprint is not None:
+                cache[fingerprint, task.index] = scored
+            return scored
 
         for token, names in router.routes.items():
             mine = {task.index: torch.tensor([e.token == token for e in task.val], dtype=torch.bool)
                     for task in tasks}
             heard = [task for task in tasks if mine[task.index].any()]
             if len(names) == 1 or not heard:
-                chosen[token] = names[-1]
+                chosen[token] = list(names)
                 continue
-            losses = [sum(nll(name, task)[mine[task.index]].sum().item() for task in heard) for name in names]
-            chosen[token] = names[losses.index(min(losses))]
+            # (candidates, utterances): each candidate's summed NLL of each of the speaker's validation utterances
+            each = torch.stack([torch.cat([nll(name, task)[mine[task.index]] for task in heard]) for name in names])
+            options = [[name] for name in names] + [list(names)]
+            losses = [*each.sum(dim=1).tolist(), mixture_nll(each).sum().item()]
+            chosen[token] = options[losses.index(min(losses))]
     return chosen
 
 
@@ -290,7 +298,7 @@ class Adapters(Strategy):
     def __init__(self, ctx, settings):
         super().__init__(ctx, settings)
         self.cfg: AdaptersSettings = next(iter(settings.values()))
-        self.chosen: dict[str, str] = {}  # validated: speaker token → the adapter chosen after the last phase
+        self.chosen: dict[str, list[str]] = {}  # validated: speaker token → the route chosen after the last phase
         self._validation_nll: dict[tuple[str, int], torch.Tensor] = {}  # validated_routes' cache
 
     @property
@@ -311,31 +319,34 @@ class Adapters(Strategy):
                 **self.validate_routes()}
 
     def validate_routes(self) -> Costs:
-        """validated: choose every speaker's adapter on the learned tasks' validation splits; returns the
-        choice's seconds and how many speakers went to a later task's adapter than their own latest."""
+        """validated: choose every speaker's route on the learned tasks' validation splits; returns the choice's
+        seconds, how many speakers went to one later adapter than their own latest, and how many to a mixture."""
         if self.cfg.shared_speakers != "validated":
             return {}
         start = time.perf_counter()
         self.chosen = {}
         mixture = self.router()  # every speaker's candidates
         self.chosen = validated_routes(self.ctx, mixture, self.ctx.tasks[: self.learned], self._validation_nll)
-        routes = self.routes()
-        later = sum(self.chosen[t] != adapter_name(indices[-1]) for t, indices in routes.items())
-        return {"route_choice_wall_s": round(time.perf_counter() - start, 2), "speakers_on_later_columns": later}
+        own = {t: adapter_name(indices[-1]) for t, indices in self.routes().items()}
+        later = sum(len(route) == 1 and route != [own[t]] for t, route in self.chosen.items())
+        return {"route_choice_wall_s": round(time.perf_counter() - start, 2), "speakers_on_later_columns": later,
+                "speakers_on_mixtures": sum(len(route) > 1 for route in self.chosen.values())}
 
     def state(self):
+        """The chosen routes as a (speaker token, adapter) table of 0/1, tokens sorted, adapters in task order."""
         if not self.chosen:
             return {}
         tokens = sorted({t for task in self.ctx.tasks for t in task.tokens.values()})
         names = [adapter_name(i) for i in range(len(self.ctx.tasks))]
-        return {"validated_routes": torch.tensor([names.index(self.chosen[t]) if t in self.chosen else -1
-                                                  for t in tokens])}
+        return {"validated_routes": torch.tensor([[name in self.chosen.get(t, ()) for name in names]
+                                                  for t in tokens], dtype=torch.uint8)}
 
     def load_state(self, state):
         if "validated_routes" in state:
             tokens = sorted({t for task in self.ctx.tasks for t in task.tokens.values()})
-            self.chosen = {t: adapter_name(int(i)) for t, i in zip(tokens, state["validated_routes"].tolist())
-                           if i >= 0}
+            names = [adapter_name(i) for i in range(len(self.ctx.tasks))]
+            self.chosen = {t: [n for n, on in zip(names, row) if on]
+                           for t, row in zip(tokens, state["validated_routes"].tolist()) if any(row)}
 
     def routes(self) -> dict[str, list[int]]:
         return speaker_routes([t.tokens.values() for t in self.ctx.tasks[: self.learned]])
@@ -353,7 +364,7 @@ class Adapters(Strategy):
         tasks = [self.adapter_for_task(i) for i in range(len(self.ctx.tasks))]
         likelihood = self.cfg.shared_speakers != "latest"
         later = range(self.learned) if likelihood and self.cfg.later_adapters else range(0)
-        routes = {t: [self.chosen[t]] if t in self.chosen else
+        routes = {t: self.chosen[t] if t in self.chosen else
                   [adapter_name(i) for i in candidates(indices, later, self.cfg.max_candidates)]
                   for t, indices in self.routes().items()}
         return AdapterRouter(self.ctx.model, tasks, routes, likelihood, self.cfg.shared_speakers == "validated")
