@@ -22,10 +22,9 @@ later ones, since they grew from its own), are the measured best of the four com
 perplexity at naive's and most of naive's backward transfer. `shared_speakers: validated` (default) sends
 each speaker, after every phase, to the candidate that scores its validation utterances best: where the
 newest column has kept an earlier guest (plain sequential fine-tuning would not forget it) the guest gets
-that column's transfer, otherwise its own column, exactly as its phase left it. A copied column draws
-no random numbers (its initialisation is overwritten), so its training sees the random stream that
-continuing one adapter would (`naive`'s dropout masks). Lateral gains are saved with every checkpoint
-(`module.laterals.`); `cltune generate` routes through them (router kind `progressive`).
+that column's transfer, otherwise its own column, exactly as its phase left it, or the two mixed where
+that scores lower. Lateral gains are saved with every checkpoint (`module.laterals.`); `cltune generate`
+routes through them (router kind `progressive`).
 """
 
 from __future__ import annotations
@@ -203,11 +202,8 @@ class Progressive(Adapters):
     def before_task(self, task, *, resumed=False):
         model, name, k = self.ctx.model, adapter_name(task.index), task.index
         if k > 0 and name not in model.peft_config:
+            add_task_adapter(self.ctx, name)  # B = 0: the column's own update starts at zero
             copied = self.cfg.new_column == "copy"
-            # B = 0: the column's own update starts at zero; a copy overwrites the random A, so drawing it must not
-            # move the run's random stream (the phase's dropout masks stay those of one adapter trained on)
-            with torch.random.fork_rng(devices=[], enabled=copied):
-                add_task_adapter(self.ctx, name)
             if copied:  # LoRA weights and token rows; the copied adapter's gain starts at 0 instead
                 copy_adapter(model, adapter_name(k - 1), name)
             else:
