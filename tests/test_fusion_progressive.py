@@ -325,6 +325,24 @@ def test_later_matrix_rows_reuse_what_frozen_columns_scored_with_the_same_figure
     assert again_scored - kept_scored == guest_a > 0
 
 
+def test_progressive_without_lateral_gains_trains_the_copied_adapter_alone(tiny_config):
+    """`lateral_gains: false`: the gains keep their start values (0 on every earlier adapter with `copy`), so
+    column 2 trains exactly what continuing one adapter would — its adapter — and computes that adapter alone."""
+    from cltune.training.loop import _trained
+
+    session = build_session(tiny_config("progressive", ["progressive.lateral_gains=false"]))
+    ctx, model, strategy = session.ctx, session.model, session.strategy
+    stand_in_for_training(model)
+    strategy.before_task(ctx.tasks[1])
+    assert set(_trained(model, strategy)) == {n for n in dict(model.named_parameters()) if "task2" in n.split(".")}
+    assert all(float(g.abs().max()) == 0.0 for g in strategy.laterals.columns[1])
+    stand_in_for_training(model)  # the new adapter moves; the gains cannot
+    column = logits_of(ctx, ctx.tasks[1].test[:4])
+    strategy.columns.use(None)
+    with using_adapter(model, "task2"):
+        assert torch.allclose(logits_of(ctx, ctx.tasks[1].test[:4]), column, atol=1e-5)
+
+
 def test_progressive_laterals_are_one_low_rank_product_equal_to_the_mix_of_every_adapter(tiny_config):
     """A column (its own adapter and the earlier ones stacked in one product, PEFT running none) gives the logits
     and the gradients of the gains and of its own adapter of PEFT running every adapter with its gain, to float

@@ -66,6 +66,9 @@ class ProgressiveSettings(RoutingSettings):
         description="copy: the column's adapter starts as a copy of the previous adapter, whose gain starts at 0; "
                     "fresh: it starts at zero (LoRA's B = 0) with gain 1 on the previous adapter")
     later_adapters: bool = later_adapters_field(True)
+    lateral_gains: bool = Field(
+        True, description="train the column's lateral gains with its adapter; false: they keep their start values "
+                          "(copy: 0, so a column is its own adapter, continued from the previous one's)")
     # validated: measured on the podcast config against likelihood (docs/benchmarks/long_streams.md)
     shared_speakers: SharedSpeakers = shared_speakers_field("validated")
 
@@ -216,7 +219,7 @@ class Progressive(Adapters):
         if k > 0:
             for n, p in model.named_parameters():  # this column's adapter (and its token rows) train, nothing earlier
                 p.requires_grad_(name in n.split("."))
-            self.laterals.train_only(k)
+            self.laterals.train_only(k if self.cfg.lateral_gains else None)
 
     def after_task(self, task):
         self.laterals.train_only(None)
