@@ -69,7 +69,8 @@ class ProgressiveSettings(RoutingSettings):
     lateral_gains: bool = Field(
         True, description="train the column's lateral gains with its adapter; false: they keep their start values "
                           "(copy: 0, so a column is its own adapter, continued from the previous one's)")
-    # validated: measured on the podcast config against likelihood (docs/benchmarks/long_streams.md)
+    # validated: the issue's "notice on validation data"; on the podcast config (3 seeds) its means were below the
+    # likelihood mixture's on five of six guests, within the runs' spread (docs/benchmarks/long_streams.md)
     shared_speakers: SharedSpeakers = shared_speakers_field("validated")
 
 
