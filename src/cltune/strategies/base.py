@@ -205,9 +205,10 @@ class Strategy:
         self.load_state({k: v for k, v in state.items() if not k.startswith("module.")})
 
 
-def weights_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """A digest of named tensors' names and exact values."""
+def weights_digest(named: Iterable[tuple[str, torch.Tensor]], header: str = "") -> str:
+    """A digest of `header` and named tensors' names and exact values."""
     digest = hashlib.blake2b(digest_size=16)
+    digest.update(header.encode())
     for name, tensor in named:
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())

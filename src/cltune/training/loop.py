@@ -8,7 +8,6 @@ step checkpoints as it goes and can continue from one exactly (see `cltune.train
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ from cltune.modeling.model import is_adapter_weight
 from cltune.modeling.scoring import target_nll
 from cltune.modeling.speaker_loss import SpeakerContrast
 from cltune.storage.hashing import derived_seed, fingerprint
-from cltune.strategies.base import Context, Outputs, StepInfo, Strategy
+from cltune.strategies.base import Context, Outputs, StepInfo, Strategy, weights_digest
 from cltune.training import interrupt
 from cltune.training.resume import StepCheckpoints
 
@@ -591,11 +590,6 @@ def served_fingerprint(model, strategy) -> str:
     """A digest of everything training and strategies change in what the model computes: the active
     adapters, every adapter weight and trainable parameter, and the strategy's own modules (the frozen
     base never changes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(getattr(model, "active_adapters", None)).encode())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or is_adapter_weight(n)]
     named += [(f"module.{m}.{n}", p) for m, module in strategy.modules().items() for n, p in module.named_parameters()]
-    for name, p in named:
-        digest.update(name.encode())
-        digest.update(p.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return weights_digest(named, header=repr(getattr(model, "active_adapters", None)))
