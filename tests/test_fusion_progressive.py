@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from cltune.evaluation.evaluate import example_nll, perplexity
 from cltune.modeling.checkpoint import load_checkpoint
-from cltune.modeling.scoring import TokenScorer, fp32_arithmetic
+from cltune.modeling.scoring import TokenScorer
 from cltune.strategies import adapters as adapters_module
 from cltune.strategies.adapters import token_rows, using_adapter
 from cltune.strategies.mixing import AdapterMix, lora_layers, trainability_kept
@@ -221,11 +221,14 @@ def test_progressive_column_2_starts_as_column_1_and_never_changes_it(tiny_confi
     assert strategy.columns.current == 1 and trainable(model) == expected  # switching back restores both
 
 
-def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on_validation(tiny_config, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on_validation(tiny_config, monkeypatch,
+                                                                                             precision):
     """After a phase, every speaker is routed to whichever of its candidate columns (its own, the newest) alone or
-    their equal-prior mixture has the lowest NLL on its utterances in the learned tasks' validation splits; the
-    choice survives a checkpoint (`state`) and is what the router serves and saves."""
-    session = build_session(tiny_config("progressive"))
+    their equal-prior mixture has the lowest NLL on its utterances in the learned tasks' validation splits, scored
+    in the run's arithmetic (a bf16 base is not upcast as evaluation's is); the choice survives a checkpoint
+    (`state`) and is what the router serves and saves."""
+    session = build_session(tiny_config("progressive", [f"model.precision={precision}"]))
     ctx, model, strategy = session.ctx, session.model, session.strategy
     stand_in_for_training(model)
     strategy.after_task(ctx.tasks[0])
@@ -237,7 +240,13 @@ def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on
     strategy.chosen = {}  # what phase 1 chose aside: every speaker's candidates
     candidates = strategy.router().routes
     assert candidates["<GUEST_A>"] == ["default", "task2"] and candidates["<GUEST_B>"] == ["task2"]
+    base_weight = model.get_base_model().model.layers[0].mlp.up_proj.weight
+    seen = []
+    hook = ctx.scorer.register_forward_pre_hook(lambda module, args: seen.append(base_weight.dtype))
     costs = strategy.after_task(ctx.tasks[1])
+    hook.remove()
+    run_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen and set(seen) == {run_dtype}  # the run's arithmetic, not evaluation's
     router = strategy.router()
     best, gaps = {}, []
     for token, names in candidates.items():
@@ -245,8 +254,9 @@ def test_progressive_validated_routes_send_each_speaker_to_its_best_candidate_on
         assert examples
         each, encoded = [], ctx.encode(examples)
         for name in names:
-            with router.serve(name), fp32_arithmetic(ctx.scorer):
-                each.append(example_nll(ctx.accelerator, ctx.scorer, encoded, ctx.tokenizer.pad_token_id)[0])
+            with router.serve(name):
+                each.append(example_nll(ctx.accelerator, ctx.scorer, encoded, ctx.tokenizer.pad_token_id,
+                                        fp32=False)[0])
         options = {(name,): float(nll.sum()) for name, nll in zip(names, each)}
         options[tuple(names)] = float((-(torch.stack(each).neg().logsumexp(0) - math.log(len(names)))).sum())
         best[token] = list(min(options, key=options.get))

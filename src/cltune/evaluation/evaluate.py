@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -25,9 +26,13 @@ from cltune.modeling.scoring import TokenScorer, fp32_arithmetic, per_example_su
 
 @torch.no_grad()
 def example_nll(
-    accelerator: Accelerator, scorer: TokenScorer, encoded: list[list[int]], pad_id: int, batch_size: int = 32
+    accelerator: Accelerator, scorer: TokenScorer, encoded: list[list[int]], pad_id: int, batch_size: int = 32,
+    fp32: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL and target count of every encoded utterance; work is split across processes."""
+    """Summed NLL and target count of every encoded utterance; work is split across processes.
+
+    In evaluation's arithmetic (`fp32_arithmetic`: the figures a run reports), or with `fp32=False` in the run's
+    own: for choices a run makes as it trains, which serve in that precision (validated routes)."""
     n = len(encoded)
     if any(getattr(s, "window", None) is not None for s in encoded):  # whole windows, one row each
         batches = window_batches(encoded, batch_size)
@@ -37,7 +42,8 @@ def example_nll(
     was_training = scorer.training
     scorer.eval()
     results = []
-    with uncounted(scorer), fp32_arithmetic(scorer):  # evaluation is not part of a strategy's cost
+    arithmetic = fp32_arithmetic(scorer) if fp32 else nullcontext()
+    with uncounted(scorer), arithmetic:  # evaluation is not part of a strategy's cost
         for indices in mine:
             batch = collate(encoded, indices, pad_id, merge=True, branch=True)
             inputs = {k: v.to(accelerator.device) for k, v in batch.model_inputs().items()}

@@ -43,7 +43,6 @@ from cltune.config import Strict
 from cltune.data.split import TaskData
 from cltune.evaluation.evaluate import example_nll, mixture_nll
 from cltune.modeling.model import lora_config
-from cltune.modeling.scoring import fp32_arithmetic
 from cltune.strategies.base import Context, Costs, Router, Strategy, weights_digest
 from cltune.strategies.mixing import trainability_kept
 
@@ -238,33 +237,33 @@ def validated_routes(ctx: Context, router: AdapterRouter, tasks: Sequence[TaskDa
 
     `cache` holds per-utterance NLLs on a task's validation split by the weights' fingerprint and the task: an
     adapter never changes after its phase, so a later phase scores only the pairs it has not seen — the newest
-    adapter on every learned task, the others on the newest task."""
+    adapter on every learned task, the others on the newest task. Scored in the run's arithmetic, not evaluation's
+    fp32: a choice the run makes as it trains, like its steps (in bf16 about half the time, and no upcast)."""
     cache = {} if cache is None else cache
     chosen = {}
-    with fp32_arithmetic(ctx.scorer):
-        def nll(name: str, task: TaskData) -> torch.Tensor:
-            fingerprint = router.weights_fingerprint(name)  # None: weights that cannot be told apart, never kept
-            if (fingerprint, task.index) in cache:
-                return cache[fingerprint, task.index]
-            with router.serve(name):
-                scored = example_nll(ctx.accelerator, ctx.scorer, ctx.encode(task.val), ctx.tokenizer.pad_token_id,
-                                     ctx.eval_batch_size)[0]
-            if fingerprint is not None:
-                cache[fingerprint, task.index] = scored
-            return scored
 
-        for token, names in router.routes.items():
-            mine = {task.index: torch.tensor([e.token == token for e in task.val], dtype=torch.bool)
-                    for task in tasks}
-            heard = [task for task in tasks if mine[task.index].any()]
-            if len(names) == 1 or not heard:
-                chosen[token] = list(names)
-                continue
-            # (candidates, utterances): each candidate's summed NLL of each of the speaker's validation utterances
-            each = torch.stack([torch.cat([nll(name, task)[mine[task.index]] for task in heard]) for name in names])
-            options = [[name] for name in names] + [list(names)]
-            losses = [*each.sum(dim=1).tolist(), mixture_nll(each).sum().item()]
-            chosen[token] = options[losses.index(min(losses))]
+    def nll(name: str, task: TaskData) -> torch.Tensor:
+        fingerprint = router.weights_fingerprint(name)  # None: weights that cannot be told apart, never kept
+        if (fingerprint, task.index) in cache:
+            return cache[fingerprint, task.index]
+        with router.serve(name):
+            scored = example_nll(ctx.accelerator, ctx.scorer, ctx.encode(task.val), ctx.tokenizer.pad_token_id,
+                                 ctx.eval_batch_size, fp32=False)[0]
+        if fingerprint is not None:
+            cache[fingerprint, task.index] = scored
+        return scored
+
+    for token, names in router.routes.items():
+        mine = {task.index: torch.tensor([e.token == token for e in task.val], dtype=torch.bool) for task in tasks}
+        heard = [task for task in tasks if mine[task.index].any()]
+        if len(names) == 1 or not heard:
+            chosen[token] = list(names)
+            continue
+        # (candidates, utterances): each candidate's summed NLL of each of the speaker's validation utterances
+        each = torch.stack([torch.cat([nll(name, task)[mine[task.index]] for task in heard]) for name in names])
+        options = [[name] for name in names] + [list(names)]
+        losses = [*each.sum(dim=1).tolist(), mixture_nll(each).sum().item()]
+        chosen[token] = options[losses.index(min(losses))]
     return chosen
 
 
