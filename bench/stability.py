@@ -1,11 +1,13 @@
 """Did every run of a `cltune compare` folder train stably? Read from the runs' files alone.
 
 For each run and phase: the steps, the phase task's validation perplexity before and after its phase (training on
-a task lowers it; a phase is flagged when it ends more than 10% above its start), whether every logged training
-loss is finite, and how many times the loss guard backed off. A back-off halves every learning rate for the rest of
-the phase, so it shows in the logged rate: the guard acted where the rate falls below 0.75× what the phase's
-schedule (`train.schedule`, `train.warmup_ratio`, `train.lr` of the run's config) gives at that step. A run that
-diverged for good has no complete metrics.json (`cltune run` stopped with the step and the setting to change).
+a task lowers it; a phase is flagged when it ends more than 10% above its start, or exactly where it started: its
+weights came back whole), whether every logged training loss is finite, and how many times the loss guard backed
+off: the phase record's `loss_guard_backoffs`, or for runs written before it, read from the logged rate (a back-off
+halves every learning rate for the rest of the phase: the guard acted where the rate falls below 0.75× what the
+phase's schedule — `train.schedule`, `train.warmup_ratio`, `train.lr` of the run's config — gives at that step; a
+back-off at a phase's last step leaves no trace there, only the unchanged perplexity). A run that diverged for good
+has no complete metrics.json (`cltune run` stopped with the step and the setting to change).
 
     .venv/bin/python bench/stability.py COMPARE_DIR
 """
@@ -54,10 +56,12 @@ def main() -> None:
             warmup = round(settings.warmup_ratio * total)
             expected = [0.75 * settings.lr * scheduled(r["step"], total, warmup, settings.schedule) for r in steps]
             low = [r["lr"] < bound for r, bound in zip(steps, expected)]
-            backoffs = sum(b and not a for a, b in zip([False, *low], low))  # a halving the schedule does not make
+            backoffs = record.get("loss_guard_backoffs",  # else a halving the schedule does not make
+                                  sum(b and not a for a, b in zip([False, *low], low)))
             finite = all(math.isfinite(r["loss"]) for r in steps)
             before, after = record["before"]["val_ppl"], record["after"]["val_ppl"]
-            flag = "" if finite and after <= 1.1 * before and not backoffs else "  <- look"
+            moved = after != before or not total
+            flag = "" if finite and after <= 1.1 * before and moved and not backoffs else "  <- look"
             unstable += bool(flag)
             print(f"{run.name:<26} {phase:>5} {total:>5}  {before:>12.2f} → {after:<12.2f}  {finite!s:>6}  "
                   f"{backoffs:>9}{flag}")

@@ -108,6 +108,7 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
     forward = [sum(passes[("replay", s)]) / sum(passes[("naive", s)]) for s in (0, 1)]
     assert summary["strategies"]["replay"]["forward_vs_naive"]["mean"] == pytest.approx(sum(forward) / 2)
     assert summary["strategies"]["naive"]["forward_vs_naive"]["mean"] == 1.0
+    assert [summary["strategies"][s]["guard_backoffs"] for s in ("naive", "replay")] == [[], []]
     text = (out / "compare.md").read_text()
     assert "## Against naive, paired on the same test utterances" in text and f"{change['change_pct']:+.1f}%" in text
     assert (out / "compare.png").exists() and "data:image/png;base64" in (out / "compare.html").read_text()
@@ -137,6 +138,21 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
                      tmp_path / "ray", "--ray", "--run-cpus", "1", cwd=tmp_path)
     assert reused.returncode == 0 and reused.stdout.count("reused (finished earlier)") == 4, reused.stdout
     assert "ray:" not in reused.stdout  # nothing to run: no Ray started
+
+
+def test_the_reading_names_the_phases_where_the_loss_guard_backed_off():
+    from cltune.studies.compare_report import reading
+
+    summary = {"seeds": [0, 1, 2], "strategies": {
+        "naive": {"guard_backoffs": [[0, 1, 1]]},
+        "replay": {"vs_naive": {"guest_a": {"resolved": False}}, "guard_backoffs": [[2, 2, 2]]}}}
+    lines = reading(summary)
+    guarded = [line for line in lines if "loss guard" in line]
+    assert guarded == ["- The loss guard backed off (a rising training loss: the weights taken back, the learning "
+                       "rates halved) in naive seed 0 phase 1 (1×), replay seed 2 phase 2 (2×): those phases "
+                       "trained less than the others."]
+    summary["strategies"]["naive"]["guard_backoffs"] = summary["strategies"]["replay"]["guard_backoffs"] = []
+    assert not any("loss guard" in line for line in reading(summary))
 
 
 def test_compare_replaces_a_run_of_another_config_and_resumes_its_own(tiny_model_dir, two_tasks, tmp_path):

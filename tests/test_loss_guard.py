@@ -40,6 +40,31 @@ def test_a_spike_inside_the_warm_up_counts_against_the_lowest_loss_seen():
     assert guard.tripped[1] == pytest.approx(5.7)
 
 
+def test_a_step_of_few_tokens_moves_the_average_by_its_share_of_a_mean_step():
+    """A phase's last step can hold a few tokens (21 against ~870 on a real stream) whose mean loss says little:
+    weighted by tokens it moves the average by its share, where counted as a whole step it tripped the guard and
+    took the whole phase's training back."""
+    steps = [(4.9, 870)] * 9 + [(10.6, 21)]
+    whole = LossGuard()
+    assert [whole.observe(loss) for loss, _ in steps] == [None] * 9 + ["backoff"]
+    weighted = LossGuard()
+    assert [weighted.observe(loss, tokens) for loss, tokens in steps] == [None] * 10
+    share = 21 * 10 / (9 * 870 + 21)
+    assert weighted.smoothed == pytest.approx(4.9 + (10.6 - 4.9) * (1 - 0.8**share))
+    assert weighted.smoothed < 4.95  # 0.03 nats up, where a whole step's weight gave 6.04
+    # full steps count as whole steps (a little more: the mean step is smaller now): a rise over them still trips it
+    assert [weighted.observe(7.5, 870) for _ in range(2)] == [None, "backoff"]  # 4.93 → 5.49 → 5.93 > 4.9 + 1
+
+
+def test_steps_of_equal_tokens_smooth_as_steps_do():
+    rng = random.Random(1)
+    losses = [5.0 + rng.uniform(-1, 1) for _ in range(30)]
+    plain, weighted = LossGuard(), LossGuard()
+    for loss in losses:
+        assert plain.observe(loss) == weighted.observe(loss, 512)
+        assert weighted.smoothed == pytest.approx(plain.smoothed)
+
+
 def test_its_state_is_plain_json_for_step_checkpoints():
     import json
     from dataclasses import asdict
@@ -65,6 +90,7 @@ def test_a_diverging_learning_rate_is_caught_in_a_real_run(tiny_config, capsys):
     out = capsys.readouterr().out
     assert "phase 1, step 5: the training loss rose" in out and "lower train.lr (1) to avoid this" in out
     assert max(metrics.ppl[-1]) < 1.5 * max(metrics.ppl[0])
+    assert metrics.phases[0].loss_guard_backoffs >= 1  # in metrics.json, where compare's runs leave no output
     with pytest.raises(DivergedError, match=r"phase 1, step \d+: the training loss keeps rising .* after the learning "
                                             r"rates were halved 2 times; lower train.lr \(50\)"):
         run_stream(tiny_config("naive", [*sets, "train.lr=50"], name="stopped"))

@@ -45,6 +45,8 @@ class PhaseRecord(_Record):
     tokens_per_s: float
     best_val_loss: float | None
     stopped_early: bool
+    # times the loss guard took the weights back and halved the learning rates (a rising training loss)
+    loss_guard_backoffs: int = 0
     train_examples: int | None  # utterances the phase trained on (None: a reused phase-1 checkpoint)
     before: dict[str, float]  # val_ppl, test_ppl of this phase's task before training
     after: dict[str, float]

@@ -264,6 +264,9 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
             "trainable": runs[0]["trainable"], "adapter_params": runs[0]["adapter_params"],
             "stored_utterances": runs[0]["stored_utterances"],
             "test_sizes": [r["test_sizes"] for r in runs],
+            # (seed, phase, times) where the loss guard took the weights back: the runs' output is not kept
+            "guard_backoffs": [(s, ph.phase, ph.loss_guard_backoffs) for s in seeds
+                               for ph in by_seed[(name, s)][1].phases if ph.loss_guard_backoffs],
         }
         if name != REFERENCE:
             dirs = [by_seed[(name, s)][0].config.run_dir for s in seeds]

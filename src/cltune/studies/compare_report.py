@@ -48,6 +48,11 @@ def reading(summary: dict) -> list[str]:
     elif unresolved:
         lines.append(f"- The other {unresolved} strategy × task differences are within the noise "
                      "(intervals include 0).")
+    guarded = [f"{name} seed {seed} phase {phase} ({times}×)" for name, entry in summary["strategies"].items()
+               for seed, phase, times in entry.get("guard_backoffs", [])]
+    if guarded:
+        lines.append(f"- The loss guard backed off (a rising training loss: the weights taken back, the learning "
+                     f"rates halved) in {', '.join(guarded)}: those phases trained less than the others.")
     if len(summary["seeds"]) < 3:
         lines.append(f"- Only {len(summary['seeds'])} seed(s): the intervals over seeds are wide or missing, "
                      "and the paired intervals hold little seed-to-seed variation; use 3 or more.")

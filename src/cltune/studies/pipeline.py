@@ -278,7 +278,8 @@ def _record(session: Session, phase: Phase, metrics: RunMetrics, result: PhaseRe
     record = PhaseRecord(
         phase=task.index + 1, task=task.name, steps=result.steps, target_tokens=result.target_tokens,
         wall_s=round(result.wall_s, 2), tokens_per_s=round(result.tokens_per_s, 1), best_val_loss=result.best_val_loss,
-        stopped_early=result.stopped_early, train_examples=train_examples, before=phase.before, after=after,
+        stopped_early=result.stopped_early, loss_guard_backoffs=result.guard_backoffs, train_examples=train_examples,
+        before=phase.before, after=after,
         strategy={"hooks_s": phase.hooks_s, **phase.costs, **phase.passes, **reused},
     )
     metrics = metrics.model_copy(update={"phases": [*metrics.phases, record], "peak_rss_mb": peak_rss_mb(),

@@ -54,6 +54,7 @@ class PhaseResult:
     val_losses: list[float] = field(default_factory=list)
     best_val_loss: float | None = None
     stopped_early: bool = False
+    guard_backoffs: int = 0  # times the loss guard took the weights back and halved the learning rates
     # (served_fingerprint, validation PPL) of the latest validation: the pipeline reuses the figure when the
     # phase ends on those weights
     last_val: tuple[str, float] | None = None
@@ -211,8 +212,11 @@ class LossGuard:
     """Watches a phase's training loss for a rise that the NaN checks miss (a learning rate too high for some
     weights walks the loss up while every number stays finite).
 
-    The loss is smoothed (exponential average, `decay`); after `warmup` steps, a smoothed loss more than
-    `margin` nats above the lowest smoothed loss so far (perplexity × e ≈ 2.7) means the phase is diverging.
+    The loss is smoothed (exponential average, `decay`), each step counting as many steps as its target tokens
+    are of the phase's mean step so far: a step of a twentieth of the mean (a phase's short last step) moves the
+    average a twentieth as much, so one loss measured on few tokens cannot trip it. After `warmup` steps, a
+    smoothed loss more than `margin` nats above the lowest smoothed loss so far (perplexity × e ≈ 2.7) means the
+    phase is diverging.
     The loop then backs off: the last good weights come back and every learning rate is halved, up to
     `backoffs` times; the next rise stops the phase with a message that names the step and the settings
     to lower. The state travels in step checkpoints, so a resumed phase decides as an
@@ -231,11 +235,18 @@ class LossGuard:
     seen: int = 0
     backed_off: int = 0
     tripped: tuple[float, float] | None = None  # (smoothed, lowest) when it last said back off or stop
+    steps: int = 0  # every step observed and their target tokens (the mean step), back-offs included
+    tokens: float = 0.0
 
-    def observe(self, loss: float) -> str | None:
-        """"backoff" or "stop" when this step's loss says the phase diverges, else None."""
+    def observe(self, loss: float, tokens: float = 1.0) -> str | None:
+        """"backoff" or "stop" when this step's loss (mean NLL over its `tokens` target tokens) says the phase
+        diverges, else None."""
         self.seen += 1
-        self.smoothed = loss if self.smoothed is None else self.decay * self.smoothed + (1 - self.decay) * loss
+        self.steps += 1
+        self.tokens += tokens
+        weight = tokens * self.steps / self.tokens  # this step's share of a mean step: 1 when every step is alike
+        keep = self.decay**weight
+        self.smoothed = loss if self.smoothed is None else keep * self.smoothed + (1 - keep) * loss
         if self.seen < self.warmup or self.smoothed <= self.lowest + self.margin:
             self.lowest = min(self.lowest, self.smoothed)
             return None
@@ -362,10 +373,10 @@ def _optimizer_step(work: StepWork) -> float:
     return nll_sum / step_targets
 
 
-def _watch(loop: _Loop, step_loss: float, parts: PhaseParts, where: str, console) -> None:
+def _watch(loop: _Loop, step_loss: float, step_targets: int, parts: PhaseParts, where: str, console) -> None:
     """The loss guard's verdict on this step: back off (last good weights, halved learning rates) or stop."""
     guard, settings = loop.guard, parts.settings
-    verdict = guard.observe(step_loss)
+    verdict = guard.observe(step_loss, step_targets)
     if verdict is None:
         return
     smoothed, lowest = guard.tripped
@@ -514,7 +525,8 @@ def train_phase(
 
             loop.step = result.steps = step
             result.target_tokens += step_targets
-            _watch(loop, step_loss, parts, where, progress.console if acc.is_main_process else None)
+            _watch(loop, step_loss, step_targets, parts, where, progress.console if acc.is_main_process else None)
+            result.guard_backoffs = loop.guard.backed_off
             elapsed = time.perf_counter() - start
             tps = result.target_tokens / elapsed
             progress.update(bar, advance=1, loss=step_loss, tps=tps)
