@@ -2,9 +2,9 @@
 
 `cltune compare` pairs each strategy with naive's run of the same seed. This pairs any two runs folders, so naive
 can be read against naive run again (the same config and seed, another process): what the compare's intervals do
-not hold — training noise, run to run — shows as a difference the intervals call resolved. For every task, the
-mean over seeds of the paired ln-PPL difference as a per cent change of PPL, with a 95% interval from resampling
-seeds and then each seed's utterances (the compare's two-level bootstrap, `cltune.studies.compare`).
+hold only through the seeds' spread — training noise, run to run — shows. For every task, the mean over seeds of
+the paired ln-PPL difference as a per cent change of PPL, with the compare's 95% interval (`paired_change`: the
+wider of a t-interval over the seeds and a two-level bootstrap over seeds and utterances).
 
     .venv/bin/python bench/paired_runs.py A_RUNS B_RUNS [--strategy naive] [--against naive] [--row single]
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1000)
     args = parser.parse_args()
 
-    from cltune.studies.compare import paired_bootstrap
+    from cltune.studies.compare import paired_change
 
     seeds = sorted(seeds_in(args.a, args.strategy) & seeds_in(args.b, args.against))
     if not seeds:
@@ -47,7 +47,7 @@ def main() -> None:
     tasks = json.loads((a[0] / "metrics.json").read_text(encoding="utf-8"))["tasks"]
     print(f"{a[0].parent}/{args.strategy} ({args.row}) against {b[0].parent}/{args.against}, seeds {seeds}")
     for task in tasks:
-        change = paired_bootstrap(a, b, task, args.row, args.draws)
+        change = paired_change(a, b, task, args.row, args.draws)
         mark = "  resolved" if change["resolved"] else ""
         print(f"{task:<12} {change['change_pct']:+6.1f}% [{change['low_pct']:+.1f}, {change['high_pct']:+.1f}]{mark}")
 

@@ -4,8 +4,9 @@ The compare's tables are per task (a file: its guest and the host together). Thi
 by speaker: the host's utterances of every task pooled, each guest's own, so "the host no worse than naive" can be
 read. For every seed, the strategy's final row (routed by speaker token where the run has that row, as the
 compare's headline does) and naive's are paired on the same test utterances (RUN/test_nll.json); the figure is the
-mean over seeds of the difference in ln PPL, as a per cent change of PPL, with a 95% interval from resampling
-seeds and then each seed's utterances (seed-to-seed variation and test-set noise both).
+mean over seeds of the difference in ln PPL, as a per cent change of PPL, with the compare's 95% interval: the
+wider of a t-interval over the seeds (the runs' training noise) and a bootstrap over seeds, then each seed's
+utterances (test-set noise).
 
     .venv/bin/python bench/speakers.py COMPARE_DIR [--strategy progressive] [--draws 1000]
 """
@@ -35,7 +36,13 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1000)
     args = parser.parse_args()
 
-    from cltune.evaluation.stats import hierarchical_draws, percentile_interval, pooled_paired_differences
+    from cltune.evaluation.stats import (
+        hierarchical_draws,
+        log_ppl,
+        mean_interval,
+        percentile_interval,
+        pooled_paired_differences,
+    )
     from cltune.studies.runconfig import read_config
     from cltune.training.session import load_tasks
 
@@ -64,6 +71,9 @@ def main() -> None:
         draws = hierarchical_draws([len(a[0]) for a, _ in pairs], args.draws, seed=0)
         point, values = pooled_paired_differences(pairs, draws)
         low, high = percentile_interval(values)
+        if len(pairs) > 1:  # as the compare: the wider of that and a t-interval over the seeds (training noise)
+            _, seeds_low, seeds_high = mean_interval([log_ppl(*a) - log_ppl(*b) for a, b in pairs])
+            low, high = min(low, seeds_low), max(high, seeds_high)
         ppl = math.exp(sum(sum(a[0]) / sum(a[1]) for a, _ in pairs) / len(pairs))
         reference = math.exp(sum(sum(b[0]) / sum(b[1]) for _, b in pairs) / len(pairs))
         change = lambda v: f"{100 * (math.exp(v) - 1):+.1f}%"  # noqa: E731

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -95,10 +96,13 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
               (nll[("naive", s)]["nll"], nll[("naive", s)]["targets"]))
              for s in (0, 1)]
     _, values = pooled_paired_differences(pairs, hierarchical_draws([len(a[0]) for a, _ in pairs], 200))
-    low, high = percentile_interval(values)
+    boot_low, boot_high = percentile_interval(values)
+    # the wider of the bootstrap and the t-interval over the two seeds' paired differences (12.706: t, 1 df)
+    half = 12.706 * abs(points[0] - points[1]) / math.sqrt(2) / math.sqrt(2)
+    low, high = min(boot_low, sum(points) / 2 - half), max(boot_high, sum(points) / 2 + half)
     assert (change["low_pct"], change["high_pct"]) == pytest.approx((100 * (math.exp(low) - 1),
                                                                      100 * (math.exp(high) - 1)))
-    assert change["resolved"] == (low > 0 or high < 0)
+    assert change["resolved"] == (low > 0 or high < 0) and change["seeds"] == 2
     # the pass ledger: replay's reused phase 1 counts naive's work; its phase 2 trains on more utterances
     passes = {k: [p["strategy"]["forward_tokens"] for p in m["phases"]] for k, m in metrics.items()}
     assert passes[("replay", 0)][0] == passes[("naive", 0)][0] > 0
@@ -138,6 +142,40 @@ def test_compare_end_to_end_with_figures_recomputed_by_hand(tiny_model_dir, two_
                      tmp_path / "ray", "--ray", "--run-cpus", "1", cwd=tmp_path)
     assert reused.returncode == 0 and reused.stdout.count("reused (finished earlier)") == 4, reused.stdout
     assert "ray:" not in reused.stdout  # nothing to run: no Ray started
+
+
+def test_a_paired_change_holds_the_runs_training_noise_through_the_seeds_spread(tmp_path):
+    """Three seeds whose paired differences all lean one way but spread widely (runs of one config part so): a
+    bootstrap over three seeds calls the change resolved, the t-interval over the seeds does not — the interval is
+    the wider of the two. With one seed only the bootstrap is left."""
+    from cltune.studies.compare import paired_change
+
+    rng = random.Random(0)
+    shifts = [0.02, 0.30, 0.05]  # nats per target token, one seed each
+    dirs = {}
+    for seed, shift in enumerate(shifts):
+        nll = [rng.uniform(30, 60) for _ in range(40)]
+        targets = [rng.randrange(8, 16) for _ in range(40)]
+        for side, extra in (("strategy", shift), ("naive", 0.0)):
+            folder = tmp_path / f"{side}-seed{seed}"
+            folder.mkdir()
+            rows = {"lines": list(range(2, 42)), "nll": [v + extra * t for v, t in zip(nll, targets)],
+                    "targets": targets}
+            (folder / "test_nll.json").write_text(json.dumps({"single": {"guest_a": rows}}))
+            dirs.setdefault(side, []).append(folder)
+    change = paired_change(dirs["strategy"], dirs["naive"], "guest_a", "single", 500)
+    mean = sum(shifts) / 3
+    sd = math.sqrt(sum((v - mean) ** 2 for v in shifts) / 2)
+    assert change["change_pct"] == pytest.approx(100 * (math.exp(mean) - 1))
+    assert change["low_pct"] == pytest.approx(100 * (math.exp(mean - 4.303 * sd / math.sqrt(3)) - 1))
+    assert change["low_pct"] < 0 < change["high_pct"] and not change["resolved"] and change["seeds"] == 3
+    rows = [[json.loads((d / "test_nll.json").read_text())["single"]["guest_a"] for d in pair]
+            for pair in zip(dirs["strategy"], dirs["naive"])]
+    pairs = [((a["nll"], a["targets"]), (b["nll"], b["targets"])) for a, b in rows]
+    _, values = pooled_paired_differences(pairs, hierarchical_draws([40] * 3, 500))
+    assert percentile_interval(values)[0] > 0  # the bootstrap alone: "resolved"
+    one = paired_change(dirs["strategy"][1:2], dirs["naive"][1:2], "guest_a", "single", 500)
+    assert one["resolved"] and one["low_pct"] > 20 and one["seeds"] == 1  # 0.30 nats a token, 40 utterances
 
 
 def test_the_reading_names_the_phases_where_the_loss_guard_backed_off():

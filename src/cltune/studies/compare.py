@@ -8,8 +8,9 @@ Each seed reseeds the split, the sampling and the initialization.
 
 Figures per strategy: the mean and 95% t-interval over seeds of each task's final perplexity,
 final and peak forgetting, BWT/FWT, the new task's perplexity relative to naive (paired by seed)
-and attribution; a cost ledger; and, per task, a paired bootstrap over test utterances of the
-perplexity change against naive (same seed, same test utterances), pooled over seeds. Strategies
+and attribution; a cost ledger; and, per task, the perplexity change against naive paired on the same
+test utterances (same seed), averaged over seeds, with an interval that holds both the runs' training
+noise (a t-interval over the seeds) and test-set noise (a two-level bootstrap). Strategies
 whose matrix needs a task id (per-task adapters) are compared on their agnostic matrix — routed
 by speaker token, what every other strategy and a user get — and labelled so.
 """
@@ -31,7 +32,13 @@ import yaml
 from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
 from cltune.evaluation.results import RunMetrics
-from cltune.evaluation.stats import hierarchical_draws, mean_interval, percentile_interval, pooled_paired_differences
+from cltune.evaluation.stats import (
+    hierarchical_draws,
+    log_ppl,
+    mean_interval,
+    percentile_interval,
+    pooled_paired_differences,
+)
 from cltune.storage.files import atomic_write_text, read_json, writable_folder
 from cltune.strategies import REGISTRY
 from cltune.studies.pipeline import TEST_NLL
@@ -216,11 +223,18 @@ def _test_nll(folder: Path, task: str, mode: str) -> dict:
         raise UserError(f"{path}: missing or damaged; rerun the same cltune compare command to redo that run") from None
 
 
-def paired_bootstrap(strategy_dirs: list[Path], naive_dirs: list[Path], task: str, mode: str, count: int) -> dict:
-    """Per cent PPL change of a strategy against naive on `task`: the point estimate (mean over seeds of
-    the paired ln-PPL difference on each seed's shared test utterances) and a 95% percentile interval
-    from `count` two-level bootstrap draws — seeds, then each seed's utterances, both runs alike — so
-    the interval holds seed-to-seed variation as well as test-set noise."""
+def paired_change(strategy_dirs: list[Path], naive_dirs: list[Path], task: str, mode: str, count: int) -> dict:
+    """Per cent PPL change of a strategy against naive on `task`: the point estimate (mean over seeds of the paired
+    ln-PPL difference on each seed's shared test utterances) and a 95% interval, the wider of two:
+
+    - a t-interval over the seeds' paired differences (two or more seeds): each seed is one training run of each
+      side, so their spread holds the runs' training noise — which pairing on one seed does not remove (two runs
+      of naive itself, same config and seed, part by 9–27% a task on the podcast config:
+      docs/benchmarks/long_streams.md) and which a bootstrap over 2–3 seeds understates;
+    - `count` two-level bootstrap draws, seeds then each seed's utterances, both runs alike: the test-set noise,
+      which a few seeds that happen to agree would hide.
+
+    With one seed only the bootstrap (test-set noise alone), and `seeds: 1` says so."""
     pairs = []
     for a_dir, b_dir in zip(strategy_dirs, naive_dirs):
         a, b = _test_nll(a_dir, task, mode), _test_nll(b_dir, task, "single")
@@ -229,13 +243,16 @@ def paired_bootstrap(strategy_dirs: list[Path], naive_dirs: list[Path], task: st
         pairs.append(((a["nll"], a["targets"]), (b["nll"], b["targets"])))
     point, values = pooled_paired_differences(pairs, hierarchical_draws([len(a[0]) for a, _ in pairs], count))
     low, high = percentile_interval(values)
+    if len(pairs) > 1:
+        _, seeds_low, seeds_high = mean_interval([log_ppl(*a) - log_ppl(*b) for a, b in pairs])
+        low, high = min(low, seeds_low), max(high, seeds_high)
     change = lambda x: 100 * (math.exp(x) - 1)  # noqa: E731 - ln-PPL difference → per cent PPL change
     return {"change_pct": change(point), "low_pct": change(low), "high_pct": change(high),
-            "resolved": low > 0 or high < 0}
+            "resolved": low > 0 or high < 0, "seeds": len(pairs)}
 
 
 def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int) -> dict:
-    """Per strategy: intervals over seeds, the paired bootstrap against naive per task, the cost ledger."""
+    """Per strategy: intervals over seeds, the paired change against naive per task, the cost ledger."""
     by_seed = {(p.strategy, p.seed): (p, m) for p, m in zip(planned, results)}
     seeds = sorted({p.seed for p in planned})
     strategies = list(dict.fromkeys(p.strategy for p in planned))
@@ -272,7 +289,7 @@ def summarize(planned: list[Planned], results: list[RunMetrics], bootstrap: int)
             dirs = [by_seed[(name, s)][0].config.run_dir for s in seeds]
             naive_dirs = [by_seed[(REFERENCE, s)][0].config.run_dir for s in seeds]
             mode = "agnostic" if entry["routing"] == "agnostic" else "single"
-            entry["vs_naive"] = {t: paired_bootstrap(dirs, naive_dirs, t, mode, bootstrap) for t in tasks}
+            entry["vs_naive"] = {t: paired_change(dirs, naive_dirs, t, mode, bootstrap) for t in tasks}
         out["strategies"][name] = entry
     return out
 

@@ -53,9 +53,11 @@ def reading(summary: dict) -> list[str]:
     if guarded:
         lines.append(f"- The loss guard backed off (a rising training loss: the weights taken back, the learning "
                      f"rates halved) in {', '.join(guarded)}: those phases trained less than the others.")
-    if len(summary["seeds"]) < 3:
-        lines.append(f"- Only {len(summary['seeds'])} seed(s): the intervals over seeds are wide or missing, "
-                     "and the paired intervals hold little seed-to-seed variation; use 3 or more.")
+    if len(summary["seeds"]) == 1:
+        lines.append("- Only 1 seed: the paired intervals hold the test set's noise alone, not the runs' training "
+                     "noise (two runs of one config can part by more); use 3 or more seeds.")
+    elif len(summary["seeds"]) < 3:
+        lines.append(f"- Only {len(summary['seeds'])} seeds: the intervals over seeds are wide; use 3 or more.")
     return lines
 
 
@@ -86,8 +88,9 @@ def markdown(summary: dict, command: str) -> str:
                      for n, e in strategies.items()])
     lines += ["", "## Against naive, paired on the same test utterances", "",
               f"Per cent change of the final test perplexity against naive (same seed, same utterances), averaged over "
-              f"seeds, with a 95% interval from {summary['bootstrap']} two-level bootstrap draws (seeds, then test "
-              "utterances). "
+              f"seeds, with a 95% interval, the wider of a t-interval over the seeds' paired changes (each seed is "
+              f"one training run of each side: their spread holds the runs' training noise) and "
+              f"{summary['bootstrap']} two-level bootstrap draws (seeds, then test utterances: test-set noise). "
               "**Bold**: the interval excludes 0. "
               "New-task ratio: the last task's perplexity over naive's, by seed.", ""]
     rows = []
