@@ -214,7 +214,7 @@ class LossGuard:
 
     The loss is smoothed (exponential average, `decay`), each step counting as many steps as its target tokens
     are of the phase's mean step so far: a step of a twentieth of the mean (a phase's short last step) moves the
-    average a twentieth as much, so one loss measured on few tokens cannot trip it. After `warmup` steps, a
+    average about a twentieth as much, so one loss measured on few tokens cannot trip it. After `warmup` steps, a
     smoothed loss more than `margin` nats above the lowest smoothed loss so far (perplexity × e ≈ 2.7) means the
     phase is diverging.
     The loop then backs off: the last good weights come back and every learning rate is halved, up to
