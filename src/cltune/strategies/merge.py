@@ -1,7 +1,9 @@
 """`merge`: adapter fusion — per-task adapters (as in `adapters`) merged into one `merged` adapter.
 
 After each task every task adapter learned so far is combined with PEFT's `add_weighted_adapter`
-into `merged`, and every task is evaluated with that single adapter (no task identity needed).
+into `merged`, and every task is evaluated with that single adapter (no task identity needed). Each
+task's adapter starts as a copy of the previous task's (`warm_start`, true by default), so the merge
+averages points along one training path; `warm_start: false` trains each from LoRA's start.
 
 Weights are relative shares w̃ (default equal), normalized over the adapters being merged, so the
 merged adapter after task 1 is task 1's own. The default, `cat`, is exact: the factors are stacked
@@ -42,6 +44,12 @@ MERGED = "merged"
 
 
 class MergeSettings(WarmStartSettings):
+    # true: on the demo config (one seed, docs/benchmarks/stability.md) fresh adapters merged at equal shares served
+    # guest B worse after its phase than before it (93.3 → 104.8 val PPL; final test 114.4 / 66.9), each continued
+    # from the last 92.9 → 76.6 (84.1 / 52.3, naive's run beside it 85.4 / 50.5)
+    warm_start: bool = Field(
+        True, description="start each task's adapter as a copy of the previous task's (so the merge averages points "
+                          "along one path) instead of fresh")
     combination_type: Literal["cat", "svd", "linear", "ties", "dare_ties"] = Field(
         "cat", description="PEFT add_weighted_adapter method; cat is exact (ΔW = Σ w̃_i ΔW_i), linear adds cross terms")
     weights: list[float] | None = Field(None, description="relative weight per task, one per task (default: equal)")
