@@ -36,13 +36,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1000)
     args = parser.parse_args()
 
-    from cltune.evaluation.stats import (
-        hierarchical_draws,
-        log_ppl,
-        mean_interval,
-        percentile_interval,
-        pooled_paired_differences,
-    )
+    from cltune.evaluation.stats import paired_interval
     from cltune.studies.runconfig import read_config
     from cltune.training.session import load_tasks
 
@@ -68,12 +62,7 @@ def main() -> None:
     for speaker, pairs in sorted(by_speaker.items(), key=lambda item: -len(item[1][0][0][0])):
         if len(pairs) != len(seeds):
             continue
-        draws = hierarchical_draws([len(a[0]) for a, _ in pairs], args.draws, seed=0)
-        point, values = pooled_paired_differences(pairs, draws)
-        low, high = percentile_interval(values)
-        if len(pairs) > 1:  # as the compare: the wider of that and a t-interval over the seeds (training noise)
-            _, seeds_low, seeds_high = mean_interval([log_ppl(*a) - log_ppl(*b) for a, b in pairs])
-            low, high = min(low, seeds_low), max(high, seeds_high)
+        point, low, high = paired_interval(pairs, args.draws)
         ppl = math.exp(sum(sum(a[0]) / sum(a[1]) for a, _ in pairs) / len(pairs))
         reference = math.exp(sum(sum(b[0]) / sum(b[1]) for _, b in pairs) / len(pairs))
         change = lambda v: f"{100 * (math.exp(v) - 1):+.1f}%"  # noqa: E731

@@ -1,5 +1,6 @@
-"""Intervals for comparisons, as pure functions: a t-interval of a mean over seeds, and a paired
-bootstrap over test utterances of the difference in log-perplexity between two runs.
+"""Intervals for comparisons, as pure functions: a t-interval of a mean over seeds, a paired bootstrap
+over test utterances of the difference in log-perplexity between two runs, and the paired interval
+`cltune compare` reports (the wider of the two).
 
 Both state their noise honestly for what `cltune compare` has: a handful of seeds (the t-interval
 is wide with 2–3 of them, as it should be) and, per seed, one shared test split on which two
@@ -82,3 +83,19 @@ def percentile_interval(values: Sequence[float], confidence: float = 0.95) -> tu
     low = ordered[max(0, rank(tail) - 1)]
     high = ordered[min(len(ordered) - 1, rank(1 - tail) - 1)]
     return low, high
+
+
+def paired_interval(pairs: Sequence[tuple[tuple[Sequence[float], Sequence[int]],
+                                          tuple[Sequence[float], Sequence[int]]]],
+                    count: int, seed: int = 0) -> tuple[float, float, float]:
+    """(point, low, high) in ln PPL of a − b over seeds (`pairs[i]` = (a, b) on seed i's shared test utterances):
+    the mean of the seeds' paired differences and the wider of two 95% intervals — `count` two-level bootstrap
+    draws (seeds, then utterances: test-set noise) and, from two seeds on, a t-interval over the seeds' differences
+    (each seed is one training run of each side, so their spread holds the runs' training noise, which a bootstrap
+    over 2–3 seeds understates)."""
+    point, values = pooled_paired_differences(pairs, hierarchical_draws([len(a[0]) for a, _ in pairs], count, seed))
+    low, high = percentile_interval(values)
+    if len(pairs) > 1:
+        _, seeds_low, seeds_high = mean_interval([log_ppl(*a) - log_ppl(*b) for a, b in pairs])
+        low, high = min(low, seeds_low), max(high, seeds_high)
+    return point, low, high

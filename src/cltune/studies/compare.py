@@ -32,13 +32,7 @@ import yaml
 from cltune.config import BaseRunConfig, dump_config
 from cltune.errors import UserError
 from cltune.evaluation.results import RunMetrics
-from cltune.evaluation.stats import (
-    hierarchical_draws,
-    log_ppl,
-    mean_interval,
-    percentile_interval,
-    pooled_paired_differences,
-)
+from cltune.evaluation.stats import mean_interval, paired_interval
 from cltune.storage.files import atomic_write_text, read_json, writable_folder
 from cltune.strategies import REGISTRY
 from cltune.studies.pipeline import TEST_NLL
@@ -241,11 +235,7 @@ def paired_change(strategy_dirs: list[Path], naive_dirs: list[Path], task: str, 
         if a["lines"] != b["lines"]:
             raise UserError(f"{a_dir}: its test split of {task} differs from {b_dir}'s; compare runs of one stream")
         pairs.append(((a["nll"], a["targets"]), (b["nll"], b["targets"])))
-    point, values = pooled_paired_differences(pairs, hierarchical_draws([len(a[0]) for a, _ in pairs], count))
-    low, high = percentile_interval(values)
-    if len(pairs) > 1:
-        _, seeds_low, seeds_high = mean_interval([log_ppl(*a) - log_ppl(*b) for a, b in pairs])
-        low, high = min(low, seeds_low), max(high, seeds_high)
+    point, low, high = paired_interval(pairs, count)
     change = lambda x: 100 * (math.exp(x) - 1)  # noqa: E731 - ln-PPL difference → per cent PPL change
     return {"change_pct": change(point), "low_pct": change(low), "high_pct": change(high),
             "resolved": low > 0 or high < 0, "seeds": len(pairs)}

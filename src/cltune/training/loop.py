@@ -526,7 +526,6 @@ def train_phase(
             loop.step = result.steps = step
             result.target_tokens += step_targets
             _watch(loop, step_loss, step_targets, parts, where, progress.console if acc.is_main_process else None)
-            result.guard_backoffs = loop.guard.backed_off
             elapsed = time.perf_counter() - start
             tps = result.target_tokens / elapsed
             progress.update(bar, advance=1, loss=step_loss, tps=tps)
@@ -587,6 +586,7 @@ def train_phase(
                 raise interrupt.Interrupted(stop, f"in phase {phase + 1} at step {step} of {len(plan)}{saved}")
     if log:
         log.close()
+    result.guard_backoffs = loop.guard.backed_off
     if settings.early_stopping_patience:
         _restore(ctx.model, loop.best_state, strategy)  # keep the best validated weights, as early stopping promises
     acc.unwrap_model(scorer, keep_fp32_wrapper=False)  # fp16 autocast: evaluation after training runs without it
