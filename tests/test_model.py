@@ -158,6 +158,25 @@ def test_fast_new_token_path_matches_peft_forward_and_gradients(tiny_model_dir):
     assert fast_grad.abs().sum() > 0
 
 
+def test_new_token_rows_get_the_same_gradient_on_every_pass(tiny_model_dir):
+    """A speaker token's row gathers the gradient of each of its many positions; summed by parallel float atomics
+    (CPU indexing's backward) the order, and so the last bits, changed from pass to pass, and runs of one seed parted
+    (bf16 demo runs, 11 steps in). With two threads, enough positions for the parallel path: equal bit for bit."""
+    model, tokenizer, _ = prepared(tiny_model_dir)
+    enc = encode(examples([f"so tell me what {i} pizza" for i in range(96)], token="<GUEST_A>"), tokenizer, 24)
+    batch = collate(enc, list(range(len(enc))), tokenizer.pad_token_id)
+    delta = next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
+    scorer, threads = TokenScorer(model), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = [torch.autograd.grad(target_nll(scorer(**batch.model_inputs()), batch.labels).sum(), delta)[0]
+                 for _ in range(8)]
+    finally:
+        torch.set_num_threads(threads)
+    assert grads[0].abs().sum() > 0
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_one_scoring_pass_gives_perplexity_and_attribution(tiny_model_dir):
     model, tokenizer, new_ids = prepared(tiny_model_dir)
     with torch.no_grad():  # distinct speaker rows, so the candidate tokens score differently

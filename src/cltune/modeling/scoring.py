@@ -46,7 +46,10 @@ def _embed(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor | None:
     slots = slot[input_ids]
     base = F.embedding(input_ids, weight)
     dtype = torch.promote_types(base.dtype, delta.dtype)  # fp32 rows over a bf16 base stay fp32
-    return torch.where((slots >= 0).unsqueeze(-1), delta[slots.clamp(min=0)].to(dtype), base.to(dtype))
+    # F.embedding, not delta[slots]: indexing's backward adds each row's many positions with parallel float atomics
+    # (CPU), in an order that changes run to run; the embedding's backward sums them in a fixed order.
+    new = F.embedding(slots.clamp(min=0), delta)
+    return torch.where((slots >= 0).unsqueeze(-1), new.to(dtype), base.to(dtype))
 
 
 def _head(module: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
