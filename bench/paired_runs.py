@@ -7,9 +7,11 @@ the paired ln-PPL difference as a per cent change of PPL, with the compare's 95%
 wider of a t-interval over the seeds and a two-level bootstrap over seeds and utterances).
 
     .venv/bin/python bench/paired_runs.py A_RUNS B_RUNS [--strategy naive] [--against naive] [--row single]
+        [--against-row single]
 
 A_RUNS/{strategy}-seed{N} against B_RUNS/{against}-seed{N} for every seed both hold; `--row`: A's final row,
-`single` for one model (naive) or `agnostic` (routed by speaker token) or `oracle` (by task id); B's is `single`.
+`single` for one model (naive) or `agnostic` (routed by speaker token) or `oracle` (by task id); `--against-row`:
+B's (default `single`; a routed strategy against itself with another setting: `agnostic` on both).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--strategy", default="naive")
     parser.add_argument("--against", default="naive")
     parser.add_argument("--row", default="single", choices=("single", "agnostic", "oracle"))
+    parser.add_argument("--against-row", default="single", choices=("single", "agnostic", "oracle"))
     parser.add_argument("--draws", type=int, default=1000)
     args = parser.parse_args()
 
@@ -45,9 +48,10 @@ def main() -> None:
     a = [args.a / f"{args.strategy}-seed{s}" for s in seeds]
     b = [args.b / f"{args.against}-seed{s}" for s in seeds]
     tasks = json.loads((a[0] / "metrics.json").read_text(encoding="utf-8"))["tasks"]
-    print(f"{a[0].parent}/{args.strategy} ({args.row}) against {b[0].parent}/{args.against}, seeds {seeds}")
+    print(f"{a[0].parent}/{args.strategy} ({args.row}) against {b[0].parent}/{args.against} ({args.against_row}), "
+          f"seeds {seeds}")
     for task in tasks:
-        change = paired_change(a, b, task, args.row, args.draws)
+        change = paired_change(a, b, task, args.row, args.draws, args.against_row)
         mark = "  resolved" if change["resolved"] else ""
         print(f"{task:<12} {change['change_pct']:+6.1f}% [{change['low_pct']:+.1f}, {change['high_pct']:+.1f}]{mark}")
 

@@ -217,21 +217,24 @@ def _test_nll(folder: Path, task: str, mode: str) -> dict:
         raise UserError(f"{path}: missing or damaged; rerun the same cltune compare command to redo that run") from None
 
 
-def paired_change(strategy_dirs: list[Path], naive_dirs: list[Path], task: str, mode: str, count: int) -> dict:
+def paired_change(strategy_dirs: list[Path], naive_dirs: list[Path], task: str, mode: str, count: int,
+                  against_mode: str = "single") -> dict:
     """Per cent PPL change of a strategy against naive on `task`: the point estimate (mean over seeds of the paired
     ln-PPL difference on each seed's shared test utterances) and a 95% interval, the wider of two:
 
     - a t-interval over the seeds' paired differences (two or more seeds): each seed is one training run of each
-      side, so their spread holds the runs' training noise — which pairing on one seed does not remove (two runs
-      of naive itself, same config and seed, part by 9–27% a task on the podcast config:
-      docs/benchmarks/long_streams.md) and which a bootstrap over 2–3 seeds understates;
+      side, so their spread holds the runs' training noise — which pairing on one seed does not remove (on the
+      podcast config a last-bit difference at one step grows into 9–27% a task by the end: two runs of naive
+      parted so before commit 145c576 made runs reproducible; docs/benchmarks/long_streams.md) and which a
+      bootstrap over 2–3 seeds understates;
     - `count` two-level bootstrap draws, seeds then each seed's utterances, both runs alike: the test-set noise,
       which a few seeds that happen to agree would hide.
 
-    With one seed only the bootstrap (test-set noise alone), and `seeds: 1` says so."""
+    With one seed only the bootstrap (test-set noise alone), and `seeds: 1` says so. `mode` and `against_mode` name
+    each side's final row (naive's is `single`)."""
     pairs = []
     for a_dir, b_dir in zip(strategy_dirs, naive_dirs):
-        a, b = _test_nll(a_dir, task, mode), _test_nll(b_dir, task, "single")
+        a, b = _test_nll(a_dir, task, mode), _test_nll(b_dir, task, against_mode)
         if a["lines"] != b["lines"]:
             raise UserError(f"{a_dir}: its test split of {task} differs from {b_dir}'s; compare runs of one stream")
         pairs.append(((a["nll"], a["targets"]), (b["nll"], b["targets"])))
