@@ -335,6 +335,41 @@ def test_later_matrix_rows_reuse_what_frozen_columns_scored_with_the_same_figure
     assert again_scored - kept_scored == guest_a > 0
 
 
+@pytest.mark.parametrize("strategy", ["progressive", "adapters"])
+def test_a_phase_starting_from_a_copy_reuses_the_last_rows_figure_of_the_copied_weights(tiny_config, monkeypatch,
+                                                                                          tmp_path, strategy):
+    """Guest B's phase starts from a copy of the weights that served guest B in the row before (column 1; adapters
+    with warm_start: adapter 1): its start test PPL is that row's figure, not a second scoring of guest B's test
+    split; what scoring again gives agrees to float rounding (the copied column adds a zero-gain block)."""
+    from cltune.evaluation import evaluate as evaluation
+    from cltune.strategies.adapters import Adapters
+    from cltune.strategies.base import Strategy
+    from cltune.strategies.progressive import Progressive
+
+    real, scored = evaluation.example_nll, []
+
+    def counting(accelerator, scorer, encoded, *args, **kwargs):
+        scored.append(len(encoded))
+        return real(accelerator, scorer, encoded, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "example_nll", counting)
+    sets = ["eval.samples_per_speaker=0", "eval.attribution=false", "adapters.warm_start=true"]
+    runs = {}
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr({"progressive": Progressive, "adapters": Adapters}[strategy], "starts_as",
+                                Strategy.starts_as)
+        scored.clear()
+        config = tiny_config(strategy, [*sets, f"output_dir={tmp_path / str(reuse)}"])
+        runs[reuse] = (run_stream(config), sum(scored))
+    (kept, kept_scored), (again, again_scored) = runs[True], runs[False]
+    before = [p.before["test_ppl"] for p in kept.phases], [p.before["test_ppl"] for p in again.phases]
+    assert before[0][1] == kept.ppl[1][1]  # phase 2 starts from the figure of row 1 (after phase 1)
+    assert before[0][1] == pytest.approx(before[1][1], rel=1e-5)
+    assert sum(kept.ppl, []) == pytest.approx(sum(again.ppl, []), rel=1e-5)  # the matrix: the same training
+    assert again_scored - kept_scored == len(load_tasks(config)[1][1].test) > 0  # guest B's test split, once
+
+
 def test_progressive_without_lateral_gains_trains_the_copied_adapter_alone(tiny_config):
     """`lateral_gains: false`: the gains keep their start values (0 on every earlier adapter with `copy`), so
     column 2 trains exactly what continuing one adapter would — its adapter — and computes that adapter alone."""

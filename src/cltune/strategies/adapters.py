@@ -313,6 +313,10 @@ class Adapters(Strategy):
                 copy_adapter(self.ctx.model, adapter_name(task.index - 1), name)
         self.ctx.model.set_adapter(name)  # PEFT: this adapter trains, every other adapter is frozen
 
+    def starts_as(self, task):
+        # warm_start: the new adapter is a copy of the last one, the same function to the last bit
+        return adapter_name(task.index - 1) if self.cfg.warm_start and task.index > 0 else None
+
     def after_task(self, task):
         return {**column_costs(self.ctx.model, [adapter_name(i) for i in range(self.learned)]),
                 **self.validate_routes()}

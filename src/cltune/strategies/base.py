@@ -178,6 +178,12 @@ class Strategy:
     def router(self) -> Router:
         return Router()
 
+    def starts_as(self, task: TaskData) -> str | None:
+        """After `before_task(task)`: the router's name for weights whose function the model now computes for
+        `task` (a new adapter or column that starts as a copy of them, to float rounding), so the phase's start
+        figures may reuse what the last matrix row scored by those weights. None: nothing to reuse."""
+        return None
+
     def modules(self) -> dict[str, torch.nn.Module]:
         """Trainable modules of the strategy's own (a fusion gate): trained with the model's weights,
         saved with every checkpoint as safetensors and restored on resume."""

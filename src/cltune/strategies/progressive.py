@@ -222,6 +222,11 @@ class Progressive(Adapters):
                 p.requires_grad_(name in n.split("."))
             self.laterals.train_only(k if self.cfg.lateral_gains else None)
 
+    def starts_as(self, task):
+        # Either way of starting a column (`new_column`) computes the previous column's function (to rounding:
+        # copy adds a zero-gain block to the column's product).
+        return adapter_name(task.index - 1) if task.index > 0 else None
+
     def after_task(self, task):
         self.laterals.train_only(None)
         columns = range(task.index + 1)

@@ -212,9 +212,12 @@ def _start_figures(session: Session, task: TaskData) -> dict:
     with strategy.router().oracle(task.index):
         before = {"val_ppl": perplexity(acc, ctx.scorer, ctx.tokenizer, task.val, ctx.max_length,
                                         config.eval.batch_size)}
-        fingerprint, measured = session.served.get(task.index, (None, None))
-        # Most strategies start a phase from the model the last matrix row scored: its figure is reused.
-        before["test_ppl"] = measured if fingerprint == served_fingerprint(ctx.model, strategy) else perplexity(
+        fingerprint, measured, name = session.served.get(task.index, (None, None, None))
+        # Most strategies start a phase from the model the last matrix row scored, and per-task adapters and
+        # columns from a copy of the weights that served this task there: that row's figure is reused.
+        same = fingerprint == served_fingerprint(ctx.model, strategy) or (
+            name is not None and name == strategy.starts_as(task))
+        before["test_ppl"] = measured if same else perplexity(
             acc, ctx.scorer, ctx.tokenizer, task.test, ctx.max_length, config.eval.batch_size)
     return before
 
@@ -332,7 +335,8 @@ def _with_row(metrics: RunMetrics, session: Session, router) -> tuple[RunMetrics
     session.served.clear()
     for task, score in zip(session.tasks, scores):
         with router.oracle(task.index):
-            session.served[task.index] = (served_fingerprint(session.ctx.model, session.strategy), score.ppl)
+            session.served[task.index] = (served_fingerprint(session.ctx.model, session.strategy), score.ppl,
+                                          router.oracle_name(task.index))
     ppl, attribution = _values(scores)
     update: dict = {"ppl": [*metrics.ppl, ppl], "speaker_attribution": [*metrics.speaker_attribution, attribution]}
     rows = {"oracle" if router.task_routed else "single": scores}

@@ -201,9 +201,10 @@ class Session:
     ctx: Context
     strategy: Strategy
     counts: dict[str, int]  # parameter counts
-    # task index → (fingerprint of the weights that served it, its test PPL) in the latest matrix row: a
-    # phase whose start model is that same model reuses the figure instead of scoring the test set again
-    served: dict[int, tuple[str, float]] = field(default_factory=dict)
+    # task index → (fingerprint of the weights that served it, its test PPL, the router's name for them) in the
+    # latest matrix row: a phase whose start model is that same model, or a copy of those named weights
+    # (`Strategy.starts_as`), reuses the figure instead of scoring the test set again
+    served: dict[int, tuple[str, float, str | None]] = field(default_factory=dict)
     earlier: EarlierScores = field(default_factory=EarlierScores)  # the matrix rows' scores of frozen weights
     stages: Stages = field(default_factory=Stages)
 
