@@ -370,6 +370,36 @@ def test_a_phase_starting_from_a_copy_reuses_the_last_rows_figure_of_the_copied_
     assert again_scored - kept_scored == len(load_tasks(config)[1][1].test) > 0  # guest B's test split, once
 
 
+def test_before_training_a_speaker_no_task_has_reuses_what_column_1_scored(tiny_config, monkeypatch, tmp_path):
+    """Row 0: no column is installed yet and the model at rest is task 1's adapter alone — column 1 — so guest B's
+    own speaker token, which no task has yet, takes column 1's scores of the oracle row instead of a second scoring
+    of guest B's test split; every figure is what scoring again gives, bit for bit."""
+    from cltune.evaluation import evaluate as evaluation
+    from cltune.strategies.progressive import ProgressiveRouter
+
+    real, scored = evaluation.example_nll, []
+
+    def counting(accelerator, scorer, encoded, *args, **kwargs):
+        scored.append(len(encoded))
+        return real(accelerator, scorer, encoded, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "example_nll", counting)
+    unnamed = ProgressiveRouter.at_rest
+    runs = {}
+    for reuse in (True, False):
+        if not reuse:  # as before: the adapter alone at rest had no column's name, so nothing matched it
+            monkeypatch.setattr(ProgressiveRouter, "at_rest",
+                                lambda self: None if self.columns.current is None else unnamed(self))
+        scored.clear()
+        config = tiny_config("progressive", ["eval.samples_per_speaker=0", f"output_dir={tmp_path / str(reuse)}"])
+        runs[reuse] = (run_stream(config), sum(scored), (config.run_dir / "test_nll.json").read_text())
+    (kept, kept_scored, kept_nll), (again, again_scored, again_nll) = runs[True], runs[False]
+    assert kept.ppl == again.ppl and kept.agnostic.ppl == again.agnostic.ppl and kept_nll == again_nll
+    assert kept.agnostic.speaker_attribution == again.agnostic.speaker_attribution
+    assert kept.agnostic.ppl[0] == kept.ppl[0]  # before training, routing by speaker is routing by task
+    assert again_scored - kept_scored == len(load_tasks(config)[1][1].test) > 0  # guest B's own-token variants
+
+
 def test_progressive_without_lateral_gains_trains_the_copied_adapter_alone(tiny_config):
     """`lateral_gains: false`: the gains keep their start values (0 on every earlier adapter with `copy`), so
     column 2 trains exactly what continuing one adapter would — its adapter — and computes that adapter alone."""

@@ -168,8 +168,11 @@ class ProgressiveRouter(AdapterRouter):
         return own + [(f"{LATERALS}.{k}.{layer}", g) for layer, g in enumerate(self.columns.laterals.columns[k])]
 
     def at_rest(self) -> str | None:
-        current = self.columns.current  # None: no column installed, PEFT's active adapter alone (no column's name)
-        return None if current is None else adapter_name(current)
+        current = self.columns.current
+        if current is None:  # no column installed: PEFT's active adapter alone, which is column 1 when it is task 1's
+            first = adapter_name(0)
+            return first if self.model.active_adapter == first else None
+        return adapter_name(current)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "at_rest": self.columns.current}
