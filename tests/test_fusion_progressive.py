@@ -307,12 +307,9 @@ def test_a_validated_route_is_the_lowest_of_each_candidate_and_their_mixture(mon
     assert served == ["default", "task2"]  # one scoring of the split per candidate; <B> has one candidate
 
 
-def test_later_matrix_rows_reuse_what_frozen_columns_scored_with_the_same_figures(tiny_config, monkeypatch, tmp_path):
-    """Column 1 is frozen after phase 1, so the row after phase 2 takes its scores of guest A's test split from the
-    row before (with attribution: every speaker-token variant) and scores fewer utterances; every figure of both
-    matrices and every per-utterance NLL is what scoring again gives, bit for bit."""
+def scored_utterances(monkeypatch) -> list[int]:
+    """A list that grows by the number of utterances of every call of evaluation's scorer from now on."""
     from cltune.evaluation import evaluate as evaluation
-    from cltune.strategies.progressive import ProgressiveRouter
 
     real, scored = evaluation.example_nll, []
 
@@ -321,6 +318,16 @@ def test_later_matrix_rows_reuse_what_frozen_columns_scored_with_the_same_figure
         return real(accelerator, scorer, encoded, *args, **kwargs)
 
     monkeypatch.setattr(evaluation, "example_nll", counting)
+    return scored
+
+
+def test_later_matrix_rows_reuse_what_frozen_columns_scored_with_the_same_figures(tiny_config, monkeypatch, tmp_path):
+    """Column 1 is frozen after phase 1, so the row after phase 2 takes its scores of guest A's test split from the
+    row before (with attribution: every speaker-token variant) and scores fewer utterances; every figure of both
+    matrices and every per-utterance NLL is what scoring again gives, bit for bit."""
+    from cltune.strategies.progressive import ProgressiveRouter
+
+    scored = scored_utterances(monkeypatch)
     runs = {}
     for reuse in (True, False):
         if not reuse:
@@ -341,18 +348,11 @@ def test_a_phase_starting_from_a_copy_reuses_the_last_rows_figure_of_the_copied_
     """Guest B's phase starts from a copy of the weights that served guest B in the row before (column 1; adapters
     with warm_start: adapter 1): its start test PPL is that row's figure, not a second scoring of guest B's test
     split; what scoring again gives agrees to float rounding (the copied column adds a zero-gain block)."""
-    from cltune.evaluation import evaluate as evaluation
     from cltune.strategies.adapters import Adapters
     from cltune.strategies.base import Strategy
     from cltune.strategies.progressive import Progressive
 
-    real, scored = evaluation.example_nll, []
-
-    def counting(accelerator, scorer, encoded, *args, **kwargs):
-        scored.append(len(encoded))
-        return real(accelerator, scorer, encoded, *args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "example_nll", counting)
+    scored = scored_utterances(monkeypatch)
     sets = ["eval.samples_per_speaker=0", "eval.attribution=false", "adapters.warm_start=true"]
     runs = {}
     for reuse in (True, False):
@@ -374,16 +374,9 @@ def test_before_training_a_speaker_no_task_has_reuses_what_column_1_scored(tiny_
     """Row 0: no column is installed yet and the model at rest is task 1's adapter alone — column 1 — so guest B's
     own speaker token, which no task has yet, takes column 1's scores of the oracle row instead of a second scoring
     of guest B's test split; every figure is what scoring again gives, bit for bit."""
-    from cltune.evaluation import evaluate as evaluation
     from cltune.strategies.progressive import ProgressiveRouter
 
-    real, scored = evaluation.example_nll, []
-
-    def counting(accelerator, scorer, encoded, *args, **kwargs):
-        scored.append(len(encoded))
-        return real(accelerator, scorer, encoded, *args, **kwargs)
-
-    monkeypatch.setattr(evaluation, "example_nll", counting)
+    scored = scored_utterances(monkeypatch)
     unnamed = ProgressiveRouter.at_rest
     runs = {}
     for reuse in (True, False):
