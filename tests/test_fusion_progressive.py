@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cltune.api import make_config
 from cltune.evaluation.evaluate import example_nll, perplexity
 from cltune.modeling.checkpoint import load_checkpoint
 from cltune.modeling.scoring import TokenScorer
@@ -21,7 +22,7 @@ from cltune.strategies.routing import load_router
 from cltune.studies.pipeline import run_stream
 from cltune.training.session import build_session, load_tasks, make_accelerator
 
-from helpers import PPL_ONLY, logits_of
+from helpers import PPL_ONLY, logits_of, tiny_run_config, write_dialogue
 
 
 def stand_in_for_training(model) -> None:
@@ -391,6 +392,31 @@ def test_before_training_a_speaker_no_task_has_reuses_what_column_1_scored(tiny_
     assert kept.agnostic.speaker_attribution == again.agnostic.speaker_attribution
     assert kept.agnostic.ppl[0] == kept.ppl[0]  # before training, routing by speaker is routing by task
     assert again_scored - kept_scored == len(load_tasks(config)[1][1].test) > 0  # guest B's own-token variants
+
+
+def test_a_task_not_learned_yet_is_served_by_the_newest_column(tiny_model_dir, two_tasks, tmp_path, monkeypatch):
+    """Guest B's file with a host of its own shares no speaker with task 1; task 3 shares the host with task 1 only.
+    Before its phase each is served by the newest column, the model at rest: what its speakers' tokens route to when
+    no column knows them, what naive's one model is there, and the column its phase starts as. So its figure is the
+    routed row's and naive's (forward transfer reads alike), it is scored once a row, and each phase starts from
+    the last row's figure. Served by the base model (task 2) or column 1 (task 3), each was scored again."""
+    caller_b = two_tasks[1].with_name("caller_b.csv")
+    caller_b.write_text(two_tasks[1].read_text(encoding="utf-8").replace("Host,", "Caller,"), encoding="utf-8")
+    stream = [two_tasks[0], caller_b, write_dialogue(tmp_path / "guest_a_again.csv", "Guest A", 40, 3)]
+    scored = scored_utterances(monkeypatch)
+    runs = {}
+    for strategy in ("naive", "progressive"):
+        scored.clear()
+        config = make_config(tiny_run_config(tiny_model_dir, stream, tmp_path / strategy, strategy),
+                             ["eval.samples_per_speaker=0"])
+        runs[strategy] = (run_stream(config), sum(scored))
+    (naive, naive_scored), (progressive, progressive_scored) = runs["naive"], runs["progressive"]
+    assert "Host" not in load_tasks(config)[1][1].tokens and "Host" in load_tasks(config)[1][2].tokens
+    assert progressive.ppl[1][1] == progressive.agnostic.ppl[1][1]  # one function, one scoring
+    assert progressive.ppl[1][1] == pytest.approx(naive.ppl[1][1], rel=1e-5)  # column 1 is naive's phase-1 model
+    assert progressive.ppl[1][1] != pytest.approx(progressive.ppl[0][1], rel=1e-3)  # not the untrained model
+    assert [p.before["test_ppl"] for p in progressive.phases[1:]] == [progressive.ppl[1][1], progressive.ppl[2][2]]
+    assert progressive_scored <= naive_scored  # no scoring naive does not do (naive scores every task every row)
 
 
 def test_progressive_without_lateral_gains_trains_the_copied_adapter_alone(tiny_config):

@@ -5,7 +5,8 @@ trainable speaker-token rows) and trains only it. Earlier adapters are never tou
 task evaluated with its own adapter scores exactly as it did when its phase ended.
 
 Routing (`AdapterRouter`): with the task id (oracle) a task is served by its own adapter; a task
-not yet learned by the latest adapter that knows one of its speakers. With only a speaker token
+not yet learned by the latest adapter that knows one of its speakers, or, when none does, by the
+newest adapter (the model at rest, as a speaker no task has is served by token). With only a speaker token
 (agnostic, what `cltune generate` has), a speaker that one learned task has goes to that task's
 adapter. A speaker several tasks share (the host) has several candidates; `shared_speakers` says
 how they are used:
@@ -355,12 +356,16 @@ class Adapters(Strategy):
         return speaker_routes([t.tokens.values() for t in self.ctx.tasks[: self.learned]])
 
     def adapter_for_task(self, task_index: int) -> str | None:
-        """The task's own adapter; else the latest one that knows one of its speakers; else None (base model)."""
+        """The task's own adapter; else the latest one that knows one of its speakers; else the newest adapter,
+        the model at rest, which also serves such a task's speakers when routed by token (one function, one
+        scoring, and forward transfer read as for a single model); None only before any adapter exists."""
         if task_index < self.learned:
             return adapter_name(task_index)
         routes = self.routes()
         known = [routes[t][-1] for t in self.ctx.tasks[task_index].tokens.values() if t in routes]
-        return adapter_name(max(known)) if known else None
+        if known:
+            return adapter_name(max(known))
+        return adapter_name(self.learned - 1) if self.learned else None
 
     def router(self) -> AdapterRouter:
         """Task → adapter and speaker → candidates (validated: the chosen one, once a phase has chosen)."""

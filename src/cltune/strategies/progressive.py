@@ -230,6 +230,13 @@ class Progressive(Adapters):
         # copy adds a zero-gain block to the column's product).
         return adapter_name(task.index - 1) if task.index > 0 else None
 
+    def adapter_for_task(self, task_index: int) -> str | None:
+        # A column continues the one before it (a copy, with gains onto every earlier one): a task not learned yet is
+        # served by the newest — the model at rest, as naive's one model serves it, and the column its phase starts as.
+        if task_index < self.learned or not self.learned:
+            return super().adapter_for_task(task_index)
+        return adapter_name(self.learned - 1)
+
     def after_task(self, task):
         self.laterals.train_only(None)
         columns = range(task.index + 1)
