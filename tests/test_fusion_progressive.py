@@ -411,7 +411,8 @@ def test_a_task_not_learned_yet_is_served_by_the_newest_column(tiny_model_dir, t
                              ["eval.samples_per_speaker=0"])
         runs[strategy] = (run_stream(config), sum(scored))
     (naive, naive_scored), (progressive, progressive_scored) = runs["naive"], runs["progressive"]
-    assert "Host" not in load_tasks(config)[1][1].tokens and "Host" in load_tasks(config)[1][2].tokens
+    tasks = load_tasks(config)[1]
+    assert "Host" not in tasks[1].tokens and "Host" in tasks[2].tokens
     assert progressive.ppl[1][1] == progressive.agnostic.ppl[1][1]  # one function, one scoring
     assert progressive.ppl[1][1] == pytest.approx(naive.ppl[1][1], rel=1e-5)  # column 1 is naive's phase-1 model
     assert progressive.ppl[1][1] != pytest.approx(progressive.ppl[0][1], rel=1e-3)  # not the untrained model
